@@ -1,0 +1,44 @@
+"""Attention dispatch: the model calls `attention(...)` and never knows which kernel ran."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fastlora_jax.kernels.attention_reference import attention_mask, flash_attention_reference
+from fastlora_jax.ops.impl import Impl, resolve
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+              segment_ids: jax.Array | None = None,
+              causal: bool = True,
+              sliding_window: int | None = None,
+              softcap: float | None = None,
+              scale: float | None = None,
+              impl: Impl | str | None = None) -> jax.Array:
+    """Multi-head attention with GQA. q [B, T, Hq, D], k/v [B, S, Hkv, D] -> [B, T, Hq, D].
+
+    segment_ids [B, T] int32: tokens attend only within their segment (packing).
+    See `kernels/attention_reference.py` for the exact semantics every implementation follows.
+    """
+    which = resolve(impl, gpu_default=Impl.CUDNN, cpu_default=Impl.REFERENCE)
+    if which is Impl.REFERENCE:
+        return flash_attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
+                                         sliding_window=sliding_window, softcap=softcap, scale=scale)
+    if which is Impl.PALLAS:
+        from fastlora_jax.kernels.flash_attention import flash_attention  # GPU-only import
+
+        return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                               sliding_window=sliding_window, softcap=softcap, scale=scale)
+    # XLA / CUDNN through jax.nn.dot_product_attention. Softcap is not supported there.
+    if softcap is not None:
+        return flash_attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
+                                         sliding_window=sliding_window, softcap=softcap, scale=scale)
+    mask = None
+    if segment_ids is not None or sliding_window is not None:
+        mask = attention_mask(q.shape[1], k.shape[1], causal=causal, sliding_window=sliding_window,
+                              q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, mask=mask, is_causal=causal and mask is None,
+        implementation="cudnn" if which is Impl.CUDNN else "xla")

@@ -1,0 +1,65 @@
+"""The math that every attention implementation must reproduce (pure jnp, float32 inside).
+
+Shapes: q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim];
+heads % kv_heads == 0 (query head h reads kv head h // (heads // kv_heads)). Output is q's shape and
+dtype. A query at index i sees key j iff
+  (not causal or j <= i + (seq_kv - seq_q))  and  (window is None or j > i + (seq_kv - seq_q) - window)
+  and (segment_ids is None or q_segment_ids[i] == kv_segment_ids[j]).
+Scores are `scale * q.k`, then `softcap * tanh(s / softcap)` when softcap is set, then masked.
+A query row with no visible key yields zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_mask(seq_q: int, seq_kv: int, *, causal: bool, sliding_window: int | None,
+                   q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None) -> jax.Array:
+    """Boolean mask [batch or 1, 1, seq_q, seq_kv] (True = visible)."""
+    offset = seq_kv - seq_q
+    qi = jnp.arange(seq_q)[:, None] + offset
+    kj = jnp.arange(seq_kv)[None, :]
+    mask = jnp.ones((seq_q, seq_kv), dtype=bool)
+    if causal:
+        mask &= kj <= qi
+    if sliding_window is not None:
+        mask &= kj > qi - sliding_window
+    mask = mask[None, None]
+    if q_segment_ids is not None:
+        seg = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+        mask = mask & seg
+    return mask
+
+
+def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                              causal: bool = True,
+                              segment_ids: jax.Array | None = None,
+                              kv_segment_ids: jax.Array | None = None,
+                              sliding_window: int | None = None,
+                              softcap: float | None = None,
+                              scale: float | None = None) -> jax.Array:
+    """Reference attention. segment_ids [batch, seq_q] int32 (kv_segment_ids defaults to it)."""
+    batch, seq_q, heads, head_dim = q.shape
+    seq_kv, kv_heads = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    scale = head_dim ** -0.5 if scale is None else scale
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    qf = q.astype(jnp.float32).reshape(batch, seq_q, kv_heads, groups, head_dim)
+    # s: [batch, kv_heads, groups, seq_q, seq_kv]
+    s = jnp.einsum("bqkgd,bskd->bkgqs", qf, k.astype(jnp.float32)) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    mask = attention_mask(seq_q, seq_kv, causal=causal, sliding_window=sliding_window,
+                          q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    mask = mask[:, :, None]  # [b|1, 1, 1, q, s]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    o = jnp.einsum("bkgqs,bskd->bqkgd", p, v.astype(jnp.float32))
+    return o.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
