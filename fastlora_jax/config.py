@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
 from typing import Any, Mapping
 
 from fastlora_jax.errors import ConfigError
@@ -179,6 +178,7 @@ class ModelConfig:
         out: dict[str, Any] = {k: json.loads(v) for k, v in self.extras}
         out.update(family.unparse_config(self))
         out["model_type"] = self.model_type
+        out["architectures"] = [family.architecture]
         return dict(sorted(out.items()))
 
 
@@ -186,7 +186,8 @@ class ModelConfig:
 # Keys that do not change the forward math. Their values are kept verbatim (round trip) and never
 # read by the model. Anything not here and not parsed by the family is an error.
 HARMLESS_KEYS = frozenset({
-    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "name_or_path",
+    "transformers_version", "torch_dtype", "dtype", "_name_or_path", "name_or_path",
+    "_model_name_or_path",
     "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id",
     "use_cache", "initializer_range", "pretraining_tp", "is_llama_config", "output_attentions",
     "output_hidden_states", "return_dict", "torchscript", "use_return_dict", "chunk_size_feed_forward",
@@ -212,6 +213,7 @@ class _Reader:
         self._source = source
         self._extras: dict[str, Any] = {}
         self._hf.pop("model_type", None)
+        self._hf.pop("architectures", None)  # derived from the family; written by to_hf_config
 
     @property
     def source(self) -> str:
@@ -347,12 +349,7 @@ def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
     return out
 
 
-def default_rope_max(config: ModelConfig) -> int:
+def rotary_dim(config: ModelConfig) -> int:
     """Rotary dims of each head (partial rotary rounds down to an even number)."""
     rotary = int(config.head_dim * config.rope.partial_rotary_factor)
     return rotary - rotary % 2
-
-
-def embed_scale_for(hidden_size: int) -> float:
-    """Gemma's embedding multiplier, sqrt(hidden)."""
-    return math.sqrt(hidden_size)

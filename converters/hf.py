@@ -1,0 +1,189 @@
+"""Read a Hugging Face checkpoint folder (config.json + safetensors, single or sharded).
+
+Tensors stream one at a time from disk (safetensors memory-maps the files); each is checked
+(name, dtype, shape), converted (dtype cast, or quantized by `convert`) and put in place; a stacked
+parameter is assembled from its L per-layer tensors and moved to the device as soon as it is
+complete, so at most one parameter stack is held twice, never the model. At the end every expected
+parameter must have been filled and every tensor in the files used. `.bin` (pickle) checkpoints are
+refused: we never unpickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from fastlora_jax.config import ModelConfig
+from fastlora_jax.converters.names import hf_to_path
+from fastlora_jax.errors import CheckpointError, ConfigError
+from fastlora_jax.models.decoder import ParamSpec, Params, param_specs, set_path
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+FLOAT_DTYPES = {"F32": np.float32, "BF16": "bfloat16", "F16": np.float16}
+
+# (spec, per-layer numpy array in the file's dtype) -> leaf to store (array or QTensor).
+Convert = Callable[[ParamSpec, np.ndarray], Any]
+
+
+def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """Check that `path` is an existing folder with a config.json."""
+    folder = pathlib.Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint path {str(folder)!r} does not exist; pass a folder "
+                              f"holding config.json and *.safetensors")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint path {str(folder)!r} is a file, expected a folder "
+                              f"holding config.json and *.safetensors")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{str(folder / 'config.json')!r} is missing: the folder is not a "
+                              f"Hugging Face model checkpoint")
+    return folder
+
+
+def read_config(path: str | pathlib.Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Parse `path/config.json` into (ModelConfig, the raw dict)."""
+    folder = checkpoint_dir(path)
+    source = folder / "config.json"
+    try:
+        raw = json.loads(source.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{str(source)!r} is not valid JSON ({err}); re-download or "
+                              f"re-save the checkpoint") from None
+    return ModelConfig.from_hf_config(raw, source=str(source)), raw
+
+
+def weight_files(folder: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:
+    """{file: names it must hold (from the index) or None (unsharded)}."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{str(index)!r} is not a safetensors index (expected JSON with "
+                                  f"a 'weight_map' object): {err}") from None
+        files: dict[pathlib.Path, list[str]] = {}
+        for name, shard in weight_map.items():
+            files.setdefault(folder / shard, []).append(name)
+        for shard in files:
+            if not shard.is_file():
+                raise CheckpointError(f"{str(index)!r} names shard {shard.name!r}, which is not in "
+                                      f"{str(folder)!r}; the download is incomplete — fetch the "
+                                      f"missing shard")
+        return dict(files)
+    single = folder / SINGLE_NAME
+    if single.is_file():
+        return {single: None}
+    found = sorted(folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return {found[0]: None}
+    if (folder / "pytorch_model.bin").exists() or list(folder.glob("*.bin")):
+        raise CheckpointError(f"{str(folder)!r} holds only pickle (.bin) weights; fastlora_jax never "
+                              f"unpickles. Convert them to safetensors first")
+    raise CheckpointError(f"{str(folder)!r} has no {SINGLE_NAME} and no {INDEX_NAME}"
+                          + (f" but several *.safetensors ({[f.name for f in found]}): add the index"
+                             if found else ""))
+
+
+def iter_tensors(folder: pathlib.Path) -> Iterator[tuple[str, pathlib.Path, Any]]:
+    """Yield (name, file, safetensors slice) for every tensor, file by file, with clear errors."""
+    for file, names in weight_files(folder).items():
+        try:
+            handle = safe_open(str(file), framework="numpy")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{str(file)!r} is not a readable safetensors file ({err}); it "
+                                  f"is truncated or corrupt — re-download it") from None
+        with handle as f:
+            keys = list(f.keys())
+            if names is not None:
+                missing = sorted(set(names) - set(keys))
+                if missing:
+                    raise CheckpointError(f"{str(file)!r} lacks tensors that {INDEX_NAME} places "
+                                          f"there: {missing[:5]}; the shard and the index disagree")
+            for name in keys:
+                yield name, file, f
+
+
+def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
+                convert: Convert | None = None) -> Params:
+    """Stream every tensor of the checkpoint into our parameter tree (see module doc)."""
+    folder = checkpoint_dir(folder)
+    specs = {spec.path: spec for spec in param_specs(config)}
+    np_dtype = jnp.dtype(dtype)
+    convert = convert or (lambda spec, a: a.astype(np_dtype))
+    pending: dict[tuple[str, ...], list[Any]] = {}
+    filled: dict[tuple[str, ...], int] = {}
+    params: Params = {}
+    for name, file, f in iter_tensors(folder):
+        path, layer = hf_to_path(name)
+        spec = specs.get(path)
+        if spec is None:
+            if path == ("lm_head", "weight") and config.tie_embeddings:
+                continue  # a tied checkpoint may also store the (identical) output matrix
+            raise CheckpointError(
+                f"{str(file)!r}: tensor {name!r} is not a parameter of a {config.model_type!r} "
+                f"model with this config.json; the checkpoint and its config disagree "
+                f"(expected names like 'model.layers.0.self_attn.q_proj.weight')")
+        if spec.stacked != (layer is not None) or (layer is not None and layer >= config.num_layers):
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} names layer {layer}, but "
+                                  f"config.json has num_hidden_layers={config.num_layers}")
+        sl = f.get_slice(name)
+        file_dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+        if file_dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} has dtype {file_dtype}, expected "
+                                  f"one of {sorted(FLOAT_DTYPES)}; quantized checkpoints other "
+                                  f"than bitsandbytes 4-bit are not supported")
+        if shape != spec.layer_shape:
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} has shape {list(shape)}, "
+                                  f"expected {list(spec.layer_shape)} from config.json")
+        try:
+            array = f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} could not be read ({err}); the "
+                                  f"file is truncated or corrupt — re-download it") from None
+        leaf = convert(spec, array)
+        del array
+        if not spec.stacked:
+            if path in filled:
+                raise CheckpointError(f"{str(file)!r}: tensor {name!r} appears twice")
+            filled[path] = 1
+            set_path(params, path, jax.device_put(leaf))
+            continue
+        slots = pending.setdefault(path, [None] * config.num_layers)
+        if slots[layer] is not None:
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} appears twice")
+        slots[layer] = leaf
+        filled[path] = filled.get(path, 0) + 1
+        if filled[path] == config.num_layers:
+            stacked = jax.tree.map(lambda *xs: np.stack(xs), *pending.pop(path))
+            set_path(params, path, jax.device_put(stacked))
+    missing = []
+    for path, spec in specs.items():
+        want = config.num_layers if spec.stacked else 1
+        if filled.get(path, 0) != want:
+            missing.append(".".join(path) + (f" ({filled.get(path, 0)}/{want} layers)"
+                                             if spec.stacked else ""))
+    if missing:
+        raise CheckpointError(f"{str(folder)!r}: the checkpoint lacks parameters the config needs: "
+                              f"{missing[:8]}{' …' if len(missing) > 8 else ''}; the download is "
+                              f"incomplete or config.json describes another model")
+    return params
+
+
+def load_checkpoint(folder: str | pathlib.Path, *, dtype: Any = jnp.float32,
+                    convert: Convert | None = None) -> tuple[ModelConfig, Params]:
+    """(ModelConfig, params) of a checkpoint folder."""
+    config, _ = read_config(folder)
+    return config, load_params(folder, config, dtype=dtype, convert=convert)
+
+
+__all__ = ["load_checkpoint", "load_params", "read_config", "CheckpointError", "ConfigError"]

@@ -1,0 +1,271 @@
+"""The one shared decoder, as pure functions over a nested dict of parameters.
+
+Parameter tree (names mirror the HF checkpoint, with `model.` dropped and layers stacked on a leading
+axis L so that `jax.lax.scan` runs the blocks and compile time does not grow with depth):
+
+  embed_tokens.weight                 [V, H]
+  layers.input_layernorm.weight       [L, H]
+  layers.self_attn.{q,k,v}_proj.weight [L, out, H]   (+ .bias [L, out] when qkv_bias)
+  layers.self_attn.o_proj.weight      [L, H, Hq*D]
+  layers.post_attention_layernorm.weight [L, H]
+  layers.mlp.{gate,up}_proj.weight    [L, I, H];  layers.mlp.down_proj.weight [L, H, I]
+  norm.weight                         [H]
+  lm_head.weight                      [V, H]        (absent when tie_embeddings)
+
+Linear weights keep HF's [out, in] layout; a frozen weight may be an array or a `QTensor`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fastlora_jax import ops
+from fastlora_jax.config import Activation, ModelConfig
+from fastlora_jax.models.rope import apply_rope, cos_sin
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Shape and logical axis names of one parameter (per layer shape plus a leading L if stacked)."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    stacked: bool
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.stacked else self.shape
+
+
+def param_specs(config: ModelConfig) -> list[ParamSpec]:
+    """Every parameter of the model, in a stable order."""
+    c = config
+    L, H, I, V = c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+    specs = [ParamSpec(("embed_tokens", "weight"), (V, H), ("vocab", "embed"), False)]
+
+    def layer(path: tuple[str, ...], shape: tuple[int, ...], axes: tuple[str | None, ...]) -> None:
+        specs.append(ParamSpec(("layers",) + path, (L,) + shape, ("layers",) + axes, True))
+
+    layer(("input_layernorm", "weight"), (H,), ("norm",))
+    for name, out, axis in (("q_proj", c.q_size, "heads"), ("k_proj", c.kv_size, "kv_heads"),
+                            ("v_proj", c.kv_size, "kv_heads")):
+        layer(("self_attn", name, "weight"), (out, H), (axis, "embed"))
+        if c.qkv_bias:
+            layer(("self_attn", name, "bias"), (out,), (axis,))
+    if c.qk_norm:
+        layer(("self_attn", "q_norm", "weight"), (c.head_dim,), ("head_dim",))
+        layer(("self_attn", "k_norm", "weight"), (c.head_dim,), ("head_dim",))
+    layer(("self_attn", "o_proj", "weight"), (H, c.q_size), ("embed", "heads"))
+    if c.o_bias:
+        layer(("self_attn", "o_proj", "bias"), (H,), ("norm",))
+    layer(("post_attention_layernorm", "weight"), (H,), ("norm",))
+    if c.post_norms:
+        layer(("pre_feedforward_layernorm", "weight"), (H,), ("norm",))
+        layer(("post_feedforward_layernorm", "weight"), (H,), ("norm",))
+    for name in ("gate_proj", "up_proj"):
+        layer(("mlp", name, "weight"), (I, H), ("mlp", "embed"))
+        if c.mlp_bias:
+            layer(("mlp", name, "bias"), (I,), ("mlp",))
+    layer(("mlp", "down_proj", "weight"), (H, I), ("embed", "mlp"))
+    if c.mlp_bias:
+        layer(("mlp", "down_proj", "bias"), (H,), ("norm",))
+    specs.append(ParamSpec(("norm", "weight"), (H,), ("norm",), False))
+    if not c.tie_embeddings:
+        specs.append(ParamSpec(("lm_head", "weight"), (V, H), ("vocab", "embed"), False))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float, offset: float) -> jax.Array:
+    """RMSNorm over the last axis, statistics in float32.
+
+    offset == 0 (Llama): normalise, cast to x's dtype, multiply by w.
+    offset != 0 (Gemma): multiply by (offset + w) in float32, then cast.
+    """
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (normed * (offset + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _activation(kind: Activation) -> Callable[[jax.Array], jax.Array]:
+    if kind is Activation.SILU:
+        return jax.nn.silu
+    return lambda x: jax.nn.gelu(x, approximate=True)
+
+
+# A projection: (x, name, frozen sub-tree, lora sub-tree or None) -> y. The LoRA layer plugs in here.
+Project = Callable[[jax.Array, str, Params, Params | None], jax.Array]
+
+
+def frozen_project(x: jax.Array, name: str, frozen: Params, lora: Params | None) -> jax.Array:
+    """y = x @ W.T + b through the ops dispatch (no adapter)."""
+    del name, lora
+    return ops.linear(x, frozen["weight"], frozen.get("bias"))
+
+
+def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Array,
+                  cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None,
+                  window: int | None, project: Project, attention_impl: Any) -> jax.Array:
+    """One block. h [B, T, H] -> [B, T, H]. `p`/`lp` are this layer's frozen / LoRA params."""
+    c = config
+    B, T, _ = h.shape
+
+    def sub(tree: Params | None, *path: str) -> Params | None:
+        for key in path:
+            if tree is None:
+                return None
+            tree = tree.get(key)
+        return tree
+
+    def proj(x: jax.Array, group: str, name: str) -> jax.Array:
+        return project(x, name, p[group][name], sub(lp, group, name))
+
+    def norm(x: jax.Array, name: str, tree: Params | None = None) -> jax.Array:
+        tree = p if tree is None else tree
+        return rms_norm(x, tree[name]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
+
+    x = norm(h, "input_layernorm")
+    q = proj(x, "self_attn", "q_proj").reshape(B, T, c.num_heads, c.head_dim)     # [B,T,Hq,D]
+    k = proj(x, "self_attn", "k_proj").reshape(B, T, c.num_kv_heads, c.head_dim)  # [B,T,Hkv,D]
+    v = proj(x, "self_attn", "v_proj").reshape(B, T, c.num_kv_heads, c.head_dim)  # [B,T,Hkv,D]
+    if c.qk_norm:
+        q = norm(q, "q_norm", p["self_attn"])
+        k = norm(k, "k_norm", p["self_attn"])
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    a = ops.attention(q, k, v, segment_ids=segment_ids, causal=True, sliding_window=window,
+                      softcap=c.attn_logit_softcap, scale=c.attention_scale, impl=attention_impl)
+    a = proj(a.reshape(B, T, c.q_size), "self_attn", "o_proj")                      # [B,T,H]
+    if c.post_norms:
+        a = norm(a, "post_attention_layernorm")
+        h = h + a
+        x = norm(h, "pre_feedforward_layernorm")
+    else:
+        h = h + a
+        x = norm(h, "post_attention_layernorm")
+    act = _activation(c.mlp_activation)
+    m = act(proj(x, "mlp", "gate_proj")) * proj(x, "mlp", "up_proj")               # [B,T,I]
+    m = proj(m, "mlp", "down_proj")                                                 # [B,T,H]
+    if c.post_norms:
+        m = norm(m, "post_feedforward_layernorm")
+    return h + m
+
+
+def layer_period(config: ModelConfig) -> int:
+    """Smallest p dividing L such that layer windows repeat every p layers (1 for uniform models)."""
+    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    for p in range(1, config.num_layers + 1):
+        if config.num_layers % p == 0 and all(windows[i] == windows[i % p] for i in range(len(windows))):
+            return p
+    return config.num_layers
+
+
+def embed(config: ModelConfig, params: Params, input_ids: jax.Array, dtype: Any) -> jax.Array:
+    """Token embeddings [B, T, H] in `dtype` (scaled by embed_scale, cast to dtype, if set)."""
+    h = jnp.take(params["embed_tokens"]["weight"], input_ids, axis=0).astype(dtype)
+    if config.embed_scale is not None:
+        h = h * jnp.asarray(config.embed_scale, dtype)
+    return h
+
+
+def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  lora: Params | None = None, project: Project = frozen_project,
+                  attention_impl: Any = None, remat: Callable[[Callable], Callable] | None = None,
+                  dtype: Any = None) -> jax.Array:
+    """Final-normed hidden states [B, T, H] for int32 input_ids [B, T]."""
+    c = config
+    B, T = input_ids.shape
+    dtype = dtype or params["embed_tokens"]["weight"].dtype
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    cos, sin = cos_sin(c, positions)
+    h = embed(c, params, input_ids, dtype)
+    period = layer_period(c)
+    windows = [c.layer_window(i) for i in range(period)]
+
+    def body(h: jax.Array, xs: tuple[Params, Params | None]) -> tuple[jax.Array, None]:
+        group, lora_group = xs
+        for j in range(period):
+            p_j = jax.tree.map(lambda a: a[j], group)
+            l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)
+            h = decoder_layer(c, p_j, l_j, h, cos, sin, segment_ids, windows[j], project,
+                              attention_impl)
+        return h, None
+
+    if remat is not None:
+        body = remat(body)
+    regroup = lambda a: a.reshape((c.num_layers // period, period) + a.shape[1:])
+    layers = jax.tree.map(regroup, params["layers"])
+    lora_layers = None if lora is None or "layers" not in lora else jax.tree.map(
+        regroup, lora["layers"])
+    h, _ = jax.lax.scan(body, h, (layers, lora_layers))
+    return rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
+
+
+def lm_head_weight(config: ModelConfig, params: Params) -> jax.Array:
+    """[V, H]: the output projection (the embedding when tied)."""
+    return params["embed_tokens" if config.tie_embeddings else "lm_head"]["weight"]
+
+
+def logits_from_hidden(config: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+    """Logits [..., V] in h's dtype (softcapped in float32 when final_logit_softcap is set)."""
+    w = lm_head_weight(config, params)
+    logits = ops.linear(h, w)
+    if config.final_logit_softcap is not None:
+        cap = config.final_logit_softcap
+        logits = (cap * jnp.tanh(logits.astype(jnp.float32) / cap)).astype(logits.dtype)
+    return logits
+
+
+def forward(config: ModelConfig, params: Params, input_ids: jax.Array, *,
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+            lora: Params | None = None, project: Project = frozen_project,
+            attention_impl: Any = None) -> jax.Array:
+    """Logits [B, T, V] for input_ids [B, T] (int32)."""
+    h = hidden_states(config, params, input_ids, positions=positions, segment_ids=segment_ids,
+                      lora=lora, project=project, attention_impl=attention_impl)
+    return logits_from_hidden(config, params, h)
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters (normal(0, 0.02) matrices, unit norms) — for tests and benchmarks."""
+    params: Params = {}
+    for i, spec in enumerate(param_specs(config)):
+        if spec.path[-1] == "bias":
+            value = jnp.zeros(spec.shape, dtype)
+        elif "norm" in spec.path[-2]:
+            value = jnp.full(spec.shape, 0.0 if config.norm_offset else 1.0, dtype)
+        else:
+            value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), spec.shape)).astype(dtype)
+        set_path(params, spec.path, value)
+    return params
+
+
+def set_path(tree: Params, path: tuple[str, ...], value: Any) -> None:
+    """tree[path[0]][path[1]]... = value, creating dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def get_path(tree: Params, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def num_params(config: ModelConfig) -> int:
+    return sum(math.prod(s.shape) for s in param_specs(config))

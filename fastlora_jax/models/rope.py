@@ -1,0 +1,82 @@
+"""Rotary position embeddings (half-split / NeoX convention, as transformers' `rotate_half`)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastlora_jax.config import ModelConfig, RopeKind, rotary_dim
+
+
+def base_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Static inverse frequencies [rot/2] (float32), with linear / llama3 scaling applied."""
+    rope = config.rope
+    dim = rotary_dim(config)
+    inv = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    if rope.kind is RopeKind.LINEAR:
+        inv = inv / rope.factor
+    elif rope.kind is RopeKind.LLAMA3:
+        old_ctx = rope.original_max_position_embeddings
+        low_wavelen = old_ctx / rope.low_freq_factor
+        high_wavelen = old_ctx / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old_ctx / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [batch, seq, rot] (float32) for integer positions [batch, seq]."""
+    rope = config.rope
+    dim = rotary_dim(config)
+    inv = jnp.asarray(base_inv_freq(config))
+    scale = 1.0
+    seq_len = jnp.max(positions) + 1
+    if rope.kind is RopeKind.DYNAMIC:
+        # NTK-aware base growth once the sequence outgrows the trained context.
+        max_pos = rope.original_max_position_embeddings or config.max_position_embeddings
+        grown = rope.theta * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (
+            dim / (dim - 2))
+        theta = jnp.where(seq_len > max_pos, grown, rope.theta)
+        inv = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    elif rope.kind is RopeKind.LONGROPE:
+        orig = rope.original_max_position_embeddings or config.max_position_embeddings
+        short = jnp.asarray(rope.short_factor, jnp.float32)
+        long = jnp.asarray(rope.long_factor, jnp.float32)
+        ext = jnp.where(seq_len > orig, long, short)
+        inv = 1.0 / (ext * rope.theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+        scale = longrope_attention_factor(config)
+    angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, rot/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)     # [B, T, rot]
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def longrope_attention_factor(config: ModelConfig) -> float:
+    """LongRoPE's multiplier on cos and sin."""
+    rope = config.rope
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+    orig = rope.original_max_position_embeddings or config.max_position_embeddings
+    factor = config.max_position_embeddings / orig
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(orig))
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first `rot` dims of each head. x [B, T, heads, D]; cos/sin [B, T, rot]."""
+    rot = cos.shape[-1]
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
+    xr, xpass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    out = (xr * cos + rotated * sin).astype(x.dtype)
+    return jnp.concatenate([out, xpass], axis=-1) if xpass.shape[-1] else out

@@ -1,0 +1,159 @@
+"""`QTensor`: a frozen, quantized weight matrix as a JAX pytree, and its reference dequantization.
+
+Layouts (`*lead` = optional leading axes, e.g. a stacked layer axis, shared by every array leaf;
+the logical per-matrix shape is `shape = (N, K) = (out, in)`):
+
+NF4 (bitsandbytes' layout with double quantization, blocksize 64, nested blocksize 256):
+    codes          uint8   [*lead, ceil(N*K/2)]        row-major flattened weight, element 2i in the
+                                                       HIGH nibble of byte i, 2i+1 in the low nibble
+    absmax         uint8   [*lead, nblocks]            nblocks = ceil(N*K/64); 8-bit dynamic-map codes
+                                                       of (absmax - nested_offset)
+    nested_absmax  float32 [*lead, ceil(nblocks/256)]
+    nested_offset  float32 [*lead]
+    w[i] = NF4_MAP[q[i]] * (dyn[absmax[i//64]] * nested_absmax[i//64//256] + nested_offset)
+
+INT8 (weight-only, per output channel):
+    codes          int8    [*lead, N, K]
+    scale          float32 [*lead, N]                  w = codes * scale[:, None]
+
+Fields a kind does not use are None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastlora_jax.errors import KernelError
+from fastlora_jax.quant.maps import DYNAMIC_MAP_LOW_CPU, NF4_MAP, dynamic_map
+
+Array = jax.Array | np.ndarray
+
+
+class QuantKind(enum.Enum):
+    """Which quantized format a QTensor holds."""
+
+    NF4 = "nf4"
+    INT8 = "int8"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QTensor:
+    """A quantized [*lead, N, K] weight; see the module docstring for the array layouts."""
+
+    codes: Array
+    absmax: Array | None = None
+    nested_absmax: Array | None = None
+    nested_offset: Array | None = None
+    scale: Array | None = None
+    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
+    kind: QuantKind = dataclasses.field(default=QuantKind.NF4, metadata=dict(static=True))
+    blocksize: int = dataclasses.field(default=64, metadata=dict(static=True))
+    nested_blocksize: int = dataclasses.field(default=256, metadata=dict(static=True))
+    # First entry of the 256-entry dynamic map used for `absmax` (maps.DYNAMIC_MAP_LOW_*).
+    nested_map_low: float = dataclasses.field(default=DYNAMIC_MAP_LOW_CPU,
+                                              metadata=dict(static=True))
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """The leading (stacking) axes shared by every array leaf."""
+        return tuple(self.codes.shape[:-1] if self.kind is QuantKind.NF4 else self.codes.shape[:-2])
+
+    @property
+    def numel(self) -> int:
+        """Elements of one logical matrix: N * K."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nblocks(self) -> int:
+        """NF4 absmax blocks per matrix: ceil(N*K / blocksize)."""
+        return -(-self.numel // self.blocksize)
+
+    def __getitem__(self, index: int | slice | jax.Array) -> QTensor:
+        """Index the leading axes (every array leaf together), e.g. `q[layer]`."""
+        if not self.lead:
+            raise KernelError(f"QTensor of shape={self.shape} has no leading axes to index; "
+                              f"expected lead != (), found lead={self.lead}")
+        return jax.tree_util.tree_map(lambda a: a[index], self)
+
+
+jax.tree_util.register_dataclass(
+    QTensor,
+    data_fields=["codes", "absmax", "nested_absmax", "nested_offset", "scale"],
+    meta_fields=["shape", "dtype", "kind", "blocksize", "nested_blocksize", "nested_map_low"],
+)
+
+
+def nf4_block_scales(q: QTensor) -> jax.Array:
+    """Decoded per-block absmax of an NF4 QTensor: float32 [*lead, nblocks].
+
+    absmax = dyn[qabsmax] * nested_absmax[b // nested_blocksize] + nested_offset, in float32 with
+    one rounding per operation (bitsandbytes' dequantize_blockwise, then `+= offset`).
+    """
+    dyn = jnp.asarray(dynamic_map(q.nested_map_low))
+    nb = q.absmax.shape[-1]
+    nested_idx = jnp.arange(nb) // q.nested_blocksize
+    nested = jnp.take(jnp.asarray(q.nested_absmax, jnp.float32), nested_idx, axis=-1)
+    scaled = jnp.take(dyn, jnp.asarray(q.absmax).astype(jnp.int32), axis=0) * nested
+    # The offset is added as its own rounding step (not fused into an FMA by construction:
+    # XLA on CPU does not contract; GPU kernels may, which is within any tolerance used).
+    return scaled + jnp.asarray(q.nested_offset, jnp.float32)[..., None]
+
+
+def dequantize(q: QTensor, dtype: str | jnp.dtype | None = None) -> jax.Array:
+    """Reference dequantization: [*lead, N, K] in `dtype` (default q.dtype); float32 math inside."""
+    out_dtype = jnp.dtype(dtype if dtype is not None else q.dtype)
+    n, k = q.shape
+    if q.kind is QuantKind.INT8:
+        w = jnp.asarray(q.codes).astype(jnp.float32) * jnp.asarray(q.scale, jnp.float32)[..., None]
+        return w.astype(out_dtype)
+    if q.kind is not QuantKind.NF4:
+        raise KernelError(f"QTensor kind={q.kind!r} is not one of {list(QuantKind)}")
+    lead = q.lead
+    codes = jnp.asarray(q.codes)
+    # Unpack: element 2i is the high nibble of byte i, 2i+1 the low nibble.
+    nibbles = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(*lead, -1)[..., : n * k]
+    values = jnp.take(jnp.asarray(NF4_MAP), nibbles.astype(jnp.int32), axis=0)
+    scales = nf4_block_scales(q)
+    nb = scales.shape[-1]
+    padded = nb * q.blocksize
+    values = jnp.pad(values, [(0, 0)] * len(lead) + [(0, padded - n * k)])
+    w = values.reshape(*lead, nb, q.blocksize) * scales[..., None]
+    return w.reshape(*lead, padded)[..., : n * k].reshape(*lead, n, k).astype(out_dtype)
+
+
+def _stack_leaves(leaves: list[Array]) -> Array:
+    if all(isinstance(a, np.ndarray) for a in leaves):
+        return np.stack(leaves)
+    return jnp.stack([jnp.asarray(a) for a in leaves])
+
+
+def stack(qtensors: list[QTensor] | tuple[QTensor, ...]) -> QTensor:
+    """Stack QTensors of identical metadata along a new leading axis (host numpy stays numpy)."""
+    if not qtensors:
+        raise KernelError("stack(qtensors): expected at least one QTensor, found an empty list")
+    first = qtensors[0]
+    meta0 = jax.tree_util.tree_structure(first)
+    for i, q in enumerate(qtensors[1:], start=1):
+        if jax.tree_util.tree_structure(q) != meta0:
+            raise KernelError(f"stack(qtensors): qtensors[{i}] has metadata "
+                              f"(shape={q.shape}, dtype={q.dtype}, kind={q.kind}, "
+                              f"blocksize={q.blocksize}) but qtensors[0] has (shape={first.shape}, "
+                              f"dtype={first.dtype}, kind={first.kind}, blocksize={first.blocksize})")
+        for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(q)):
+            if a.shape != b.shape:
+                raise KernelError(f"stack(qtensors): qtensors[{i}] has a leaf of shape {b.shape}, "
+                                  f"expected {a.shape} as in qtensors[0]")
+    return jax.tree_util.tree_map(lambda *leaves: _stack_leaves(list(leaves)), *qtensors)
+
+
+def nbytes(q: QTensor) -> int:
+    """Bytes held by the array leaves of `q` (all leading axes included)."""
+    return int(sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize
+                   for a in jax.tree_util.tree_leaves(q)))
