@@ -1,0 +1,307 @@
+"""Flash attention for training: the public op (jax.custom_vjp), its tuning dataclass and dispatch.
+
+Shapes: q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim] with
+heads % kv_heads == 0 (GQA/MQA: query head h reads kv head h // (heads // kv_heads); K/V are never
+repeated in memory). Output: q's shape and dtype. Semantics are exactly those of
+`attention_reference.flash_attention_reference` (causal mask aligned bottom-right, sliding window,
+segment ids, logit soft-capping, custom scale); accumulation in float32.
+
+Packed sequences: `segment_ids` [batch, seq_q] (kv_segment_ids defaults to it) restrict attention
+to tokens of the same segment. The causal and window masks use the token index inside the row; for
+contiguous packing that is the same as the per-token position inside each document (positions
+restart at 0 in each segment, and both the index and the position grow by one per token), so the
+positions used for RoPE need not be passed here.
+
+Kernels: `flash_attention_portable.py` (Pallas, Triton-backend lowering on any CUDA GPU, and
+`interpret` on CPU) and, on Hopper, `flash_attention_mgpu.py` (Mosaic GPU) for the forward pass
+where it supports the call. Whole blocks that the mask hides (above the causal diagonal, outside
+the window, crossing packed documents: per-block min/max segment ids) are never loaded.
+Memory is O(seq): residuals are the output and a float32 log-sum-exp per query row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels import flash_attention_portable as portable
+from fastlora_jax.kernels.attention_reference import flash_attention_reference
+
+__all__ = ["Backend", "BlockSizes", "flash_attention", "flash_attention_reference"]
+
+_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_MAX_HEAD_DIM = 256
+
+
+class Backend(enum.Enum):
+    """Which lowering runs the kernels. `None` means: Triton on GPU, interpreter on CPU."""
+
+    TRITON = "triton"          # portable Pallas kernels, Triton-backend lowering (any CUDA GPU)
+    INTERPRET = "interpret"    # the same kernels, interpreted (CPU tests)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles (rows of the sequence per program) and launch parameters of the three kernels.
+
+    block_q / block_kv: forward tiles; *_dq: the dq kernel; *_dkv: the dk/dv kernel.
+    Every block is a power of two >= 16; num_warps a power of two in [1, 16]; num_stages >= 1.
+    Blocks larger than the (padded) sequence are shrunk to it.
+    """
+
+    block_q: int = 128
+    block_kv: int = 64
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    num_warps: int = 4
+    num_warps_bwd: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv",
+                     "block_kv_dkv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not _is_pow2(value) or value < 16:
+                raise KernelError(f"BlockSizes.{name}={value!r} must be a power of two >= 16")
+        for name in ("num_warps", "num_warps_bwd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not _is_pow2(value) or value > 16:
+                raise KernelError(f"BlockSizes.{name}={value!r} must be a power of two in [1, 16]")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise KernelError(f"BlockSizes.num_stages={self.num_stages!r} must be an int >= 1")
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> BlockSizes:
+        """Defaults that fit shared memory for this head_dim (64, 128 or 256)."""
+        if head_dim <= 64:
+            return cls(block_q=128, block_kv=64, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
+                       block_kv_dkv=64, num_warps=4, num_warps_bwd=4, num_stages=3)
+        if head_dim <= 128:
+            return cls(block_q=128, block_kv=64, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
+                       block_kv_dkv=64, num_warps=8, num_warps_bwd=8, num_stages=2)
+        return cls(block_q=64, block_kv=32, block_q_dq=32, block_kv_dq=32, block_q_dkv=32,
+                   block_kv_dkv=32, num_warps=4, num_warps_bwd=4, num_stages=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about one call (hashable: a nondiff argument of the custom_vjp)."""
+
+    spec: portable.MaskSpec
+    scale: float
+    softcap: float | None
+    blocks: BlockSizes
+    backend: Backend
+
+
+def _check(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+           kv_segment_ids: jax.Array | None, sliding_window: int | None,
+           softcap: float | None, scale: float | None) -> None:
+    """Raise KernelError naming the offending value when the call is unsupported."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise KernelError(f"q, k, v must be 4-D [batch, seq, heads, head_dim]; got {q.shape=}, "
+                          f"{k.shape=}, {v.shape=}")
+    batch, seq_q, heads, head_dim = q.shape
+    if k.shape != v.shape:
+        raise KernelError(f"k and v must have the same shape; got {k.shape=} and {v.shape=}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise KernelError(f"k must be [batch={batch}, seq_kv, kv_heads, head_dim={head_dim}]; "
+                          f"got {k.shape=}")
+    kv_heads = k.shape[2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise KernelError(f"{heads=} must be a multiple of {kv_heads=}")
+    if head_dim > _MAX_HEAD_DIM or head_dim < 1:
+        raise KernelError(f"{head_dim=} must be in [1, {_MAX_HEAD_DIM}]")
+    if seq_q == 0 or k.shape[1] == 0:
+        raise KernelError(f"sequence lengths must be positive; got {seq_q=}, seq_kv={k.shape[1]}")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise KernelError(f"q, k, v must share one dtype of bfloat16/float16/float32; got "
+                          f"{q.dtype=}, {k.dtype=}, {v.dtype=}")
+    for name, seg, length in (("segment_ids", segment_ids, seq_q),
+                              ("kv_segment_ids", kv_segment_ids, k.shape[1])):
+        if seg is None:
+            continue
+        if seg.shape != (batch, length):
+            raise KernelError(f"{name}.shape={seg.shape} must be (batch, seq)=({batch}, {length})")
+        if not jnp.issubdtype(seg.dtype, jnp.integer):
+            raise KernelError(f"{name}.dtype={seg.dtype} must be an integer type")
+    if kv_segment_ids is not None and segment_ids is None:
+        raise KernelError("kv_segment_ids given without segment_ids; pass both or neither")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise KernelError(f"{sliding_window=} must be a positive int or None")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise KernelError(f"{softcap=} must be a positive number or None")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise KernelError(f"{scale=} must be a finite number or None")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _fit(block: int, seq: int) -> int:
+    """Shrink a block to the sequence (power of two >= 16)."""
+    return min(block, max(16, 1 << (seq - 1).bit_length()))
+
+
+def _block_visibility(spec: portable.MaskSpec, block_q: int, block_kv: int, seq_q_pad: int,
+                      seq_kv_pad: int, q_seg: jax.Array | None,
+                      kv_seg: jax.Array | None) -> jax.Array:
+    """Whether any (query, key) pair of block (i, j) is visible: bool [batch or 1, nq, nk].
+
+    Size O((seq / block)^2) booleans, a few hundred thousand at seq 65,536.
+    """
+    nq, nk = seq_q_pad // block_q, seq_kv_pad // block_kv
+    r0 = jnp.arange(nq) * block_q                       # first row of each query block
+    r1 = jnp.minimum(r0 + block_q, spec.seq_q) - 1      # last real row
+    c0 = jnp.arange(nk) * block_kv
+    c1 = jnp.minimum(c0 + block_kv, spec.seq_kv) - 1
+    vis = (r0 < spec.seq_q)[:, None] & (c0 < spec.seq_kv)[None, :]
+    if spec.causal:  # some key of the block is at or before the last row's position
+        vis &= c0[None, :] <= (r1 + spec.offset)[:, None]
+    if spec.sliding_window is not None:  # some key is inside the first row's window
+        vis &= c1[None, :] > (r0 + spec.offset - spec.sliding_window)[:, None]
+    vis = vis[None]
+    if q_seg is not None:
+        big = jnp.iinfo(jnp.int32).max
+        real_q = (jnp.arange(seq_q_pad) < spec.seq_q)[None, :]
+        real_k = (jnp.arange(seq_kv_pad) < spec.seq_kv)[None, :]
+        qb = lambda x: x.reshape(x.shape[0], nq, block_q)
+        kb = lambda x: x.reshape(x.shape[0], nk, block_kv)
+        q_min = qb(jnp.where(real_q, q_seg, big)).min(-1)
+        q_max = qb(jnp.where(real_q, q_seg, -big)).max(-1)
+        k_min = kb(jnp.where(real_k, kv_seg, big)).min(-1)
+        k_max = kb(jnp.where(real_k, kv_seg, -big)).max(-1)
+        vis = vis & (k_max[:, None, :] >= q_min[:, :, None]) & (k_min[:, None, :] <= q_max[:, :, None])
+    return vis
+
+
+def _ranges(vis: jax.Array) -> jax.Array:
+    """Half-open [first, last + 1) of the True entries along the last axis: int32 [B, 2, n]."""
+    n = vis.shape[-1]
+    any_ = vis.any(-1)
+    lo = jnp.argmax(vis, axis=-1)
+    hi = n - jnp.argmax(vis[..., ::-1], axis=-1)
+    lo = jnp.where(any_, lo, 0)
+    hi = jnp.where(any_, hi, 0)
+    return jnp.stack([lo, hi], axis=1).astype(jnp.int32)
+
+
+def _fwd_impl(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
+              kv_seg: jax.Array | None, r_fwd: jax.Array, cfg: _Config
+              ) -> tuple[jax.Array, jax.Array]:
+    b = cfg.blocks
+    return portable.forward(q, k, v, q_seg, kv_seg, r_fwd, spec=cfg.spec, scale=cfg.scale,
+                            softcap=cfg.softcap, block_q=b.block_q, block_kv=b.block_kv,
+                            num_warps=b.num_warps, num_stages=b.num_stages,
+                            interpret=cfg.backend is Backend.INTERPRET)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
+           kv_seg: jax.Array | None, r_fwd: jax.Array, r_dq: jax.Array, r_dkv: jax.Array,
+           cfg: _Config) -> jax.Array:
+    """Padded attention: o [B, Tq, H, D]."""
+    return _fwd_impl(q, k, v, q_seg, kv_seg, r_fwd, cfg)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, r_fwd, r_dq, r_dkv, cfg):
+    o, lse = _fwd_impl(q, k, v, q_seg, kv_seg, r_fwd, cfg)
+    return o, (q, k, v, q_seg, kv_seg, r_dq, r_dkv, o, lse)
+
+
+def _flash_bwd(cfg: _Config, res, do):
+    q, k, v, q_seg, kv_seg, r_dq, r_dkv, o, lse = res
+    # delta_i = sum_d o_id * do_id = sum_j p_ij dp_ij: [B, H, Tq] float32
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    do = do.astype(q.dtype)
+    bs = cfg.blocks
+    common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
+                  num_warps=bs.num_warps_bwd, num_stages=bs.num_stages,
+                  interpret=cfg.backend is Backend.INTERPRET)
+    dq = portable.backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, r_dq,
+                              block_q=bs.block_q_dq, block_kv=bs.block_kv_dq, **common)
+    dk, dv = portable.backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, r_dkv,
+                                   block_q=bs.block_q_dkv, block_kv=bs.block_kv_dkv, **common)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _default_backend() -> Backend:
+    return Backend.TRITON if jax.default_backend() == "gpu" else Backend.INTERPRET
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                    causal: bool = True,
+                    segment_ids: jax.Array | None = None,
+                    kv_segment_ids: jax.Array | None = None,
+                    sliding_window: int | None = None,
+                    softcap: float | None = None,
+                    scale: float | None = None,
+                    block_sizes: BlockSizes | None = None,
+                    backend: Backend | str | None = None) -> jax.Array:
+    """Flash attention, differentiable in q, k, v. q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H, D].
+
+    segment_ids [B, T] int (kv_segment_ids [B, S], defaults to segment_ids); sliding_window: a key j
+    is visible from query i iff i + (S - T) - window < j; softcap: scores become
+    softcap * tanh(scores / softcap); scale defaults to head_dim ** -0.5. Any T, S (padded inside).
+    """
+    _check(q, k, v, segment_ids, kv_segment_ids, sliding_window, softcap, scale)
+    if isinstance(backend, str):
+        try:
+            backend = Backend(backend)
+        except ValueError:
+            raise KernelError(f"{backend=} is not one of {[b.value for b in Backend]}") from None
+    backend = _default_backend() if backend is None else backend
+    batch, seq_q, heads, head_dim = q.shape
+    seq_kv = k.shape[1]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    blocks = BlockSizes.for_head_dim(head_dim) if block_sizes is None else block_sizes
+    blocks = dataclasses.replace(
+        blocks, **{f: _fit(getattr(blocks, f), seq_q) for f in ("block_q", "block_q_dq",
+                                                                  "block_q_dkv")},
+        **{f: _fit(getattr(blocks, f), seq_kv) for f in ("block_kv", "block_kv_dq",
+                                                         "block_kv_dkv")})
+    q_mult = max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv)
+    kv_mult = max(blocks.block_kv, blocks.block_kv_dq, blocks.block_kv_dkv)
+    seq_q_pad, seq_kv_pad = _round_up(seq_q, q_mult), _round_up(seq_kv, kv_mult)
+    d_pad = max(16, 1 << (head_dim - 1).bit_length())
+
+    spec = portable.MaskSpec(seq_q=seq_q, seq_kv=seq_kv, causal=causal,
+                             sliding_window=sliding_window, has_segments=segment_ids is not None,
+                             kv_padded=seq_kv_pad != seq_kv)
+    cfg = _Config(spec=spec, scale=scale, softcap=None if softcap is None else float(softcap),
+                  blocks=blocks, backend=backend)
+
+    def pad(x: jax.Array, seq: int) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
+
+    qp, kp, vp = pad(q, seq_q_pad), pad(k, seq_kv_pad), pad(v, seq_kv_pad)
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        kv_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+        q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, seq_q_pad - seq_q)),
+                        constant_values=-1)
+        kv_seg = jnp.pad(kv_ids.astype(jnp.int32), ((0, 0), (0, seq_kv_pad - seq_kv)),
+                         constant_values=-2)
+    vis = lambda bq, bk: _block_visibility(spec, bq, bk, seq_q_pad, seq_kv_pad, q_seg, kv_seg)
+    r_fwd = _ranges(vis(blocks.block_q, blocks.block_kv))
+    r_dq = _ranges(vis(blocks.block_q_dq, blocks.block_kv_dq))
+    r_dkv = _ranges(jnp.swapaxes(vis(blocks.block_q_dkv, blocks.block_kv_dkv), 1, 2))
+    r_fwd, r_dq, r_dkv = (jnp.broadcast_to(r, (batch,) + r.shape[1:]) for r in (r_fwd, r_dq, r_dkv))
+    o = _flash(qp, kp, vp, q_seg, kv_seg, r_fwd, r_dq, r_dkv, cfg)
+    return o[:, :seq_q, :, :head_dim]

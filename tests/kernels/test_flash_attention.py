@@ -1,0 +1,170 @@
+"""Flash attention (interpreted Pallas on CPU) against the pure-jnp reference: forward and jax.grad."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels import flash_attention as fa
+from fastlora_jax.kernels.attention_reference import flash_attention_reference
+from fastlora_jax.ops.attention import attention
+
+SMALL = fa.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32, block_q_dkv=32,
+                      block_kv_dkv=16)
+
+
+def _inputs(seed: int, batch: int, seq_q: int, seq_kv: int, heads: int, kv_heads: int,
+            head_dim: int, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (batch, seq_q, heads, head_dim), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (batch, seq_kv, kv_heads, head_dim), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (batch, seq_kv, kv_heads, head_dim), jnp.float32).astype(dtype)
+    do = jax.random.normal(ks[3], (batch, seq_q, heads, head_dim), jnp.float32)
+    return q, k, v, do
+
+
+def _rel(a: jax.Array, b: jax.Array) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _compare(q, k, v, do, tol: float = 1e-2, block_sizes: fa.BlockSizes | None = SMALL, **kw):
+    """Kernel on q's dtype vs the float32 reference on upcast inputs: output and dq, dk, dv."""
+    def loss_kernel(q, k, v):
+        o = fa.flash_attention(q, k, v, block_sizes=block_sizes, backend="interpret", **kw)
+        return jnp.sum(o.astype(jnp.float32) * do), o
+
+    def loss_ref(q, k, v):
+        o = flash_attention_reference(q, k, v, **kw)
+        return jnp.sum(o * do), o
+
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    (_, o), grads = jax.value_and_grad(loss_kernel, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, o_ref), grads_ref = jax.value_and_grad(loss_ref, argnums=(0, 1, 2), has_aux=True)(*up)
+    assert o.dtype == q.dtype and o.shape == q.shape
+    for name, got, want in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *grads_ref)):
+        assert got.shape == want.shape, name
+        assert np.all(np.isfinite(np.asarray(got, np.float32))), name
+        err = _rel(got, want)
+        assert err <= tol, f"{name}: relative error {err:.3e} > {tol}"
+
+
+def _packed_ids(batch: int, seq: int, docs: int, seed: int) -> jax.Array:
+    """Sorted segment ids [batch, seq]: `docs` documents of random lengths per row."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, seq), size=docs - 1, replace=False))
+        rows.append(np.searchsorted(cuts, np.arange(seq), side="right"))
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gqa(causal: bool):
+    _compare(*_inputs(0, 2, 64, 64, 4, 2, 64), causal=causal)
+
+
+def test_mqa_ragged_lengths():
+    # seq_q != seq_kv, neither a multiple of any block: padded inside, causal aligned bottom-right.
+    _compare(*_inputs(1, 1, 37, 53, 4, 1, 64), causal=True)
+
+
+def test_packed_segments():
+    q, k, v, do = _inputs(2, 2, 96, 96, 2, 1, 64)
+    _compare(q, k, v, do, causal=True, segment_ids=_packed_ids(2, 96, 4, seed=3))
+
+
+def test_unsorted_segments_non_causal():
+    q, k, v, do = _inputs(3, 1, 64, 64, 2, 2, 64)
+    seg = jax.random.randint(jax.random.key(9), (1, 64), 0, 3)
+    _compare(q, k, v, do, causal=False, segment_ids=seg)
+
+
+def test_sliding_window():
+    _compare(*_inputs(4, 1, 80, 80, 4, 2, 64), causal=True, sliding_window=19)
+
+
+def test_softcap_and_scale():
+    # Gemma 2: query_pre_attn_scalar scale, logits soft-capped (small cap so it bites).
+    _compare(*_inputs(5, 1, 64, 64, 4, 2, 128), causal=True, softcap=2.0, scale=0.25)
+
+
+def test_head_dim_256_window_softcap():
+    bs = fa.BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16, block_q_dkv=16,
+                       block_kv_dkv=16)
+    _compare(*_inputs(6, 1, 32, 32, 2, 1, 256), block_sizes=bs, causal=True, sliding_window=12,
+             softcap=30.0)
+
+
+def test_head_dim_not_power_of_two_default_blocks():
+    _compare(*_inputs(7, 1, 24, 24, 2, 1, 80), block_sizes=None, causal=True)
+
+
+def test_float32_tight():
+    _compare(*_inputs(8, 1, 48, 48, 2, 1, 64, dtype=jnp.float32), tol=1e-5, causal=True,
+             segment_ids=_packed_ids(1, 48, 3, seed=4), softcap=5.0)
+
+
+def test_segment_isolation_bit_identical():
+    """Changing segment 1's tokens leaves segment 0's outputs and gradients bit-identical."""
+    q, k, v, do = _inputs(10, 1, 64, 64, 2, 1, 64)
+    seg = jnp.asarray([[0] * 40 + [1] * 24], jnp.int32)
+    in_seg1 = (seg[0] == 1)[None, :, None, None]
+    q2, k2, v2, _ = _inputs(11, 1, 64, 64, 2, 1, 64)
+    q2, k2, v2 = (jnp.where(in_seg1, b, a) for a, b in ((q, q2), (k, k2), (v, v2)))
+
+    def run(q, k, v):
+        def loss(q, k, v):
+            o = fa.flash_attention(q, k, v, segment_ids=seg, block_sizes=SMALL,
+                                   backend="interpret")
+            return jnp.sum(o.astype(jnp.float32) * do), o
+        (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return [np.asarray(x[:, :40].astype(jnp.float32)) for x in (o, *g)]
+
+    base, changed = run(q, k, v), run(q2, k2, v2)
+    assert not np.array_equal(np.asarray(q[:, 40:]), np.asarray(q2[:, 40:]))
+    for a, b in zip(base, changed):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_block_skipping_packed():
+    """Blocks that cross documents are never visited: 8 docs per row visit 80 of 528 causal blocks."""
+    seq, block = 4096, 128
+    seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), seq // 8)[None]
+    spec = fa.portable.MaskSpec(seq_q=seq, seq_kv=seq, causal=True, sliding_window=None,
+                                has_segments=True, kv_padded=False)
+    r = fa._ranges(fa._block_visibility(spec, block, block, seq, seq, seg, seg))
+    visited = int(jnp.sum(r[:, 1] - r[:, 0]))
+    n = seq // block
+    assert visited == 8 * (4 * 5 // 2)  # 8 documents of 4 blocks, causal within each
+    assert visited * 6 < n * (n + 1) // 2  # 80 of the 528 causal blocks
+
+
+def test_dispatch_pallas():
+    q, k, v, _ = _inputs(12, 1, 32, 32, 4, 2, 64)
+    got = attention(q, k, v, impl="pallas", causal=True, sliding_window=8)
+    want = flash_attention_reference(q, k, v, causal=True, sliding_window=8)
+    assert _rel(got, want) <= 1e-2
+
+
+@pytest.mark.parametrize("field, value", [("block_q", 48), ("block_kv_dkv", 8), ("num_warps", 3),
+                                          ("num_stages", 0)])
+def test_block_sizes_errors_name_value(field: str, value: int):
+    with pytest.raises(KernelError, match=f"{field}={value}"):
+        fa.BlockSizes(**{field: value})
+
+
+def test_shape_errors_name_value():
+    q, k, v, _ = _inputs(13, 1, 16, 16, 3, 2, 64)
+    with pytest.raises(KernelError, match="heads=3"):
+        fa.flash_attention(q, k, v)
+    q, k, v, _ = _inputs(13, 1, 16, 16, 2, 1, 64)
+    with pytest.raises(KernelError, match="sliding_window=0"):
+        fa.flash_attention(q, k, v, sliding_window=0)
+    with pytest.raises(KernelError, match="segment_ids.shape"):
+        fa.flash_attention(q, k, v, segment_ids=jnp.zeros((1, 15), jnp.int32))
+    with pytest.raises(KernelError, match="backend='cuda'"):
+        fa.flash_attention(q, k, v, backend="cuda")
