@@ -2,9 +2,9 @@
 
 `NF4_MAP` [16] float32: the 4-bit NF4 values, index = 4-bit code (`get_4bit_type("nf4")`).
 `DYNAMIC_MAP` [256] float32: the signed 8-bit dynamic map (`create_dynamic_map()`) that
-double quantization uses for the per-block absmax. bitsandbytes' CPU quantizer overwrites its
-first entry with -1.0 before quantizing (and serializes that map); its CUDA quantizer keeps the
-value below. `QTensor.nested_map_low` records which one a tensor was quantized with.
+double quantization uses for the per-block absmax; this is the map bitsandbytes serializes and
+dequantizes with. Its CPU quantizer searches a copy whose first entry is -1.0
+(`DYNAMIC_MAP_SEARCH`), so that -1.0 maps to code 0.
 """
 
 from __future__ import annotations
@@ -22,10 +22,6 @@ NF4_MAP.setflags(write=False)
 # Midpoints between neighbouring NF4 values, float32 (x goes to code i when bounds[i-1] < x <= bounds[i]).
 NF4_BOUNDS: np.ndarray = ((NF4_MAP[:-1] + NF4_MAP[1:]) / np.float32(2)).astype(np.float32)
 NF4_BOUNDS.setflags(write=False)
-
-# First entry of DYNAMIC_MAP as bitsandbytes' CUDA quantizer leaves it, and as its CPU quantizer sets it.
-DYNAMIC_MAP_LOW_CUDA: float = -0.992968738079071
-DYNAMIC_MAP_LOW_CPU: float = -1.0
 
 DYNAMIC_MAP: np.ndarray = np.array([
     -0.992968738079071, -0.9789062738418579, -0.96484375, -0.9507812261581421, -0.936718761920929,
@@ -92,8 +88,6 @@ DYNAMIC_MAP: np.ndarray = np.array([
 DYNAMIC_MAP.setflags(write=False)
 
 
-def dynamic_map(low: float) -> np.ndarray:
-    """DYNAMIC_MAP [256] float32 with its first entry set to `low` (see the module docstring)."""
-    out = DYNAMIC_MAP.copy()
-    out[0] = np.float32(low)
-    return out
+DYNAMIC_MAP_SEARCH: np.ndarray = DYNAMIC_MAP.copy()
+DYNAMIC_MAP_SEARCH[0] = -1.0
+DYNAMIC_MAP_SEARCH.setflags(write=False)

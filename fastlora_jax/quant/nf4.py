@@ -5,10 +5,14 @@
 as run on the CPU. It works in numpy on fixed-size chunks, so its extra memory is a few MiB beyond
 the output, whatever the size of `w` (the loader quantizes an 8B checkpoint tensor by tensor).
 
-One value is not reproduced bit for bit: bitsandbytes computes `nested_offset = absmax.mean()`
-with torch's float32 cascade sum, whose rounding depends on torch's SIMD width and threads; we
-use the correctly rounded mean (float64 sum, rounded once), which can differ by an ulp or two.
-Given the same offset, `_double_quantize` reproduces bitsandbytes exactly.
+The 4-bit codes match bit for bit. The double quantization of the absmax does not, in two small
+ways: (1) bitsandbytes computes `nested_offset = absmax.mean()` with torch's float32 cascade sum,
+whose rounding depends on torch's SIMD width and threads; we use the correctly rounded mean
+(float64 sum, rounded once), which can differ by an ulp or two; (2) its CPU 8-bit quantizer finds
+the nearest dynamic-map entry with a bucketed search (BinSearch "Direct2") that is off by one
+entry for a fraction of a percent of the values; we take the exact nearest entry (ties to the
+lower one). Both are within one step of the 8-bit map; dequantizing bitsandbytes' own bytes
+(`from_bnb_4bit`) matches its `dequantize_4bit` bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.quant.maps import DYNAMIC_MAP_LOW_CPU, NF4_BOUNDS, dynamic_map
+from fastlora_jax.quant.maps import DYNAMIC_MAP_SEARCH, NF4_BOUNDS
 from fastlora_jax.quant.qtensor import QTensor, QuantKind, stack
 
 BLOCKSIZE = 64
@@ -52,15 +56,14 @@ def _quantize_chunk(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, absmax.astype(np.float32)
 
 
-def _double_quantize(absmax: np.ndarray, offset: np.float32,
-                     low: float = DYNAMIC_MAP_LOW_CPU) -> tuple[np.ndarray, np.ndarray]:
+def _double_quantize(absmax: np.ndarray, offset: np.float32) -> tuple[np.ndarray, np.ndarray]:
     """bitsandbytes' quantize_blockwise(absmax - offset, blocksize=256) on the CPU.
 
     absmax float32 [nb] -> (codes uint8 [nb], nested_absmax float32 [ceil(nb/256)]). Each value is
     divided by its block's max |.| and mapped to the nearest entry of the dynamic map (ties go to
     the lower entry).
     """
-    code = dynamic_map(low)
+    code = DYNAMIC_MAP_SEARCH
     d = (absmax.astype(np.float32) - np.float32(offset)).astype(np.float32)
     nb = d.shape[0]
     nb2 = -(-nb // NESTED_BLOCKSIZE)
@@ -91,8 +94,7 @@ def _quantize_matrix(w: np.ndarray, dtype: str) -> QTensor:
     qabsmax, nested = _double_quantize(absmax, offset)
     return QTensor(codes=codes, absmax=qabsmax, nested_absmax=nested,
                    nested_offset=np.asarray(offset, np.float32), shape=(n, k), dtype=dtype,
-                   kind=QuantKind.NF4, blocksize=BLOCKSIZE, nested_blocksize=NESTED_BLOCKSIZE,
-                   nested_map_low=DYNAMIC_MAP_LOW_CPU)
+                   kind=QuantKind.NF4, blocksize=BLOCKSIZE, nested_blocksize=NESTED_BLOCKSIZE)
 
 
 def quantize_nf4(w: np.ndarray, *, dtype: str | np.dtype | None = None) -> QTensor:
@@ -113,5 +115,4 @@ def quantize_nf4(w: np.ndarray, *, dtype: str | np.dtype | None = None) -> QTens
     return QTensor(codes=q.codes.reshape(*lead, -1), absmax=q.absmax.reshape(*lead, -1),
                    nested_absmax=q.nested_absmax.reshape(*lead, -1),
                    nested_offset=q.nested_offset.reshape(lead), shape=q.shape, dtype=name,
-                   kind=QuantKind.NF4, blocksize=q.blocksize, nested_blocksize=q.nested_blocksize,
-                   nested_map_low=q.nested_map_low)
+                   kind=QuantKind.NF4, blocksize=q.blocksize, nested_blocksize=q.nested_blocksize)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.quant.maps import DYNAMIC_MAP_LOW_CPU, NF4_MAP, dynamic_map
+from fastlora_jax.quant.maps import DYNAMIC_MAP, NF4_MAP
 
 Array = jax.Array | np.ndarray
 
@@ -56,9 +56,6 @@ class QTensor:
     kind: QuantKind = dataclasses.field(default=QuantKind.NF4, metadata=dict(static=True))
     blocksize: int = dataclasses.field(default=64, metadata=dict(static=True))
     nested_blocksize: int = dataclasses.field(default=256, metadata=dict(static=True))
-    # First entry of the 256-entry dynamic map used for `absmax` (maps.DYNAMIC_MAP_LOW_*).
-    nested_map_low: float = dataclasses.field(default=DYNAMIC_MAP_LOW_CPU,
-                                              metadata=dict(static=True))
 
     @property
     def lead(self) -> tuple[int, ...]:
@@ -86,7 +83,7 @@ class QTensor:
 jax.tree_util.register_dataclass(
     QTensor,
     data_fields=["codes", "absmax", "nested_absmax", "nested_offset", "scale"],
-    meta_fields=["shape", "dtype", "kind", "blocksize", "nested_blocksize", "nested_map_low"],
+    meta_fields=["shape", "dtype", "kind", "blocksize", "nested_blocksize"],
 )
 
 
@@ -96,7 +93,7 @@ def nf4_block_scales(q: QTensor) -> jax.Array:
     absmax = dyn[qabsmax] * nested_absmax[b // nested_blocksize] + nested_offset, in float32 with
     one rounding per operation (bitsandbytes' dequantize_blockwise, then `+= offset`).
     """
-    dyn = jnp.asarray(dynamic_map(q.nested_map_low))
+    dyn = jnp.asarray(DYNAMIC_MAP)
     nb = q.absmax.shape[-1]
     nested_idx = jnp.arange(nb) // q.nested_blocksize
     nested = jnp.take(jnp.asarray(q.nested_absmax, jnp.float32), nested_idx, axis=-1)

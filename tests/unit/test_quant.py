@@ -1,0 +1,168 @@
+"""QTensor, NF4 / int8 quantization and bnb I/O, on CPU without the reference environment."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fastlora_jax.errors import CheckpointError, KernelError
+from fastlora_jax.quant import (NF4_MAP, QTensor, QuantKind, dequantize, from_bnb_4bit,
+                                from_bnb_int8, quantize_int8, quantize_nf4, stack, to_bnb_4bit)
+
+
+def _w(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * 0.05
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (37, 51), (300, 1000), (3, 5)])
+def test_nf4_shapes_and_error_bound(shape: tuple[int, int]) -> None:
+    w = _w(shape)
+    q = quantize_nf4(w)
+    n = shape[0] * shape[1]
+    nb = -(-n // 64)
+    assert q.codes.shape == ((n + 1) // 2,) and q.codes.dtype == np.uint8
+    assert q.absmax.shape == (nb,) and q.absmax.dtype == np.uint8
+    assert q.nested_absmax.shape == (-(-nb // 256),) and q.nested_offset.shape == ()
+    deq = np.asarray(dequantize(q))
+    assert deq.shape == shape and deq.dtype == np.float32
+    # Per block: |w - deq| <= half the widest NF4 gap times the block absmax (plus the 8-bit error).
+    pad = (-n) % 64
+    wb = np.pad(w.reshape(-1), (0, pad)).reshape(-1, 64)
+    err = np.abs(np.pad((deq - w).reshape(-1), (0, pad)).reshape(-1, 64))
+    gap = np.max(np.diff(NF4_MAP)) / 2
+    assert np.all(err <= np.abs(wb).max(axis=1, keepdims=True) * (gap + 0.02))
+
+
+def test_nf4_exact_values_round_trip() -> None:
+    # Weights that are exactly NF4 values times a power-of-two absmax come back unchanged
+    # up to the 8-bit absmax quantization, which is exact for equal absmax values.
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 16, size=(8, 128))
+    codes[:, 0] = 15  # every block holds +1.0 -> absmax exactly 0.5
+    w = (NF4_MAP[codes] * 0.5).astype(np.float32)
+    w[:, 64] = 0.5
+    q = quantize_nf4(w)
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), w)
+
+
+def test_packing_high_nibble_first() -> None:
+    w = np.zeros((1, 64), np.float32)
+    w[0, 0], w[0, 1] = 1.0, -1.0  # codes 15 and 0
+    q = quantize_nf4(w)
+    assert q.codes[0] == 0xF0
+    assert q.codes[1] == 0x77  # zeros are code 7
+
+
+def test_nf4_dtype_and_bf16_input() -> None:
+    w = _w((32, 64)).astype(ml_dtypes.bfloat16)
+    q = quantize_nf4(w)
+    assert q.dtype == "bfloat16" and dequantize(q).dtype == jnp.bfloat16
+    assert quantize_nf4(w, dtype="float32").dtype == "float32"
+    with pytest.raises(KernelError, match="dtype='int32'"):
+        quantize_nf4(w, dtype="int32")
+    with pytest.raises(KernelError, match="ndim >= 2"):
+        quantize_nf4(np.zeros(64, np.float32))
+
+
+def test_leading_dims_stack_and_scan() -> None:
+    w = _w((3, 40, 72), seed=1)
+    q = quantize_nf4(w)
+    assert q.lead == (3,) and q.codes.shape == (3, 40 * 72 // 2)
+    assert q.nested_offset.shape == (3,)
+    per = [quantize_nf4(w[i]) for i in range(3)]
+    s = stack(per)
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(s)):
+        np.testing.assert_array_equal(a, b)
+    full = np.asarray(dequantize(q))
+    assert full.shape == (3, 40, 72)
+    np.testing.assert_array_equal(full[1], np.asarray(dequantize(q[1])))
+
+    def body(carry, layer_q):
+        return carry + dequantize(layer_q).sum(), None
+    qj = jax.tree_util.tree_map(jnp.asarray, q)
+    total, _ = jax.lax.scan(body, jnp.float32(0), qj)
+    np.testing.assert_allclose(total, full.sum(), rtol=1e-5)
+
+
+def test_pytree_none_fields_and_jit() -> None:
+    q = quantize_int8(_w((16, 32)))
+    leaves = jax.tree_util.tree_leaves(q)
+    assert len(leaves) == 2  # codes and scale; the NF4 fields are None
+    out = jax.jit(dequantize)(q)
+    assert out.shape == (16, 32)
+
+
+def test_stack_rejects_mismatched() -> None:
+    with pytest.raises(KernelError, match="shape="):
+        stack([quantize_nf4(_w((8, 64))), quantize_nf4(_w((16, 64)))])
+    with pytest.raises(KernelError, match="empty"):
+        stack([])
+
+
+def test_int8_round_half_even_and_bound() -> None:
+    w = _w((24, 40), seed=5)
+    w[3] = 0.0
+    q = quantize_int8(w)
+    assert q.kind is QuantKind.INT8 and q.codes.dtype == np.int8 and q.scale.shape == (24,)
+    np.testing.assert_array_equal(np.abs(q.codes).max(axis=1)[[0, 1, 2]], 127)
+    assert np.all(q.codes[3] == 0)
+    deq = np.asarray(dequantize(q))
+    assert np.all(np.abs(deq - w) <= q.scale[:, None] / 2 * (1 + 1e-6))
+    # Exactly half-way values round to even.
+    w2 = np.array([[127.0, 0.5, 1.5, 2.5, -0.5]], np.float32)
+    np.testing.assert_array_equal(quantize_int8(w2).codes, [[127, 0, 2, 2, 0]])
+
+
+def test_from_bnb_int8() -> None:
+    weight = np.random.default_rng(0).integers(-127, 128, size=(6, 10)).astype(np.int8)
+    scb = np.linspace(0.5, 3.0, 6).astype(np.float32)
+    q = from_bnb_int8(weight, scb)
+    np.testing.assert_allclose(np.asarray(dequantize(q, "float32")),
+                               weight * scb[:, None] / 127, rtol=1e-6)
+    with pytest.raises(CheckpointError, match="SCB"):
+        from_bnb_int8(weight, scb[:3])
+    with pytest.raises(CheckpointError, match="int8"):
+        from_bnb_int8(weight.astype(np.float32), scb)
+
+
+def test_bnb_4bit_round_trip_and_errors() -> None:
+    q = quantize_nf4(_w((48, 80)).astype(ml_dtypes.bfloat16))
+    sd = to_bnb_4bit(q)
+    state = json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"]))
+    assert list(state) == ["quant_type", "blocksize", "dtype", "shape", "nested_blocksize",
+                           "nested_dtype", "nested_offset"]
+    assert sd["weight"].shape == (48 * 80 // 2, 1)
+    back = from_bnb_4bit(sd)
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(a, b)
+    assert back.shape == q.shape and back.dtype == q.dtype
+
+    bad = dict(sd)
+    del bad["weight.nested_absmax"]
+    with pytest.raises(CheckpointError, match="P.weight.nested_absmax: missing"):
+        from_bnb_4bit(bad, prefix="P.")
+    bad = dict(sd, **{"weight.absmax": sd["weight.absmax"][:-1]})
+    with pytest.raises(CheckpointError, match="weight.absmax: expected uint8 with"):
+        from_bnb_4bit(bad)
+    for field, value in [("quant_type", "fp4"), ("blocksize", 128)]:
+        blob = json.dumps(dict(state, **{field: value})).encode()
+        bad = dict(sd, **{"weight.quant_state.bitsandbytes__nf4": np.frombuffer(blob, np.uint8)})
+        with pytest.raises(CheckpointError, match=f"{field}="):
+            from_bnb_4bit(bad)
+    fp4 = {k.replace("__nf4", "__fp4"): v for k, v in sd.items()}
+    with pytest.raises(CheckpointError, match="fp4"):
+        from_bnb_4bit(fp4)
+    with pytest.raises(CheckpointError, match="leading axes"):
+        to_bnb_4bit(stack([q, q]))
+
+
+def test_qtensor_index_without_lead_raises() -> None:
+    q = quantize_int8(_w((4, 8)))
+    with pytest.raises(KernelError, match="no leading axes"):
+        q[0]
+    assert isinstance(q, QTensor)
