@@ -1,7 +1,14 @@
 """Frozen-weight linear dispatch: y = x @ W.T (+ b), W in HF layout [out, in].
 
-The model calls `linear(x, w)` for every frozen projection; `w` is a plain array here. Quantized
-weights (`QTensor`) are dispatched to the fused kernels or to dequantize-then-dot.
+The model calls `linear(x, w)` for every frozen projection. `w` is a plain array (XLA's dot) or a
+`QTensor` (NF4 / int8). For a QTensor:
+- Impl.PALLAS: the fused dequantize-matmul kernels (`kernels/nf4_matmul.py`,
+  `kernels/int8_matmul.py`); shapes the kernels do not take (NF4 with K % 64 != 0, int8 with
+  K % 16 != 0) go through dequantize-then-dot.
+- Impl.XLA / Impl.REFERENCE: dequantize-then-dot under the caller's jit (XLA fuses the
+  dequantization into one elementwise pass over the weight before the GEMM).
+- Default (None): on GPU, PALLAS where it measured at least as fast as XLA's dequantize-then-dot
+  on the H200 (`pallas_is_default`, see benchmarks/RESULTS.md), XLA elsewhere; CPU: XLA.
 """
 
 from __future__ import annotations
@@ -9,15 +16,55 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fastlora_jax.ops.impl import Impl
+from fastlora_jax.errors import KernelError
+from fastlora_jax.ops.impl import Impl, platform, resolve
+from fastlora_jax.quant import QTensor, QuantKind, dequantize
+
+# Largest number of rows (tokens) for which the fused Pallas kernel is the GPU default, per kind.
+# Measured on the H200 (benchmarks/nf4_matmul.py): above this, XLA's dequantize-then-dot (one
+# fused dequant pass + cuBLAS-class GEMM) was faster than our Triton-backend kernel.
+PALLAS_DEFAULT_MAX_M = {QuantKind.NF4: 16, QuantKind.INT8: 16}
 
 
-def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *,
+def pallas_is_default(m: int, w: QTensor) -> bool:
+    """Whether the GPU default for x [m, K] @ w.T is the fused Pallas kernel."""
+    quantum = 64 if w.kind is QuantKind.NF4 else 16
+    return m <= PALLAS_DEFAULT_MAX_M[w.kind] and w.shape[1] % quantum == 0
+
+
+def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None) -> jax.Array:
+    if w.lead:
+        raise KernelError(f"linear: w has leading axes {w.lead}; slice the layer (w[i]) first")
+    k = w.shape[1]
+    if x.shape[-1] != k:
+        raise KernelError(f"linear: x.shape={x.shape} must end in K = w.shape[1] = {k}")
+    x2 = x.reshape(-1, k)
+    gpu_default = Impl.PALLAS if pallas_is_default(x2.shape[0], w) else Impl.XLA
+    which = resolve(impl, gpu_default=gpu_default, cpu_default=Impl.XLA)
+    quantum = 64 if w.kind is QuantKind.NF4 else 16
+    if which is Impl.PALLAS and k % quantum == 0:
+        if w.kind is QuantKind.NF4:
+            from fastlora_jax.kernels.nf4_matmul import nf4_matmul
+
+            y = nf4_matmul(x2, w, interpret=platform() != "gpu")
+        else:
+            from fastlora_jax.kernels.int8_matmul import int8_matmul
+
+            y = int8_matmul(x2, w, interpret=platform() != "gpu")
+    else:
+        wd = dequantize(w, x.dtype)
+        y = jnp.dot(x2, wd.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def linear(x: jax.Array, w: jax.Array | QTensor, bias: jax.Array | None = None, *,
            impl: Impl | str | None = None) -> jax.Array:
     """x [..., in] @ w[out, in].T -> [..., out] in x's dtype (float32 accumulation)."""
-    del impl  # plain arrays always go through XLA's dot
-    w = w.astype(x.dtype)
-    y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    if isinstance(w, QTensor):
+        y = _quantized_linear(x, w, impl)
+    else:
+        w = w.astype(x.dtype)
+        y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     if bias is not None:
         y = y + bias.astype(x.dtype)
     return y

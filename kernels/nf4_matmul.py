@@ -1,0 +1,195 @@
+"""Fused NF4 dequantize-matmul: y = x @ dequantize(w).T with w an NF4 QTensor of shape [N, K].
+
+x [M, K] (bf16), y [M, N] in x's dtype, float32 accumulation. The weight is never materialized:
+each program loads packed codes [block_n, block_k/2] (uint8, element 2i in the high nibble), looks
+the 16 NF4 values up with a select tree, multiplies by the per-64-block absmax, and feeds the
+tensor cores. The backward computes dx = dy @ dequantize(w) with the same dequantization (no
+gradient for w: it is frozen).
+
+The per-block absmax is decoded (double quantization: dynamic-map lookup, nested scale, offset)
+by XLA inside the same jit into float32 [N, K/64] before the launch: that read/write is 1/16 B
+per weight, small next to the 1/2 B of codes, and keeps the 256-entry lookup out of the kernel.
+
+Pallas on the Triton backend on GPU (portable: Ampere and later), interpreted on CPU. Shapes: K
+must be a multiple of 64 (the quantization block); M and N are padded to the tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels.nf4_matmul_common import (MatmulTuning, check_x, default_interpret,
+                                                    pad_axis, zero_cotangent)
+from fastlora_jax.quant import NF4_MAP, QTensor, QuantKind, dequantize, nf4_block_scales
+
+TRAIN_TUNING = MatmulTuning(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
+DECODE_TUNING = MatmulTuning(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4)
+# Backward tiles: block_m rows of dy, block_k output columns, block_n weight rows per step.
+BWD_TUNING = MatmulTuning(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)
+DECODE_MAX_M = 16  # M at or below which the small-M (bandwidth-bound) tuning is used
+
+_NF4 = [float(v) for v in NF4_MAP]
+
+
+def nf4_matmul_reference(x: jax.Array, w: QTensor) -> jax.Array:
+    """x [M, K] @ dequantize(w).T -> [M, N] in x.dtype; float32 accumulation."""
+    wd = dequantize(w, x.dtype)
+    return jnp.dot(x, wd.T, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def nf4_lookup(nibble: jax.Array) -> jax.Array:
+    """int32 codes in [0, 16) -> float32 NF4 values, by a 15-select tree (no gather)."""
+    bits = [(nibble & (1 << b)) != 0 for b in range(4)]
+    level = [jnp.where(bits[0], jnp.float32(_NF4[2 * i + 1]), jnp.float32(_NF4[2 * i]))
+             for i in range(8)]
+    for b in range(1, 4):
+        level = [jnp.where(bits[b], level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+def _dequant_tile(codes: jax.Array, scales: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
+    """codes uint8 [r, c] + scales f32 [r, c // 32] -> weights [r, 2c] in out_dtype."""
+    r, c = codes.shape
+    q = codes.astype(jnp.int32)
+    hi = nf4_lookup(q >> 4)
+    lo = nf4_lookup(q & 0xF)
+    vals = jnp.stack([hi, lo], axis=-1).reshape(r, 2 * c)
+    nb = scales.shape[1]
+    s = jnp.broadcast_to(scales[:, :, None], (r, nb, 64)).reshape(r, 2 * c)
+    return (vals * s).astype(out_dtype)
+
+
+def _fwd_kernel(x_ref, c_ref, s_ref, o_ref, *, k: int, block_k: int):
+    """x [bm, K], codes [bn, K/2], scales [bn, K/64] -> o [bm, bn]."""
+    bm, bn = o_ref.shape
+
+    def step(t, acc):
+        k0 = pl.multiple_of(t * block_k, block_k)
+        codes = c_ref[:, pl.ds(pl.multiple_of(t * (block_k // 2), block_k // 2), block_k // 2)]
+        scales = s_ref[:, pl.ds(t * (block_k // 64), block_k // 64)]
+        wt = _dequant_tile(codes, scales, x_ref.dtype)            # [bn, bk]
+        xt = x_ref[:, pl.ds(k0, block_k)]                          # [bm, bk]
+        return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, k // block_k, step, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _bwd_kernel(dy_ref, c_ref, s_ref, o_ref, *, n: int, block_n: int):
+    """dy [bm, N], codes [N, bk/2], scales [N, bk/64] -> dx [bm, bk]."""
+    bm, bk = o_ref.shape
+
+    def step(t, acc):
+        n0 = pl.multiple_of(t * block_n, block_n)
+        codes = c_ref[pl.ds(n0, block_n), :]
+        scales = s_ref[pl.ds(n0, block_n), :]
+        wt = _dequant_tile(codes, scales, dy_ref.dtype)           # [bn, bk]
+        dyt = dy_ref[:, pl.ds(n0, block_n)]                        # [bm, bn]
+        return acc + jnp.dot(dyt, wt, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, n // block_n, step, jnp.zeros((bm, bk), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _operands(w: QTensor) -> tuple[jax.Array, jax.Array]:
+    """codes uint8 [N, K/2] and decoded absmax float32 [N, K/64] of one NF4 matrix."""
+    n, k = w.shape
+    if w.kind is not QuantKind.NF4 or w.blocksize != 64:
+        raise KernelError(f"nf4_matmul: w.kind={w.kind.value}, w.blocksize={w.blocksize}; "
+                          f"expected nf4 with blocksize 64")
+    if k % 64:
+        raise KernelError(f"nf4_matmul: K={k} must be a multiple of 64 (the NF4 block) for the "
+                          f"fused kernel; use nf4_matmul_reference for this shape")
+    codes = jnp.asarray(w.codes).reshape(n, k // 2)
+    scales = nf4_block_scales(w).reshape(n, k // 64)
+    return codes, scales
+
+
+def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) -> jax.Array:
+    m, k = x.shape
+    n = w.shape[0]
+    codes, scales = _operands(w)
+    bm = min(tuning.block_m, max(16, pl.next_power_of_2(m)))
+    bn, bk = tuning.block_n, tuning.k_step(k)
+    xp = pad_axis(x, 0, bm)
+    codes, scales = pad_axis(codes, 0, bn), pad_axis(scales, 0, bn)
+    mp, np_ = xp.shape[0], codes.shape[0]
+    out = pl.pallas_call(
+        functools.partial(_fwd_kernel, k=k, block_k=bk),
+        out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+        grid=(mp // bm, np_ // bn),
+        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+                  pl.BlockSpec((bn, k // 2), lambda i, j: (j, 0)),
+                  pl.BlockSpec((bn, k // 64), lambda i, j: (j, 0))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=plt.CompilerParams(num_warps=tuning.num_warps,
+                                           num_stages=tuning.num_stages),
+        interpret=interpret,
+        name="nf4_matmul_fwd",
+    )(xp, codes, scales)
+    return out[:m, :n]
+
+
+def _backward(dy: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) -> jax.Array:
+    m, n = dy.shape
+    k = w.shape[1]
+    codes, scales = _operands(w)
+    bm = min(tuning.block_m, max(16, pl.next_power_of_2(m)))
+    bn, bk = tuning.block_n, tuning.k_step(k)
+    dyp = pad_axis(pad_axis(dy, 0, bm), 1, bn)
+    codes, scales = pad_axis(codes, 0, bn), pad_axis(scales, 0, bn)
+    mp, np_ = dyp.shape
+    out = pl.pallas_call(
+        functools.partial(_bwd_kernel, n=np_, block_n=bn),
+        out_shape=jax.ShapeDtypeStruct((mp, k), dy.dtype),
+        grid=(mp // bm, k // bk),
+        in_specs=[pl.BlockSpec((bm, np_), lambda i, j: (i, 0)),
+                  pl.BlockSpec((np_, bk // 2), lambda i, j: (0, j)),
+                  pl.BlockSpec((np_, bk // 64), lambda i, j: (0, j))],
+        out_specs=pl.BlockSpec((bm, bk), lambda i, j: (i, j)),
+        compiler_params=plt.CompilerParams(num_warps=tuning.num_warps,
+                                           num_stages=tuning.num_stages),
+        interpret=interpret,
+        name="nf4_matmul_bwd",
+    )(dyp, codes, scales)
+    return out[:m]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _nf4_matmul(x: jax.Array, w: QTensor, tuning: MatmulTuning, bwd_tuning: MatmulTuning,
+                interpret: bool) -> jax.Array:
+    return _forward(x, w, tuning, interpret)
+
+
+def _nf4_matmul_fwd(x, w, tuning, bwd_tuning, interpret):
+    return _forward(x, w, tuning, interpret), w
+
+
+def _nf4_matmul_bwd(tuning, bwd_tuning, interpret, w, dy):
+    return _backward(dy, w, bwd_tuning, interpret), zero_cotangent(w)
+
+
+_nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
+
+
+def nf4_matmul(x: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,
+               bwd_tuning: MatmulTuning | None = None,
+               interpret: bool | None = None) -> jax.Array:
+    """Fused y = x [M, K] @ dequantize(w [N, K]).T -> [M, N] in x.dtype; differentiable in x.
+
+    `tuning` defaults to DECODE_TUNING for M <= DECODE_MAX_M and TRAIN_TUNING otherwise;
+    `interpret` defaults to True off GPU.
+    """
+    check_x(x, w, "nf4_matmul")
+    if tuning is None:
+        tuning = DECODE_TUNING if x.shape[0] <= DECODE_MAX_M else TRAIN_TUNING
+    if interpret is None:
+        interpret = default_interpret()
+    return _nf4_matmul(x, w, tuning, bwd_tuning or BWD_TUNING, interpret)
