@@ -10,9 +10,11 @@ refused: we never unpickle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
+import re
 from typing import Any, Callable, Iterator
 
 import jax
@@ -113,51 +115,56 @@ def iter_tensors(folder: pathlib.Path) -> Iterator[tuple[str, pathlib.Path, Any]
                 yield name, file, f
 
 
+# Pre-quantized bitsandbytes checkpoints: a Linear's `weight` (uint8 / int8) comes with these.
+BNB4_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
+              "quant_state.bitsandbytes__nf4")
+_BNB_PART = re.compile(r"^(.*\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map|"
+                       r"quant_state\.bitsandbytes__(?:nf4|fp4))$|^(.*)\.(SCB|weight_format)$")
+
+
+def _quantized_leaf(group: dict[str, np.ndarray], weight_name: str, dtype: Any) -> Any | None:
+    """A QTensor once every part of one pre-quantized weight has been read, else None."""
+    from fastlora_jax.quant import from_bnb_4bit, from_bnb_int8
+
+    if "weight" not in group:
+        return None
+    if "SCB" in group:
+        return from_bnb_int8(group["weight"], group["SCB"], dtype=jnp.dtype(dtype).name,
+                             name=weight_name)
+    if group["weight"].dtype == np.int8:
+        return None  # its SCB has not been read yet
+    if any(part in group for part in ("quant_state.bitsandbytes__fp4",)) or all(
+            part in group for part in BNB4_PARTS):
+        q = from_bnb_4bit({("weight." + k if k != "weight" else k): v for k, v in group.items()},
+                          prefix=weight_name[: -len("weight")])
+        return dataclasses.replace(q, dtype=jnp.dtype(dtype).name)
+    return None
+
+
 def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
                 convert: Convert | None = None) -> Params:
-    """Stream every tensor of the checkpoint into our parameter tree (see module doc)."""
+    """Stream every tensor of the checkpoint into our parameter tree (see module doc).
+
+    Float tensors are cast to `dtype` (or passed to `convert`); bitsandbytes 4-bit / 8-bit
+    weights are assembled into QTensors as stored, without requantizing.
+    """
     folder = checkpoint_dir(folder)
     specs = {spec.path: spec for spec in param_specs(config)}
     np_dtype = jnp.dtype(dtype)
     convert = convert or (lambda spec, a: a.astype(np_dtype))
     pending: dict[tuple[str, ...], list[Any]] = {}
     filled: dict[tuple[str, ...], int] = {}
+    quant_groups: dict[str, dict[str, np.ndarray]] = {}
     params: Params = {}
-    for name, file, f in iter_tensors(folder):
-        path, layer = hf_to_path(name)
-        spec = specs.get(path)
-        if spec is None:
-            if path == ("lm_head", "weight") and config.tie_embeddings:
-                continue  # a tied checkpoint may also store the (identical) output matrix
-            raise CheckpointError(
-                f"{str(file)!r}: tensor {name!r} is not a parameter of a {config.model_type!r} "
-                f"model with this config.json; the checkpoint and its config disagree "
-                f"(expected names like 'model.layers.0.self_attn.q_proj.weight')")
-        if spec.stacked != (layer is not None) or (layer is not None and layer >= config.num_layers):
-            raise CheckpointError(f"{str(file)!r}: tensor {name!r} names layer {layer}, but "
-                                  f"config.json has num_hidden_layers={config.num_layers}")
-        sl = f.get_slice(name)
-        file_dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
-        if file_dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{str(file)!r}: tensor {name!r} has dtype {file_dtype}, expected "
-                                  f"one of {sorted(FLOAT_DTYPES)}; quantized checkpoints other "
-                                  f"than bitsandbytes 4-bit are not supported")
-        if shape != spec.layer_shape:
-            raise CheckpointError(f"{str(file)!r}: tensor {name!r} has shape {list(shape)}, "
-                                  f"expected {list(spec.layer_shape)} from config.json")
-        try:
-            array = f.get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{str(file)!r}: tensor {name!r} could not be read ({err}); the "
-                                  f"file is truncated or corrupt — re-download it") from None
-        leaf = convert(spec, array)
-        del array
+
+    def place(name: str, file: pathlib.Path, spec: ParamSpec, layer: int | None, leaf: Any) -> None:
+        path = spec.path
         if not spec.stacked:
             if path in filled:
                 raise CheckpointError(f"{str(file)!r}: tensor {name!r} appears twice")
             filled[path] = 1
             set_path(params, path, jax.device_put(leaf))
-            continue
+            return
         slots = pending.setdefault(path, [None] * config.num_layers)
         if slots[layer] is not None:
             raise CheckpointError(f"{str(file)!r}: tensor {name!r} appears twice")
@@ -166,6 +173,60 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
         if filled[path] == config.num_layers:
             stacked = jax.tree.map(lambda *xs: np.stack(xs), *pending.pop(path))
             set_path(params, path, jax.device_put(stacked))
+
+    def lookup(name: str, file: pathlib.Path) -> tuple[ParamSpec | None, int | None]:
+        path, layer = hf_to_path(name)
+        spec = specs.get(path)
+        if spec is None:
+            if path == ("lm_head", "weight") and config.tie_embeddings:
+                return None, None  # a tied checkpoint may also store the (identical) output matrix
+            raise CheckpointError(
+                f"{str(file)!r}: tensor {name!r} is not a parameter of a {config.model_type!r} "
+                f"model with this config.json; the checkpoint and its config disagree "
+                f"(expected names like 'model.layers.0.self_attn.q_proj.weight')")
+        if spec.stacked != (layer is not None) or (layer is not None and layer >= config.num_layers):
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} names layer {layer}, but "
+                                  f"config.json has num_hidden_layers={config.num_layers}")
+        return spec, layer
+
+    for name, file, f in iter_tensors(folder):
+        part = _BNB_PART.match(name)
+        sl = f.get_slice(name)
+        file_dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+        if part or (file_dtype in ("U8", "I8") and name.endswith(".weight")):
+            weight_name = (part.group(1) or part.group(3) + ".weight") if part else name
+            suffix = (part.group(2) or part.group(4)) if part else "weight"
+            spec, layer = lookup(weight_name, file)
+            if spec is None or suffix == "weight_format":
+                continue
+            group = quant_groups.setdefault(weight_name, {})
+            group[suffix] = _read(f, name, file)
+            leaf = _quantized_leaf(group, weight_name, dtype)
+            if leaf is not None:
+                if tuple(leaf.shape) != spec.layer_shape:
+                    raise CheckpointError(f"{str(file)!r}: quantized {weight_name!r} has shape "
+                                          f"{list(leaf.shape)}, expected {list(spec.layer_shape)}")
+                del quant_groups[weight_name]
+                place(weight_name, file, spec, layer, leaf)
+            continue
+        spec, layer = lookup(name, file)
+        if spec is None:
+            continue
+        if file_dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} has dtype {file_dtype}, expected "
+                                  f"one of {sorted(FLOAT_DTYPES)}; quantized checkpoints other "
+                                  f"than bitsandbytes 4-bit / 8-bit are not supported")
+        if shape != spec.layer_shape:
+            raise CheckpointError(f"{str(file)!r}: tensor {name!r} has shape {list(shape)}, "
+                                  f"expected {list(spec.layer_shape)} from config.json")
+        array = _read(f, name, file)
+        place(name, file, spec, layer, convert(spec, array))
+        del array
+    if quant_groups:
+        name, group = next(iter(quant_groups.items()))
+        raise CheckpointError(f"{str(folder)!r}: quantized weight {name!r} is incomplete (found "
+                              f"parts {sorted(group)}); the checkpoint is truncated or not a "
+                              f"bitsandbytes nf4 / int8 checkpoint")
     missing = []
     for path, spec in specs.items():
         want = config.num_layers if spec.stacked else 1
@@ -177,6 +238,14 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
                               f"{missing[:8]}{' …' if len(missing) > 8 else ''}; the download is "
                               f"incomplete or config.json describes another model")
     return params
+
+
+def _read(f: Any, name: str, file: pathlib.Path) -> np.ndarray:
+    try:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{str(file)!r}: tensor {name!r} could not be read ({err}); the "
+                              f"file is truncated or corrupt — re-download it") from None
 
 
 def load_checkpoint(folder: str | pathlib.Path, *, dtype: Any = jnp.float32,

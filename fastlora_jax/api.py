@@ -6,12 +6,21 @@ import logging
 import pathlib
 from typing import Any
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from fastlora_jax.converters.hf import checkpoint_dir, load_checkpoint
-from fastlora_jax.errors import ConfigError
+from fastlora_jax.converters.hf import Convert, checkpoint_dir, load_checkpoint
+from fastlora_jax.converters.peft import CONFIG_NAME as ADAPTER_CONFIG
+from fastlora_jax.converters.peft import read_adapter_config
+from fastlora_jax.errors import CheckpointError, ConfigError
+from fastlora_jax.lora.layer import init_lora
+from fastlora_jax.lora.spec import LoraConfig, resolve
 from fastlora_jax.models.causal_lm import CausalLM
+from fastlora_jax.models.decoder import ParamSpec
+from fastlora_jax.models.registry import family_for
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,26 @@ def load_tokenizer(folder: pathlib.Path) -> Any:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+def is_projection(spec: ParamSpec) -> bool:
+    """Decoder linear weights (quantized by load_in_4bit/8bit); embeddings, norms, lm_head are not."""
+    return (spec.stacked and spec.path[-1] == "weight" and spec.path[1] in ("self_attn", "mlp")
+            and spec.path[-2].endswith("_proj"))
+
+
+def quantizing_convert(kind: str, dtype: jnp.dtype) -> Convert:
+    """Loader hook: quantize each decoder projection as it streams in (one layer at a time)."""
+    from fastlora_jax.quant import quantize_int8, quantize_nf4
+
+    quantize = quantize_nf4 if kind == "nf4" else quantize_int8
+
+    def convert(spec: ParamSpec, array: np.ndarray) -> Any:
+        if is_projection(spec):
+            return quantize(array, dtype=dtype.name)
+        return array.astype(dtype)
+
+    return convert
+
+
 class FastLanguageModel:
     """`model, tokenizer = FastLanguageModel.from_pretrained(path)`, as in Unsloth."""
 
@@ -51,20 +80,66 @@ class FastLanguageModel:
     def from_pretrained(model_name: str | pathlib.Path, max_seq_length: int = 2048,
                         dtype: Any = None, load_in_4bit: bool = False,
                         load_in_8bit: bool = False) -> tuple[CausalLM, Any]:
-        """Load a local HF checkpoint folder. Returns (model, tokenizer or None).
+        """Load a local HF checkpoint folder, or a PEFT adapter folder (its base is loaded first).
 
-        dtype: compute/storage dtype of the frozen weights — a jnp dtype or its name; None picks
-        bfloat16 on GPU/TPU and float32 on CPU.
+        dtype: compute dtype — a jnp dtype or its name; None picks bfloat16 on GPU/TPU and float32
+        on CPU. load_in_4bit / load_in_8bit quantize the decoder's linear weights to NF4 / int8
+        while streaming (embeddings, norms and lm_head stay in `dtype`); a checkpoint that is
+        already bitsandbytes-quantized loads as stored.
         """
-        folder = checkpoint_dir(model_name)
+        folder = pathlib.Path(model_name)
+        if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+            adapter_cfg = read_adapter_config(folder)
+            base = adapter_cfg.get("base_model_name_or_path")
+            if not base:
+                raise CheckpointError(f"{str(folder / ADAPTER_CONFIG)!r} names no "
+                                      f"base_model_name_or_path; load the base model, then "
+                                      f"model.load_adapter({str(folder)!r})")
+            base_path = pathlib.Path(base)
+            if not base_path.is_absolute() and (folder / base_path).exists():
+                base_path = folder / base_path
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                base_path, max_seq_length=max_seq_length, dtype=dtype,
+                load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+            model.load_adapter(folder)
+            return model, tokenizer
+        folder = checkpoint_dir(folder)
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ConfigError(f"max_seq_length={max_seq_length!r} must be a positive int")
         if load_in_4bit and load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit are exclusive; pick one")
-        if load_in_4bit or load_in_8bit:
-            raise ConfigError("quantized loading (load_in_4bit / load_in_8bit) is not available in "
-                              "this version; load with load_in_4bit=False")
         compute = resolve_dtype(dtype)
-        config, params = load_checkpoint(folder, dtype=compute)
+        convert = None
+        if load_in_4bit or load_in_8bit:
+            convert = quantizing_convert("nf4" if load_in_4bit else "int8", compute)
+        config, params = load_checkpoint(folder, dtype=compute, convert=convert)
         model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=str(folder))
         return model, load_tokenizer(folder)
+
+    @staticmethod
+    def get_peft_model(model: CausalLM, r: int = 16, target_modules: Sequence[str] | str | None = None,
+                       lora_alpha: float = 16, lora_dropout: float = 0.0, bias: str = "none",
+                       use_gradient_checkpointing: bool | str = True, random_state: int = 3407,
+                       use_rslora: bool = False, use_dora: bool = False,
+                       rank_pattern: dict[str, int] | None = None,
+                       alpha_pattern: dict[str, float] | None = None,
+                       init_lora_weights: bool | str = True) -> CausalLM:
+        """Attach fresh LoRA adapters (Unsloth's arguments); returns the same model object.
+
+        target_modules None means all seven projections (Unsloth's default). The adapters are
+        float32 master weights in their own pytree (`model.lora_params()`).
+        """
+        if use_gradient_checkpointing not in (True, False, "offload", "unsloth"):
+            raise ConfigError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} must be "
+                              f"True, False or 'offload'")
+        config = LoraConfig.create(
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+            bias=bias, use_rslora=use_rslora, use_dora=use_dora, rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern, init_lora_weights=init_lora_weights,
+            random_state=random_state)
+        family = family_for(model.config.model_type)
+        spec = resolve(config, model.config, family.default_target_modules)
+        model.set_adapter(spec, init_lora(spec, model.config, model.params()))
+        model.use_gradient_checkpointing = ("offload" if use_gradient_checkpointing == "unsloth"
+                                            else use_gradient_checkpointing)
+        return model

@@ -1,0 +1,188 @@
+"""PEFT adapters: `adapter_config.json` + `adapter_model.safetensors`, exactly as PEFT writes them.
+
+Keys: `base_model.model.model.layers.{i}.{group}.{name}.lora_A.weight` [r_i, in],
+`...lora_B.weight` [out, r_i] and, for DoRA, `...lora_magnitude_vector` [out]. A layer's arrays are
+cut to its own rank (our stacked arrays are padded to the projection's max rank).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from fastlora_jax.config import ModelConfig
+from fastlora_jax.converters.atomic import atomic_folder
+from fastlora_jax.errors import CheckpointError, ConfigError
+from fastlora_jax.lora.spec import LoraConfig, LoraSpec, hf_module_name, resolve
+from fastlora_jax.models.decoder import Params
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_VERSION = "0.21.2"  # the PEFT release whose format this writes (checked by tests)
+
+
+def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """The adapter_config.json PEFT would write for `spec`."""
+    cfg = spec.config
+    target = cfg.target_modules
+    if target is None:
+        target = sorted({name for (_, name) in spec.targets})
+    elif not isinstance(target, str):
+        target = list(target)
+    return dict(sorted({
+        "alpha_pattern": dict(cfg.alpha_pattern), "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path, "bias": "none",
+        "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": cfg.init_lora_weights, "layer_replication": None,
+        "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": cfg.lora_alpha, "lora_bias": False, "lora_dropout": cfg.lora_dropout,
+        "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+        "peft_type": "LORA", "peft_version": PEFT_VERSION, "r": cfg.r,
+        "rank_pattern": dict(cfg.rank_pattern), "revision": None, "target_modules": target,
+        "task_type": "CAUSAL_LM", "use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora,
+    }.items()))
+
+
+def adapter_tensors(spec: LoraSpec, lora: Params) -> dict[str, np.ndarray]:
+    """Flat {PEFT key: float32 array} for every targeted (layer, projection)."""
+    out: dict[str, np.ndarray] = {}
+    for (group, name), ranks, _ in spec.modules:
+        entry = {k: np.asarray(v, np.float32) for k, v in lora["layers"][group][name].items()}
+        for layer, r in enumerate(ranks):
+            if r == 0:
+                continue
+            key = PREFIX + hf_module_name(layer, group, name)
+            out[key + ".lora_A.weight"] = np.ascontiguousarray(entry["lora_A"][layer, :r])
+            out[key + ".lora_B.weight"] = np.ascontiguousarray(entry["lora_B"][layer, :, :r])
+            if "lora_magnitude" in entry:
+                out[key + ".lora_magnitude_vector"] = entry["lora_magnitude"][layer]
+    return out
+
+
+def save_adapter(folder: str | pathlib.Path, spec: LoraSpec, lora: Params, *,
+                 base_model_name_or_path: str | None, overwrite: bool = False) -> pathlib.Path:
+    """Write a PEFT adapter folder atomically."""
+    folder = pathlib.Path(folder)
+    config = adapter_config_dict(spec, base_model_name_or_path)
+    tensors = adapter_tensors(spec, lora)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return folder
+
+
+def read_adapter_config(folder: str | pathlib.Path) -> dict[str, Any]:
+    """Parse and check adapter_config.json (PEFT's minimum: peft_type)."""
+    path = pathlib.Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing: {str(folder)!r} is not a PEFT adapter")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({err}); re-save the adapter") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        found = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise CheckpointError(f"{str(path)!r}: peft_type must be 'LORA', found {found!r}")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if key in cfg and not isinstance(cfg[key], kind):
+            raise CheckpointError(f"{str(path)!r}: {key}={cfg[key]!r} has the wrong type")
+    unsupported = {k: cfg.get(k) for k in ("lora_bias", "fan_in_fan_out", "modules_to_save",
+                                           "layers_to_transform", "layer_replication",
+                                           "trainable_token_indices", "target_parameters")
+                   if cfg.get(k) not in (None, False, [], {})}
+    if cfg.get("bias", "none") != "none":
+        unsupported["bias"] = cfg["bias"]
+    if unsupported:
+        raise CheckpointError(f"{str(path)!r} uses PEFT options we do not load: {unsupported}")
+    return cfg
+
+
+def lora_config_from_peft(cfg: dict[str, Any], source: str) -> LoraConfig:
+    try:
+        return LoraConfig.create(
+            r=cfg.get("r", 8), lora_alpha=cfg.get("lora_alpha", 8),
+            lora_dropout=cfg.get("lora_dropout", 0.0), target_modules=cfg.get("target_modules"),
+            use_rslora=cfg.get("use_rslora", False), use_dora=cfg.get("use_dora", False),
+            rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+            init_lora_weights=cfg.get("init_lora_weights", True)
+            if cfg.get("init_lora_weights", True) in (True, False, "gaussian") else True)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
+                 default_targets: tuple[str, ...], dtype: Any = jnp.float32) -> tuple[LoraSpec, Params]:
+    """Read a PEFT adapter onto a model of `model_config`; every shape is checked."""
+    folder = pathlib.Path(folder)
+    cfg = read_adapter_config(folder)
+    source = str(folder / CONFIG_NAME)
+    lora_cfg = lora_config_from_peft(cfg, source)
+    try:
+        spec = resolve(lora_cfg, model_config, default_targets)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing (only safetensors adapters are read; "
+                              f"we never unpickle adapter_model.bin)")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
+    tensors = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in tensors.items()}
+    tree: Params = {"layers": {}}
+    from fastlora_jax.models.decoder import param_specs
+
+    shapes = {s.path: s.layer_shape for s in param_specs(model_config)}
+    used = set()
+    for (group, name), ranks, _ in spec.modules:
+        out_dim, in_dim = shapes[("layers", group, name, "weight")]
+        L, rmax = model_config.num_layers, max(ranks)
+        a = np.zeros((L, rmax, in_dim), np.float32)
+        b = np.zeros((L, out_dim, rmax), np.float32)
+        m = np.zeros((L, out_dim), np.float32) if lora_cfg.use_dora else None
+        for layer, r in enumerate(ranks):
+            if r == 0:
+                continue
+            key = PREFIX + hf_module_name(layer, group, name)
+            for suffix, want, dest in ((".lora_A.weight", (r, in_dim), a),
+                                       (".lora_B.weight", (out_dim, r), b)):
+                t = _take(tensors, key + suffix, want, path)
+                if suffix == ".lora_A.weight":
+                    dest[layer, :r] = t
+                else:
+                    dest[layer, :, :r] = t
+                used.add(key + suffix)
+            if m is not None:
+                m[layer] = _take(tensors, key + ".lora_magnitude_vector", (out_dim,), path)
+                used.add(key + ".lora_magnitude_vector")
+        entry = {"lora_A": jnp.asarray(a, dtype), "lora_B": jnp.asarray(b, dtype)}
+        if m is not None:
+            entry["lora_magnitude"] = jnp.asarray(m, dtype)
+        tree["layers"].setdefault(group, {})[name] = entry
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"{str(path)!r} holds tensors this model has no place for: "
+                              f"{extra[:5]}; the adapter was made for another architecture")
+    return spec, tree
+
+
+def _take(tensors: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
+          path: pathlib.Path) -> np.ndarray:
+    if key not in tensors:
+        raise CheckpointError(f"{str(path)!r} lacks {key!r}; the adapter does not match this "
+                              f"base model (different layers or target modules)")
+    t = tensors[key]
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"{str(path)!r}: {key!r} has shape {list(t.shape)}, expected "
+                              f"{list(shape)} for this base model; the adapter was trained on a "
+                              f"model of another size")
+    return t.astype(np.float32)
