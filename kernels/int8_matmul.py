@@ -148,3 +148,14 @@ def int8_matmul(x: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,
     if interpret is None:
         interpret = default_interpret()
     return _int8_matmul(x, w, tuning, bwd_tuning or BWD_TUNING, interpret)
+
+
+def int8_matmul_dx(dy: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,
+                  interpret: bool | None = None) -> jax.Array:
+    """The backward alone: dx = dy [M, N] @ dequantize(w [N, K]) -> [M, K] in dy.dtype."""
+    if w.lead or dy.ndim != 2 or dy.shape[1] != w.shape[0]:
+        raise KernelError(f"int8_matmul_dx: dy.shape={dy.shape} must be [M, N] with N = "
+                          f"w.shape[0] = {w.shape[0]} (w one matrix, lead={w.lead})")
+    if interpret is None:
+        interpret = default_interpret()
+    return _backward(dy, w, tuning or BWD_TUNING, interpret)

@@ -1,0 +1,233 @@
+"""Fused NF4 / int8 dequant-matmul on the GPU vs bf16 GEMM (XLA) and XLA dequantize-then-dot.
+
+Usage: python benchmarks/nf4_matmul.py [--out DIR] [--commit SHA] [--smoke]
+Prints a table last and writes <out>/nf4_matmul-<date>.json (DESIGN.md's shape).
+
+Each timing runs `lax.scan` over L distinct weights (stacked, as the model does) inside one jit and
+divides by L, so per-call dispatch is amortized and decode shapes cannot read a weight from L2
+(29 MB of NF4 codes per 4096x14336 weight; L2 is 60 MB). TF/s = 2·M·N·K / t. Decode GB/s counts
+the quantized weight bytes each variant reads (NF4: codes + uint8 absmax + nested; bf16: 2 B per
+weight). For every shape a few tunings of our kernel are tried and the best is reported.
+`--smoke` runs tiny shapes in interpret mode on the CPU to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fastlora_jax.kernels import int8_matmul as i8
+from fastlora_jax.kernels import nf4_matmul as nf4
+from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
+from fastlora_jax.quant import QTensor, QuantKind, dequantize
+from fastlora_jax.quant.qtensor import nbytes
+
+T = MatmulTuning
+TRAIN = [(8192, 4096, 14336), (8192, 14336, 4096), (8192, 4096, 4096), (8192, 4096, 1024),
+         (2048, 4096, 14336), (2048, 14336, 4096), (2048, 4096, 4096), (2048, 4096, 1024)]
+DECODE = [(1, 4096, 14336), (16, 4096, 14336), (64, 4096, 14336)]
+SWEEP = {
+    "train_fwd": [T(128, 128, 128, 8, 3), T(128, 256, 64, 8, 3)],
+    "train_bwd": [T(128, 64, 128, 8, 3)],
+    "decode_fwd": [T(16, 32, 256, 4, 4), T(16, 64, 256, 4, 3), T(16, 16, 512, 4, 4),
+                   T(16, 32, 512, 8, 3)],
+    "decode_bwd": [T(16, 64, 128, 4, 3), T(16, 32, 256, 4, 4)],
+    "m64_fwd": [T(64, 32, 256, 4, 4), T(64, 64, 128, 4, 3), T(64, 64, 256, 8, 3)],
+    "int8_train_fwd": [T(128, 128, 64, 8, 3)],
+    "int8_train_bwd": [T(128, 64, 128, 8, 3)],
+    "int8_decode_fwd": [T(16, 32, 256, 4, 4), T(16, 64, 256, 4, 3)],
+    "int8_decode_bwd": [T(16, 64, 128, 4, 3)],
+}
+TRAIN_TFLOPS_TARGET = 600.0
+DECODE_GBS_TARGET = 3000.0
+
+
+def random_nf4(key: jax.Array, layers: int, n: int, k: int) -> QTensor:
+    """L random NF4 matrices [n, k] (random codes and absmax bytes: every byte pattern is valid)."""
+    nb = n * k // 64
+    k1, k2, k3 = jax.random.split(key, 3)
+    return QTensor(codes=jax.random.bits(k1, (layers, n * k // 2), jnp.uint8),
+                   absmax=jax.random.bits(k2, (layers, nb), jnp.uint8),
+                   nested_absmax=jax.random.uniform(k3, (layers, -(-nb // 256)), jnp.float32,
+                                                    0.005, 0.02),
+                   nested_offset=jnp.full((layers,), 0.02, jnp.float32), shape=(n, k),
+                   dtype="bfloat16", kind=QuantKind.NF4)
+
+
+def random_int8(key: jax.Array, layers: int, n: int, k: int) -> QTensor:
+    k1, k2 = jax.random.split(key)
+    codes = jax.random.randint(k1, (layers, n, k), -127, 128, jnp.int32).astype(jnp.int8)
+    return QTensor(codes=codes, scale=jax.random.uniform(k2, (layers, n), jnp.float32, 1e-4, 3e-4),
+                   shape=(n, k), dtype="bfloat16", kind=QuantKind.INT8)
+
+
+def scanned(op: Callable) -> Callable:
+    """jit(f(x, ws)) running op(x, w_i) for every stacked w_i; returns the stacked outputs."""
+    def run(x, ws):
+        return jax.lax.scan(lambda c, w: (c, op(x, w)), 0, ws)[1]
+    return jax.jit(run)
+
+
+def time_per_layer(fn: Callable, x: jax.Array, ws, layers: int, reps: int) -> float:
+    """Median seconds per layer of fn(x, ws) (compiled and warmed up first)."""
+    jax.block_until_ready(fn(x, ws))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x, ws))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / layers
+
+
+def xla_fwd(x, w):
+    return jnp.dot(x, dequantize(w, x.dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def xla_bwd(dy, w):
+    return jnp.dot(dy, dequantize(w, dy.dtype), preferred_element_type=jnp.float32).astype(dy.dtype)
+
+
+def bf16_fwd(x, w):
+    return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def bf16_bwd(dy, w):
+    return jnp.dot(dy, w, preferred_element_type=jnp.float32).astype(dy.dtype)
+
+
+def best_of(tunings: list[MatmulTuning], make: Callable[[MatmulTuning], Callable], x, ws,
+            layers: int, reps: int, log: list[str]) -> tuple[float, MatmulTuning | None, Callable]:
+    """Fastest tuning (seconds per layer) among those that compile; failures are logged."""
+    best = (float("inf"), None, None)
+    for t in tunings:
+        fn = scanned(make(t))
+        try:
+            sec = time_per_layer(fn, x, ws, layers, reps)
+        except Exception as e:  # a tuning that does not compile (e.g. shared memory) is skipped
+            log.append(f"tuning {t} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        log.append(f"  {t}: {sec * 1e6:.1f} us")
+        if sec < best[0]:
+            best = (sec, t, fn)
+    return best
+
+
+def rel_err(a: jax.Array, b: jax.Array) -> float:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
+               log: list[str]) -> list[dict]:
+    decode = m <= 64
+    layers = 8 if decode else 2
+    key = jax.random.PRNGKey(m + k + n)
+    kx, kw = jax.random.split(key)
+    ws = (random_nf4 if kind == "nf4" else random_int8)(kw, layers, n, k)
+    wb = dequantize(ws, "bfloat16")  # [L, n, k] bf16 weights for the GEMM baseline
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    dy = jax.random.normal(kx, (m, n), jnp.bfloat16)
+    mod = nf4 if kind == "nf4" else i8
+    fused, fused_dx = ((mod.nf4_matmul, mod.nf4_matmul_dx) if kind == "nf4"
+                       else (mod.int8_matmul, mod.int8_matmul_dx))
+    prefix = "" if kind == "nf4" else "int8_"
+    regime = "decode" if m <= 16 else ("m64" if decode else "train")
+    fwd_sweep = SWEEP.get(f"{prefix}{regime}_fwd", SWEEP[f"{prefix}decode_fwd"])
+    bwd_sweep = SWEEP.get(f"{prefix}{'train' if regime == 'train' else 'decode'}_bwd")
+    name = f"{kind} M={m} K={k} N={n}"
+    log.append(f"{name}")
+    flops = 2.0 * m * n * k
+    wbytes_q = nbytes(jax.tree_util.tree_map(lambda a: a[0], ws))
+    rows = []
+    for direction in ("fwd", "bwd"):
+        inp = x if direction == "fwd" else dy
+        if direction == "fwd":
+            make = lambda t: (lambda a, w: fused(a, w, tuning=t, interpret=interpret))  # noqa: E731
+            xla_op, bf_op, sweep = xla_fwd, bf16_fwd, fwd_sweep
+        else:
+            make = lambda t: (lambda a, w: fused_dx(a, w, tuning=t, interpret=interpret))  # noqa: E731
+            xla_op, bf_op, sweep = xla_bwd, bf16_bwd, bwd_sweep
+        t_ours, tuning, fn = best_of(sweep, make, inp, ws, layers, reps, log)
+        t_xla = time_per_layer(scanned(xla_op), inp, ws, layers, reps)
+        t_bf16 = time_per_layer(scanned(bf_op), inp, wb, layers, reps)
+        err = rel_err(fn(inp, ws)[0], scanned(xla_op)(inp, ws)[0]) if fn else float("nan")
+        log.append(f"  {direction}: ours {t_ours * 1e6:.1f} us ({tuning}), xla-dq {t_xla * 1e6:.1f}"
+                   f" us, bf16 {t_bf16 * 1e6:.1f} us, rel err {err:.2e}")
+        case = f"{name} {direction}"
+        extra = {"tuning": str(tuning), "rel_err_vs_xla_dq": err, "us_ours": t_ours * 1e6,
+                 "us_xla_dq": t_xla * 1e6, "us_bf16": t_bf16 * 1e6}
+        tf = lambda t: flops / t / 1e12  # noqa: E731
+        best_base = min(t_xla, t_bf16)
+        rows.append(dict(case=case, metric="TF/s", ours=tf(t_ours),
+                         baseline_name="faster of bf16 GEMM and XLA dequant+dot",
+                         baseline=tf(best_base), ratio=best_base / t_ours,
+                         target=(f">=1.0x and >={TRAIN_TFLOPS_TARGET:.0f} TF/s"
+                                 if m >= 2048 else ">=1.0x"), **extra))
+        rows.append(dict(case=case, metric="TF/s", ours=tf(t_ours), baseline_name="XLA dequant+dot",
+                         baseline=tf(t_xla), ratio=t_xla / t_ours, target="rule: >=1.0x to be default",
+                         **extra))
+        if m <= 16:
+            gbs = lambda t: wbytes_q / t / 1e9  # noqa: E731
+            rows.append(dict(case=case, metric="weight GB/s", ours=gbs(t_ours),
+                             baseline_name="bf16 GEMM (bf16 weight bytes)",
+                             baseline=2.0 * n * k / t_bf16 / 1e9,
+                             ratio=gbs(t_ours) / DECODE_GBS_TARGET,
+                             target=f">={DECODE_GBS_TARGET:.0f} GB/s (ratio = ours / target)",
+                             **extra))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted, on CPU")
+    ap.add_argument("--kinds", default="nf4,int8")
+    args = ap.parse_args()
+    interpret = args.smoke
+    if args.smoke:
+        for key in SWEEP:
+            SWEEP[key] = SWEEP[key][:1]
+        shapes = [(16, 128, 64), (1, 128, 64), (64, 128, 64), (256, 256, 128)]
+    else:
+        shapes = TRAIN + DECODE
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                           capture_output=True, text=True).stdout.strip()
+    date = datetime.date.today().isoformat()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"nf4_matmul-{date}.json"
+    log: list[str] = []
+    rows: list[dict] = []
+    for kind in args.kinds.split(","):
+        for m, k, n in shapes:
+            if kind == "int8" and (m, k, n) not in shapes[:2] + shapes[-3:]:
+                continue  # int8: two training shapes and the decode shapes
+            try:
+                rows += bench_case(kind, m, k, n, interpret, 2 if args.smoke else 5, log)
+            except Exception as e:
+                log.append(f"{kind} {(m, k, n)} failed: {type(e).__name__}: {str(e)[:500]}")
+            print(log[-1] if log else "", flush=True)
+            result = {"benchmark": "nf4_matmul", "date": date,
+                      "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+                      "commit": commit, "rows": rows, "log": log}
+            path.write_text(json.dumps(result, indent=1))
+    print("\n".join(log))
+    print(f"\n{'case':44s} {'metric':12s} {'ours':>9s} {'baseline':>9s} {'ratio':>6s}  baseline")
+    for r in rows:
+        print(f"{r['case']:44s} {r['metric']:12s} {r['ours']:9.1f} {r['baseline']:9.1f} "
+              f"{r['ratio']:6.2f}  {r['baseline_name']}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
