@@ -68,6 +68,7 @@ class BlockSizes:
     num_warps: int = 4
     num_warps_bwd: int = 4
     num_stages: int = 2
+    num_stages_bwd: int = 2
 
     def __post_init__(self) -> None:
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv",
@@ -79,20 +80,20 @@ class BlockSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value) or value > 16:
                 raise KernelError(f"BlockSizes.{name}={value!r} must be a power of two in [1, 16]")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise KernelError(f"BlockSizes.num_stages={self.num_stages!r} must be an int >= 1")
+        for name in ("num_stages", "num_stages_bwd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise KernelError(f"BlockSizes.{name}={value!r} must be an int >= 1")
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> BlockSizes:
-        """Defaults that fit shared memory for this head_dim (64, 128 or 256)."""
-        if head_dim <= 64:
-            return cls(block_q=128, block_kv=64, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
-                       block_kv_dkv=64, num_warps=4, num_warps_bwd=4, num_stages=3)
+        """Defaults for this head_dim (64, 128 or 256), from the H200 sweep in benchmarks/."""
         if head_dim <= 128:
-            return cls(block_q=128, block_kv=64, block_q_dq=64, block_kv_dq=64, block_q_dkv=64,
-                       block_kv_dkv=64, num_warps=8, num_warps_bwd=8, num_stages=2)
+            return cls(block_q=128, block_kv=64, block_q_dq=64, block_kv_dq=32, block_q_dkv=32,
+                       block_kv_dkv=64, num_warps=8 if head_dim > 64 else 4, num_warps_bwd=4,
+                       num_stages=3, num_stages_bwd=2)
         return cls(block_q=64, block_kv=32, block_q_dq=32, block_kv_dq=32, block_q_dkv=32,
-                   block_kv_dkv=32, num_warps=4, num_warps_bwd=4, num_stages=2)
+                   block_kv_dkv=32, num_warps=4, num_warps_bwd=4, num_stages=2, num_stages_bwd=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,46 +158,62 @@ def _fit(block: int, seq: int) -> int:
 
 
 def _block_visibility(spec: portable.MaskSpec, block_q: int, block_kv: int, seq_q_pad: int,
-                      seq_kv_pad: int, q_seg: jax.Array | None,
-                      kv_seg: jax.Array | None) -> jax.Array:
-    """Whether any (query, key) pair of block (i, j) is visible: bool [batch or 1, nq, nk].
+                      seq_kv_pad: int, q_seg: jax.Array | None, kv_seg: jax.Array | None
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Per block pair (i, j): (any pair visible, every pair visible), bool [batch or 1, nq, nk].
 
-    Size O((seq / block)^2) booleans, a few hundred thousand at seq 65,536.
+    Padded query rows count as visible (their outputs are dropped and their gradients are zero);
+    padded keys as invisible. Size O((seq / block)^2) booleans: a few hundred thousand at 65,536.
     """
     nq, nk = seq_q_pad // block_q, seq_kv_pad // block_kv
     r0 = jnp.arange(nq) * block_q                       # first row of each query block
     r1 = jnp.minimum(r0 + block_q, spec.seq_q) - 1      # last real row
     c0 = jnp.arange(nk) * block_kv
-    c1 = jnp.minimum(c0 + block_kv, spec.seq_kv) - 1
-    vis = (r0 < spec.seq_q)[:, None] & (c0 < spec.seq_kv)[None, :]
-    if spec.causal:  # some key of the block is at or before the last row's position
-        vis &= c0[None, :] <= (r1 + spec.offset)[:, None]
-    if spec.sliding_window is not None:  # some key is inside the first row's window
-        vis &= c1[None, :] > (r0 + spec.offset - spec.sliding_window)[:, None]
-    vis = vis[None]
+    c1 = c0 + block_kv - 1
+    any_ = (r0 < spec.seq_q)[:, None] & (c0 < spec.seq_kv)[None, :]
+    all_ = any_ & (c1 < spec.seq_kv)[None, :]
+    if spec.causal:  # some key at or before the last row's position / all before the first row's
+        any_ &= c0[None, :] <= (r1 + spec.offset)[:, None]
+        all_ &= c1[None, :] <= (r0 + spec.offset)[:, None]
+    if spec.sliding_window is not None:  # some key / every key inside the window
+        any_ &= jnp.minimum(c1, spec.seq_kv - 1)[None, :] > (
+            r0 + spec.offset - spec.sliding_window)[:, None]
+        all_ &= c0[None, :] > (r1 + spec.offset - spec.sliding_window)[:, None]
+    any_, all_ = any_[None], all_[None]
     if q_seg is not None:
         big = jnp.iinfo(jnp.int32).max
         real_q = (jnp.arange(seq_q_pad) < spec.seq_q)[None, :]
         real_k = (jnp.arange(seq_kv_pad) < spec.seq_kv)[None, :]
         qb = lambda x: x.reshape(x.shape[0], nq, block_q)
         kb = lambda x: x.reshape(x.shape[0], nk, block_kv)
-        q_min = qb(jnp.where(real_q, q_seg, big)).min(-1)
-        q_max = qb(jnp.where(real_q, q_seg, -big)).max(-1)
-        k_min = kb(jnp.where(real_k, kv_seg, big)).min(-1)
-        k_max = kb(jnp.where(real_k, kv_seg, -big)).max(-1)
-        vis = vis & (k_max[:, None, :] >= q_min[:, :, None]) & (k_min[:, None, :] <= q_max[:, :, None])
-    return vis
+        q_min = qb(jnp.where(real_q, q_seg, big)).min(-1)[:, :, None]
+        q_max = qb(jnp.where(real_q, q_seg, -big)).max(-1)[:, :, None]
+        k_min = kb(jnp.where(real_k, kv_seg, big)).min(-1)[:, None, :]
+        k_max = kb(jnp.where(real_k, kv_seg, -big)).max(-1)[:, None, :]
+        any_ = any_ & (k_max >= q_min) & (k_min <= q_max)
+        all_ = all_ & (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
+    return any_, all_
 
 
-def _ranges(vis: jax.Array) -> jax.Array:
-    """Half-open [first, last + 1) of the True entries along the last axis: int32 [B, 2, n]."""
-    n = vis.shape[-1]
-    any_ = vis.any(-1)
-    lo = jnp.argmax(vis, axis=-1)
-    hi = n - jnp.argmax(vis[..., ::-1], axis=-1)
-    lo = jnp.where(any_, lo, 0)
-    hi = jnp.where(any_, hi, 0)
-    return jnp.stack([lo, hi], axis=1).astype(jnp.int32)
+def _ranges(any_: jax.Array, all_: jax.Array) -> jax.Array:
+    """(lo, full_lo, full_hi, hi) along the last axis: int32 [B, 4, n].
+
+    [lo, hi) spans the True entries of `any_`; [full_lo, full_hi) is the span of `all_` when that
+    span is entirely True (it always is for causal / window / sorted segments), else empty.
+    """
+    def span(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        n = x.shape[-1]
+        has = x.any(-1)
+        lo = jnp.where(has, jnp.argmax(x, axis=-1), 0)
+        hi = jnp.where(has, n - jnp.argmax(x[..., ::-1], axis=-1), 0)
+        return lo, hi
+
+    lo, hi = span(any_)
+    full_lo, full_hi = span(all_)
+    dense = all_.sum(-1) == full_hi - full_lo
+    full_lo = jnp.where(dense & (full_hi > full_lo), full_lo, lo)
+    full_hi = jnp.where(dense & (full_hi > full_lo), full_hi, lo)
+    return jnp.stack([lo, full_lo, full_hi, hi], axis=1).astype(jnp.int32)
 
 
 def _fwd_impl(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
@@ -226,10 +243,14 @@ def _flash_bwd(cfg: _Config, res, do):
     q, k, v, q_seg, kv_seg, r_dq, r_dkv, o, lse = res
     # delta_i = sum_d o_id * do_id = sum_j p_ij dp_ij: [B, H, Tq] float32
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    # Padded query rows must contribute exactly nothing: p = exp(s - inf) = 0, delta = 0.
+    real = jnp.arange(q.shape[1]) < cfg.spec.seq_q
+    lse = jnp.where(real, lse, jnp.inf)
+    delta = jnp.where(real, delta, 0.0)
     do = do.astype(q.dtype)
     bs = cfg.blocks
     common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
-                  num_warps=bs.num_warps_bwd, num_stages=bs.num_stages,
+                  num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd,
                   interpret=cfg.backend is Backend.INTERPRET)
     dq = portable.backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, r_dq,
                               block_q=bs.block_q_dq, block_kv=bs.block_kv_dq, **common)
@@ -299,9 +320,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         kv_seg = jnp.pad(kv_ids.astype(jnp.int32), ((0, 0), (0, seq_kv_pad - seq_kv)),
                          constant_values=-2)
     vis = lambda bq, bk: _block_visibility(spec, bq, bk, seq_q_pad, seq_kv_pad, q_seg, kv_seg)
-    r_fwd = _ranges(vis(blocks.block_q, blocks.block_kv))
-    r_dq = _ranges(vis(blocks.block_q_dq, blocks.block_kv_dq))
-    r_dkv = _ranges(jnp.swapaxes(vis(blocks.block_q_dkv, blocks.block_kv_dkv), 1, 2))
+    r_fwd = _ranges(*vis(blocks.block_q, blocks.block_kv))
+    r_dq = _ranges(*vis(blocks.block_q_dq, blocks.block_kv_dq))
+    r_dkv = _ranges(*(jnp.swapaxes(x, 1, 2) for x in vis(blocks.block_q_dkv, blocks.block_kv_dkv)))
     r_fwd, r_dq, r_dkv = (jnp.broadcast_to(r, (batch,) + r.shape[1:]) for r in (r_fwd, r_dq, r_dkv))
     o = _flash(qp, kp, vp, q_seg, kv_seg, r_fwd, r_dq, r_dkv, cfg)
     return o[:, :seq_q, :, :head_dim]

@@ -4,9 +4,10 @@ All arrays here are already padded by `flash_attention.py`:
   q, do [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; Tq % block_q == 0, Tk % block_kv == 0, D a power of 2.
   q_seg [B, Tq] int32, kv_seg [B, Tk] int32 (or None);
   lse, delta [B, H, Tq] float32;
-  ranges [B, 2, n_blocks] int32: the half-open range [lo, hi) of the *other* axis' blocks that a
-  block can see (computed from causal / window / segments), so blocks that are fully masked are
-  never loaded (skipping whole blocks that cross packed documents).
+  ranges [B, 4, n_blocks] int32: (lo, full_lo, full_hi, hi): the *other* axis' blocks in [lo, hi)
+  are visited (computed from causal / window / segments), so blocks that are fully masked are never
+  loaded (whole blocks that cross packed documents are skipped); those in [full_lo, full_hi) are
+  entirely visible and skip the mask arithmetic.
 Math in float32; matmul inputs stay in the input dtype (bf16/fp16) with float32 accumulation.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -78,29 +80,42 @@ def _scores(q: jax.Array, k: jax.Array, scale: float, softcap: float | None,
     return softcap * t, t
 
 
+def _apply_mask(spec: MaskSpec, s: jax.Array, rows: jax.Array, start: jax.Array, block_kv: int,
+                q_seg: jax.Array | None, kvseg_ref) -> jax.Array:
+    """Scores with invisible (row, key) pairs set to -inf; keys start at `start`."""
+    cols = start + jnp.arange(block_kv, dtype=jnp.int32)
+    kv_seg = kvseg_ref[pl.ds(start, block_kv)] if spec.has_segments else None
+    mask = _mask(spec, rows, cols, q_seg, kv_seg)
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def _three_loops(ranges_ref, i: jax.Array, body: Callable, carry: Any) -> Any:
+    """Run body(j, carry, masked) over [lo, full_lo) masked, [full_lo, full_hi) unmasked,
+    [full_hi, hi) masked, where (lo, full_lo, full_hi, hi) = ranges_ref[:, i]."""
+    lo, full_lo, full_hi, hi = (ranges_ref[r, i] for r in range(4))
+    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
 def _fwd_kernel(ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
                 spec: MaskSpec, scale: float, softcap: float | None, block_q: int,
                 block_kv: int, precision: Any) -> None:
     """One (batch, head, query block): o [bq, D], lse [bq]."""
     i = pl.program_id(2)
-    lo = ranges_ref[0, i]
-    hi = ranges_ref[1, i]
     q = q_ref[...]
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
     q_seg = qseg_ref[...] if spec.has_segments else None
     d = q.shape[-1]
 
-    def body(j, carry):
+    def body(j, carry, masked: bool):
         acc, m, l = carry
         start = pl.multiple_of(j * block_kv, block_kv)
         k = k_ref[pl.ds(start, block_kv), :]
         v = v_ref[pl.ds(start, block_kv), :]
         s, _ = _scores(q, k, scale, softcap, precision)
-        cols = start + jnp.arange(block_kv, dtype=jnp.int32)
-        kv_seg = kvseg_ref[pl.ds(start, block_kv)] if spec.has_segments else None
-        mask = _mask(spec, rows, cols, q_seg, kv_seg)
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
+        if masked:
+            s = _apply_mask(spec, s, rows, start, block_kv, q_seg, kvseg_ref)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - m_safe[:, None])
@@ -112,7 +127,7 @@ def _fwd_kernel(ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse
     acc = jnp.zeros((block_q, d), jnp.float32)
     m = jnp.full((block_q,), -jnp.inf, jnp.float32)
     l = jnp.zeros((block_q,), jnp.float32)
-    acc, m, l = lax.fori_loop(lo, hi, body, (acc, m, l))
+    acc, m, l = _three_loops(ranges_ref, i, body, (acc, m, l))
     empty = l == 0.0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
@@ -123,8 +138,6 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg
                block_kv: int, precision: Any) -> None:
     """One (batch, head, query block): dq [bq, D]."""
     i = pl.program_id(2)
-    lo = ranges_ref[0, i]
-    hi = ranges_ref[1, i]
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
@@ -132,16 +145,13 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg
     rows = i * block_q + jnp.arange(block_q, dtype=jnp.int32)
     q_seg = qseg_ref[...] if spec.has_segments else None
 
-    def body(j, dq):
+    def body(j, dq, masked: bool):
         start = pl.multiple_of(j * block_kv, block_kv)
         k = k_ref[pl.ds(start, block_kv), :]
         v = v_ref[pl.ds(start, block_kv), :]
         s, t = _scores(q, k, scale, softcap, precision)
-        cols = start + jnp.arange(block_kv, dtype=jnp.int32)
-        kv_seg = kvseg_ref[pl.ds(start, block_kv)] if spec.has_segments else None
-        mask = _mask(spec, rows, cols, q_seg, kv_seg)
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
+        if masked:
+            s = _apply_mask(spec, s, rows, start, block_kv, q_seg, kvseg_ref)
         p = jnp.exp(s - lse[:, None])
         dp = _dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
@@ -149,7 +159,7 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg
             ds = ds * (1.0 - t * t)
         return dq + _dot(ds.astype(k.dtype), k, precision=precision)
 
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _three_loops(ranges_ref, i, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -158,14 +168,12 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
                 block_q: int, block_kv: int, precision: Any) -> None:
     """One (batch, query head, key block): this head's share of dk, dv [bk, D] (float32)."""
     j = pl.program_id(2)
-    lo = ranges_ref[0, j]
-    hi = ranges_ref[1, j]
     k = k_ref[...]
     v = v_ref[...]
     cols = j * block_kv + jnp.arange(block_kv, dtype=jnp.int32)
     kv_seg = kvseg_ref[...] if spec.has_segments else None
 
-    def body(i, carry):
+    def body(i, carry, masked: bool):
         dk, dv = carry
         start = pl.multiple_of(i * block_q, block_q)
         q = q_ref[pl.ds(start, block_q), :]
@@ -173,11 +181,12 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
         lse = lse_ref[pl.ds(start, block_q)]
         delta = delta_ref[pl.ds(start, block_q)]
         s, t = _scores(q, k, scale, softcap, precision)
-        rows = start + jnp.arange(block_q, dtype=jnp.int32)
-        q_seg = qseg_ref[pl.ds(start, block_q)] if spec.has_segments else None
-        mask = _mask(spec, rows, cols, q_seg, kv_seg)
-        if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
+        if masked:
+            rows = start + jnp.arange(block_q, dtype=jnp.int32)
+            q_seg = qseg_ref[pl.ds(start, block_q)] if spec.has_segments else None
+            mask = _mask(spec, rows, cols, q_seg, kv_seg)
+            if mask is not None:
+                s = jnp.where(mask, s, -jnp.inf)
         p = jnp.exp(s - lse[:, None])
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
         dp = _dot(do, v, trans_b=True, precision=precision)
@@ -188,7 +197,7 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
+    dk, dv = _three_loops(ranges_ref, j, body, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -219,7 +228,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         kernel,
         grid=(b, h, nq),
         in_specs=[
-            pl.BlockSpec((None, 2, ranges.shape[-1]), lambda bi, hi, i: (bi, 0, 0)),
+            pl.BlockSpec((None, 4, ranges.shape[-1]), lambda bi, hi, i: (bi, 0, 0)),
             pl.BlockSpec((None, block_q, None, d), lambda bi, hi, i: (bi, i, hi, 0)),
             pl.BlockSpec((None, tk, None, d), lambda bi, hi, i: (bi, 0, hi // g, 0)),
             pl.BlockSpec((None, tk, None, d), lambda bi, hi, i: (bi, 0, hi // g, 0)),
@@ -257,7 +266,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
     return pl.pallas_call(
         kernel,
         grid=(b, h, tq // block_q),
-        in_specs=[pl.BlockSpec((None, 2, ranges.shape[-1]), lambda bi, hi, i: (bi, 0, 0)),
+        in_specs=[pl.BlockSpec((None, 4, ranges.shape[-1]), lambda bi, hi, i: (bi, 0, 0)),
                   q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -288,7 +297,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
     dk, dv = pl.pallas_call(
         kernel,
         grid=(b, h, tk // block_kv),
-        in_specs=[pl.BlockSpec((None, 2, ranges.shape[-1]), lambda bi, hi, j: (bi, 0, 0)),
+        in_specs=[pl.BlockSpec((None, 4, ranges.shape[-1]), lambda bi, hi, j: (bi, 0, 0)),
                   q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs],
         out_specs=[out_spec, out_spec],
         out_shape=[jax.ShapeDtypeStruct((b, tk, h, d), jnp.float32)] * 2,

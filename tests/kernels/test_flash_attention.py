@@ -136,8 +136,10 @@ def test_block_skipping_packed():
     seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), seq // 8)[None]
     spec = fa.portable.MaskSpec(seq_q=seq, seq_kv=seq, causal=True, sliding_window=None,
                                 has_segments=True, kv_padded=False)
-    r = fa._ranges(fa._block_visibility(spec, block, block, seq, seq, seg, seg))
-    visited = int(jnp.sum(r[:, 1] - r[:, 0]))
+    r = fa._ranges(*fa._block_visibility(spec, block, block, seq, seq, seg, seg))
+    visited = int(jnp.sum(r[:, 3] - r[:, 0]))
+    unmasked = int(jnp.sum(r[:, 2] - r[:, 1]))
+    assert unmasked == 8 * (4 * 3 // 2)  # all but the diagonal blocks skip the mask
     n = seq // block
     assert visited == 8 * (4 * 5 // 2)  # 8 documents of 4 blocks, causal within each
     assert visited * 6 < n * (n + 1) // 2  # 80 of the 528 causal blocks
