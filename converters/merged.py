@@ -46,6 +46,7 @@ def save_merged(folder: str | pathlib.Path, config: ModelConfig, params: Params,
     hf_config = config.to_hf_config()
     dtype_name = jnp.dtype(dtype).name
     hf_config.pop("torch_dtype", None)
+    hf_config.pop("quantization_config", None)  # the merged weights are dense
     hf_config["dtype"] = dtype_name
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         for filename, names in split.filename_to_tensors.items():
