@@ -23,12 +23,16 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fastlora_jax import ops
 from fastlora_jax.config import Activation, ModelConfig
 from fastlora_jax.models.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
+
+# The name of each scanned layer group's input, for remat policies that save or offload it.
+LAYER_INPUT = "decoder_layer_input"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +202,7 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
 
     def body(h: jax.Array, xs: tuple[Params, Params | None]) -> tuple[jax.Array, None]:
         group, lora_group = xs
+        h = checkpoint_name(h, LAYER_INPUT)
         for j in range(period):
             p_j = jax.tree.map(lambda a: a[j], group)
             l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)
