@@ -168,7 +168,7 @@ def main() -> None:
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True).stdout.strip()
     backends = (args.backends.split(",") if args.backends
-                else [b.value for b in fa.Backend if b is not fa.Backend.INTERPRET])
+                else [b.value for b in fa.Backend if not b.interpreted])
     cases = CASES[:2] if args.quick else CASES
     rows, table, extra = [], [], {}
     for c in cases:

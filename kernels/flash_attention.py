@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels import flash_attention_mgpu as mgpu
 from fastlora_jax.kernels import flash_attention_portable as portable
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
 
@@ -40,10 +41,20 @@ _MAX_HEAD_DIM = 256
 
 
 class Backend(enum.Enum):
-    """Which lowering runs the kernels. `None` means: Triton on GPU, interpreter on CPU."""
+    """Which lowering runs the kernels (`None`: see `flash_attention`'s docstring)."""
 
     TRITON = "triton"          # portable Pallas kernels, Triton-backend lowering (any CUDA GPU)
-    INTERPRET = "interpret"    # the same kernels, interpreted (CPU tests)
+    MOSAIC_GPU = "mosaic_gpu"  # Hopper: Mosaic GPU forward where supported, else as TRITON
+    INTERPRET = "interpret"    # the portable kernels, interpreted (CPU tests)
+    MOSAIC_INTERPRET = "mosaic_interpret"  # MOSAIC_GPU's kernels, interpreted (CPU tests)
+
+    @property
+    def interpreted(self) -> bool:
+        return self in (Backend.INTERPRET, Backend.MOSAIC_INTERPRET)
+
+    @property
+    def mosaic(self) -> bool:
+        return self in (Backend.MOSAIC_GPU, Backend.MOSAIC_INTERPRET)
 
 
 def _is_pow2(n: int) -> bool:
@@ -55,8 +66,10 @@ class BlockSizes:
     """Tiles (rows of the sequence per program) and launch parameters of the three kernels.
 
     block_q / block_kv: forward tiles; *_dq: the dq kernel; *_dkv: the dk/dv kernel.
-    Every block is a power of two >= 16; num_warps a power of two in [1, 16]; num_stages >= 1.
-    Blocks larger than the (padded) sequence are shrunk to it.
+    mgpu_*: the Mosaic GPU forward (block_q rows per compute warpgroup, two per CTA; K/V ring of
+    mgpu_num_stages slots). Every block is a power of two >= 16 (mgpu blocks: multiples of 64);
+    num_warps a power of two in [1, 16]; stages >= 1. Portable blocks larger than the (padded)
+    sequence are shrunk to it.
     """
 
     block_q: int = 128
@@ -69,8 +82,15 @@ class BlockSizes:
     num_warps_bwd: int = 4
     num_stages: int = 2
     num_stages_bwd: int = 2
+    mgpu_block_q: int = 64
+    mgpu_block_kv: int = 128
+    mgpu_num_stages: int = 2
 
     def __post_init__(self) -> None:
+        for name in ("mgpu_block_q", "mgpu_block_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 64 or value % 64:
+                raise KernelError(f"BlockSizes.{name}={value!r} must be a positive multiple of 64")
         for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv",
                      "block_kv_dkv"):
             value = getattr(self, name)
@@ -80,7 +100,7 @@ class BlockSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value) or value > 16:
                 raise KernelError(f"BlockSizes.{name}={value!r} must be a power of two in [1, 16]")
-        for name in ("num_stages", "num_stages_bwd"):
+        for name in ("num_stages", "num_stages_bwd", "mgpu_num_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise KernelError(f"BlockSizes.{name}={value!r} must be an int >= 1")
@@ -93,7 +113,8 @@ class BlockSizes:
                        block_kv_dkv=64, num_warps=8 if head_dim > 64 else 4, num_warps_bwd=4,
                        num_stages=3, num_stages_bwd=2)
         return cls(block_q=64, block_kv=32, block_q_dq=32, block_kv_dq=32, block_q_dkv=32,
-                   block_kv_dkv=32, num_warps=4, num_warps_bwd=4, num_stages=2, num_stages_bwd=2)
+                   block_kv_dkv=32, num_warps=4, num_warps_bwd=4, num_stages=2, num_stages_bwd=2,
+                   mgpu_block_q=64, mgpu_block_kv=64, mgpu_num_stages=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +126,7 @@ class _Config:
     softcap: float | None
     blocks: BlockSizes
     backend: Backend
+    use_mgpu: bool  # the forward runs the Mosaic GPU kernel
 
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
@@ -220,10 +242,15 @@ def _fwd_impl(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
               kv_seg: jax.Array | None, r_fwd: jax.Array, cfg: _Config
               ) -> tuple[jax.Array, jax.Array]:
     b = cfg.blocks
+    if cfg.use_mgpu:
+        return mgpu.forward(q, k, v, r_fwd, spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
+                            block_q=b.mgpu_block_q, block_kv=b.mgpu_block_kv,
+                            num_stages=b.mgpu_num_stages,
+                            interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
     return portable.forward(q, k, v, q_seg, kv_seg, r_fwd, spec=cfg.spec, scale=cfg.scale,
                             softcap=cfg.softcap, block_q=b.block_q, block_kv=b.block_kv,
                             num_warps=b.num_warps, num_stages=b.num_stages,
-                            interpret=cfg.backend is Backend.INTERPRET)
+                            interpret=cfg.backend.interpreted)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -251,7 +278,7 @@ def _flash_bwd(cfg: _Config, res, do):
     bs = cfg.blocks
     common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
                   num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd,
-                  interpret=cfg.backend is Backend.INTERPRET)
+                  interpret=cfg.backend.interpreted)
     dq = portable.backward_dq(q, k, v, do, lse, delta, q_seg, kv_seg, r_dq,
                               block_q=bs.block_q_dq, block_kv=bs.block_kv_dq, **common)
     dk, dv = portable.backward_dkv(q, k, v, do, lse, delta, q_seg, kv_seg, r_dkv,
@@ -297,8 +324,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                                                   "block_q_dkv")},
         **{f: _fit(getattr(blocks, f), seq_kv) for f in ("block_kv", "block_kv_dq",
                                                          "block_kv_dkv")})
-    q_mult = max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv)
-    kv_mult = max(blocks.block_kv, blocks.block_kv_dq, blocks.block_kv_dkv)
+    use_mgpu = backend.mosaic and mgpu.supported(head_dim, q.dtype, segment_ids is not None)
+    q_mult = max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv,
+                 2 * blocks.mgpu_block_q if use_mgpu else 1)
+    kv_mult = max(blocks.block_kv, blocks.block_kv_dq, blocks.block_kv_dkv,
+                  blocks.mgpu_block_kv if use_mgpu else 1)
     seq_q_pad, seq_kv_pad = _round_up(seq_q, q_mult), _round_up(seq_kv, kv_mult)
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
 
@@ -306,7 +336,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                              sliding_window=sliding_window, has_segments=segment_ids is not None,
                              kv_padded=seq_kv_pad != seq_kv)
     cfg = _Config(spec=spec, scale=scale, softcap=None if softcap is None else float(softcap),
-                  blocks=blocks, backend=backend)
+                  blocks=blocks, backend=backend, use_mgpu=use_mgpu)
 
     def pad(x: jax.Array, seq: int) -> jax.Array:
         return jnp.pad(x, ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
@@ -320,7 +350,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         kv_seg = jnp.pad(kv_ids.astype(jnp.int32), ((0, 0), (0, seq_kv_pad - seq_kv)),
                          constant_values=-2)
     vis = lambda bq, bk: _block_visibility(spec, bq, bk, seq_q_pad, seq_kv_pad, q_seg, kv_seg)
-    r_fwd = _ranges(*vis(blocks.block_q, blocks.block_kv))
+    r_fwd = _ranges(*(vis(2 * blocks.mgpu_block_q, blocks.mgpu_block_kv) if use_mgpu
+                      else vis(blocks.block_q, blocks.block_kv)))
     r_dq = _ranges(*vis(blocks.block_q_dq, blocks.block_kv_dq))
     r_dkv = _ranges(*(jnp.swapaxes(x, 1, 2) for x in vis(blocks.block_q_dkv, blocks.block_kv_dkv)))
     r_fwd, r_dq, r_dkv = (jnp.broadcast_to(r, (batch,) + r.shape[1:]) for r in (r_fwd, r_dq, r_dkv))

@@ -13,7 +13,7 @@ from fastlora_jax.kernels.attention_reference import flash_attention_reference
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
 
-BACKENDS = [b for b in fa.Backend if b is not fa.Backend.INTERPRET]
+BACKENDS = [b for b in fa.Backend if not b.interpreted]
 
 
 def _inputs(seed: int, batch: int, seq_q: int, seq_kv: int, heads: int, kv_heads: int,

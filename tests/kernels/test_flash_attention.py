@@ -31,10 +31,11 @@ def _rel(a: jax.Array, b: jax.Array) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def _compare(q, k, v, do, tol: float = 1e-2, block_sizes: fa.BlockSizes | None = SMALL, **kw):
+def _compare(q, k, v, do, tol: float = 1e-2, block_sizes: fa.BlockSizes | None = SMALL,
+             backend: str = "interpret", **kw):
     """Kernel on q's dtype vs the float32 reference on upcast inputs: output and dq, dk, dv."""
     def loss_kernel(q, k, v):
-        o = fa.flash_attention(q, k, v, block_sizes=block_sizes, backend="interpret", **kw)
+        o = fa.flash_attention(q, k, v, block_sizes=block_sizes, backend=backend, **kw)
         return jnp.sum(o.astype(jnp.float32) * do), o
 
     def loss_ref(q, k, v):
@@ -108,6 +109,17 @@ def test_float32_tight():
              segment_ids=_packed_ids(1, 48, 3, seed=4), softcap=5.0)
 
 
+@pytest.mark.parametrize("head_dim, kw", [
+    (64, dict(causal=True, sliding_window=50, softcap=5.0, scale=0.2)),
+    (128, dict(causal=False)),
+])
+def test_mosaic_forward_interpreted(head_dim: int, kw: dict):
+    """The Hopper (Mosaic GPU) forward, interpreted; ragged lengths; its lse feeds the backward."""
+    q, k, v, do = _inputs(14, 1, 200, 300, 2, 1, head_dim)
+    assert fa.mgpu.supported(head_dim, q.dtype, has_segments=False)
+    _compare(q, k, v, do, block_sizes=None, backend="mosaic_interpret", **kw)
+
+
 def test_segment_isolation_bit_identical():
     """Changing segment 1's tokens leaves segment 0's outputs and gradients bit-identical."""
     q, k, v, do = _inputs(10, 1, 64, 64, 2, 1, 64)
@@ -168,5 +180,7 @@ def test_shape_errors_name_value():
         fa.flash_attention(q, k, v, sliding_window=0)
     with pytest.raises(KernelError, match="segment_ids.shape"):
         fa.flash_attention(q, k, v, segment_ids=jnp.zeros((1, 15), jnp.int32))
+    with pytest.raises(KernelError, match="mgpu_block_kv=96"):
+        fa.BlockSizes(mgpu_block_kv=96)
     with pytest.raises(KernelError, match="backend='cuda'"):
         fa.flash_attention(q, k, v, backend="cuda")

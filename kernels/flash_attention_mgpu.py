@@ -1,0 +1,227 @@
+"""Hopper flash-attention forward on Mosaic GPU (TMA loads, wgmma, warp-specialised pipeline).
+
+One CTA owns 2 * block_q query rows of one (batch, head): two compute warpgroups (block_q rows
+each, scores and output accumulated in registers by wgmma) and one producer warpgroup that streams
+K/V blocks into a ring of `num_stages` shared-memory slots with TMA. Both compute warpgroups read
+every K/V slot, then release it (a barrier with two arrivals) so the producer can refill it.
+
+Inputs are padded by `flash_attention.py`: q [B, Tq, H, D] with Tq % (2 * block_q) == 0;
+k, v [B, Tk, Hkv, D] with Tk % block_kv == 0; D % 64 == 0; bf16 or fp16.
+ranges [B, 4, Tq / (2 * block_q)] int32: (lo, full_lo, full_hi, hi) K/V blocks per CTA, as in the
+portable kernels (blocks outside [lo, hi) are never loaded; [full_lo, full_hi) skip the mask).
+Outputs: o [B, Tq, H, D] (q's dtype) and lse [B, H, Tq] float32 (natural log; +inf for a row that
+sees no key), the residual the portable backward kernels consume.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from fastlora_jax.kernels.flash_attention_portable import MaskSpec
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_COMPUTE_WGS = 2
+
+
+def supported(head_dim: int, dtype: jnp.dtype, has_segments: bool) -> bool:
+    """Whether this forward handles the call (otherwise the portable kernel runs)."""
+    return (head_dim % 64 == 0 and head_dim <= 256 and not has_segments
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def _row_vector(value: float, n: int) -> jax.Array:
+    return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+
+def _mask_scores(spec: MaskSpec, s: jax.Array, row0: jax.Array, col0: jax.Array) -> jax.Array:
+    """s [bq, bk] with invisible pairs set to -inf; row0 / col0: first query row / key index."""
+    shape = s.shape
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    pos = rows + (row0 + spec.offset)
+    cols = cols + col0
+    mask = None
+    if spec.kv_padded:
+        mask = cols < spec.seq_kv
+    if spec.causal:
+        c = cols <= pos
+        mask = c if mask is None else mask & c
+    if spec.sliding_window is not None:
+        c = cols > pos - spec.sliding_window
+        mask = c if mask is None else mask & c
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def _mma_accumulate(acc: jax.Array, a: jax.Array, b_smem, a_smem) -> jax.Array:
+    """acc + a @ b: wgmma with A from registers, accumulating in place.
+
+    a_smem is None on the GPU. The interpreter takes wgmma operands from shared memory only and
+    has no `run_state`: there `a` goes through a_smem and the product to a fresh accumulator.
+    """
+    if a_smem is None:
+        def mma(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_smem)
+
+        return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+    a_smem[...] = a
+
+    def fresh(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b_smem)
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec: MaskSpec,
+            scale: float, softcap: float | None, block_q: int, block_kv: int, num_stages: int,
+            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Padded forward: (o [B, Tq, H, D], lse [B, H, Tq] float32)."""
+    batch, seq_q, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    cta_rows = _COMPUTE_WGS * block_q
+    n_tiles = seq_q // cta_rows
+    dtype = q.dtype
+
+    def compute(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, q_smem, lse_smem, k_smem, v_smem,
+                p_smem, q_bar, k_bar, v_bar, k_free, v_free, wg, b, h, tile):
+        plgpu.set_max_registers(232, action="increase")
+        row0 = tile * cta_rows + wg * block_q
+        rows = (b, pl.ds(row0, block_q), h)
+        lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_bar)
+        plgpu.barrier_wait(q_bar)
+
+        def step(t, carry, masked: bool):
+            acc, m, l = carry
+            slot = lax.rem(t, num_stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            # s2 = log2(e) * (scaled, soft-capped score): softmax runs in base 2.
+            if softcap is None:
+                s2 = s * (scale * _LOG2E)
+            else:
+                s2 = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
+            if masked:
+                s2 = _mask_scores(spec, s2, row0, (lo + t) * block_kv)
+            m_new = jnp.maximum(m, s2.max(axis=1))
+            if masked:  # a row that has seen no key yet keeps m = -inf: shift by 0 instead
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            else:
+                m_use = m_new
+            p = jnp.exp2(s2 - lax.broadcast_in_dim(m_use, s2.shape, [0]))
+            alpha = jnp.exp2(m - m_use)
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(dtype)
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            acc = _mma_accumulate(acc, p16, v_smem.at[slot], p_smem)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        carry = (plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
+                                   plgpu.Layout.WGMMA),
+                 _row_vector(-jnp.inf, block_q), _row_vector(0.0, block_q))
+        carry = lax.fori_loop(0, full_lo - lo, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(full_lo - lo, full_hi - lo, functools.partial(step, masked=False),
+                              carry)
+        acc, m, l = lax.fori_loop(full_hi - lo, hi - lo, functools.partial(step, masked=True),
+                                  carry)
+        empty = l == 0.0
+        l_safe = jnp.where(empty, 1.0, l)
+        acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+        q_smem[...] = acc.astype(dtype)
+        lse_smem[...] = jnp.where(empty, jnp.inf, m * _LN2 + jnp.log(l_safe))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[rows])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(row0, block_q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    def produce(k_ref, v_ref, ranges_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, b, h,
+                tile):
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(h, jnp.array(group, h.dtype))
+        lo, hi = ranges_ref[b, 0, tile], ranges_ref[b, 3, tile]
+        n = hi - lo
+
+        def load(t, slot):
+            cols = (b, pl.ds((lo + t) * block_kv, block_kv), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bar.at[slot])
+
+        for slot in range(num_stages):
+            pl.when(slot < n)(functools.partial(load, slot, slot))
+
+        @pl.loop(0, jnp.maximum(n - num_stages, 0))
+        def _refill(t):
+            slot = lax.rem(t, num_stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            load(t + num_stages, slot)
+
+        @pl.loop(jnp.maximum(n - num_stages, 0), n)
+        def _drain(t):  # observe the last releases so every barrier ends on a completed phase
+            slot = lax.rem(t, num_stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, scratch):
+        (q_smem2, lse_smem2, k_smem, v_smem, *p_smem2), (q_bar, k_bar, v_bar), (k_free, v_free) = (
+            scratch)
+        b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < _COMPUTE_WGS)
+        def _compute():
+            compute(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, q_smem2.at[wg],
+                    lse_smem2.at[wg], k_smem, v_smem, p_smem2[0].at[wg] if p_smem2 else None,
+                    q_bar.at[wg], k_bar, v_bar, k_free, v_free, wg, b, h, tile)
+
+        @pl.when(wg == _COMPUTE_WGS)
+        def _produce():
+            produce(k_ref, v_ref, ranges_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, b, h,
+                    tile)
+
+    def entry(q_ref, k_ref, v_ref, ranges_ref, o_ref, lse_ref):
+        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = (plgpu.SMEM((_COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
+                plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
+                plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
+                plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms))
+        if interpret:  # P staged through shared memory (see _mma_accumulate)
+            smem += (plgpu.SMEM((_COMPUTE_WGS, block_q, block_kv), dtype, transforms=transforms),)
+        loaded = (plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=num_stages),
+                  plgpu.Barrier(num_barriers=num_stages))
+        freed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=num_stages),) * 2
+        pl.run_scoped(
+            lambda *scratch: body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, scratch),
+            smem, loaded, freed, collective_axes="wg")
+
+    extra = dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}
+    return plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                  jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32)),
+        grid=(heads, n_tiles, batch),
+        grid_names=("heads", "tiles", "batch"),
+        num_threads=_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **extra,
+    )(q, k, v, ranges)
