@@ -118,17 +118,20 @@ def _backward(dy: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) 
     return out[:m]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _int8_matmul(x: jax.Array, w: QTensor, tuning: MatmulTuning, bwd_tuning: MatmulTuning,
-                 interpret: bool) -> jax.Array:
+                 bwd_xla: bool, interpret: bool) -> jax.Array:
     return _forward(x, w, tuning, interpret)
 
 
-def _int8_matmul_fwd(x, w, tuning, bwd_tuning, interpret):
+def _int8_matmul_fwd(x, w, tuning, bwd_tuning, bwd_xla, interpret):
     return _forward(x, w, tuning, interpret), w
 
 
-def _int8_matmul_bwd(tuning, bwd_tuning, interpret, w, dy):
+def _int8_matmul_bwd(tuning, bwd_tuning, bwd_xla, interpret, w, dy):
+    if bwd_xla:
+        dx = jnp.dot(dy, dequantize(w, dy.dtype), preferred_element_type=jnp.float32)
+        return dx.astype(dy.dtype), zero_cotangent(w)
     return _backward(dy, w, bwd_tuning, interpret), zero_cotangent(w)
 
 
@@ -136,18 +139,19 @@ _int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
 
 
 def int8_matmul(x: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,
-                bwd_tuning: MatmulTuning | None = None,
+                bwd_tuning: MatmulTuning | None = None, bwd_xla: bool = False,
                 interpret: bool | None = None) -> jax.Array:
     """Fused y = x [M, K] @ dequantize(w [N, K]).T -> [M, N] in x.dtype; differentiable in x.
 
-    K must be a multiple of 16. `tuning` defaults to DECODE_TUNING for M <= DECODE_MAX_M.
+    K must be a multiple of 16. `tuning` defaults to DECODE_TUNING for M <= DECODE_MAX_M. The
+    backward is the fused dx kernel, or XLA's dequantize-then-dot when `bwd_xla`.
     """
     check_x(x, w, "int8_matmul")
     if tuning is None:
         tuning = DECODE_TUNING if x.shape[0] <= DECODE_MAX_M else TRAIN_TUNING
     if interpret is None:
         interpret = default_interpret()
-    return _int8_matmul(x, w, tuning, bwd_tuning or BWD_TUNING, interpret)
+    return _int8_matmul(x, w, tuning, bwd_tuning or BWD_TUNING, bwd_xla, interpret)
 
 
 def int8_matmul_dx(dy: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,

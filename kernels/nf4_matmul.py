@@ -26,13 +26,13 @@ from jax.experimental.pallas import triton as plt
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.nf4_matmul_common import (MatmulTuning, check_x, default_interpret,
                                                     pad_axis, zero_cotangent)
+from fastlora_jax.kernels.nf4_matmul_decode import DECODE_MAX_M, decode_forward
 from fastlora_jax.quant import NF4_MAP, QTensor, QuantKind, dequantize, nf4_block_scales
 
 TRAIN_TUNING = MatmulTuning(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
-DECODE_TUNING = MatmulTuning(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4)
 # Backward tiles: block_m rows of dy, block_k output columns, block_n weight rows per step.
 BWD_TUNING = MatmulTuning(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)
-DECODE_MAX_M = 16  # M at or below which the small-M (bandwidth-bound) tuning is used
+# M <= DECODE_MAX_M (64) runs the small-M variant in nf4_matmul_decode.py.
 
 _NF4 = [float(v) for v in NF4_MAP]
 
@@ -112,10 +112,14 @@ def _operands(w: QTensor) -> tuple[jax.Array, jax.Array]:
     return codes, scales
 
 
-def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) -> jax.Array:
+def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning | None,
+             interpret: bool) -> jax.Array:
     m, k = x.shape
     n = w.shape[0]
     codes, scales = _operands(w)
+    if m <= DECODE_MAX_M:
+        return decode_forward(x, codes, scales, n, tuning, interpret, nf4_lookup)
+    tuning = tuning or TRAIN_TUNING
     bm = min(tuning.block_m, max(16, pl.next_power_of_2(m)))
     bn, bk = tuning.block_n, tuning.k_step(k)
     xp = pad_axis(x, 0, bm)
@@ -162,37 +166,39 @@ def _backward(dy: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) 
     return out[:m]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _nf4_matmul(x: jax.Array, w: QTensor, tuning: MatmulTuning, bwd_tuning: MatmulTuning,
-                interpret: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _nf4_matmul(x: jax.Array, w: QTensor, tuning: MatmulTuning | None,
+                bwd_tuning: MatmulTuning | None, bwd_xla: bool, interpret: bool) -> jax.Array:
     return _forward(x, w, tuning, interpret)
 
 
-def _nf4_matmul_fwd(x, w, tuning, bwd_tuning, interpret):
+def _nf4_matmul_fwd(x, w, tuning, bwd_tuning, bwd_xla, interpret):
     return _forward(x, w, tuning, interpret), w
 
 
-def _nf4_matmul_bwd(tuning, bwd_tuning, interpret, w, dy):
-    return _backward(dy, w, bwd_tuning, interpret), zero_cotangent(w)
+def _nf4_matmul_bwd(tuning, bwd_tuning, bwd_xla, interpret, w, dy):
+    if bwd_xla:
+        dx = jnp.dot(dy, dequantize(w, dy.dtype), preferred_element_type=jnp.float32)
+        return dx.astype(dy.dtype), zero_cotangent(w)
+    return _backward(dy, w, bwd_tuning or BWD_TUNING, interpret), zero_cotangent(w)
 
 
 _nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
 
 
 def nf4_matmul(x: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,
-               bwd_tuning: MatmulTuning | None = None,
+               bwd_tuning: MatmulTuning | None = None, bwd_xla: bool = False,
                interpret: bool | None = None) -> jax.Array:
     """Fused y = x [M, K] @ dequantize(w [N, K]).T -> [M, N] in x.dtype; differentiable in x.
 
-    `tuning` defaults to DECODE_TUNING for M <= DECODE_MAX_M and TRAIN_TUNING otherwise;
-    `interpret` defaults to True off GPU.
+    M <= DECODE_MAX_M runs the small-M (decode) kernels, larger M the tiled kernel; `tuning`
+    defaults per path. The backward is the fused dx kernel, or XLA's dequantize-then-dot when
+    `bwd_xla` (ops.linear picks whichever measured faster). `interpret` defaults to True off GPU.
     """
     check_x(x, w, "nf4_matmul")
-    if tuning is None:
-        tuning = DECODE_TUNING if x.shape[0] <= DECODE_MAX_M else TRAIN_TUNING
     if interpret is None:
         interpret = default_interpret()
-    return _nf4_matmul(x, w, tuning, bwd_tuning or BWD_TUNING, interpret)
+    return _nf4_matmul(x, w, tuning, bwd_tuning, bwd_xla, interpret)
 
 
 def nf4_matmul_dx(dy: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,

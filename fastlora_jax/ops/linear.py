@@ -7,8 +7,11 @@ The model calls `linear(x, w)` for every frozen projection. `w` is a plain array
   K % 16 != 0) go through dequantize-then-dot.
 - Impl.XLA / Impl.REFERENCE: dequantize-then-dot under the caller's jit (XLA fuses the
   dequantization into one elementwise pass over the weight before the GEMM).
-- Default (None): on GPU, PALLAS where it measured at least as fast as XLA's dequantize-then-dot
-  on the H200 (`pallas_is_default`, see benchmarks/RESULTS.md), XLA elsewhere; CPU: XLA.
+- Default (None): on GPU, the fused forward kernel where it measured at least as fast as XLA's
+  dequantize-then-dot on the H200 (`pallas_is_default`: M <= 64 tokens, see
+  benchmarks/RESULTS.md), with its backward (dx) through XLA's dequantize-then-dot, which measured
+  faster than our dx kernel at every shape; XLA elsewhere. CPU: XLA.
+  An explicit Impl.PALLAS runs the fused kernels both ways.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from fastlora_jax.errors import KernelError
 from fastlora_jax.ops.impl import Impl, platform, resolve
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
 
-# Largest number of rows (tokens) for which the fused Pallas kernel is the GPU default, per kind.
-# Measured on the H200 (benchmarks/nf4_matmul.py): above this, XLA's dequantize-then-dot (one
-# fused dequant pass + cuBLAS-class GEMM) was faster than our Triton-backend kernel.
-PALLAS_DEFAULT_MAX_M = {QuantKind.NF4: 16, QuantKind.INT8: 16}
+# Largest number of rows (tokens) for which the fused Pallas forward is the GPU default, per kind.
+# Measured on the H200 (benchmarks/nf4_matmul.py): at M = 1, 16, 64 the fused forward beat XLA's
+# dequantize-then-dot; at M = 2048 and 8192 XLA (one fused dequant pass + cuBLAS-class GEMM) won.
+PALLAS_DEFAULT_MAX_M = {QuantKind.NF4: 64, QuantKind.INT8: 64}
 
 
 def pallas_is_default(m: int, w: QTensor) -> bool:
@@ -41,16 +44,17 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None) -> jax.
     x2 = x.reshape(-1, k)
     gpu_default = Impl.PALLAS if pallas_is_default(x2.shape[0], w) else Impl.XLA
     which = resolve(impl, gpu_default=gpu_default, cpu_default=Impl.XLA)
+    bwd_xla = impl is None  # the default rule: dx by dequantize-then-dot (measured faster)
     quantum = 64 if w.kind is QuantKind.NF4 else 16
     if which is Impl.PALLAS and k % quantum == 0:
         if w.kind is QuantKind.NF4:
             from fastlora_jax.kernels.nf4_matmul import nf4_matmul
 
-            y = nf4_matmul(x2, w, interpret=platform() != "gpu")
+            y = nf4_matmul(x2, w, bwd_xla=bwd_xla, interpret=platform() != "gpu")
         else:
             from fastlora_jax.kernels.int8_matmul import int8_matmul
 
-            y = int8_matmul(x2, w, interpret=platform() != "gpu")
+            y = int8_matmul(x2, w, bwd_xla=bwd_xla, interpret=platform() != "gpu")
     else:
         wd = dequantize(w, x.dtype)
         y = jnp.dot(x2, wd.T, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -31,9 +31,10 @@ def _case(m: int, k: int, n: int, kind: str, seed: int = 0):
 
 
 # (M, K, N): K not a multiple of block_k (320 = 5 x 64), N not a multiple of block_n (72, 40),
-# M not a multiple of block_m (5, 33), and M = 1 (decode).
+# M not a multiple of block_m (5, 33, 80); M = 1 and M <= 64 take the NF4 decode variants, M = 80
+# the tiled kernel.
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("m,k,n", [(5, 320, 72), (33, 256, 40), (1, 128, 64)])
+@pytest.mark.parametrize("m,k,n", [(5, 320, 72), (33, 256, 40), (1, 128, 64), (80, 192, 48)])
 def test_forward_and_grad_match_reference(kind: str, m: int, k: int, n: int) -> None:
     _, op, ref = KINDS[kind]
     x, w = _case(m, k, n, kind, seed=m + k + n)
@@ -48,6 +49,14 @@ def test_forward_and_grad_match_reference(kind: str, m: int, k: int, n: int) -> 
     g = jax.grad(loss(lambda x: op(x, w, tuning=SMALL, bwd_tuning=SMALL, interpret=True)))(x)
     g_ref = jax.grad(loss(lambda x: ref(x, w)))(x)
     assert g.shape == x.shape and g.dtype == x.dtype
+    assert _rel(g, g_ref) <= 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 80])
+def test_backward_through_xla_option(m: int) -> None:
+    x, w = _case(m, 128, 32, "nf4", seed=9)
+    g = jax.grad(lambda x: nf4_matmul(x, w, bwd_xla=True, interpret=True).astype(jnp.float32).sum())(x)
+    g_ref = jax.grad(lambda x: nf4_matmul_reference(x, w).astype(jnp.float32).sum())(x)
     assert _rel(g, g_ref) <= 1e-2
 
 
