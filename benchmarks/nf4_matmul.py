@@ -198,12 +198,17 @@ def main() -> None:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted, on CPU")
     ap.add_argument("--kinds", default="nf4,int8")
+    ap.add_argument("--shapes", default=None, help="MxKxN,... (default: the issue's list)")
+    ap.add_argument("--quick", action="store_true", help="first tuning of each sweep only")
     args = ap.parse_args()
     interpret = args.smoke
-    if args.smoke:
+    if args.smoke or args.quick:
         for key in SWEEP:
             SWEEP[key] = SWEEP[key][:1]
+    if args.smoke:
         shapes = [(16, 128, 64), (1, 128, 64), (64, 128, 64), (256, 256, 128)]
+    elif args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     else:
         shapes = TRAIN + DECODE
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
@@ -216,7 +221,7 @@ def main() -> None:
     rows: list[dict] = []
     for kind in args.kinds.split(","):
         for m, k, n in shapes:
-            if kind == "int8" and (m, k, n) not in shapes[:2] + shapes[-3:]:
+            if kind == "int8" and not args.shapes and (m, k, n) not in shapes[:2] + shapes[-3:]:
                 continue  # int8: two training shapes and the decode shapes
             try:
                 rows += bench_case(kind, m, k, n, interpret, 2 if args.smoke else 5, log)

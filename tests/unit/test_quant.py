@@ -12,6 +12,7 @@ import pytest
 
 from fastlora_jax.errors import CheckpointError, KernelError
 from fastlora_jax.quant import (NF4_MAP, QTensor, QuantKind, dequantize, from_bnb_4bit,
+                                nf4_block_scales,
                                 from_bnb_int8, quantize_int8, quantize_nf4, stack, to_bnb_4bit)
 
 
@@ -166,3 +167,17 @@ def test_qtensor_index_without_lead_raises() -> None:
     with pytest.raises(KernelError, match="no leading axes"):
         q[0]
     assert isinstance(q, QTensor)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (3, 40, 72)])
+def test_dequantize_block_aligned_path_matches_general(shape: tuple[int, ...]) -> None:
+    q = quantize_nf4(_w(shape, seed=8).astype(ml_dtypes.bfloat16))
+    fast = np.asarray(dequantize(q, "float32"))
+    # The general (padded) path, element by element.
+    n, k = shape[-2:]
+    codes = q.codes.reshape(-1, q.codes.shape[-1])
+    scales = np.asarray(nf4_block_scales(q)).reshape(codes.shape[0], -1)
+    for i in range(codes.shape[0]):
+        nib = np.stack([codes[i] >> 4, codes[i] & 0xF], axis=-1).reshape(-1)[: n * k]
+        ref = NF4_MAP[nib] * np.repeat(scales[i], 64)[: n * k]
+        np.testing.assert_array_equal(fast.reshape(-1, n * k)[i], ref)
