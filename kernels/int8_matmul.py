@@ -21,9 +21,10 @@ from fastlora_jax.kernels.nf4_matmul_common import (MatmulTuning, check_x, defau
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
 
 TRAIN_TUNING = MatmulTuning(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
-DECODE_TUNING = MatmulTuning(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4)
+# Best of the H200 sweep at M = 1, 16 and 64 (benchmarks/RESULTS.md, 2026-11-28).
+DECODE_TUNING = MatmulTuning(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=3)
 BWD_TUNING = MatmulTuning(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)
-DECODE_MAX_M = 16
+DECODE_MAX_M = 64
 
 
 def int8_matmul_reference(x: jax.Array, w: QTensor) -> jax.Array:

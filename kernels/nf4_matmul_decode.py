@@ -21,7 +21,9 @@ from jax.experimental.pallas import triton as plt
 
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning, pad_axis
 
-DECODE_FMA_TUNING = MatmulTuning(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+# Best of the H200 sweeps (benchmarks/RESULTS.md, 2026-11-28): M = 1, M <= 16, 16 < M <= 64.
+DECODE_FMA_TUNING = MatmulTuning(block_m=16, block_n=64, block_k=256, num_warps=8, num_stages=3)
+DECODE_MMA16_TUNING = MatmulTuning(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=3)
 DECODE_MMA_TUNING = MatmulTuning(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
 DECODE_MAX_M = 64
 
@@ -76,7 +78,9 @@ def decode_forward(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int,
     """x [M, K] (M <= 64), codes uint8 [N, K/2], scales f32 [N, K/64] -> y [M, N] in x.dtype."""
     m, k = x.shape
     fma = m == 1
-    tuning = tuning or (DECODE_FMA_TUNING if fma else DECODE_MMA_TUNING)
+    if tuning is None:
+        tuning = (DECODE_FMA_TUNING if fma else
+                  DECODE_MMA16_TUNING if m <= 16 else DECODE_MMA_TUNING)
     bm = 1 if fma else max(16, pl.next_power_of_2(m))
     bn, bk = tuning.block_n, tuning.k_step(k)
     xp = pad_axis(x, 0, bm)
