@@ -89,3 +89,22 @@ def test_linear_pallas_falls_back_for_odd_k() -> None:
     x, w = _case(3, 96, 16, "nf4", seed=4)  # K % 64 != 0: dequantize-then-dot
     y = linear(x, w, impl=Impl.PALLAS)
     assert _rel(y, nf4_matmul_reference(x, w)) <= 1e-2
+
+
+@pytest.mark.parametrize("impl", [None, Impl.PALLAS])
+def test_linear_grad_inside_scan_over_stacked_layers(impl) -> None:
+    rng = np.random.default_rng(12)
+    stacked = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(
+        rng.standard_normal((2, 64, 64), dtype=np.float32) * 0.05, dtype="bfloat16"))
+    x = jnp.asarray(rng.standard_normal((3, 64), dtype=np.float32), jnp.bfloat16)
+
+    def run(f):
+        def loss(x):
+            y, _ = jax.lax.scan(lambda h, w: (f(h, w), None), x, stacked)
+            return y.astype(jnp.float32).sum()
+        return jax.value_and_grad(loss)(x)
+
+    v, g = run(lambda h, w: linear(h, w, impl=impl))
+    v_ref, g_ref = run(lambda h, w: nf4_matmul_reference(h, w))
+    assert abs(float(v) - float(v_ref)) <= 1e-2 * abs(float(v_ref)) + 1e-3
+    assert _rel(g, g_ref) <= 1e-2
