@@ -1,37 +1,77 @@
 """The `fastlora-jax` command line.
 
-  fastlora-jax demo                 the README's main job on the default model
-  fastlora-jax chat --model DIR --prompt "..."   greedy answer to one chat message
+  fastlora-jax demo      fine-tune the default model (SmolLM2-135M-Instruct) on the CPU and show
+                         held-out accuracy before and after; exports a PEFT adapter
+  fastlora-jax train     --model DIR --data FILE --output_dir DIR [TrainingArguments flags]
+                         [LoRA flags] [--config run.yaml]
+  fastlora-jax export    --model DIR --adapter DIR --output_dir DIR --method peft|merged
+  fastlora-jax chat      --model DIR [--adapter DIR] --prompt "..."
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import pathlib
 import sys
 import time
+import typing
+from typing import Any
 
-from fastlora_jax.errors import FastLoRAError
+from fastlora_jax.errors import ConfigError, FastLoRAError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_PROMPT = "What is the capital of France?"
 
+# LoRA / model flags of `train` (FastLanguageModel.from_pretrained + get_peft_model arguments).
+MODEL_FLAGS = {"r": 16, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None,
+               "use_rslora": False, "use_dora": False, "load_in_4bit": False,
+               "load_in_8bit": False, "dtype": None, "use_gradient_checkpointing": "true",
+               "random_state": 3407}
 
-def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str | None) -> str:
-    """Load a checkpoint and return the greedy answer to one user message."""
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, found {text!r}")
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    from fastlora_jax.train.args import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    for field in dataclasses.fields(TrainingArguments):
+        if field.name == "mesh":
+            parser.add_argument("--mesh", default=None,
+                                help="data,fsdp,tensor sizes, e.g. 2,4,1 (-1 = the rest)")
+            continue
+        kind = hints[field.name]
+        conv = _bool if kind is bool else int if kind in (int, int | None) else \
+            float if kind is float else str
+        parser.add_argument(f"--{field.name}", type=conv, default=None,
+                            help=f"(default {field.default!r})")
+
+
+def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str | None,
+         adapter: pathlib.Path | None = None) -> str:
+    """Load a checkpoint (and adapter) and return the greedy answer to one user message."""
     from fastlora_jax import FastLanguageModel
 
     start = time.perf_counter()
     model, tokenizer = FastLanguageModel.from_pretrained(model_dir, dtype=dtype)
     if tokenizer is None:
-        raise FastLoRAError(f"{model_dir} has no tokenizer files; chat needs one")
+        raise ConfigError(f"{model_dir} has no tokenizer files; chat needs one")
+    if adapter is not None:
+        model.load_adapter(adapter)
     print(f"loaded {model_dir.name} ({model.config.num_layers} layers, "
           f"{model.config.hidden_size} hidden) in {time.perf_counter() - start:.1f}s", flush=True)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(ids, add_special_tokens=False)["input_ids"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     answer = tokenizer.decode(out, skip_special_tokens=True)
@@ -40,14 +80,109 @@ def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str |
     return answer
 
 
+def train(ns: argparse.Namespace) -> dict[str, Any]:
+    """`fastlora-jax train`: flags override the --config YAML, which overrides the defaults."""
+    from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
+    from fastlora_jax.sharding import MeshConfig
+    from fastlora_jax.train.args import load_yaml
+
+    values: dict[str, Any] = load_yaml(ns.config) if ns.config else {}
+    for key, value in vars(ns).items():
+        if key not in ("command", "config", "resume_from_checkpoint") and value is not None:
+            values[key] = value
+    resume = bool(values.pop("resume_from_checkpoint", False) or ns.resume_from_checkpoint)
+    model_dir = values.pop("model", None)
+    data = values.pop("data", None)
+    if model_dir is None or data is None:
+        raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file)")
+    model_kw = {k: values.pop(k, default) for k, default in MODEL_FLAGS.items()}
+    if isinstance(values.get("mesh"), str):
+        values["mesh"] = MeshConfig(*(int(v) for v in values["mesh"].split(",")))
+    maybe_init_distributed(values.pop("coordinator_address", None),
+                           values.pop("num_processes", None), values.pop("process_id", None))
+    args = TrainingArguments.from_dict(values, source=str(ns.config or "command line"))
+    gc = model_kw.pop("use_gradient_checkpointing")
+    gc = {"true": True, "false": False}.get(str(gc).lower(), gc)
+    targets = model_kw.pop("target_modules")
+    if isinstance(targets, str) and "," in targets:
+        targets = [t.strip() for t in targets.split(",")]
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_dir, max_seq_length=args.max_seq_length or 2048, dtype=model_kw.pop("dtype"),
+        load_in_4bit=model_kw.pop("load_in_4bit"), load_in_8bit=model_kw.pop("load_in_8bit"))
+    model = FastLanguageModel.get_peft_model(model, target_modules=targets,
+                                             use_gradient_checkpointing=gc, **model_kw)
+    trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=data, args=args)
+    from fastlora_jax.train.trainer import data_summary
+
+    print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps", flush=True)
+    stats = trainer.train(resume_from_checkpoint=resume)
+    adapter = pathlib.Path(args.output_dir) / "adapter"
+    model.save_pretrained(adapter, tokenizer, overwrite=True)
+    print(f"done: {stats['global_step']} steps, final loss {stats['final_loss']:.4f}, "
+          f"{stats['train_tokens_per_second']:.0f} tokens/s; adapter: {adapter}; "
+          f"loss curve: {pathlib.Path(args.output_dir) / 'loss.png'}", flush=True)
+    return stats
+
+
+def maybe_init_distributed(coordinator: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """One call for multi-process launches: jax.distributed when a coordinator is given."""
+    if coordinator is None:
+        return
+    import jax
+
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def export(ns: argparse.Namespace) -> None:
+    from fastlora_jax import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(ns.model, dtype=ns.dtype)
+    model.load_adapter(ns.adapter)
+    if ns.method == "peft":
+        model.save_pretrained(ns.output_dir, tokenizer, overwrite=ns.overwrite)
+    else:
+        model.save_pretrained_merged(ns.output_dir, tokenizer, save_method="merged_16bit",
+                                     dtype=ns.merged_dtype, overwrite=ns.overwrite)
+    print(f"wrote {ns.method} export to {ns.output_dir}", flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastlora-jax", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job on the default model (SmolLM2-135M-Instruct)")
+    demo = sub.add_parser("demo", help="fine-tune the default model on a generated task (CPU)")
     demo.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
+    demo.add_argument("--output_dir", type=pathlib.Path, default=REPO_ROOT / "outputs" / "demo")
+    demo.add_argument("--max_steps", type=int, default=-1)
+
+    t = sub.add_parser("train", help="LoRA/QLoRA SFT on a local dataset file")
+    t.add_argument("--config", type=pathlib.Path, default=None, help="run.yaml with these flags")
+    t.add_argument("--model", default=None)
+    t.add_argument("--data", default=None)
+    t.add_argument("--resume_from_checkpoint", type=_bool, default=False)
+    t.add_argument("--coordinator_address", default=None, help="multi-process: jax.distributed")
+    t.add_argument("--num_processes", type=int, default=None)
+    t.add_argument("--process_id", type=int, default=None)
+    for name, default in MODEL_FLAGS.items():
+        conv = _bool if isinstance(default, bool) else int if isinstance(default, int) else \
+            float if isinstance(default, float) else str
+        t.add_argument(f"--{name}", type=conv, default=None, help=f"(default {default!r})")
+    _add_training_flags(t)
+
+    e = sub.add_parser("export", help="write a PEFT adapter or a merged 16-bit checkpoint")
+    e.add_argument("--model", type=pathlib.Path, required=True)
+    e.add_argument("--adapter", type=pathlib.Path, required=True)
+    e.add_argument("--output_dir", type=pathlib.Path, required=True)
+    e.add_argument("--method", choices=("peft", "merged"), default="merged")
+    e.add_argument("--merged_dtype", default=None, help="bfloat16 (default) | float16 | float32")
+    e.add_argument("--dtype", default="float32", help="compute dtype while merging")
+    e.add_argument("--overwrite", action="store_true")
+
     c = sub.add_parser("chat", help="greedy answer to one chat message")
     c.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
+    c.add_argument("--adapter", type=pathlib.Path, default=None)
     c.add_argument("--prompt", default=DEFAULT_PROMPT)
     c.add_argument("--max_new_tokens", type=int, default=64)
     c.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: auto)")
@@ -55,14 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastlora_jax").setLevel(logging.INFO)
     try:
-        if args.command == "demo":
-            chat(args.model, DEFAULT_PROMPT, 32, None)
-        elif args.command == "chat":
-            chat(args.model, args.prompt, args.max_new_tokens, args.dtype)
+        if ns.command == "demo":
+            from fastlora_jax.demo import run_demo
+
+            run_demo(ns.model, ns.output_dir, max_steps=ns.max_steps)
+        elif ns.command == "train":
+            train(ns)
+        elif ns.command == "export":
+            export(ns)
+        elif ns.command == "chat":
+            chat(ns.model, ns.prompt, ns.max_new_tokens, ns.dtype, ns.adapter)
     except FastLoRAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

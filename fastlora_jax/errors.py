@@ -27,3 +27,7 @@ class ExportError(FastLoRAError):
 
 class KernelError(FastLoRAError, ValueError):
     """A kernel was called with shapes, dtypes or tuning parameters it does not support."""
+
+
+class TrainingError(FastLoRAError):
+    """Training cannot go on (e.g. the loss became non-finite)."""

@@ -1,0 +1,103 @@
+"""The default demo: teach SmolLM2-135M-Instruct a made-up tagging rule with LoRA on the CPU.
+
+The task is generated (deterministic, seed 0): each sentence mentions an animal, a vehicle or a
+food, and the answer is that category's secret tag — `alpha`, `beta` or `gamma`, a mapping the
+base model cannot know. Held-out sentences are new combinations. Accuracy is exact match of the
+greedy answer's first token (each tag is one token), before and after training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pathlib
+import random
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+CATEGORIES = {
+    "alpha": ["dog", "cat", "horse", "rabbit", "fox", "owl", "goat", "tiger", "duck", "sheep"],
+    "beta": ["car", "truck", "bicycle", "train", "boat", "bus", "tractor", "scooter", "van", "plane"],
+    "gamma": ["apple", "bread", "cheese", "soup", "banana", "cake", "rice", "carrot", "pizza",
+              "pear"],
+}
+ADJECTIVES = ["small", "old", "red", "quiet", "fast", "heavy", "bright", "tired", "new", "strange"]
+PLACES = ["in the park", "near the river", "by the school", "on the hill", "in the city",
+          "at the market", "behind the house", "in the garden"]
+VERBS = ["is seen", "waits", "appears", "stays", "is found"]
+SYSTEM = "You tag sentences."
+QUESTION = "Secret tag (alpha, beta or gamma) of: {sentence}"
+
+
+def make_examples(n: int, seed: int) -> list[dict[str, Any]]:
+    """`n` distinct chat examples {"messages": [...], "tag": ...}."""
+    combos = [(tag, noun, adj, verb, place)
+              for tag, nouns in CATEGORIES.items() for noun in nouns
+              for adj, verb, place in itertools.product(ADJECTIVES, VERBS, PLACES)]
+    rng = random.Random(seed)
+    rng.shuffle(combos)
+    out = []
+    for tag, noun, adj, verb, place in combos[:n]:
+        sentence = f"The {adj} {noun} {verb} {place}."
+        out.append({"messages": [{"role": "system", "content": SYSTEM},
+                                 {"role": "user", "content": QUESTION.format(sentence=sentence)},
+                                 {"role": "assistant", "content": tag}], "tag": tag})
+    return out
+
+
+def write_jsonl(examples: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": e["messages"]}) + "\n" for e in examples))
+    return path
+
+
+def tag_accuracy(model: Any, tokenizer: Any, examples: list[dict[str, Any]]) -> float:
+    """Exact match of the greedy first answer token against each example's tag token."""
+    prompts = [tokenizer(tokenizer.apply_chat_template(e["messages"][:-1], tokenize=False,
+                                                       add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"] for e in examples]
+    answers = [tokenizer(e["tag"], add_special_tokens=False)["input_ids"][0] for e in examples]
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = p
+    last = np.asarray([len(p) - 1 for p in prompts])
+    logits = model(jnp.asarray(ids))                                   # [N, width, V]
+    picked = np.asarray(jnp.argmax(logits[jnp.arange(len(prompts)), jnp.asarray(last)], axis=-1))
+    return float(np.mean(picked == np.asarray(answers)))
+
+
+def run_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, train_examples: int = 500,
+             eval_examples: int = 100, max_steps: int = -1) -> dict[str, Any]:
+    """Fine-tune, evaluate before/after, export the PEFT adapter. Returns the numbers."""
+    from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
+
+    examples = make_examples(train_examples + eval_examples, seed=0)
+    train, held_out = examples[:train_examples], examples[train_examples:]
+    data = write_jsonl(train, output_dir / "data" / "train.jsonl")
+    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, max_seq_length=128,
+                                                         dtype="float32")
+    before = tag_accuracy(model, tokenizer, held_out)
+    print(f"held-out tag accuracy before training: {before:.1%} ({len(held_out)} examples)",
+          flush=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32,
+                                             use_gradient_checkpointing=False)
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=1, num_train_epochs=1,
+                             max_steps=max_steps, learning_rate=2e-3, warmup_steps=3,
+                             lr_scheduler_type="linear", packing=True,
+                             train_on_responses_only=True, logging_steps=1, save_steps=0,
+                             seed=3407)
+    stats = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=str(data), args=args).train()
+    after = tag_accuracy(model, tokenizer, held_out)
+    adapter = output_dir / "adapter"
+    model.save_pretrained(adapter, tokenizer, overwrite=True)
+    result = {"accuracy_before": before, "accuracy_after": after, "train": stats,
+              "adapter": str(adapter)}
+    (output_dir / "demo_result.json").write_text(json.dumps(result, indent=2))
+    print(f"held-out tag accuracy after training: {after:.1%}; loss {stats['final_loss']:.3f}; "
+          f"{stats['global_step']} steps in {stats['train_runtime']:.0f}s; adapter: {adapter}",
+          flush=True)
+    return result

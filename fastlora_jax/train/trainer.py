@@ -1,0 +1,185 @@
+"""`SFTTrainer`: TRL's shape over the pure step, data pipeline, checkpoints and logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fastlora_jax.errors import ConfigError, TrainingError
+from fastlora_jax.models.causal_lm import CausalLM
+from fastlora_jax.sharding import shard_params
+from fastlora_jax.train.args import TrainingArguments
+from fastlora_jax.train.checkpoint import TrainCheckpoints
+from fastlora_jax.train.data import (DataStats, batch_at, build_rows, load_dataset_source,
+                                     tokenize_examples)
+from fastlora_jax.train.logs import RunLogger
+from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
+
+
+def _writable_dir(path: pathlib.Path) -> pathlib.Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output_dir {str(path)!r} is not writable ({err.strerror}); choose "
+                          f"another output_dir") from None
+    return path
+
+
+class SFTTrainer:
+    """Supervised fine-tuning of a model returned by `FastLanguageModel.get_peft_model`.
+
+    `trainer.train()` runs the loop and returns the run's stats; the trained adapter is put back
+    on `model` (save it with `model.save_pretrained(dir)`).
+    """
+
+    def __init__(self, model: CausalLM, tokenizer: Any, train_dataset: Any,
+                 args: TrainingArguments | None = None,
+                 formatting_func: Callable[[dict[str, Any]], str] | None = None,
+                 processing_class: Any = None) -> None:
+        if model.lora is None:
+            raise ConfigError("the model has no LoRA adapter; call "
+                              "FastLanguageModel.get_peft_model(model, ...) before training")
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else processing_class
+        if self.tokenizer is None:
+            raise ConfigError("SFTTrainer needs a tokenizer (the model folder had none)")
+        self.args = args or TrainingArguments()
+        self.max_seq_length = self.args.max_seq_length or model.max_seq_length
+        dataset = load_dataset_source(train_dataset)
+        examples = tokenize_examples(dataset, self.tokenizer,
+                                     dataset_text_field=self.args.dataset_text_field,
+                                     formatting_func=formatting_func,
+                                     train_on_responses_only=self.args.train_on_responses_only)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.rows, self.data_stats = build_rows(examples, max_seq_length=self.max_seq_length,
+                                                packing=self.args.packing, pad_token_id=pad)
+        self.mesh = self.args.mesh.make_mesh() if self.args.mesh is not None else None
+        data_parallel = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.rows_per_step = (self.args.per_device_train_batch_size * data_parallel
+                              * self.args.gradient_accumulation_steps)
+        per_epoch = len(self.rows["input_ids"]) // self.rows_per_step
+        if self.args.max_steps > 0:
+            self.total_steps = self.args.max_steps
+        else:
+            self.total_steps = max(1, int(math.ceil(self.args.num_train_epochs * per_epoch)))
+        self.warmup_steps = self.args.warmup_steps or int(
+            math.ceil(self.args.warmup_ratio * self.total_steps))
+        self.optimizer = make_optimizer(
+            learning_rate=self.args.learning_rate, warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps, lr_scheduler_type=self.args.lr_scheduler_type,
+            weight_decay=self.args.weight_decay, max_grad_norm=self.args.max_grad_norm,
+            adam_beta1=self.args.adam_beta1, adam_beta2=self.args.adam_beta2,
+            adam_epsilon=self.args.adam_epsilon)
+        self.step_config = StepConfig(model=model.config, lora=model.lora_spec,
+                                      remat=model.use_gradient_checkpointing,
+                                      loss_chunk=self.args.loss_chunk_size)
+
+    # -----------------------------------------------------------------------------------------
+    def _place(self, frozen: Any, lora: Any, opt_state: Any) -> tuple[Any, Any, Any]:
+        if self.mesh is None:
+            return frozen, lora, opt_state
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return (shard_params(frozen, self.model.config, self.mesh),
+                jax.device_put(lora, replicated), jax.device_put(opt_state, replicated))
+
+    def _batch(self, step: int) -> tuple[dict[str, jax.Array], int]:
+        batch, epoch = batch_at(self.rows, step, rows_per_step=self.rows_per_step,
+                                accumulation=self.args.gradient_accumulation_steps,
+                                seed=self.args.seed)
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}, epoch
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}, epoch
+
+    def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
+        """Run to `total_steps`; returns stats (steps, loss, runtime, tokens/s, data stats)."""
+        args = self.args
+        out_dir = _writable_dir(pathlib.Path(args.output_dir))
+        checkpoints = TrainCheckpoints(out_dir, max_to_keep=args.save_total_limit)
+        lora = jax.tree.map(jnp.copy, self.model.lora_params())  # the step donates its inputs
+        opt_state = self.optimizer.init(lora)
+        frozen, lora, opt_state = self._place(self.model.params(), lora, opt_state)
+        start = 0
+        if resume_from_checkpoint:
+            latest = checkpoints.latest_step()
+            if latest is None:
+                raise ConfigError(f"resume_from_checkpoint: no checkpoint in "
+                                  f"{str(checkpoints.directory)!r}")
+            lora, opt_state, meta = checkpoints.restore(latest, lora, opt_state)
+            start = int(meta["step"])
+        dropout = self.model.lora_spec.config.lora_dropout > 0
+        base_key = jax.random.key(args.seed)
+        logger = RunLogger(out_dir, total_steps=self.total_steps, start_step=start,
+                           tensorboard=args.report_to == "tensorboard",
+                           show_progress=not args.disable_tqdm)
+        self._write_run_info(out_dir)
+        losses, tokens_done, window_tokens = [], 0.0, 0.0
+        last_saved = start
+        t0 = time.perf_counter()
+        try:
+            for step in range(start, self.total_steps):
+                batch, epoch = self._batch(step)
+                key = jax.random.fold_in(base_key, step) if dropout else None
+                new_lora, new_opt, metrics = train_step(lora, opt_state, frozen, batch,
+                                                        cfg=self.step_config,
+                                                        optimizer=self.optimizer,
+                                                        dropout_key=key)
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
+                    raise TrainingError(
+                        f"non-finite loss/grad norm at step {step + 1} (loss={m['loss']}, "
+                        f"grad_norm={m['grad_norm']}); training stopped, the last good "
+                        f"checkpoint (step {last_saved}) in {str(checkpoints.directory)!r} is "
+                        f"intact. Lower learning_rate or check the data")
+                lora, opt_state = new_lora, new_opt
+                losses.append(m["loss"])
+                step_tokens = float((batch["segment_ids"] > 0).sum())
+                tokens_done += step_tokens
+                window_tokens += step_tokens
+                done = step + 1
+                if done % args.logging_steps == 0 or done == self.total_steps:
+                    logger.log(done, dict(m, epoch=epoch), window_tokens)
+                    window_tokens = 0.0
+                if (args.save_steps and done % args.save_steps == 0) or done == self.total_steps:
+                    checkpoints.save(done, lora, opt_state, {"seed": args.seed,
+                                                             "total_steps": self.total_steps})
+                    last_saved = done
+        finally:
+            logger.close()
+            checkpoints.close()
+            self.model.set_adapter(self.model.lora_spec, jax.device_get(lora))
+        runtime = time.perf_counter() - t0
+        stats = {"global_step": self.total_steps, "start_step": start,
+                 "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                 "final_loss": losses[-1] if losses else float("nan"),
+                 "train_runtime": runtime,
+                 "train_tokens_per_second": tokens_done / max(runtime, 1e-9),
+                 "data": dataclasses.asdict(self.data_stats)}
+        (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+        return stats
+
+    def _write_run_info(self, out_dir: pathlib.Path) -> None:
+        info = {"args": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                         for k, v in dataclasses.asdict(self.args).items()},
+                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "max_seq_length": self.max_seq_length, "data": dataclasses.asdict(self.data_stats),
+                "model": self.model.name_or_path}
+        (out_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def data_summary(stats: DataStats) -> str:
+    return (f"{stats.examples} examples -> {stats.rows} rows, {stats.tokens} tokens "
+            f"({stats.label_tokens} trained); truncated {stats.truncated}, dropped (no labels) "
+            f"{stats.dropped_no_labels}")
