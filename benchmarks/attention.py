@@ -84,9 +84,16 @@ def _inputs(c: Case):
 
 def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
              block_sizes: fa.BlockSizes | None = None) -> Callable:
-    """attention(q, k, v) for one implementation ('ours:<backend>', 'cudnn', 'xla')."""
+    """attention(q, k, v) for one implementation ('ours:<backend>', 'cudnn', 'xla').
+
+    'ours:mosaic_gpu_fwd' is the Mosaic GPU forward with the portable (Triton) backward.
+    """
     if impl.startswith("ours"):
         backend = impl.split(":")[1]
+        if backend == "mosaic_gpu_fwd":
+            backend = "mosaic_gpu"
+            block_sizes = dataclasses.replace(
+                block_sizes or fa.BlockSizes.for_head_dim(c.head_dim), mgpu_backward=False)
         return lambda q, k, v: fa.flash_attention(
             q, k, v, causal=True, segment_ids=seg, sliding_window=c.window, softcap=c.softcap,
             block_sizes=block_sizes, backend=backend)
@@ -141,6 +148,11 @@ def sweep(c: Case, backend: str) -> list[dict]:
     base = fa.BlockSizes.for_head_dim(c.head_dim)
     options = [
         base,
+        dataclasses.replace(base, mgpu_block_kv=64),
+        dataclasses.replace(base, mgpu_num_stages=3),
+        dataclasses.replace(base, mgpu_block_kv=64, mgpu_num_stages=3),
+    ] if backend == "mosaic_gpu" else [
+        base,
         dataclasses.replace(base, block_q=128, block_kv=128, num_warps=8),
         dataclasses.replace(base, block_q=64, block_kv=64, num_warps=4),
         dataclasses.replace(base, num_stages=3),
@@ -163,12 +175,12 @@ def main() -> None:
     parser.add_argument("--commit", default="")
     parser.add_argument("--backends", default="")
     parser.add_argument("--quick", action="store_true", help="first two cases only")
-    parser.add_argument("--sweep", action="store_true", help="also try a few tilings")
+    parser.add_argument("--sweep", default="", help="backends (comma-separated) to tile-sweep")
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True).stdout.strip()
     backends = (args.backends.split(",") if args.backends
-                else [b.value for b in fa.Backend if not b.interpreted])
+                else [*(b.value for b in fa.Backend if not b.interpreted), "mosaic_gpu_fwd"])
     cases = CASES[:2] if args.quick else CASES
     rows, table, extra = [], [], {}
     for c in cases:
@@ -199,7 +211,7 @@ def main() -> None:
             table.append((c.name, metric, {i: r[idx] for i, r in results.items()}))
         extra[c.name] = {i: r[3] for i, r in results.items() if r[3]}
     if args.sweep:
-        extra["sweep"] = [sweep(CASES[1], b) for b in backends]
+        extra["sweep"] = [sweep(CASES[1], b) for b in args.sweep.split(",")]
     doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),
                device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=commit,
                rows=rows, errors=extra)

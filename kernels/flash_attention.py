@@ -31,10 +31,12 @@ import jax.numpy as jnp
 
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels import flash_attention_mgpu as mgpu
+from fastlora_jax.kernels import flash_attention_mgpu_bwd as mgpu_bwd
 from fastlora_jax.kernels import flash_attention_portable as portable
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
 
-__all__ = ["Backend", "BlockSizes", "flash_attention", "flash_attention_reference"]
+__all__ = ["Backend", "BlockSizes", "default_backend", "flash_attention",
+           "flash_attention_reference"]
 
 _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _MAX_HEAD_DIM = 256
@@ -66,8 +68,9 @@ class BlockSizes:
     """Tiles (rows of the sequence per program) and launch parameters of the three kernels.
 
     block_q / block_kv: forward tiles; *_dq: the dq kernel; *_dkv: the dk/dv kernel.
-    mgpu_*: the Mosaic GPU forward (block_q rows per compute warpgroup, two per CTA; K/V ring of
-    mgpu_num_stages slots). Every block is a power of two >= 16 (mgpu blocks: multiples of 64);
+    mgpu_*: the Mosaic GPU kernels (block_q rows per compute warpgroup, two per CTA; a TMA ring of
+    mgpu_num_stages slots); mgpu_backward=False keeps the portable backward behind the Mosaic
+    forward. Every block is a power of two >= 16 (mgpu blocks: multiples of 64);
     num_warps a power of two in [1, 16]; stages >= 1. Portable blocks larger than the (padded)
     sequence are shrunk to it.
     """
@@ -85,9 +88,14 @@ class BlockSizes:
     mgpu_block_q: int = 64
     mgpu_block_kv: int = 128
     mgpu_num_stages: int = 2
+    mgpu_block_q_bwd: int = 64
+    mgpu_block_kv_bwd: int = 64
+    mgpu_backward: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("mgpu_block_q", "mgpu_block_kv"):
+        if not isinstance(self.mgpu_backward, bool):
+            raise KernelError(f"BlockSizes.mgpu_backward={self.mgpu_backward!r} must be a bool")
+        for name in ("mgpu_block_q", "mgpu_block_kv", "mgpu_block_q_bwd", "mgpu_block_kv_bwd"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 64 or value % 64:
                 raise KernelError(f"BlockSizes.{name}={value!r} must be a positive multiple of 64")
@@ -127,6 +135,7 @@ class _Config:
     blocks: BlockSizes
     backend: Backend
     use_mgpu: bool  # the forward runs the Mosaic GPU kernel
+    use_mgpu_bwd: bool  # the backward runs the Mosaic GPU kernels
 
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
@@ -276,6 +285,14 @@ def _flash_bwd(cfg: _Config, res, do):
     delta = jnp.where(real, delta, 0.0)
     do = do.astype(q.dtype)
     bs = cfg.blocks
+    if cfg.use_mgpu_bwd:
+        common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
+                      block_q=bs.mgpu_block_q_bwd, block_kv=bs.mgpu_block_kv_bwd,
+                      num_stages=bs.mgpu_num_stages,
+                      interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
+        dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, **common)
+        dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, **common)
+        return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
     common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
                   num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd,
                   interpret=cfg.backend.interpreted)
@@ -289,8 +306,12 @@ def _flash_bwd(cfg: _Config, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _default_backend() -> Backend:
-    return Backend.TRITON if jax.default_backend() == "gpu" else Backend.INTERPRET
+def default_backend() -> Backend:
+    """MOSAIC_GPU on Hopper (compute capability 9.x), TRITON on other GPUs, INTERPRET on CPU."""
+    if jax.default_backend() != "gpu":
+        return Backend.INTERPRET
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    return Backend.MOSAIC_GPU if capability.startswith("9") else Backend.TRITON
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -302,11 +323,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     scale: float | None = None,
                     block_sizes: BlockSizes | None = None,
                     backend: Backend | str | None = None) -> jax.Array:
-    """Flash attention, differentiable in q, k, v. q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H, D].
+    """Differentiable flash attention. q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H, D].
 
     segment_ids [B, T] int (kv_segment_ids [B, S], defaults to segment_ids); sliding_window: a key j
     is visible from query i iff i + (S - T) - window < j; softcap: scores become
     softcap * tanh(scores / softcap); scale defaults to head_dim ** -0.5. Any T, S (padded inside).
+    backend None: `default_backend()`. MOSAIC_GPU runs the Mosaic kernels where `supported` (no
+    segment ids; head_dim a multiple of 64, the backward up to 128; bf16/fp16) and the portable
+    kernels for the rest.
     """
     _check(q, k, v, segment_ids, kv_segment_ids, sliding_window, softcap, scale)
     if isinstance(backend, str):
@@ -314,7 +338,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
             backend = Backend(backend)
         except ValueError:
             raise KernelError(f"{backend=} is not one of {[b.value for b in Backend]}") from None
-    backend = _default_backend() if backend is None else backend
+    backend = default_backend() if backend is None else backend
     batch, seq_q, heads, head_dim = q.shape
     seq_kv = k.shape[1]
     scale = head_dim ** -0.5 if scale is None else float(scale)
@@ -325,10 +349,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         **{f: _fit(getattr(blocks, f), seq_kv) for f in ("block_kv", "block_kv_dq",
                                                          "block_kv_dkv")})
     use_mgpu = backend.mosaic and mgpu.supported(head_dim, q.dtype, segment_ids is not None)
+    use_mgpu_bwd = (use_mgpu and blocks.mgpu_backward
+                    and mgpu_bwd.supported(head_dim, q.dtype, segment_ids is not None))
     q_mult = max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv,
-                 2 * blocks.mgpu_block_q if use_mgpu else 1)
+                 2 * blocks.mgpu_block_q if use_mgpu else 1,
+                 2 * blocks.mgpu_block_q_bwd if use_mgpu_bwd else 1)
     kv_mult = max(blocks.block_kv, blocks.block_kv_dq, blocks.block_kv_dkv,
-                  blocks.mgpu_block_kv if use_mgpu else 1)
+                  blocks.mgpu_block_kv if use_mgpu else 1,
+                  2 * blocks.mgpu_block_kv_bwd if use_mgpu_bwd else 1)
     seq_q_pad, seq_kv_pad = _round_up(seq_q, q_mult), _round_up(seq_kv, kv_mult)
     d_pad = max(16, 1 << (head_dim - 1).bit_length())
 
@@ -336,7 +364,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                              sliding_window=sliding_window, has_segments=segment_ids is not None,
                              kv_padded=seq_kv_pad != seq_kv)
     cfg = _Config(spec=spec, scale=scale, softcap=None if softcap is None else float(softcap),
-                  blocks=blocks, backend=backend, use_mgpu=use_mgpu)
+                  blocks=blocks, backend=backend, use_mgpu=use_mgpu, use_mgpu_bwd=use_mgpu_bwd)
 
     def pad(x: jax.Array, seq: int) -> jax.Array:
         return jnp.pad(x, ((0, 0), (0, seq - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
@@ -352,8 +380,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     vis = lambda bq, bk: _block_visibility(spec, bq, bk, seq_q_pad, seq_kv_pad, q_seg, kv_seg)
     r_fwd = _ranges(*(vis(2 * blocks.mgpu_block_q, blocks.mgpu_block_kv) if use_mgpu
                       else vis(blocks.block_q, blocks.block_kv)))
-    r_dq = _ranges(*vis(blocks.block_q_dq, blocks.block_kv_dq))
-    r_dkv = _ranges(*(jnp.swapaxes(x, 1, 2) for x in vis(blocks.block_q_dkv, blocks.block_kv_dkv)))
+    if use_mgpu_bwd:  # CTAs of two warpgroups: 2 * block rows (dq) / keys (dkv)
+        bq, bk = blocks.mgpu_block_q_bwd, blocks.mgpu_block_kv_bwd
+        r_dq = _ranges(*vis(2 * bq, bk))
+        r_dkv = _ranges(*(jnp.swapaxes(x, 1, 2) for x in vis(bq, 2 * bk)))
+    else:
+        r_dq = _ranges(*vis(blocks.block_q_dq, blocks.block_kv_dq))
+        r_dkv = _ranges(*(jnp.swapaxes(x, 1, 2)
+                          for x in vis(blocks.block_q_dkv, blocks.block_kv_dkv)))
     r_fwd, r_dq, r_dkv = (jnp.broadcast_to(r, (batch,) + r.shape[1:]) for r in (r_fwd, r_dq, r_dkv))
     o = _flash(qp, kp, vp, q_seg, kv_seg, r_fwd, r_dq, r_dkv, cfg)
     return o[:, :seq_q, :, :head_dim]

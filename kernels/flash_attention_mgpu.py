@@ -37,17 +37,20 @@ def supported(head_dim: int, dtype: jnp.dtype, has_segments: bool) -> bool:
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
-def _row_vector(value: float, n: int) -> jax.Array:
+def row_vector(value: float, n: int) -> jax.Array:
     return plgpu.layout_cast(jnp.full((n,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
 
-def _mask_scores(spec: MaskSpec, s: jax.Array, row0: jax.Array, col0: jax.Array) -> jax.Array:
-    """s [bq, bk] with invisible pairs set to -inf; row0 / col0: first query row / key index."""
+def mask_scores(spec: MaskSpec, s: jax.Array, q0: jax.Array, k0: jax.Array,
+                 transposed: bool = False) -> jax.Array:
+    """s with invisible pairs set to -inf. s is [queries, keys] ([keys, queries] if transposed);
+    q0 / k0: the first query row / key index of the tile."""
     shape = s.shape
-    rows = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-    cols = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-    pos = rows + (row0 + spec.offset)
-    cols = cols + col0
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    rows = plgpu.broadcasted_iota(jnp.int32, shape, q_axis, layout=plgpu.Layout.WGMMA)
+    cols = plgpu.broadcasted_iota(jnp.int32, shape, k_axis, layout=plgpu.Layout.WGMMA)
+    pos = rows + (q0 + spec.offset)
+    cols = cols + k0
     mask = None
     if spec.kv_padded:
         mask = cols < spec.seq_kv
@@ -60,7 +63,36 @@ def _mask_scores(spec: MaskSpec, s: jax.Array, row0: jax.Array, col0: jax.Array)
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-def _mma_accumulate(acc: jax.Array, a: jax.Array, b_smem, a_smem) -> jax.Array:
+def stream(n: jax.Array, num_stages: int, copies: list) -> None:
+    """Producer warpgroup: for t in [0, n) copy block t of every source into ring slot
+    t % num_stages, waiting until the consumers have freed the slot.
+
+    copies: (src(t) -> GMEM view, SMEM ring [num_stages, ...], loaded barriers, freed barriers).
+    The last num_stages releases are observed too, so every barrier ends on a completed phase.
+    """
+    def load(t, slot):
+        for src, ring, loaded, _ in copies:
+            plgpu.copy_gmem_to_smem(src(t), ring.at[slot], loaded.at[slot])
+
+    def wait_free(slot):
+        for _, _, _, freed in copies:
+            plgpu.barrier_wait(freed.at[slot])
+
+    for slot in range(num_stages):
+        pl.when(slot < n)(functools.partial(load, slot, slot))
+
+    @pl.loop(0, jnp.maximum(n - num_stages, 0))
+    def _refill(t):
+        slot = lax.rem(t, num_stages)
+        wait_free(slot)
+        load(t + num_stages, slot)
+
+    @pl.loop(jnp.maximum(n - num_stages, 0), n)
+    def _drain(t):
+        wait_free(lax.rem(t, num_stages))
+
+
+def mma_accumulate(acc: jax.Array, a: jax.Array, b_smem, a_smem) -> jax.Array:
     """acc + a @ b: wgmma with A from registers, accumulating in place.
 
     a_smem is None on the GPU. The interpreter takes wgmma operands from shared memory only and
@@ -118,7 +150,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
             else:
                 s2 = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
             if masked:
-                s2 = _mask_scores(spec, s2, row0, (lo + t) * block_kv)
+                s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv)
             m_new = jnp.maximum(m, s2.max(axis=1))
             if masked:  # a row that has seen no key yet keeps m = -inf: shift by 0 instead
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -131,13 +163,13 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
             p16 = p.astype(dtype)
             plgpu.barrier_wait(v_bar.at[slot])
 
-            acc = _mma_accumulate(acc, p16, v_smem.at[slot], p_smem)
+            acc = mma_accumulate(acc, p16, v_smem.at[slot], p_smem)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
         carry = (plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
                                    plgpu.Layout.WGMMA),
-                 _row_vector(-jnp.inf, block_q), _row_vector(0.0, block_q))
+                 row_vector(-jnp.inf, block_q), row_vector(0.0, block_q))
         carry = lax.fori_loop(0, full_lo - lo, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(full_lo - lo, full_hi - lo, functools.partial(step, masked=False),
                               carry)
@@ -158,28 +190,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(h, jnp.array(group, h.dtype))
         lo, hi = ranges_ref[b, 0, tile], ranges_ref[b, 3, tile]
-        n = hi - lo
-
-        def load(t, slot):
-            cols = (b, pl.ds((lo + t) * block_kv, block_kv), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[cols], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[cols], v_smem.at[slot], v_bar.at[slot])
-
-        for slot in range(num_stages):
-            pl.when(slot < n)(functools.partial(load, slot, slot))
-
-        @pl.loop(0, jnp.maximum(n - num_stages, 0))
-        def _refill(t):
-            slot = lax.rem(t, num_stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            load(t + num_stages, slot)
-
-        @pl.loop(jnp.maximum(n - num_stages, 0), n)
-        def _drain(t):  # observe the last releases so every barrier ends on a completed phase
-            slot = lax.rem(t, num_stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+        cols = lambda t: (b, pl.ds((lo + t) * block_kv, block_kv), kv_head)
+        stream(hi - lo, num_stages, [(lambda t: k_ref.at[cols(t)], k_smem, k_bar, k_free),
+                                     (lambda t: v_ref.at[cols(t)], v_smem, v_bar, v_free)])
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, scratch):
         (q_smem2, lse_smem2, k_smem, v_smem, *p_smem2), (q_bar, k_bar, v_bar), (k_free, v_free) = (

@@ -9,6 +9,21 @@ from fastlora_jax.kernels.attention_reference import attention_mask, flash_atten
 from fastlora_jax.ops.impl import Impl, resolve
 
 
+def gpu_default_impl(*, segment_ids: jax.Array | None, sliding_window: int | None,
+                     softcap: float | None) -> Impl:
+    """Which implementation the GPU runs by default (benchmarks/RESULTS.md, H200, jax 0.11.2).
+
+    PALLAS (our flash attention) when segment_ids, sliding_window or softcap is given: cuDNN
+    needs a dense [T, T] mask for packed documents and windows here (measured 5x slower than our
+    block-skipping kernel on 8 documents per 4096-token row) and has no softcap at all (the
+    fallback would be the O(T^2) reference). Otherwise CUDNN, which was faster than our kernels
+    for plain causal / full attention forward+backward at every length measured.
+    """
+    if segment_ids is not None or sliding_window is not None or softcap is not None:
+        return Impl.PALLAS
+    return Impl.CUDNN
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
               segment_ids: jax.Array | None = None,
               causal: bool = True,
@@ -20,13 +35,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
     segment_ids [B, T] int32: tokens attend only within their segment (packing).
     See `kernels/attention_reference.py` for the exact semantics every implementation follows.
+    The GPU default is `gpu_default_impl(...)`; the CPU default is the reference.
     """
-    which = resolve(impl, gpu_default=Impl.CUDNN, cpu_default=Impl.REFERENCE)
+    gpu_default = gpu_default_impl(segment_ids=segment_ids, sliding_window=sliding_window,
+                                   softcap=softcap)
+    which = resolve(impl, gpu_default=gpu_default, cpu_default=Impl.REFERENCE)
     if which is Impl.REFERENCE:
         return flash_attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
                                          sliding_window=sliding_window, softcap=softcap, scale=scale)
     if which is Impl.PALLAS:
-        from fastlora_jax.kernels.flash_attention import flash_attention  # GPU-only import
+        from fastlora_jax.kernels.flash_attention import flash_attention
 
         return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                sliding_window=sliding_window, softcap=softcap, scale=scale)

@@ -1,4 +1,4 @@
-"""Flash attention (interpreted Pallas on CPU) against the pure-jnp reference: forward and jax.grad."""
+"""Flash attention (interpreted Pallas on CPU) vs the pure-jnp reference: forward and jax.grad."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
-from fastlora_jax.ops.attention import attention
+from fastlora_jax.ops.attention import attention, gpu_default_impl
+from fastlora_jax.ops.impl import Impl
 
 SMALL = fa.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32, block_q_dkv=32,
                       block_kv_dkv=16)
@@ -113,10 +114,11 @@ def test_float32_tight():
     (64, dict(causal=True, sliding_window=50, softcap=5.0, scale=0.2)),
     (128, dict(causal=False)),
 ])
-def test_mosaic_forward_interpreted(head_dim: int, kw: dict):
-    """The Hopper (Mosaic GPU) forward, interpreted; ragged lengths; its lse feeds the backward."""
+def test_mosaic_interpreted(head_dim: int, kw: dict):
+    """The Hopper (Mosaic GPU) forward and backward kernels, interpreted; ragged lengths."""
     q, k, v, do = _inputs(14, 1, 200, 300, 2, 1, head_dim)
     assert fa.mgpu.supported(head_dim, q.dtype, has_segments=False)
+    assert fa.mgpu_bwd.supported(head_dim, q.dtype, has_segments=False)
     _compare(q, k, v, do, block_sizes=None, backend="mosaic_interpret", **kw)
 
 
@@ -143,7 +145,7 @@ def test_segment_isolation_bit_identical():
 
 
 def test_block_skipping_packed():
-    """Blocks that cross documents are never visited: 8 docs per row visit 80 of 528 causal blocks."""
+    """Blocks crossing documents are never visited: 8 docs per row visit 80 of 528 causal blocks."""
     seq, block = 4096, 128
     seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), seq // 8)[None]
     spec = fa.portable.MaskSpec(seq_q=seq, seq_kv=seq, causal=True, sliding_window=None,
@@ -162,6 +164,15 @@ def test_dispatch_pallas():
     got = attention(q, k, v, impl="pallas", causal=True, sliding_window=8)
     want = flash_attention_reference(q, k, v, causal=True, sliding_window=8)
     assert _rel(got, want) <= 1e-2
+
+
+def test_gpu_default_rule():
+    seg = jnp.zeros((1, 8), jnp.int32)
+    assert gpu_default_impl(segment_ids=None, sliding_window=None, softcap=None) is Impl.CUDNN
+    assert gpu_default_impl(segment_ids=seg, sliding_window=None, softcap=None) is Impl.PALLAS
+    assert gpu_default_impl(segment_ids=None, sliding_window=4, softcap=None) is Impl.PALLAS
+    assert gpu_default_impl(segment_ids=None, sliding_window=None, softcap=30.0) is Impl.PALLAS
+    assert fa.default_backend() is fa.Backend.INTERPRET  # CPU
 
 
 @pytest.mark.parametrize("field, value", [("block_q", 48), ("block_kv_dkv", 8), ("num_warps", 3),

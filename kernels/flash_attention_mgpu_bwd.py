@@ -1,0 +1,278 @@
+"""Hopper flash-attention backward on Mosaic GPU: a dq kernel and a dk/dv kernel.
+
+Both follow the forward's layout (`flash_attention_mgpu.py`): two compute warpgroups per CTA own
+block rows that stay in shared memory, and a producer warpgroup streams the other operand's blocks
+through a TMA ring. Scores are recomputed from q, k and the forward's lse; with
+p = exp(s - lse), dp = do v^T, ds = p (dp - delta) (times 1 - tanh^2 under softcap):
+  dq = scale * ds k                      (grid over query tiles, K/V streamed)
+  dk = scale * ds^T q,  dv = p^T do      (grid over key tiles and *query* heads, Q/dO streamed;
+                                          summed over each kv head's group afterwards)
+Inputs padded as for the forward: q, do [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; lse, delta
+[B, H, Tq] float32 (lse = +inf and delta = 0 on padded rows); D in {64, 128}; bf16 or fp16.
+ranges: dq [B, 4, Tq / (2 block_q)] over key blocks; dkv [B, 4, Tk / (2 block_kv)] over query
+blocks (lo, full_lo, full_hi, hi as in the portable kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from fastlora_jax.kernels.flash_attention_mgpu import mask_scores, mma_accumulate, stream
+from fastlora_jax.kernels.flash_attention_portable import MaskSpec
+
+_LOG2E = math.log2(math.e)
+_WGS = 2  # compute warpgroups per CTA
+
+
+def supported(head_dim: int, dtype: jnp.dtype, has_segments: bool) -> bool:
+    """Whether these kernels handle the call (shared memory limits head_dim to 128)."""
+    return (head_dim in (64, 128) and not has_segments
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def _scores2(s: jax.Array, scale: float, softcap: float | None
+             ) -> tuple[jax.Array, jax.Array | None]:
+    """log2(e) * (scaled, soft-capped) scores, and tanh for the softcap gradient."""
+    if softcap is None:
+        return s * (scale * _LOG2E), None
+    t = jnp.tanh(s * (scale / softcap))
+    return t * (softcap * _LOG2E), t
+
+
+def _load_vector(ref, layout) -> jax.Array:
+    """A float32 row/column vector straight from GMEM (plain loads: the swizzled fast path is
+    for SMEM only); issued early so its latency hides behind the next wgmma."""
+    return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _smem_specs(dtype, shapes: list[tuple[int, ...]]) -> tuple:
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return tuple(plgpu.SMEM(shape, dtype, transforms=transforms) for shape in shapes)
+
+
+def _interpret_kw(interpret: bool) -> dict:
+    return dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}
+
+
+def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
+                delta: jax.Array, ranges: jax.Array, *, spec: MaskSpec, scale: float,
+                softcap: float | None, block_q: int, block_kv: int, num_stages: int,
+                interpret: bool = False) -> jax.Array:
+    """dq [B, Tq, H, D] in q's dtype."""
+    batch, seq_q, heads, d = q.shape
+    group = heads // k.shape[2]
+    dtype = q.dtype
+    cta_rows = _WGS * block_q
+
+    def compute(q_ref, do_ref, lse_ref, delta_ref, dq_ref, ranges_ref, q_smem, do_smem, k_ring,
+                v_ring, ds_smem, q_bar, do_bar, k_bar, v_bar, k_free, v_free, wg, b, h, tile):
+        plgpu.set_max_registers(232, action="increase")
+        row0 = tile * cta_rows + wg * block_q
+        rows = (b, pl.ds(row0, block_q), h)
+        lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_bar)
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_bar)
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        lse2 = _load_vector(lse_ref.at[b, h, pl.ds(row0, block_q)], row_layout) * _LOG2E
+        delta = _load_vector(delta_ref.at[b, h, pl.ds(row0, block_q)], row_layout)
+        plgpu.barrier_wait(q_bar)
+        plgpu.barrier_wait(do_bar)
+        shape = (block_q, block_kv)
+
+        def step(t, dq, masked: bool):
+            slot = lax.rem(t, num_stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_ring.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            s2, th = _scores2(pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)), scale, softcap)
+            if masked:
+                s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv)
+            p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0]))
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            def dov(acc_ref):
+                plgpu.wgmma(acc_ref, do_smem, v_ring.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+            if th is not None:
+                ds = ds * (1.0 - th * th)
+            dq = mma_accumulate(dq, ds.astype(dtype), k_ring.at[slot], ds_smem)
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq
+
+        dq = plgpu.layout_cast(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA)
+        dq = lax.fori_loop(0, full_lo - lo, functools.partial(step, masked=True), dq)
+        dq = lax.fori_loop(full_lo - lo, full_hi - lo, functools.partial(step, masked=False), dq)
+        dq = lax.fori_loop(full_hi - lo, hi - lo, functools.partial(step, masked=True), dq)
+        q_smem[...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, dq_ref, scratch):
+        (q2, do2, k_ring, v_ring, *ds2), (q_bar, do_bar, k_bar, v_bar), (k_free, v_free) = scratch
+        b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < _WGS)
+        def _compute():
+            compute(q_ref, do_ref, lse_ref, delta_ref, dq_ref, ranges_ref, q2.at[wg], do2.at[wg],
+                    k_ring, v_ring, ds2[0].at[wg] if ds2 else None, q_bar.at[wg], do_bar.at[wg],
+                    k_bar, v_bar, k_free, v_free, wg, b, h, tile)
+
+        @pl.when(wg == _WGS)
+        def _produce():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(h, jnp.array(group, h.dtype))
+            lo, hi = ranges_ref[b, 0, tile], ranges_ref[b, 3, tile]
+            cols = lambda t: (b, pl.ds((lo + t) * block_kv, block_kv), kv_head)
+            stream(hi - lo, num_stages, [(lambda t: k_ref.at[cols(t)], k_ring, k_bar, k_free),
+                                         (lambda t: v_ref.at[cols(t)], v_ring, v_bar, v_free)])
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, dq_ref):
+        shapes = [(_WGS, block_q, d)] * 2 + [(num_stages, block_kv, d)] * 2
+        if interpret:  # dS staged through shared memory (see mma_accumulate)
+            shapes.append((_WGS, block_q, block_kv))
+        loaded = (plgpu.Barrier(num_barriers=_WGS), plgpu.Barrier(num_barriers=_WGS),
+                  plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=num_stages))
+        freed = (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
+        pl.run_scoped(
+            lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
+                                  dq_ref, scratch),
+            _smem_specs(q.dtype, shapes), loaded, freed, collective_axes="wg")
+
+    return plgpu.kernel(
+        entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        grid=(heads, seq_q // cta_rows, batch), grid_names=("heads", "tiles", "batch"),
+        num_threads=_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kw(interpret),
+    )(q, k, v, do, lse, delta, ranges)
+
+
+def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
+                 delta: jax.Array, ranges: jax.Array, *, spec: MaskSpec, scale: float,
+                 softcap: float | None, block_q: int, block_kv: int, num_stages: int,
+                 interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """dk, dv [B, Tk, Hkv, D] float32 (per query head in the kernel, summed over each group)."""
+    batch, seq_q, heads, d = q.shape
+    seq_kv, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    dtype = q.dtype
+    cta_keys = _WGS * block_kv
+
+    def compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, k_smem, v_smem,
+                q_ring, do_ring, p_smem, k_bar, v_bar, q_bar, do_bar, q_free, do_free, wg, b, h,
+                tile):
+        plgpu.set_max_registers(232, action="increase")
+        key0 = tile * cta_keys + wg * block_kv
+        kv_head = lax.div(h, jnp.array(group, h.dtype))
+        keys = (b, pl.ds(key0, block_kv), kv_head)
+        lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_bar)
+        plgpu.barrier_wait(k_bar)
+        plgpu.barrier_wait(v_bar)
+        shape = (block_kv, block_q)  # transposed scores: keys x queries
+        col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+        def step(t, carry, masked: bool):
+            dk, dv = carry
+            slot = lax.rem(t, num_stages)
+            q0 = (lo + t) * block_q
+            lse2 = _load_vector(lse_ref.at[b, h, pl.ds(q0, block_q)], col_layout) * _LOG2E
+            delta = _load_vector(delta_ref.at[b, h, pl.ds(q0, block_q)], col_layout)
+            plgpu.barrier_wait(q_bar.at[slot])
+
+            def kq(acc_ref):
+                plgpu.wgmma(acc_ref, k_smem, q_ring.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            s2, th = _scores2(pl.run_scoped(kq, plgpu.ACC(shape, jnp.float32)), scale, softcap)
+            if masked:
+                s2 = mask_scores(spec, s2, q0, key0, transposed=True)
+            p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1]))
+            plgpu.barrier_wait(do_bar.at[slot])
+            dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
+
+            def vdo(acc_ref):
+                plgpu.wgmma(acc_ref, v_smem, do_ring.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
+            plgpu.barrier_arrive(do_free.at[slot])
+            ds = p * (dp - lax.broadcast_in_dim(delta, shape, [1]))
+            if th is not None:
+                ds = ds * (1.0 - th * th)
+            dk = mma_accumulate(dk, ds.astype(dtype), q_ring.at[slot], p_smem)
+            plgpu.barrier_arrive(q_free.at[slot])
+            return dk, dv
+
+        zeros = plgpu.layout_cast(jnp.zeros((block_kv, d), jnp.float32), plgpu.Layout.WGMMA)
+        carry = (zeros, zeros)
+        carry = lax.fori_loop(0, full_lo - lo, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(full_lo - lo, full_hi - lo, functools.partial(step, masked=False),
+                              carry)
+        dk, dv = lax.fori_loop(full_hi - lo, hi - lo, functools.partial(step, masked=True), carry)
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        out = (b, pl.ds(key0, block_kv), h)
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out])
+        plgpu.wait_smem_to_gmem(0)
+
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, dk_ref, dv_ref,
+             scratch):
+        (k2, v2, q_ring, do_ring, *p2), (k_bar, v_bar, q_bar, do_bar), (q_free, do_free) = scratch
+        b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < _WGS)
+        def _compute():
+            compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, k2.at[wg],
+                    v2.at[wg], q_ring, do_ring, p2[0].at[wg] if p2 else None, k_bar.at[wg],
+                    v_bar.at[wg], q_bar, do_bar, q_free, do_free, wg, b, h, tile)
+
+        @pl.when(wg == _WGS)
+        def _produce():
+            plgpu.set_max_registers(40, action="decrease")
+            lo, hi = ranges_ref[b, 0, tile], ranges_ref[b, 3, tile]
+            rows = lambda t: (b, pl.ds((lo + t) * block_q, block_q), h)
+            stream(hi - lo, num_stages, [(lambda t: q_ref.at[rows(t)], q_ring, q_bar, q_free),
+                                         (lambda t: do_ref.at[rows(t)], do_ring, do_bar, do_free)])
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, dk_ref, dv_ref):
+        shapes = [(_WGS, block_kv, d)] * 2 + [(num_stages, block_q, d)] * 2
+        if interpret:  # P and dS staged through shared memory (see mma_accumulate)
+            shapes.append((_WGS, block_kv, block_q))
+        loaded = (plgpu.Barrier(num_barriers=_WGS), plgpu.Barrier(num_barriers=_WGS),
+                  plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=num_stages))
+        freed = (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
+        pl.run_scoped(
+            lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
+                                  dk_ref, dv_ref, scratch),
+            _smem_specs(dtype, shapes), loaded, freed, collective_axes="wg")
+
+    per_head = jax.ShapeDtypeStruct((batch, seq_kv, heads, d), dtype)
+    dk, dv = plgpu.kernel(
+        entry, out_type=(per_head, per_head),
+        grid=(heads, seq_kv // cta_keys, batch), grid_names=("heads", "tiles", "batch"),
+        num_threads=_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kw(interpret),
+    )(q, k, v, do, lse, delta, ranges)
+    dk = dk.astype(jnp.float32).reshape(batch, seq_kv, kv_heads, group, d).sum(axis=3)
+    dv = dv.astype(jnp.float32).reshape(batch, seq_kv, kv_heads, group, d).sum(axis=3)
+    return dk, dv
