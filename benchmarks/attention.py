@@ -183,6 +183,11 @@ def main() -> None:
                 else [*(b.value for b in fa.Backend if not b.interpreted), "mosaic_gpu_fwd"])
     cases = CASES[:2] if args.quick else CASES
     rows, table, extra = [], [], {}
+    doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),
+               device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=commit,
+               rows=rows, errors=extra)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"attention-{doc['date']}.json"
     for c in cases:
         results = {}
         for impl in [*(f"ours:{b}" for b in backends), "cudnn", "xla"]:
@@ -210,13 +215,9 @@ def main() -> None:
                                  note=results[base][3] or None))
             table.append((c.name, metric, {i: r[idx] for i, r in results.items()}))
         extra[c.name] = {i: r[3] for i, r in results.items() if r[3]}
+        path.write_text(json.dumps(doc, indent=1))  # after every case: partial runs keep data
     if args.sweep:
         extra["sweep"] = [sweep(CASES[1], b) for b in args.sweep.split(",")]
-    doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),
-               device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=commit,
-               rows=rows, errors=extra)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"attention-{doc['date']}.json"
     path.write_text(json.dumps(doc, indent=1))
     impls = sorted({i for _, _, r in table for i in r})
     print(f"\n{doc['device']}, jax {doc['jax_version']}, commit {commit}; TF/s (useful FLOPs)")
