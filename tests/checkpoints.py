@@ -61,3 +61,18 @@ def write_checkpoint(folder: pathlib.Path, config: dict[str, Any],
         {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
          "weight_map": weight_map}))
     return folder
+
+
+def tiny_chat_model(folder: pathlib.Path, tokenizer_dir: pathlib.Path) -> pathlib.Path:
+    """A tiny random Llama with SmolLM2's vocabulary, tokenizer and chat template (fast training)."""
+    import shutil
+
+    config = dict(TINY_LLAMA, vocab_size=49152, hidden_size=32, intermediate_size=64,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    tensors = llama_tensors(config, seed=7)
+    tensors["model.embed_tokens.weight"] *= 0.05
+    write_checkpoint(folder, config, tensors)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder

@@ -1,0 +1,118 @@
+"""`fastlora-jax train` end to end: a short run, SIGKILL + resume = uninterrupted, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fastlora_jax.demo import make_examples, write_jsonl
+from tests.checkpoints import tiny_chat_model
+from tests.refenv import REPO
+
+CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, smollm2_dir):
+    root = tmp_path_factory.mktemp("train")
+    model = tiny_chat_model(root / "tiny", smollm2_dir)
+    data = write_jsonl(make_examples(120, seed=5), root / "data.jsonl")
+    return root, model, data
+
+
+def args(model, data, out, *extra):
+    return [CLI, "train", "--model", str(model), "--data", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--max_seq_length", "64", "--learning_rate", "0.002", "--r", "4",
+            "--lora_dropout", "0.1", "--train_on_responses_only", "true",
+            "--disable_tqdm", "true", "--use_gradient_checkpointing", "false", *extra]
+
+
+def run(cmd, timeout=600):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def test_short_run_writes_adapter_logs_and_plot(setup, tmp_path):
+    root, model, data = setup
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 4\nlogging_steps: 2\nwarmup_steps: 1\n")
+    proc = run(args(model, data, tmp_path / "out", "--config", str(config)))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png",
+                 "log.jsonl", "train_stats.json", "run_info.json"):
+        assert (out / name).exists(), name
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in log)
+    assert list((out / "runs").iterdir())  # TensorBoard event file
+    assert "done: 4 steps" in proc.stdout
+
+
+def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
+    root, model, data = setup
+    steps = ["--max_steps", "30", "--save_steps", "5"]
+    full = run(args(model, data, tmp_path / "full", *steps))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(args(model, data, out, *steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "10").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before checkpoint 10"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "30").exists(), "the run was not interrupted"
+    resumed = run(args(model, data, out, *steps, "--resume_from_checkpoint", "true"))
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    log_full = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "full" / "log.jsonl")
+                                                   .read_text().splitlines())}
+    log_res = {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl")
+                                                  .read_text().splitlines())}
+    assert all(log_res[s] == log_full[s] for s in range(11, 31))
+
+
+def test_unknown_yaml_key(setup, tmp_path):
+    root, model, data = setup
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 2\nlerning_rate: 0.1\n")
+    proc = run(args(model, data, tmp_path / "o", "--config", str(config)))
+    assert proc.returncode == 2 and "lerning_rate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_with_last_checkpoint_intact(setup, tmp_path):
+    root, model, data = setup
+    proc = run(args(model, data, tmp_path / "o", "--max_steps", "6", "--save_steps", "1",
+                    "--learning_rate", "1e30", "--max_grad_norm", "0"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "non-finite loss" in proc.stderr and "Traceback" not in proc.stderr
+    saved = sorted(int(p.name) for p in (tmp_path / "o" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert saved and max(saved) < 6
+
+
+def test_unwritable_output_dir(setup, tmp_path):
+    root, model, data = setup
+    (tmp_path / "file").write_text("x")
+    proc = run(args(model, data, tmp_path / "file" / "out", "--max_steps", "1"))
+    assert proc.returncode == 2 and "not writable" in proc.stderr
+
+
+def test_missing_data_file(setup, tmp_path):
+    root, model, _ = setup
+    proc = run(args(model, tmp_path / "nope.jsonl", tmp_path / "o", "--max_steps", "1"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
