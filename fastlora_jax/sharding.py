@@ -96,5 +96,17 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 
 def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
-    """Place `params` on `mesh` according to the rules."""
-    return jax.device_put(params, param_shardings(config, mesh))
+    """Place `params` on `mesh` according to the rules.
+
+    A quantized weight (QTensor) is replicated for now: its packed layout has no per-axis split
+    that keeps bitsandbytes' blocks whole (see the notes in docs/).
+    """
+    shardings = param_shardings(config, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(value: Any, sharding: NamedSharding) -> Any:
+        if hasattr(value, "codes"):  # QTensor
+            return jax.tree.map(lambda a: jax.device_put(a, replicated), value)
+        return jax.device_put(value, sharding)
+
+    return jax.tree.map(place, params, shardings, is_leaf=lambda v: hasattr(v, "codes"))

@@ -147,7 +147,7 @@ def train_step(lora: Params, opt_state: Any, frozen: Params, batch: dict[str, ja
     loss, tokens, grads = accumulated_grads(cfg, lora, frozen, batch, dropout_key)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
-    metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
                "learning_rate": current_lr(opt_state)}
     return lora, opt_state, metrics
 
