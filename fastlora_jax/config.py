@@ -42,13 +42,14 @@ class RopeConfig:
     """Rotary embedding parameters.
 
     theta: base of the inverse frequencies `1 / theta**(2i/d)`.
-    kind: scaling kind; `factor` (and the llama3 / longrope fields) parameterise it.
+    kind: scaling kind; `factor` (and the llama3 / longrope fields) parameterise it. For longrope,
+      `factor` None means `max_position_embeddings / original_max_position_embeddings` (as HF).
     partial_rotary_factor: fraction of each head's dims that is rotated (Phi-3 / NeoX style).
     """
 
     theta: float = 10000.0
     kind: RopeKind = RopeKind.DEFAULT
-    factor: float = 1.0
+    factor: float | None = 1.0
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
     original_max_position_embeddings: int | None = None
@@ -72,15 +73,23 @@ class ModelConfig:
       head_dim: per-head width (need not be H / num_heads).
       rms_norm_eps: epsilon inside RMSNorm.
       max_position_embeddings: the context length the model was trained for.
-      rope: rotary embedding parameters.
+      rope: rotary embedding parameters (of every layer, or of the full-attention layers when
+        `local_rope` is set).
+      local_rope: rotary parameters of the sliding-attention layers if they differ (Gemma 3's
+        `rope_local_base_freq`, v5 `rope_parameters["sliding_attention"]`), else None.
       tie_embeddings: lm_head reuses the embedding matrix.
       mlp_activation: gate activation of the MLP.
       norm_offset: RMSNorm multiplies by `norm_offset + w` (Gemma stores w as an offset from 1).
       embed_scale: embeddings are multiplied by this (cast to the compute dtype) if not None.
       qkv_bias / o_bias / mlp_bias: biases on q,k,v / o / the MLP projections.
+      fused_qkv: one `qkv_proj` [q_size + 2 kv_size, H] (rows q, then k, then v) instead of
+        q/k/v_proj (Phi-3); kept fused so LoRA targets carry PEFT's names.
+      fused_gate_up: one `gate_up_proj` [2 I, H] (gate rows first, then up) instead of
+        gate_proj / up_proj (Phi-3).
       attn_logit_softcap / final_logit_softcap: `c * tanh(x / c)` on scores / logits if not None.
       sliding_window: window of the sliding-attention layers (a key is visible iff
-        `q - window < k <= q`); `layer_types[i]` says which layers slide.
+        `q - window < k <= q`); `layer_types[i]` ("sliding_attention" / "full_attention") says
+        which layers slide; None = every layer slides (Mistral, Phi-3).
       query_pre_attn_scalar: attention scale is `query_pre_attn_scalar ** -0.5` if not None, else
         `head_dim ** -0.5`.
       post_norms: Gemma 2 style extra norms after attention and after the MLP.
@@ -99,6 +108,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 2048
     rope: RopeConfig = RopeConfig()
+    local_rope: RopeConfig | None = None
     tie_embeddings: bool = False
     mlp_activation: Activation = Activation.SILU
     norm_offset: float = 0.0
@@ -106,6 +116,8 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     sliding_window: int | None = None
@@ -128,6 +140,9 @@ class ModelConfig:
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries, expected "
                               f"num_hidden_layers={self.num_layers}")
+        bad = sorted(set(self.layer_types or ()) - set(LAYER_TYPES))
+        if bad:
+            raise ConfigError(f"layer_types holds {bad}; supported layer types: {list(LAYER_TYPES)}")
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -155,6 +170,13 @@ class ModelConfig:
             return self.sliding_window
         return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
+    def layer_rope(self, layer: int) -> RopeConfig:
+        """The rotary parameters of layer `layer` (`local_rope` on sliding-attention layers)."""
+        if self.local_rope is not None and self.layer_types is not None and (
+                self.layer_types[layer] == "sliding_attention"):
+            return self.local_rope
+        return self.rope
+
     # ----------------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "ModelConfig":
@@ -167,7 +189,7 @@ class ModelConfig:
         family = family_for(model_type, source=source)
         reader = _Reader(dict(hf), source)
         fields = family.parse_config(reader)
-        reader.finish(family.model_type)
+        reader.finish(family.model_type, family.harmless_keys)
         return cls(**fields, extras=reader.extras())
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -181,6 +203,8 @@ class ModelConfig:
         out["architectures"] = [family.architecture]
         return dict(sorted(out.items()))
 
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # --------------------------------------------------------------------------------------------
 # Keys that do not change the forward math. Their values are kept verbatim (round trip) and never
@@ -239,6 +263,19 @@ class _Reader:
                               f"found {value!r}")
         return value
 
+    def peek(self, key: str, kind: type) -> Any:
+        """The checked value of a required `key`, left in place for a later `take`."""
+        value = self.take(key, kind)
+        self._hf[key] = value
+        return value
+
+    def take_or_null(self, key: str, kind: type, absent: Any) -> Any:
+        """Pop `key`: `absent` when the key is missing, None when it is null, else a `kind`
+        (HF dataclass defaults that a stored null overrides, e.g. Mistral's sliding_window)."""
+        if key not in self._hf:
+            return absent
+        return self.take(key, kind, None)
+
     def expect(self, key: str, allowed: tuple[Any, ...], why: str) -> Any:
         """Pop `key` (absent = allowed[0]) and fail unless its value is one of `allowed`."""
         value = self._hf.pop(key, allowed[0])
@@ -249,8 +286,13 @@ class _Reader:
                               f"(expected one of {list(allowed)}): {why}")
         return value
 
-    def rope(self, head_dim: int) -> RopeConfig:
-        """Read rope_theta/rope_scaling (v4) or rope_parameters (v5) into a RopeConfig."""
+    def rope(self, head_dim: int, *, default_theta: float = 10000.0,
+             original_max_position_embeddings: int | None = None) -> RopeConfig:
+        """Read rope_theta/rope_scaling (v4) or rope_parameters (v5) into a RopeConfig.
+
+        `original_max_position_embeddings`, when given (Phi-3 keeps it at the top level), wins
+        over the value inside the rope parameters, as in transformers.
+        """
         params = self._hf.pop("rope_parameters", None)
         scaling = self._hf.pop("rope_scaling", None)
         theta = self._hf.pop("rope_theta", None)
@@ -258,14 +300,54 @@ class _Reader:
         if params is not None and scaling is not None:
             raise ConfigError(f"{self._source}: both 'rope_parameters' and 'rope_scaling' are set; "
                               f"keep one of the two dialects")
-        merged: dict[str, Any] = dict(params or scaling or {})
+        merged = params or scaling or {}
         if not isinstance(merged, dict):
             raise ConfigError(f"{self._source}: rope parameters must be a JSON object, "
                               f"found {merged!r}")
+        merged = dict(merged)
         if theta is not None:
             merged.setdefault("rope_theta", theta)
         if partial is not None:
             merged.setdefault("partial_rotary_factor", partial)
+        return self._rope_from_dict(merged, f"{self._source} (rope parameters)", head_dim,
+                                    default_theta, original_max_position_embeddings)
+
+    def layer_type_ropes(self, head_dim: int, *, default_theta: float,
+                         default_local_theta: float) -> tuple[RopeConfig, RopeConfig]:
+        """(full-attention rope, sliding-attention rope) of a Gemma 3 style config.
+
+        v5: `rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}`.
+        v4: `rope_theta` + `rope_scaling` for full attention, `rope_local_base_freq` (default
+        `default_local_theta`) for sliding attention, which is never scaled.
+        """
+        params = self._hf.get("rope_parameters")
+        local_theta = self.take("rope_local_base_freq", float, None)
+        if isinstance(params, dict) and set(params) and set(params) <= set(LAYER_TYPES):
+            self._hf.pop("rope_parameters")
+            if local_theta is not None:
+                raise ConfigError(f"{self._source}: 'rope_local_base_freq' and per-layer-type "
+                                  f"'rope_parameters' are both set; keep one")
+            theta = self.take("rope_theta", float, None)
+            partial = self.take("partial_rotary_factor", float, None)
+            ropes = []
+            for layer_type, default in (("full_attention", default_theta),
+                                        ("sliding_attention", default_local_theta)):
+                sub = dict(params.get(layer_type) or {})
+                if theta is not None:
+                    sub.setdefault("rope_theta", theta)
+                if partial is not None:
+                    sub.setdefault("partial_rotary_factor", partial)
+                ropes.append(self._rope_from_dict(
+                    sub, f"{self._source} (rope_parameters[{layer_type!r}])", head_dim, default,
+                    None))
+            return ropes[0], ropes[1]
+        full = self.rope(head_dim, default_theta=default_theta)
+        local = RopeConfig(theta=default_local_theta if local_theta is None else local_theta,
+                           partial_rotary_factor=full.partial_rotary_factor)
+        return full, local
+
+    def _rope_from_dict(self, merged: dict[str, Any], source: str, head_dim: int,
+                        default_theta: float, original_max: int | None) -> RopeConfig:
         kind_name = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
         merged.pop("type", None)
         if kind_name == "su":
@@ -274,40 +356,45 @@ class _Reader:
             kind = RopeKind(kind_name)
         except ValueError:
             raise ConfigError(
-                f"{self._source}: rope type {kind_name!r} is not supported; supported: "
+                f"{source}: rope type {kind_name!r} is not supported; supported: "
                 f"{[k.value for k in RopeKind]}") from None
-        sub = _Reader(merged, f"{self._source} (rope parameters)")
+        sub = _Reader(merged, source)
+        factor = sub.take("factor", float, None)
         cfg = RopeConfig(
-            theta=sub.take("rope_theta", float, 10000.0),
+            theta=sub.take("rope_theta", float, default_theta),
             kind=kind,
-            factor=sub.take("factor", float, 1.0),
+            factor=factor if factor is not None or kind is RopeKind.LONGROPE else 1.0,
             low_freq_factor=sub.take("low_freq_factor", float, None),
             high_freq_factor=sub.take("high_freq_factor", float, None),
-            original_max_position_embeddings=sub.take("original_max_position_embeddings", int, None),
+            original_max_position_embeddings=sub.take("original_max_position_embeddings", int,
+                                                      None),
             short_factor=_float_tuple(sub.take("short_factor", list, None)),
             long_factor=_float_tuple(sub.take("long_factor", list, None)),
             attention_factor=sub.take("attention_factor", float, None),
             partial_rotary_factor=sub.take("partial_rotary_factor", float, 1.0),
         )
         sub.finish("rope")
+        if original_max is not None:
+            cfg = dataclasses.replace(cfg, original_max_position_embeddings=original_max)
         if kind is RopeKind.LLAMA3 and None in (cfg.low_freq_factor, cfg.high_freq_factor,
                                                  cfg.original_max_position_embeddings):
-            raise ConfigError(f"{self._source}: llama3 rope scaling needs factor, low_freq_factor, "
+            raise ConfigError(f"{source}: llama3 rope scaling needs factor, low_freq_factor, "
                               f"high_freq_factor and original_max_position_embeddings")
         rotary = int(head_dim * cfg.partial_rotary_factor)
         if kind is RopeKind.LONGROPE:
             for name in ("short_factor", "long_factor"):
                 factors = getattr(cfg, name)
                 if factors is None or len(factors) != rotary // 2:
-                    raise ConfigError(f"{self._source}: longrope {name} must have rotary_dim/2 = "
+                    raise ConfigError(f"{source}: longrope {name} must have rotary_dim/2 = "
                                       f"{rotary // 2} entries, found "
                                       f"{None if factors is None else len(factors)}")
         return cfg
 
-    def finish(self, what: str) -> None:
-        """Move harmless keys to extras; fail on anything left that nobody understood."""
+    def finish(self, what: str, harmless: frozenset[str] = frozenset()) -> None:
+        """Move harmless keys (global, plus the family's `harmless`) to extras; fail on anything
+        left that nobody understood."""
         for key in list(self._hf):
-            if key in HARMLESS_KEYS:
+            if key in HARMLESS_KEYS or key in harmless:
                 self._extras[key] = self._hf.pop(key)
         if self._hf:
             key = sorted(self._hf)[0]
@@ -334,7 +421,7 @@ def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
         out["rope_scaling"] = None
         return out
     scaling: dict[str, Any] = {"rope_type": rope.kind.value}
-    if rope.kind is not RopeKind.LONGROPE or rope.factor != 1.0:
+    if rope.factor is not None:
         scaling["factor"] = rope.factor
     for name in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
                  "attention_factor"):
@@ -349,7 +436,8 @@ def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
     return out
 
 
-def rotary_dim(config: ModelConfig) -> int:
-    """Rotary dims of each head (partial rotary rounds down to an even number)."""
-    rotary = int(config.head_dim * config.rope.partial_rotary_factor)
+def rotary_dim(config: ModelConfig, rope: RopeConfig | None = None) -> int:
+    """Rotary dims of each head under `rope` (default config.rope); partial rotary rounds down
+    to an even number."""
+    rotary = int(config.head_dim * (rope or config.rope).partial_rotary_factor)
     return rotary - rotary % 2

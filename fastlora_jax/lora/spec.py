@@ -18,11 +18,21 @@ from typing import Any, Sequence
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.errors import ConfigError
 
-# Our trainable projections per block: (group, name). Embeddings and lm_head are not LoRA targets.
+# The trainable projections of a llama-style block: (group, name). Embeddings and lm_head are not
+# LoRA targets. A fused family (Phi-3) has qkv_proj / gate_up_proj instead: see `projections`.
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
                ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
                ("mlp", "down_proj"))
 NOT_SUPPORTED_TARGETS = ("lm_head", "embed_tokens")
+
+
+def projections(model_config: ModelConfig) -> tuple[tuple[str, str], ...]:
+    """The LoRA-targetable projections of one block of `model_config`, with HF's module names."""
+    attn = ((("self_attn", "qkv_proj"),) if model_config.fused_qkv else
+            (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")))
+    mlp = ((("mlp", "gate_up_proj"),) if model_config.fused_gate_up else
+           (("mlp", "gate_proj"), ("mlp", "up_proj")))
+    return attn + (("self_attn", "o_proj"),) + mlp + (("mlp", "down_proj"),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +133,14 @@ def resolve(config: LoraConfig, model_config: ModelConfig,
     """Which projections of which layers get adapters, with their ranks and scales."""
     target = config.target_modules if config.target_modules is not None else tuple(default_targets)
     names = target if isinstance(target, tuple) else (target,)
+    available = projections(model_config)
     for bad in NOT_SUPPORTED_TARGETS:
         if any(t == bad or t.endswith("." + bad) for t in names):
             what = "DoRA" if config.use_dora else "LoRA"
             raise ConfigError(f"target_modules names {bad!r}: {what} on {bad} is not supported; "
-                              f"target the projections {[n for _, n in PROJECTIONS]}")
+                              f"target the projections {[n for _, n in available]}")
     modules = []
-    for group, name in PROJECTIONS:
+    for group, name in available:
         ranks, scales = [], []
         for layer in range(model_config.num_layers):
             full = hf_module_name(layer, group, name)
@@ -144,8 +155,8 @@ def resolve(config: LoraConfig, model_config: ModelConfig,
         if any(ranks):
             modules.append(((group, name), tuple(ranks), tuple(scales)))
     if not modules:
-        available = sorted({n for _, n in PROJECTIONS})
         raise ConfigError(f"target_modules={target!r} matches no module of this "
-                          f"{model_config.model_type!r} model; available names: {available} "
+                          f"{model_config.model_type!r} model; available names: "
+                          f"{sorted(n for _, n in available)} "
                           f"(full names look like {hf_module_name(0, 'self_attn', 'q_proj')!r})")
     return LoraSpec(config=config, modules=tuple(modules))

@@ -6,9 +6,13 @@ axis L so that `jax.lax.scan` runs the blocks and compile time does not grow wit
   embed_tokens.weight                 [V, H]
   layers.input_layernorm.weight       [L, H]
   layers.self_attn.{q,k,v}_proj.weight [L, out, H]   (+ .bias [L, out] when qkv_bias)
+    or layers.self_attn.qkv_proj.weight [L, Hq*D + 2*Hkv*D, H]        (fused_qkv: Phi-3)
+  layers.self_attn.{q,k}_norm.weight  [L, D]        (qk_norm: Qwen3, Gemma 3)
   layers.self_attn.o_proj.weight      [L, H, Hq*D]
   layers.post_attention_layernorm.weight [L, H]
+  layers.{pre,post}_feedforward_layernorm.weight [L, H]  (post_norms: Gemma 2 / 3)
   layers.mlp.{gate,up}_proj.weight    [L, I, H];  layers.mlp.down_proj.weight [L, H, I]
+    or layers.mlp.gate_up_proj.weight [L, 2*I, H]   (fused_gate_up: Phi-3; gate rows first)
   norm.weight                         [H]
   lm_head.weight                      [V, H]        (absent when tie_embeddings)
 
@@ -59,8 +63,10 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
         specs.append(ParamSpec(("layers",) + path, (L,) + shape, ("layers",) + axes, True))
 
     layer(("input_layernorm", "weight"), (H,), ("norm",))
-    for name, out, axis in (("q_proj", c.q_size, "heads"), ("k_proj", c.kv_size, "kv_heads"),
-                            ("v_proj", c.kv_size, "kv_heads")):
+    qkv = ((("qkv_proj", c.q_size + 2 * c.kv_size, "heads"),) if c.fused_qkv else
+           (("q_proj", c.q_size, "heads"), ("k_proj", c.kv_size, "kv_heads"),
+            ("v_proj", c.kv_size, "kv_heads")))
+    for name, out, axis in qkv:
         layer(("self_attn", name, "weight"), (out, H), (axis, "embed"))
         if c.qkv_bias:
             layer(("self_attn", name, "bias"), (out,), (axis,))
@@ -74,10 +80,11 @@ def param_specs(config: ModelConfig) -> list[ParamSpec]:
     if c.post_norms:
         layer(("pre_feedforward_layernorm", "weight"), (H,), ("norm",))
         layer(("post_feedforward_layernorm", "weight"), (H,), ("norm",))
-    for name in ("gate_proj", "up_proj"):
-        layer(("mlp", name, "weight"), (I, H), ("mlp", "embed"))
+    for name, out in ((("gate_up_proj", 2 * I),) if c.fused_gate_up else
+                      (("gate_proj", I), ("up_proj", I))):
+        layer(("mlp", name, "weight"), (out, H), ("mlp", "embed"))
         if c.mlp_bias:
-            layer(("mlp", name, "bias"), (I,), ("mlp",))
+            layer(("mlp", name, "bias"), (out,), ("mlp",))
     layer(("mlp", "down_proj", "weight"), (H, I), ("embed", "mlp"))
     if c.mlp_bias:
         layer(("mlp", "down_proj", "bias"), (H,), ("norm",))
@@ -141,9 +148,16 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
         return rms_norm(x, tree[name]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
 
     x = norm(h, "input_layernorm")
-    q = proj(x, "self_attn", "q_proj").reshape(B, T, c.num_heads, c.head_dim)     # [B,T,Hq,D]
-    k = proj(x, "self_attn", "k_proj").reshape(B, T, c.num_kv_heads, c.head_dim)  # [B,T,Hkv,D]
-    v = proj(x, "self_attn", "v_proj").reshape(B, T, c.num_kv_heads, c.head_dim)  # [B,T,Hkv,D]
+    if c.fused_qkv:
+        qkv = proj(x, "self_attn", "qkv_proj")                        # [B,T,Hq*D+2*Hkv*D]
+        q, k, v = jnp.split(qkv, [c.q_size, c.q_size + c.kv_size], axis=-1)
+    else:
+        q = proj(x, "self_attn", "q_proj")                            # [B,T,Hq*D]
+        k = proj(x, "self_attn", "k_proj")                            # [B,T,Hkv*D]
+        v = proj(x, "self_attn", "v_proj")                            # [B,T,Hkv*D]
+    q = q.reshape(B, T, c.num_heads, c.head_dim)                      # [B,T,Hq,D]
+    k = k.reshape(B, T, c.num_kv_heads, c.head_dim)                   # [B,T,Hkv,D]
+    v = v.reshape(B, T, c.num_kv_heads, c.head_dim)                   # [B,T,Hkv,D]
     if c.qk_norm:
         q = norm(q, "q_norm", p["self_attn"])
         k = norm(k, "k_norm", p["self_attn"])
@@ -160,7 +174,11 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
         h = h + a
         x = norm(h, "post_attention_layernorm")
     act = _activation(c.mlp_activation)
-    m = act(proj(x, "mlp", "gate_proj")) * proj(x, "mlp", "up_proj")               # [B,T,I]
+    if c.fused_gate_up:
+        gate, up = jnp.split(proj(x, "mlp", "gate_up_proj"), 2, axis=-1)           # [B,T,I] x2
+    else:
+        gate, up = proj(x, "mlp", "gate_proj"), proj(x, "mlp", "up_proj")           # [B,T,I] x2
+    m = act(gate) * up                                                              # [B,T,I]
     m = proj(m, "mlp", "down_proj")                                                 # [B,T,H]
     if c.post_norms:
         m = norm(m, "post_feedforward_layernorm")
@@ -168,10 +186,11 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
 
 
 def layer_period(config: ModelConfig) -> int:
-    """Smallest p dividing L such that layer windows repeat every p layers (1 for uniform models)."""
-    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    """Smallest p dividing L such that each layer's static attention setup (window, rope) repeats
+    every p layers (1 for uniform models; 2 for Gemma 2; 6 for Gemma 3)."""
+    kinds = [(config.layer_window(i), config.layer_rope(i)) for i in range(config.num_layers)]
     for p in range(1, config.num_layers + 1):
-        if config.num_layers % p == 0 and all(windows[i] == windows[i % p] for i in range(len(windows))):
+        if config.num_layers % p == 0 and all(kinds[i] == kinds[i % p] for i in range(len(kinds))):
             return p
     return config.num_layers
 
@@ -195,10 +214,11 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
     dtype = dtype or params["embed_tokens"]["weight"].dtype
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    cos, sin = cos_sin(c, positions)
     h = embed(c, params, input_ids, dtype)
     period = layer_period(c)
     windows = [c.layer_window(i) for i in range(period)]
+    ropes = [c.layer_rope(i) for i in range(period)]
+    tables = {rope: cos_sin(c, positions, rope) for rope in set(ropes)}  # [B,T,rot] each
 
     def body(h: jax.Array, xs: tuple[Params, Params | None]) -> tuple[jax.Array, None]:
         group, lora_group = xs
@@ -206,6 +226,7 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
         for j in range(period):
             p_j = jax.tree.map(lambda a: a[j], group)
             l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)
+            cos, sin = tables[ropes[j]]
             h = decoder_layer(c, p_j, l_j, h, cos, sin, segment_ids, windows[j], project,
                               attention_impl)
         return h, None

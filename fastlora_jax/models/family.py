@@ -21,7 +21,10 @@ class Family:
     unparse_config: the inverse, HF keys for a ModelConfig (harmless extras are added by the caller).
     architecture: the HF class name written to `architectures`.
     default_target_modules: LoRA targets when the user gives none (Unsloth's: all projections).
-    peft_default_target_modules: what PEFT itself targets when `target_modules` is null.
+    peft_default_target_modules: what PEFT itself targets when `target_modules` is null (PEFT's
+      TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING); None where PEFT has no entry.
+    harmless_keys: config.json keys of this family that do not change the math (kept verbatim
+      in `extras`), beyond the global `config.HARMLESS_KEYS`.
     """
 
     model_type: str
@@ -30,3 +33,4 @@ class Family:
     unparse_config: Callable[["ModelConfig"], dict[str, Any]]
     default_target_modules: tuple[str, ...]
     peft_default_target_modules: tuple[str, ...] | None
+    harmless_keys: frozenset[str] = frozenset()

@@ -1,4 +1,7 @@
-"""Llama (2, 3, 3.1, 3.2; SmolLM2 and other `model_type: llama` checkpoints)."""
+"""Llama (2, 3, 3.1, 3.2; SmolLM2 and other `model_type: llama` checkpoints).
+
+Also the shared reading and writing of llama-style config keys that the other families build on.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,17 @@ from fastlora_jax.config import Activation, ModelConfig, _Reader, rope_to_hf
 from fastlora_jax.models.family import Family
 
 
-def parse_llama_like(r: _Reader, model_type: str) -> dict[str, Any]:
-    """The keys shared by llama-style configs (Llama, Mistral, Qwen2 build on this)."""
+def parse_llama_like(r: _Reader, model_type: str, *, head_dim: int | None = None,
+                     tie: bool = False, eps: float = 1e-6, max_pos: int = 2048,
+                     rope: bool = True) -> dict[str, Any]:
+    """The keys shared by llama-style configs; keyword arguments are the family's HF defaults
+    (head_dim None = hidden_size // num_attention_heads). `rope=False` leaves the rope keys to
+    the caller. The MLP activation is read by each family."""
     hidden = r.take("hidden_size", int)
     heads = r.take("num_attention_heads", int)
-    head_dim = r.take("head_dim", int, hidden // heads)
-    act = r.expect("hidden_act", ("silu",), "the Llama MLP is SwiGLU")
+    head_dim = r.take("head_dim", int, head_dim or hidden // heads)
     r.expect("attention_dropout", (0.0, 0), "attention dropout is not implemented; set it to 0.0")
-    return dict(
+    fields = dict(
         model_type=model_type,
         vocab_size=r.take("vocab_size", int),
         hidden_size=hidden,
@@ -24,15 +30,17 @@ def parse_llama_like(r: _Reader, model_type: str) -> dict[str, Any]:
         num_heads=heads,
         num_kv_heads=r.take("num_key_value_heads", int, heads),
         head_dim=head_dim,
-        rms_norm_eps=r.take("rms_norm_eps", float, 1e-6),
-        max_position_embeddings=r.take("max_position_embeddings", int, 2048),
-        rope=r.rope(head_dim),
-        tie_embeddings=r.take("tie_word_embeddings", bool, False),
-        mlp_activation=Activation(act),
+        rms_norm_eps=r.take("rms_norm_eps", float, eps),
+        max_position_embeddings=r.take("max_position_embeddings", int, max_pos),
+        tie_embeddings=r.take("tie_word_embeddings", bool, tie),
     )
+    if rope:
+        fields["rope"] = r.rope(head_dim)
+    return fields
 
 
 def unparse_llama_like(c: ModelConfig) -> dict[str, Any]:
+    """HF keys of the shared fields (rope in the v4 dialect, `hidden_act`)."""
     return dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
@@ -41,10 +49,16 @@ def unparse_llama_like(c: ModelConfig) -> dict[str, Any]:
         hidden_act=c.mlp_activation.value, attention_dropout=0.0, **rope_to_hf(c.rope))
 
 
+def silu_act(r: _Reader) -> Activation:
+    """`hidden_act`, which must be silu (SwiGLU)."""
+    return Activation(r.expect("hidden_act", ("silu",), "this family's MLP is SwiGLU"))
+
+
 def _parse(r: _Reader) -> dict[str, Any]:
     fields = parse_llama_like(r, "llama")
     bias = r.take("attention_bias", bool, False)
-    fields.update(qkv_bias=bias, o_bias=bias, mlp_bias=r.take("mlp_bias", bool, False))
+    fields.update(qkv_bias=bias, o_bias=bias, mlp_bias=r.take("mlp_bias", bool, False),
+                  mlp_activation=silu_act(r))
     return fields
 
 

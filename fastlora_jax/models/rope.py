@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.config import ModelConfig, RopeKind, rotary_dim
+from fastlora_jax.config import ModelConfig, RopeConfig, RopeKind, rotary_dim
 
 
-def base_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Static inverse frequencies [rot/2] (float32), with linear / llama3 scaling applied."""
-    rope = config.rope
-    dim = rotary_dim(config)
+def base_inv_freq(config: ModelConfig, rope: RopeConfig | None = None) -> np.ndarray:
+    """Static inverse frequencies [rot/2] (float32) of `rope` (default config.rope), with linear /
+    llama3 scaling applied."""
+    rope = rope or config.rope
+    dim = rotary_dim(config, rope)
     inv = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     if rope.kind is RopeKind.LINEAR:
         inv = inv / rope.factor
@@ -32,11 +33,13 @@ def base_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [batch, seq, rot] (float32) for integer positions [batch, seq]."""
-    rope = config.rope
-    dim = rotary_dim(config)
-    inv = jnp.asarray(base_inv_freq(config))
+def cos_sin(config: ModelConfig, positions: jax.Array,
+            rope: RopeConfig | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [batch, seq, rot] (float32) for integer positions [batch, seq], under
+    `rope` (default config.rope; a layer's is `config.layer_rope(i)`)."""
+    rope = rope or config.rope
+    dim = rotary_dim(config, rope)
+    inv = jnp.asarray(base_inv_freq(config, rope))
     scale = 1.0
     seq_len = jnp.max(positions) + 1
     if rope.kind is RopeKind.DYNAMIC:
@@ -52,19 +55,20 @@ def cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.A
         long = jnp.asarray(rope.long_factor, jnp.float32)
         ext = jnp.where(seq_len > orig, long, short)
         inv = 1.0 / (ext * rope.theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-        scale = longrope_attention_factor(config)
+        scale = longrope_attention_factor(config, rope)
     angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, rot/2]
     angles = jnp.concatenate([angles, angles], axis=-1)     # [B, T, rot]
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
-def longrope_attention_factor(config: ModelConfig) -> float:
-    """LongRoPE's multiplier on cos and sin."""
-    rope = config.rope
+def longrope_attention_factor(config: ModelConfig, rope: RopeConfig | None = None) -> float:
+    """LongRoPE's multiplier on cos and sin: `attention_factor` if set, else
+    sqrt(1 + ln(factor) / ln(orig)) (1 when factor <= 1), factor defaulting to max_pos / orig."""
+    rope = rope or config.rope
     if rope.attention_factor is not None:
         return rope.attention_factor
     orig = rope.original_max_position_embeddings or config.max_position_embeddings
-    factor = config.max_position_embeddings / orig
+    factor = rope.factor if rope.factor is not None else config.max_position_embeddings / orig
     if factor <= 1.0:
         return 1.0
     return math.sqrt(1 + math.log(factor) / math.log(orig))
