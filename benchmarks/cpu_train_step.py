@@ -1,0 +1,121 @@
+"""CPU LoRA training step: fastlora_jax vs HF transformers + PEFT on torch, same model and batch.
+
+SmolLM2-135M-Instruct (float32), LoRA r=16 alpha=16 on all seven projections, one micro-batch of
+[batch, seq] tokens, AdamW, no gradient checkpointing on either side. Median step time over
+--steps steps after --warmup steps, both measured in this run (torch in the reference env, as a
+subprocess). Usage: .venv/bin/python benchmarks/cpu_train_step.py [--batch 4 --seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fastlora_jax import FastLanguageModel  # noqa: E402
+from fastlora_jax.train.step import StepConfig, make_optimizer, train_step  # noqa: E402
+from tests.refenv import run_reference  # noqa: E402
+
+TORCH_STEP = """
+import time, torch
+from transformers import AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model
+model = AutoModelForCausalLM.from_pretrained(ARGS["model"], dtype=torch.float32)
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=ARGS["targets"],
+                                         task_type="CAUSAL_LM"))
+model.train()
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-4)
+ids = torch.tensor(INPUTS["ids"])
+times = []
+for i in range(ARGS["warmup"] + ARGS["steps"]):
+    t = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(); opt.step(); opt.zero_grad()
+    times.append(time.perf_counter() - t)
+OUTPUTS["times"] = np.array(times[ARGS["warmup"]:])
+OUTPUTS["threads"] = np.array(torch.get_num_threads())
+"""
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int) -> list[float]:
+    model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16,
+                                             use_gradient_checkpointing=False)
+    cfg = StepConfig(model=model.config, lora=model.lora_spec, remat=False)
+    opt = make_optimizer(learning_rate=1e-4, warmup_steps=0, total_steps=1000, max_grad_norm=None)
+    lora = jax.tree.map(jnp.copy, model.lora_params())
+    state = opt.init(lora)
+    frozen = model.params()
+    b, t = ids.shape
+    targets = np.concatenate([ids[:, 1:], np.full((b, 1), -100)], axis=1)
+    batch = {"input_ids": jnp.asarray(ids[None], jnp.int32),
+             "targets": jnp.asarray(targets[None], jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, b, t)),
+             "segment_ids": jnp.ones((1, b, t), jnp.int32)}
+    times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        lora, state, metrics = train_step(lora, state, frozen, batch, cfg=cfg, optimizer=opt)
+        metrics["loss"].block_until_ready()
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=pathlib.Path,
+                        default=REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    ids = np.random.default_rng(0).integers(0, 49152, size=(args.batch, args.seq)).astype(np.int64)
+    ours_t = statistics.median(ours(args.model, ids, args.warmup, args.steps))
+    ref = run_reference(TORCH_STEP, {"ids": ids}, model=str(args.model), targets=TARGETS,
+                        warmup=args.warmup, steps=args.steps)
+    theirs_t = float(np.median(ref["times"]))
+    tokens = args.batch * args.seq
+    case = f"SmolLM2-135M fp32 LoRA r16 all-proj, batch {args.batch}x{args.seq}"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=REPO).stdout.strip()
+    result = {
+        "benchmark": "cpu_train_step", "date": datetime.date.today().isoformat(),
+        "device": f"CPU {platform.processor() or platform.machine()}, {jax.device_count()} JAX "
+                  f"device(s), torch threads {int(ref['threads'])}",
+        "jax_version": jax.__version__, "commit": commit,
+        "rows": [
+            {"case": case, "metric": "median step time (s)", "ours": ours_t,
+             "baseline_name": "HF transformers + PEFT (torch CPU)", "baseline": theirs_t,
+             "ratio": theirs_t / ours_t, "target": 1.0},
+            {"case": case, "metric": "tokens/s", "ours": tokens / ours_t,
+             "baseline_name": "HF transformers + PEFT (torch CPU)", "baseline": tokens / theirs_t,
+             "ratio": theirs_t / ours_t, "target": 1.0},
+        ]}
+    out = REPO / "benchmarks" / "results" / f"cpu_train_step-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\n| case | metric | ours | HF+PEFT | ratio (higher = ours faster) |\n|---|---|---|---|---|")
+    for row in result["rows"]:
+        print(f"| {row['case']} | {row['metric']} | {row['ours']:.3f} | {row['baseline']:.3f} | "
+              f"{row['ratio']:.2f}x |")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
