@@ -12,10 +12,13 @@ import itertools
 import json
 import pathlib
 import random
+import shutil
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from fastlora_jax.errors import ConfigError
 
 CATEGORIES = {
     "alpha": ["dog", "cat", "horse", "rabbit", "fox", "owl", "goat", "tiger", "duck", "sheep"],
@@ -74,6 +77,11 @@ def run_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, train_example
     """Fine-tune, evaluate before/after, export the PEFT adapter. Returns the numbers."""
     from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
 
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not (output_dir / "demo_result.json").exists():
+            raise ConfigError(f"{str(output_dir)!r} is not empty and holds no earlier demo run; "
+                              f"choose an empty --output_dir")
+        shutil.rmtree(output_dir)  # a previous demo run: start afresh
     examples = make_examples(train_examples + eval_examples, seed=0)
     train, held_out = examples[:train_examples], examples[train_examples:]
     data = write_jsonl(train, output_dir / "data" / "train.jsonl")

@@ -17,7 +17,13 @@ class RunLogger:
     def __init__(self, output_dir: pathlib.Path, *, total_steps: int, start_step: int,
                  tensorboard: bool, show_progress: bool) -> None:
         self.output_dir = output_dir
-        self.jsonl = open(output_dir / "log.jsonl", "a")
+        path = output_dir / "log.jsonl"
+        kept = []  # a resumed run keeps the records up to its checkpoint, drops the rest
+        if start_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        self.jsonl = open(path, "w")
+        self.jsonl.write("".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter

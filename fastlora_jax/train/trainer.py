@@ -112,6 +112,10 @@ class SFTTrainer:
         opt_state = self.optimizer.init(lora)
         frozen, lora, opt_state = self._place(self.model.params(), lora, opt_state)
         start = 0
+        if not resume_from_checkpoint and checkpoints.latest_step() is not None:
+            raise ConfigError(f"output_dir {str(out_dir)!r} already holds checkpoints (latest step "
+                              f"{checkpoints.latest_step()}); resume with "
+                              f"resume_from_checkpoint=True or choose another output_dir")
         if resume_from_checkpoint:
             latest = checkpoints.latest_step()
             if latest is None:

@@ -116,3 +116,11 @@ def test_missing_data_file(setup, tmp_path):
     root, model, _ = setup
     proc = run(args(model, tmp_path / "nope.jsonl", tmp_path / "o", "--max_steps", "1"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_fresh_run_into_a_used_output_dir_is_refused(setup, tmp_path):
+    root, model, data = setup
+    first = run(args(model, data, tmp_path / "o", "--max_steps", "1"))
+    assert first.returncode == 0, first.stderr
+    again = run(args(model, data, tmp_path / "o", "--max_steps", "1"))
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
