@@ -86,14 +86,17 @@ def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
              block_sizes: fa.BlockSizes | None = None) -> Callable:
     """attention(q, k, v) for one implementation ('ours:<backend>', 'cudnn', 'xla').
 
-    'ours:mosaic_gpu_fwd' is the Mosaic GPU forward with the portable (Triton) backward.
+    'ours:mosaic_gpu_fwd' is the Mosaic GPU forward with the portable (Triton) backward;
+    'ours:mosaic_gpu_seg' lets the Mosaic kernels take segment ids (BlockSizes.mgpu_segments).
     """
     if impl.startswith("ours"):
         backend = impl.split(":")[1]
-        if backend == "mosaic_gpu_fwd":
-            backend = "mosaic_gpu"
+        variants = {"mosaic_gpu_fwd": dict(mgpu_backward=False),
+                    "mosaic_gpu_seg": dict(mgpu_segments=True)}
+        if backend in variants:
             block_sizes = dataclasses.replace(
-                block_sizes or fa.BlockSizes.for_head_dim(c.head_dim), mgpu_backward=False)
+                block_sizes or fa.BlockSizes.for_head_dim(c.head_dim), **variants[backend])
+            backend = "mosaic_gpu"
         return lambda q, k, v: fa.flash_attention(
             q, k, v, causal=True, segment_ids=seg, sliding_window=c.window, softcap=c.softcap,
             block_sizes=block_sizes, backend=backend)
@@ -180,7 +183,8 @@ def main() -> None:
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True).stdout.strip()
     backends = (args.backends.split(",") if args.backends
-                else [*(b.value for b in fa.Backend if not b.interpreted), "mosaic_gpu_fwd"])
+                else [*(b.value for b in fa.Backend if not b.interpreted), "mosaic_gpu_fwd",
+                      "mosaic_gpu_seg"])
     cases = CASES[:2] if args.quick else CASES
     rows, table, extra = [], [], {}
     doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),

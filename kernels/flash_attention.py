@@ -70,7 +70,8 @@ class BlockSizes:
     block_q / block_kv: forward tiles; *_dq: the dq kernel; *_dkv: the dk/dv kernel.
     mgpu_*: the Mosaic GPU kernels (block_q rows per compute warpgroup, two per CTA; a TMA ring of
     mgpu_num_stages slots); mgpu_backward=False keeps the portable backward behind the Mosaic
-    forward. Every block is a power of two >= 16 (mgpu blocks: multiples of 64);
+    forward; mgpu_segments=True lets the Mosaic kernels take segment ids (correct in the
+    interpreter, not yet run on a GPU: off by default, so packed batches use the portable path). Every block is a power of two >= 16 (mgpu blocks: multiples of 64);
     num_warps a power of two in [1, 16]; stages >= 1. Portable blocks larger than the (padded)
     sequence are shrunk to it.
     """
@@ -91,10 +92,12 @@ class BlockSizes:
     mgpu_block_q_bwd: int = 64
     mgpu_block_kv_bwd: int = 64
     mgpu_backward: bool = True
+    mgpu_segments: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.mgpu_backward, bool):
-            raise KernelError(f"BlockSizes.mgpu_backward={self.mgpu_backward!r} must be a bool")
+        for name in ("mgpu_backward", "mgpu_segments"):
+            if not isinstance(getattr(self, name), bool):
+                raise KernelError(f"BlockSizes.{name}={getattr(self, name)!r} must be a bool")
         for name in ("mgpu_block_q", "mgpu_block_kv", "mgpu_block_q_bwd", "mgpu_block_kv_bwd"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 64 or value % 64:
@@ -252,7 +255,7 @@ def _fwd_impl(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
               ) -> tuple[jax.Array, jax.Array]:
     b = cfg.blocks
     if cfg.use_mgpu:
-        return mgpu.forward(q, k, v, r_fwd, spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
+        return mgpu.forward(q, k, v, r_fwd, q_seg, kv_seg, spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
                             block_q=b.mgpu_block_q, block_kv=b.mgpu_block_kv,
                             num_stages=b.mgpu_num_stages,
                             interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
@@ -290,8 +293,8 @@ def _flash_bwd(cfg: _Config, res, do):
                       block_q=bs.mgpu_block_q_bwd, block_kv=bs.mgpu_block_kv_bwd,
                       num_stages=bs.mgpu_num_stages,
                       interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
-        dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, **common)
-        dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, **common)
+        dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, q_seg, kv_seg, **common)
+        dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg, **common)
         return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
     common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
                   num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd,
@@ -348,9 +351,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                                                   "block_q_dkv")},
         **{f: _fit(getattr(blocks, f), seq_kv) for f in ("block_kv", "block_kv_dq",
                                                          "block_kv_dkv")})
-    use_mgpu = backend.mosaic and mgpu.supported(head_dim, q.dtype, segment_ids is not None)
-    use_mgpu_bwd = (use_mgpu and blocks.mgpu_backward
-                    and mgpu_bwd.supported(head_dim, q.dtype, segment_ids is not None))
+    use_mgpu = (backend.mosaic and mgpu.supported(head_dim, q.dtype)
+                and (segment_ids is None or blocks.mgpu_segments))
+    use_mgpu_bwd = use_mgpu and blocks.mgpu_backward and mgpu_bwd.supported(head_dim, q.dtype)
     q_mult = max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv,
                  2 * blocks.mgpu_block_q if use_mgpu else 1,
                  2 * blocks.mgpu_block_q_bwd if use_mgpu_bwd else 1)

@@ -31,10 +31,16 @@ _LN2 = math.log(2.0)
 _COMPUTE_WGS = 2
 
 
-def supported(head_dim: int, dtype: jnp.dtype, has_segments: bool) -> bool:
+def supported(head_dim: int, dtype: jnp.dtype) -> bool:
     """Whether this forward handles the call (otherwise the portable kernel runs)."""
-    return (head_dim % 64 == 0 and head_dim <= 256 and not has_segments
+    return (head_dim % 64 == 0 and head_dim <= 256
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def load_vector(ref, layout) -> jax.Array:
+    """A row/column vector straight from GMEM (plain loads: the swizzled fast path is for SMEM
+    only); issue it early so its latency hides behind the next wgmma."""
+    return plgpu.load(ref, layout=layout, optimized=False)
 
 
 def row_vector(value: float, n: int) -> jax.Array:
@@ -42,9 +48,11 @@ def row_vector(value: float, n: int) -> jax.Array:
 
 
 def mask_scores(spec: MaskSpec, s: jax.Array, q0: jax.Array, k0: jax.Array,
-                 transposed: bool = False) -> jax.Array:
+                transposed: bool = False,
+                segments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """s with invisible pairs set to -inf. s is [queries, keys] ([keys, queries] if transposed);
-    q0 / k0: the first query row / key index of the tile."""
+    q0 / k0: the first query row / key index of the tile; segments: the tile's (query, key)
+    segment-id vectors, in the row/column layouts of s."""
     shape = s.shape
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
     rows = plgpu.broadcasted_iota(jnp.int32, shape, q_axis, layout=plgpu.Layout.WGMMA)
@@ -59,6 +67,11 @@ def mask_scores(spec: MaskSpec, s: jax.Array, q0: jax.Array, k0: jax.Array,
         mask = c if mask is None else mask & c
     if spec.sliding_window is not None:
         c = cols > pos - spec.sliding_window
+        mask = c if mask is None else mask & c
+    if segments is not None:
+        q_seg, k_seg = segments
+        c = (lax.broadcast_in_dim(q_seg, shape, [q_axis])
+             == lax.broadcast_in_dim(k_seg, shape, [k_axis]))
         mask = c if mask is None else mask & c
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
@@ -113,10 +126,12 @@ def mma_accumulate(acc: jax.Array, a: jax.Array, b_smem, a_smem) -> jax.Array:
     return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
 
 
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec: MaskSpec,
-            scale: float, softcap: float | None, block_q: int, block_kv: int, num_stages: int,
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
+            q_seg: jax.Array | None, kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
+            softcap: float | None, block_q: int, block_kv: int, num_stages: int,
             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Padded forward: (o [B, Tq, H, D], lse [B, H, Tq] float32)."""
+    """Padded forward: (o [B, Tq, H, D], lse [B, H, Tq] float32). q_seg [B, Tq], kv_seg [B, Tk]
+    int32 or None (segment ids padded with -1 / -2)."""
     batch, seq_q, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -124,18 +139,26 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
     n_tiles = seq_q // cta_rows
     dtype = q.dtype
 
-    def compute(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, q_smem, lse_smem, k_smem, v_smem,
-                p_smem, q_bar, k_bar, v_bar, k_free, v_free, wg, b, h, tile):
+    def compute(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, seg_refs, q_smem, lse_smem,
+                k_smem, v_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free, wg, b, h, tile):
         plgpu.set_max_registers(232, action="increase")
         row0 = tile * cta_rows + wg * block_q
         rows = (b, pl.ds(row0, block_q), h)
         lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
         plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_bar)
+        if seg_refs:
+            q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(row0, block_q)],
+                                    plgpu.Layout.WGMMA.reduce(1))
         plgpu.barrier_wait(q_bar)
 
         def step(t, carry, masked: bool):
             acc, m, l = carry
             slot = lax.rem(t, num_stages)
+            segments = None
+            if masked and seg_refs:
+                k_seg_vec = load_vector(seg_refs[1].at[b, pl.ds((lo + t) * block_kv, block_kv)],
+                                        plgpu.Layout.WGMMA.reduce(0))
+                segments = (q_seg_vec, k_seg_vec)
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(acc_ref):
@@ -150,7 +173,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
             else:
                 s2 = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
             if masked:
-                s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv)
+                s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
             m_new = jnp.maximum(m, s2.max(axis=1))
             if masked:  # a row that has seen no key yet keeps m = -inf: shift by 0 instead
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -194,7 +217,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
         stream(hi - lo, num_stages, [(lambda t: k_ref.at[cols(t)], k_smem, k_bar, k_free),
                                      (lambda t: v_ref.at[cols(t)], v_smem, v_bar, v_free)])
 
-    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, scratch):
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, seg_refs, scratch):
         (q_smem2, lse_smem2, k_smem, v_smem, *p_smem2), (q_bar, k_bar, v_bar), (k_free, v_free) = (
             scratch)
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
@@ -202,7 +225,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
 
         @pl.when(wg < _COMPUTE_WGS)
         def _compute():
-            compute(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, q_smem2.at[wg],
+            compute(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, seg_refs, q_smem2.at[wg],
                     lse_smem2.at[wg], k_smem, v_smem, p_smem2[0].at[wg] if p_smem2 else None,
                     q_bar.at[wg], k_bar, v_bar, k_free, v_free, wg, b, h, tile)
 
@@ -211,7 +234,10 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
             produce(k_ref, v_ref, ranges_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, b, h,
                     tile)
 
-    def entry(q_ref, k_ref, v_ref, ranges_ref, o_ref, lse_ref):
+    segs = () if q_seg is None else (q_seg, kv_seg)
+
+    def entry(q_ref, k_ref, v_ref, ranges_ref, *refs):
+        *seg_refs, o_ref, lse_ref = refs
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = (plgpu.SMEM((_COMPUTE_WGS, block_q, head_dim), dtype, transforms=transforms),
                 plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
@@ -223,7 +249,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
                   plgpu.Barrier(num_barriers=num_stages))
         freed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=num_stages),) * 2
         pl.run_scoped(
-            lambda *scratch: body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, scratch),
+            lambda *scratch: body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, seg_refs,
+                                  scratch),
             smem, loaded, freed, collective_axes="wg")
 
     extra = dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}
@@ -237,4 +264,4 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *, spec
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **extra,
-    )(q, k, v, ranges)
+    )(q, k, v, ranges, *segs)

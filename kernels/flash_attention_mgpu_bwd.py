@@ -24,16 +24,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fastlora_jax.kernels.flash_attention_mgpu import mask_scores, mma_accumulate, stream
+from fastlora_jax.kernels.flash_attention_mgpu import (load_vector, mask_scores, mma_accumulate,
+                                                       stream)
 from fastlora_jax.kernels.flash_attention_portable import MaskSpec
 
 _LOG2E = math.log2(math.e)
 _WGS = 2  # compute warpgroups per CTA
 
 
-def supported(head_dim: int, dtype: jnp.dtype, has_segments: bool) -> bool:
+def supported(head_dim: int, dtype: jnp.dtype) -> bool:
     """Whether these kernels handle the call (shared memory limits head_dim to 128)."""
-    return (head_dim in (64, 128) and not has_segments
+    return (head_dim in (64, 128)
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
@@ -46,12 +47,6 @@ def _scores2(s: jax.Array, scale: float, softcap: float | None
     return t * (softcap * _LOG2E), t
 
 
-def _load_vector(ref, layout) -> jax.Array:
-    """A float32 row/column vector straight from GMEM (plain loads: the swizzled fast path is
-    for SMEM only); issued early so its latency hides behind the next wgmma."""
-    return plgpu.load(ref, layout=layout, optimized=False)
-
-
 def _smem_specs(dtype, shapes: list[tuple[int, ...]]) -> tuple:
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     return tuple(plgpu.SMEM(shape, dtype, transforms=transforms) for shape in shapes)
@@ -62,7 +57,8 @@ def _interpret_kw(interpret: bool) -> dict:
 
 
 def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
-                delta: jax.Array, ranges: jax.Array, *, spec: MaskSpec, scale: float,
+                delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
+                kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                 softcap: float | None, block_q: int, block_kv: int, num_stages: int,
                 interpret: bool = False) -> jax.Array:
     """dq [B, Tq, H, D] in q's dtype."""
@@ -71,7 +67,8 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
     dtype = q.dtype
     cta_rows = _WGS * block_q
 
-    def compute(q_ref, do_ref, lse_ref, delta_ref, dq_ref, ranges_ref, q_smem, do_smem, k_ring,
+    def compute(q_ref, do_ref, lse_ref, delta_ref, dq_ref, ranges_ref, seg_refs, q_smem, do_smem,
+                k_ring,
                 v_ring, ds_smem, q_bar, do_bar, k_bar, v_bar, k_free, v_free, wg, b, h, tile):
         plgpu.set_max_registers(232, action="increase")
         row0 = tile * cta_rows + wg * block_q
@@ -80,14 +77,21 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
         plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_bar)
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        lse2 = _load_vector(lse_ref.at[b, h, pl.ds(row0, block_q)], row_layout) * _LOG2E
-        delta = _load_vector(delta_ref.at[b, h, pl.ds(row0, block_q)], row_layout)
+        lse2 = load_vector(lse_ref.at[b, h, pl.ds(row0, block_q)], row_layout) * _LOG2E
+        delta = load_vector(delta_ref.at[b, h, pl.ds(row0, block_q)], row_layout)
+        if seg_refs:
+            q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(row0, block_q)], row_layout)
         plgpu.barrier_wait(q_bar)
         plgpu.barrier_wait(do_bar)
         shape = (block_q, block_kv)
 
         def step(t, dq, masked: bool):
             slot = lax.rem(t, num_stages)
+            segments = None
+            if masked and seg_refs:
+                k_seg_vec = load_vector(seg_refs[1].at[b, pl.ds((lo + t) * block_kv, block_kv)],
+                                        plgpu.Layout.WGMMA.reduce(0))
+                segments = (q_seg_vec, k_seg_vec)
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(acc_ref):
@@ -96,7 +100,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
 
             s2, th = _scores2(pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)), scale, softcap)
             if masked:
-                s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv)
+                s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
             p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0]))
             plgpu.barrier_wait(v_bar.at[slot])
 
@@ -122,14 +126,16 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
         plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
         plgpu.wait_smem_to_gmem(0)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, dq_ref, scratch):
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, seg_refs, dq_ref,
+             scratch):
         (q2, do2, k_ring, v_ring, *ds2), (q_bar, do_bar, k_bar, v_bar), (k_free, v_free) = scratch
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
         wg = lax.axis_index("wg")
 
         @pl.when(wg < _WGS)
         def _compute():
-            compute(q_ref, do_ref, lse_ref, delta_ref, dq_ref, ranges_ref, q2.at[wg], do2.at[wg],
+            compute(q_ref, do_ref, lse_ref, delta_ref, dq_ref, ranges_ref, seg_refs, q2.at[wg],
+                    do2.at[wg],
                     k_ring, v_ring, ds2[0].at[wg] if ds2 else None, q_bar.at[wg], do_bar.at[wg],
                     k_bar, v_bar, k_free, v_free, wg, b, h, tile)
 
@@ -142,7 +148,10 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
             stream(hi - lo, num_stages, [(lambda t: k_ref.at[cols(t)], k_ring, k_bar, k_free),
                                          (lambda t: v_ref.at[cols(t)], v_ring, v_bar, v_free)])
 
-    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, dq_ref):
+    segs = () if q_seg is None else (q_seg, kv_seg)
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, *refs):
+        *seg_refs, dq_ref = refs
         shapes = [(_WGS, block_q, d)] * 2 + [(num_stages, block_kv, d)] * 2
         if interpret:  # dS staged through shared memory (see mma_accumulate)
             shapes.append((_WGS, block_q, block_kv))
@@ -151,7 +160,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
         freed = (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
-                                  dq_ref, scratch),
+                                  seg_refs, dq_ref, scratch),
             _smem_specs(q.dtype, shapes), loaded, freed, collective_axes="wg")
 
     return plgpu.kernel(
@@ -159,11 +168,12 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
         grid=(heads, seq_q // cta_rows, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kw(interpret),
-    )(q, k, v, do, lse, delta, ranges)
+    )(q, k, v, do, lse, delta, ranges, *segs)
 
 
 def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
-                 delta: jax.Array, ranges: jax.Array, *, spec: MaskSpec, scale: float,
+                 delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
+                 kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                  softcap: float | None, block_q: int, block_kv: int, num_stages: int,
                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """dk, dv [B, Tk, Hkv, D] float32 (per query head in the kernel, summed over each group)."""
@@ -173,7 +183,8 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
     dtype = q.dtype
     cta_keys = _WGS * block_kv
 
-    def compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, k_smem, v_smem,
+    def compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, seg_refs, k_smem,
+                v_smem,
                 q_ring, do_ring, p_smem, k_bar, v_bar, q_bar, do_bar, q_free, do_free, wg, b, h,
                 tile):
         plgpu.set_max_registers(232, action="increase")
@@ -187,13 +198,20 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         plgpu.barrier_wait(v_bar)
         shape = (block_kv, block_q)  # transposed scores: keys x queries
         col_layout = plgpu.Layout.WGMMA.reduce(0)
+        if seg_refs:
+            k_seg_vec = load_vector(seg_refs[1].at[b, pl.ds(key0, block_kv)],
+                                    plgpu.Layout.WGMMA.reduce(1))
 
         def step(t, carry, masked: bool):
             dk, dv = carry
             slot = lax.rem(t, num_stages)
             q0 = (lo + t) * block_q
-            lse2 = _load_vector(lse_ref.at[b, h, pl.ds(q0, block_q)], col_layout) * _LOG2E
-            delta = _load_vector(delta_ref.at[b, h, pl.ds(q0, block_q)], col_layout)
+            lse2 = load_vector(lse_ref.at[b, h, pl.ds(q0, block_q)], col_layout) * _LOG2E
+            delta = load_vector(delta_ref.at[b, h, pl.ds(q0, block_q)], col_layout)
+            segments = None
+            if masked and seg_refs:
+                q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(q0, block_q)], col_layout)
+                segments = (q_seg_vec, k_seg_vec)
             plgpu.barrier_wait(q_bar.at[slot])
 
             def kq(acc_ref):
@@ -202,7 +220,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
 
             s2, th = _scores2(pl.run_scoped(kq, plgpu.ACC(shape, jnp.float32)), scale, softcap)
             if masked:
-                s2 = mask_scores(spec, s2, q0, key0, transposed=True)
+                s2 = mask_scores(spec, s2, q0, key0, transposed=True, segments=segments)
             p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1]))
             plgpu.barrier_wait(do_bar.at[slot])
             dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
@@ -234,7 +252,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out])
         plgpu.wait_smem_to_gmem(0)
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, dk_ref, dv_ref,
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, seg_refs, dk_ref, dv_ref,
              scratch):
         (k2, v2, q_ring, do_ring, *p2), (k_bar, v_bar, q_bar, do_bar), (q_free, do_free) = scratch
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
@@ -242,7 +260,8 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
 
         @pl.when(wg < _WGS)
         def _compute():
-            compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, k2.at[wg],
+            compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, seg_refs,
+                    k2.at[wg],
                     v2.at[wg], q_ring, do_ring, p2[0].at[wg] if p2 else None, k_bar.at[wg],
                     v_bar.at[wg], q_bar, do_bar, q_free, do_free, wg, b, h, tile)
 
@@ -254,7 +273,10 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             stream(hi - lo, num_stages, [(lambda t: q_ref.at[rows(t)], q_ring, q_bar, q_free),
                                          (lambda t: do_ref.at[rows(t)], do_ring, do_bar, do_free)])
 
-    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, dk_ref, dv_ref):
+    segs = () if q_seg is None else (q_seg, kv_seg)
+
+    def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, *refs):
+        *seg_refs, dk_ref, dv_ref = refs
         shapes = [(_WGS, block_kv, d)] * 2 + [(num_stages, block_q, d)] * 2
         if interpret:  # P and dS staged through shared memory (see mma_accumulate)
             shapes.append((_WGS, block_kv, block_q))
@@ -263,7 +285,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         freed = (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
-                                  dk_ref, dv_ref, scratch),
+                                  seg_refs, dk_ref, dv_ref, scratch),
             _smem_specs(dtype, shapes), loaded, freed, collective_axes="wg")
 
     per_head = jax.ShapeDtypeStruct((batch, seq_kv, heads, d), dtype)
@@ -272,7 +294,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         grid=(heads, seq_kv // cta_keys, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kw(interpret),
-    )(q, k, v, do, lse, delta, ranges)
+    )(q, k, v, do, lse, delta, ranges, *segs)
     dk = dk.astype(jnp.float32).reshape(batch, seq_kv, kv_heads, group, d).sum(axis=3)
     dv = dv.astype(jnp.float32).reshape(batch, seq_kv, kv_heads, group, d).sum(axis=3)
     return dk, dv

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,9 +119,16 @@ def test_float32_tight():
 def test_mosaic_interpreted(head_dim: int, kw: dict):
     """The Hopper (Mosaic GPU) forward and backward kernels, interpreted; ragged lengths."""
     q, k, v, do = _inputs(14, 1, 200, 300, 2, 1, head_dim)
-    assert fa.mgpu.supported(head_dim, q.dtype, has_segments=False)
-    assert fa.mgpu_bwd.supported(head_dim, q.dtype, has_segments=False)
+    assert fa.mgpu.supported(head_dim, q.dtype) and fa.mgpu_bwd.supported(head_dim, q.dtype)
     _compare(q, k, v, do, block_sizes=None, backend="mosaic_interpret", **kw)
+
+
+def test_mosaic_segments_interpreted():
+    """Segment ids in the Mosaic kernels (opt-in: BlockSizes.mgpu_segments), interpreted."""
+    q, k, v, do = _inputs(15, 1, 256, 256, 2, 1, 64)
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_segments=True)
+    _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
+             segment_ids=_packed_ids(1, 256, 5, seed=6))
 
 
 def test_segment_isolation_bit_identical():
