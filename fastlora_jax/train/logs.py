@@ -7,9 +7,6 @@ import pathlib
 import time
 from typing import Any
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-
 
 class RunLogger:
     """Writes every logged step to `log.jsonl` (and TensorBoard), drives the progress bar."""
@@ -29,6 +26,9 @@ class RunLogger:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(str(output_dir / "runs"))
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(),
