@@ -168,6 +168,24 @@ def test_block_skipping_packed():
     assert visited * 6 < n * (n + 1) // 2  # 80 of the 528 causal blocks
 
 
+def test_memory_linear_in_seq_at_65536():
+    """fwd+bwd compiled at seq 65,536 (packed, causal) needs O(seq) scratch: no [seq, seq] buffer."""
+    seq, heads, kv_heads, d = 65536, 2, 1, 64
+    q = jax.ShapeDtypeStruct((1, seq, heads, d), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, seq, kv_heads, d), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+
+    def step(q, k, v, seg):
+        o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(
+            q, k, v, causal=True, segment_ids=seg, backend="interpret"), q, k, v)
+        return vjp(o)
+
+    mem = jax.jit(step).lower(q, k, k, seg).compile().memory_analysis()
+    io = mem.argument_size_in_bytes + mem.output_size_in_bytes
+    assert mem.temp_size_in_bytes < 8 * io, f"{mem.temp_size_in_bytes=} vs {io=}"
+    assert mem.temp_size_in_bytes < seq * seq  # one bf16 score matrix would be 8 GiB
+
+
 def test_dispatch_pallas():
     q, k, v, _ = _inputs(12, 1, 32, 32, 4, 2, 64)
     got = attention(q, k, v, impl="pallas", causal=True, sliding_window=8)
