@@ -13,8 +13,8 @@ restart at 0 in each segment, and both the index and the position grow by one pe
 positions used for RoPE need not be passed here.
 
 Kernels: `flash_attention_portable.py` (Pallas, Triton-backend lowering on any CUDA GPU, and
-`interpret` on CPU) and, on Hopper, `flash_attention_mgpu.py` (Mosaic GPU) for the forward pass
-where it supports the call. Whole blocks that the mask hides (above the causal diagonal, outside
+`interpret` on CPU) and, on Hopper, `flash_attention_mgpu.py` / `flash_attention_mgpu_bwd.py`
+(Mosaic GPU: TMA, wgmma, warp specialisation) where they support the call. Whole blocks that the mask hides (above the causal diagonal, outside
 the window, crossing packed documents: per-block min/max segment ids) are never loaded.
 Memory is O(seq): residuals are the output and a float32 log-sum-exp per query row.
 """
@@ -46,7 +46,7 @@ class Backend(enum.Enum):
     """Which lowering runs the kernels (`None`: see `flash_attention`'s docstring)."""
 
     TRITON = "triton"          # portable Pallas kernels, Triton-backend lowering (any CUDA GPU)
-    MOSAIC_GPU = "mosaic_gpu"  # Hopper: Mosaic GPU forward where supported, else as TRITON
+    MOSAIC_GPU = "mosaic_gpu"  # Hopper: Mosaic GPU kernels where supported, else as TRITON
     INTERPRET = "interpret"    # the portable kernels, interpreted (CPU tests)
     MOSAIC_INTERPRET = "mosaic_interpret"  # MOSAIC_GPU's kernels, interpreted (CPU tests)
 
@@ -71,9 +71,9 @@ class BlockSizes:
     mgpu_*: the Mosaic GPU kernels (block_q rows per compute warpgroup, two per CTA; a TMA ring of
     mgpu_num_stages slots); mgpu_backward=False keeps the portable backward behind the Mosaic
     forward; mgpu_segments=True lets the Mosaic kernels take segment ids (correct in the
-    interpreter, not yet run on a GPU: off by default, so packed batches use the portable path). Every block is a power of two >= 16 (mgpu blocks: multiples of 64);
-    num_warps a power of two in [1, 16]; stages >= 1. Portable blocks larger than the (padded)
-    sequence are shrunk to it.
+    interpreter, not yet run on a GPU: off by default, so packed batches use the portable path).
+    Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
+    in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
 
     block_q: int = 128
@@ -244,9 +244,8 @@ def _ranges(any_: jax.Array, all_: jax.Array) -> jax.Array:
 
     lo, hi = span(any_)
     full_lo, full_hi = span(all_)
-    dense = all_.sum(-1) == full_hi - full_lo
-    full_lo = jnp.where(dense & (full_hi > full_lo), full_lo, lo)
-    full_hi = jnp.where(dense & (full_hi > full_lo), full_hi, lo)
+    usable = (all_.sum(-1) == full_hi - full_lo) & (full_hi > full_lo)
+    full_lo, full_hi = jnp.where(usable, full_lo, lo), jnp.where(usable, full_hi, lo)
     return jnp.stack([lo, full_lo, full_hi, hi], axis=1).astype(jnp.int32)
 
 
@@ -255,7 +254,8 @@ def _fwd_impl(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
               ) -> tuple[jax.Array, jax.Array]:
     b = cfg.blocks
     if cfg.use_mgpu:
-        return mgpu.forward(q, k, v, r_fwd, q_seg, kv_seg, spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
+        return mgpu.forward(q, k, v, r_fwd, q_seg, kv_seg, spec=cfg.spec, scale=cfg.scale,
+                            softcap=cfg.softcap,
                             block_q=b.mgpu_block_q, block_kv=b.mgpu_block_kv,
                             num_stages=b.mgpu_num_stages,
                             interpret=cfg.backend is Backend.MOSAIC_INTERPRET)

@@ -168,6 +168,23 @@ def test_block_skipping_packed():
     assert visited * 6 < n * (n + 1) // 2  # 80 of the 528 causal blocks
 
 
+def test_ranges_full_span_only_when_contiguous():
+    any_ = jnp.asarray([[[True, True, True, True, False]]])
+    gappy = jnp.asarray([[[False, True, False, True, False]]])  # full blocks 1 and 3, not 2
+    dense = jnp.asarray([[[False, True, True, False, False]]])
+    np.testing.assert_array_equal(fa._ranges(any_, gappy)[0, :, 0], [0, 0, 0, 4])
+    np.testing.assert_array_equal(fa._ranges(any_, dense)[0, :, 0], [0, 1, 3, 4])
+
+
+def test_unsorted_segments_with_uniform_blocks():
+    """Segment ids that are not sorted but constant over some blocks (gaps in the full span)."""
+    q, k, v, do = _inputs(16, 1, 96, 96, 2, 1, 64)
+    seg = jnp.asarray([[0] * 32 + [1] * 16 + [0] * 16 + [1] * 32], jnp.int32)
+    _compare(q, k, v, do, causal=False, segment_ids=seg,
+             block_sizes=fa.BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16,
+                                       block_q_dkv=16, block_kv_dkv=16))
+
+
 def test_memory_linear_in_seq_at_65536():
     """fwd+bwd compiled at seq 65,536 (packed, causal) needs O(seq) scratch: no [seq, seq] buffer."""
     seq, heads, kv_heads, d = 65536, 2, 1, 64
