@@ -107,6 +107,12 @@ def test_head_dim_not_power_of_two_default_blocks():
     _compare(*_inputs(7, 1, 24, 24, 2, 1, 80), block_sizes=None, causal=True)
 
 
+@pytest.mark.parametrize("backend", ["interpret", "mosaic_interpret"])
+def test_float16(backend: str):
+    q, k, v, do = _inputs(17, 1, 128, 128, 2, 1, 64, dtype=jnp.float16)
+    _compare(q, k, v, do, block_sizes=None, backend=backend, causal=True, sliding_window=40)
+
+
 def test_float32_tight():
     _compare(*_inputs(8, 1, 48, 48, 2, 1, 64, dtype=jnp.float32), tol=1e-5, causal=True,
              segment_ids=_packed_ids(1, 48, 3, seed=4), softcap=5.0)
