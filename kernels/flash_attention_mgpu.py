@@ -9,8 +9,12 @@ Inputs are padded by `flash_attention.py`: q [B, Tq, H, D] with Tq % (2 * block_
 k, v [B, Tk, Hkv, D] with Tk % block_kv == 0; D % 64 == 0; bf16 or fp16.
 ranges [B, 4, Tq / (2 * block_q)] int32: (lo, full_lo, full_hi, hi) K/V blocks per CTA, as in the
 portable kernels (blocks outside [lo, hi) are never loaded; [full_lo, full_hi) skip the mask).
+q_seg [B, Tq], kv_seg [B, Tk] int32 or None: segment ids, compared on masked blocks only (the
+wrapper proves the others uniform); used only when BlockSizes.mgpu_segments is set.
 Outputs: o [B, Tq, H, D] (q's dtype) and lse [B, H, Tq] float32 (natural log; +inf for a row that
-sees no key), the residual the portable backward kernels consume.
+sees no key), the residual the backward kernels (Mosaic or portable) consume.
+Also home of the helpers the backward kernels share: `stream` (the producer loop),
+`mask_scores`, `mma_accumulate`, `load_vector`.
 """
 
 from __future__ import annotations
