@@ -52,10 +52,9 @@ CASES = {
                                                               "full_attention"] * 2,
                                rope_theta=1000.0, rope_local_base_freq=50.0,
                                rope_scaling=dict(rope_type="linear", factor=2.0))),
-    "gemma3_pattern6_caps": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                             dict(BASE, num_hidden_layers=6, num_key_value_heads=1, head_dim=16,
-                                  sliding_window=6, attn_logit_softcapping=3.0,
-                                  final_logit_softcapping=4.0)),
+    "gemma3_mqa_caps": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # attention cap: unused by HF
+                        dict(BASE, num_key_value_heads=1, head_dim=16, sliding_window=6,
+                             attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
     "phi3_window": ("Phi3Config", "Phi3ForCausalLM",
                     dict(BASE, sliding_window=7, pad_token_id=0, bos_token_id=1,
                          eos_token_id=2)),
