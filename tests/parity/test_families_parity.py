@@ -110,7 +110,18 @@ for name, (base, adapter, vocab) in ARGS["pairs"].items():
     with torch.no_grad():
         OUTPUTS[name] = model(input_ids=torch.tensor(INPUTS["ids"]) % vocab).logits.float().numpy()
 OUTPUTS["peft_defaults"] = np.array(json.dumps({t: DEFAULTS.get(t) for t in ARGS["types"]}))
+from peft import LoraConfig, get_peft_model
+for name, (base, targets, out, vocab) in ARGS["peft_made"].items():   # adapters made by peft
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=6, target_modules=targets,
+                                             init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    model.save_pretrained(out)
+    with torch.no_grad():
+        OUTPUTS[name] = model(input_ids=torch.tensor(INPUTS["ids"]) % vocab).logits.float().numpy()
 """
+PEFT_MADE = {"phi3_window": ["qkv_proj", "gate_up_proj"],  # fused modules, PEFT's names
+             "qwen2_bias": None}                            # PEFT's default for qwen2
 
 
 def _first_cases() -> dict[str, str]:
@@ -182,7 +193,11 @@ def exported(hf_models, ids, tmp_path_factory):
         save_merged(out / f"{case}-nf4-base", q.config, _dequantized(q), dtype="float32")
         results[f"{case}-nf4"] = _ours(q, x)
         pairs[f"{case}-nf4"] = (str(out / f"{case}-nf4-base"), str(out / f"{case}-nf4"), vocab)
-    ref = run_reference(PEFT_LOGITS, {"ids": ids}, pairs=pairs, types=sorted(FAMILIES))
+    peft_made = {f"{case}-peft-made": (str(root / case), targets, str(out / f"{case}-peft-made"),
+                                       CASES[case][2]["vocab_size"])
+                 for case, targets in PEFT_MADE.items()}
+    ref = run_reference(PEFT_LOGITS, {"ids": ids}, pairs=pairs, types=sorted(FAMILIES),
+                        peft_made=peft_made)
     return out, results, ref
 
 
@@ -213,6 +228,24 @@ def test_adapter_targets_every_projection_with_hf_names(exported, case):
     family = FAMILIES[json.loads((out / f"{case}-merged" / "config.json").read_text())[
         "model_type"]]
     assert sorted(cfg["target_modules"]) == sorted(family.default_target_modules)
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_MADE))
+def test_adapter_made_by_peft_loads_into_our_model(exported, hf_models, ids, case):
+    """A peft-made adapter on fused Phi-3 modules, and one whose target_modules is null (read
+    with PEFT's default for the family), give peft's logits in our model."""
+    out, _, ref = exported
+    root, _ = hf_models
+    folder = out / f"{case}-peft-made"
+    if PEFT_MADE[case] is None:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert sorted(cfg["target_modules"]) == ["q_proj", "v_proj"]
+        cfg["target_modules"] = None
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    model, _ = FastLanguageModel.from_pretrained(root / case, dtype="float32")
+    model.load_adapter(folder)
+    ours = _ours(model, ids % CASES[case][2]["vocab_size"])
+    np.testing.assert_allclose(ours, ref[f"{case}-peft-made"], atol=1e-4, rtol=0)
 
 
 def test_peft_default_targets_match_peft(exported):
