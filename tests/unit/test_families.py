@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastlora_jax import ConfigError, ModelConfig
+from fastlora_jax import ConfigError, FastLanguageModel, ModelConfig
 from fastlora_jax.config import Activation, RopeKind
 from fastlora_jax.lora.layer import init_lora
 from fastlora_jax.lora.spec import LoraConfig, projections, resolve
@@ -52,6 +53,11 @@ PHI3_MINI_4K = dict(COMMON, model_type="phi3", architectures=["Phi3ForCausalLM"]
 PHI35_MINI = dict(PHI3_MINI_4K, max_position_embeddings=131072, sliding_window=262144,
                   rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 48 for i in range(48)],
                                 "long_factor": [1.5 + i for i in range(48)]})
+PHI3_MEDIUM_128K = dict(PHI3_MINI_4K, hidden_size=5120, intermediate_size=17920,
+                        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,
+                        max_position_embeddings=131072, sliding_window=131072,
+                        rope_scaling={"type": "su", "short_factor": [1.0] * 64,
+                                      "long_factor": [1.0 + i / 8 for i in range(64)]})
 QWEN25_7B = dict(COMMON, model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=152064,
                  hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, hidden_act="silu",
@@ -83,7 +89,7 @@ GEMMA3_4B_TEXT_V4 = dict(  # the v4 dialect: rope_local_base_freq, pattern, glob
     max_position_embeddings=131072, rms_norm_eps=1e-6)
 
 REAL = {"mistral": MISTRAL_7B, "gemma": GEMMA_7B, "gemma2": GEMMA2_9B, "phi3": PHI3_MINI_4K,
-        "phi3.5": PHI35_MINI, "qwen2": QWEN25_7B, "qwen3": QWEN3_8B, "gemma3": GEMMA3_270M,
+        "phi3.5": PHI35_MINI, "phi3_medium": PHI3_MEDIUM_128K, "qwen2": QWEN25_7B, "qwen3": QWEN3_8B, "gemma3": GEMMA3_270M,
         "gemma3_v4": GEMMA3_4B_TEXT_V4}
 
 
@@ -153,6 +159,10 @@ def test_phi3_fused_projections_and_longrope():
     assert long.rope.kind is RopeKind.LONGROPE and long.rope.original_max_position_embeddings == 4096
     assert longrope_attention_factor(long) == pytest.approx(
         math.sqrt(1 + math.log(32) / math.log(4096)))
+    medium = ModelConfig.from_hf_config(PHI3_MEDIUM_128K)  # GQA inside the fused qkv_proj
+    assert medium.rope.kind is RopeKind.LONGROPE and medium.head_dim == 128
+    assert {s.path: s.layer_shape for s in decoder.param_specs(medium)}[
+        ("layers", "self_attn", "qkv_proj", "weight")] == (40 * 128 + 2 * 10 * 128, 5120)
     with pytest.raises(ConfigError, match="short_factor must have rotary_dim/2 = 48"):
         ModelConfig.from_hf_config(dict(PHI35_MINI, rope_scaling=dict(
             PHI35_MINI["rope_scaling"], short_factor=[1.0] * 47)))
@@ -197,6 +207,13 @@ def test_unsupported_model_type_lists_the_supported_ones():
     for model_type in ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "qwen2",
                        "qwen3"):
         assert repr(model_type) in message
+
+
+def test_unsupported_checkpoint_fails_naming_the_file_and_the_supported_types(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(MISTRAL_7B, model_type="mamba")))
+    with pytest.raises(ConfigError, match=r"config\.json: model_type 'mamba' is not supported; "
+                                          r"supported model_types: \[.*'phi3'"):
+        FastLanguageModel.from_pretrained(tmp_path)
 
 
 def test_family_allow_lists_are_per_family():
