@@ -3,8 +3,7 @@
 `NF4_MAP` [16] float32: the 4-bit NF4 values, index = 4-bit code (`get_4bit_type("nf4")`).
 `DYNAMIC_MAP` [256] float32: the signed 8-bit dynamic map (`create_dynamic_map()`) that
 double quantization uses for the per-block absmax; this is the map bitsandbytes serializes and
-dequantizes with. Its CPU quantizer searches a copy whose first entry is -1.0
-(`DYNAMIC_MAP_SEARCH`), so that -1.0 maps to code 0.
+quantizes and dequantizes with.
 """
 
 from __future__ import annotations
@@ -87,7 +86,3 @@ DYNAMIC_MAP: np.ndarray = np.array([
 ], dtype=np.float32)
 DYNAMIC_MAP.setflags(write=False)
 
-
-DYNAMIC_MAP_SEARCH: np.ndarray = DYNAMIC_MAP.copy()
-DYNAMIC_MAP_SEARCH[0] = -1.0
-DYNAMIC_MAP_SEARCH.setflags(write=False)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from fastlora_jax.errors import CheckpointError, KernelError
-from fastlora_jax.quant import (NF4_MAP, QTensor, QuantKind, dequantize, from_bnb_4bit,
-                                nf4_block_scales,
+from fastlora_jax.quant import (DYNAMIC_MAP, NF4_MAP, QTensor, QuantKind, dequantize,
+                                from_bnb_4bit, nf4_block_scales,
                                 from_bnb_int8, quantize_int8, quantize_nf4, stack, to_bnb_4bit)
+from fastlora_jax.quant.nf4 import _double_quantize, _torch_mean
 
 
 def _w(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -57,6 +58,39 @@ def test_packing_high_nibble_first() -> None:
     q = quantize_nf4(w)
     assert q.codes[0] == 0xF0
     assert q.codes[1] == 0x77  # zeros are code 7
+
+
+def test_double_quantization_within_one_entry() -> None:
+    # bitsandbytes' grid lookup (reproduced here; bit-exactness is in tests/parity) is the exact
+    # nearest dynamic-map entry or its neighbour, and is exact away from the midpoints.
+    rng = np.random.default_rng(7)
+    absmax = np.abs(rng.standard_normal(1000).astype(np.float32)) * 0.05
+    absmax[512:768] = 0.025  # an all-zero block of absmax - offset: code 0
+    codes, nested = _double_quantize(absmax, np.float32(0.025))
+    blocks = np.pad(absmax - np.float32(0.025), (0, 24)).reshape(-1, 256)
+    np.testing.assert_array_equal(nested, np.abs(blocks).max(axis=1))
+    assert np.all(codes[512:768] == 0)
+    normed = (blocks * (np.float32(1) / np.maximum(nested, 1e-30)[:, None])).reshape(-1)[:1000]
+    keep = np.r_[0:512, 768:1000]
+    dist = np.abs(normed[keep, None] - DYNAMIC_MAP[None, :])
+    best = np.argmin(dist, axis=1)
+    assert np.abs(codes[keep].astype(int) - best).max() <= 1
+    mid = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2
+    far = np.abs(normed[keep, None] - mid[None, :]).min(axis=1) > 2 / 65535
+    np.testing.assert_array_equal(codes[keep][far], best[far])
+    assert codes.min() == 0 or codes.max() == 255  # each block's extreme maps to +-1
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 8, 100, 40000, 300001])
+def test_torch_mean_close_to_exact(n: int) -> None:
+    # torch's float32 cascade sum (reproduced bit for bit in tests/parity) is within a few ulp of
+    # the correctly rounded mean, whatever the thread split.
+    x = np.abs(np.random.default_rng(n).standard_normal(n)).astype(np.float32) * 0.03
+    exact = np.float32(x.mean(dtype=np.float64))
+    for threads in (1, 2, 8):
+        np.testing.assert_array_max_ulp(_torch_mean(x, threads), exact, 4)
+    if n <= 4:  # fewer than 8 values: one running sum
+        np.testing.assert_equal(_torch_mean(x), np.float32(np.cumsum(x, dtype=np.float32)[-1] / n))
 
 
 def test_nf4_dtype_and_bf16_input() -> None:
