@@ -151,8 +151,8 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
     folder = checkpoint_dir(folder)
     specs = {spec.path: spec for spec in param_specs(config)}
     np_dtype = jnp.dtype(dtype)
-    convert = convert or (lambda spec, a: a.astype(np_dtype))
-    pending: dict[tuple[str, ...], list[Any]] = {}
+    convert = convert or (lambda spec, a: a.astype(np_dtype, copy=False))
+    pending: dict[tuple[str, ...], tuple[Any, list[bool]]] = {}
     filled: dict[tuple[str, ...], int] = {}
     quant_groups: dict[str, dict[str, np.ndarray]] = {}
     params: Params = {}
@@ -165,14 +165,22 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
             filled[path] = 1
             set_path(params, path, jax.device_put(leaf))
             return
-        slots = pending.setdefault(path, [None] * config.num_layers)
-        if slots[layer] is not None:
+        # One host buffer [L, ...] per stacked parameter, filled layer by layer in place and moved
+        # to the device (then freed) as soon as its last layer arrives: no per-layer copies pile up.
+        if path not in pending:
+            pending[path] = (jax.tree.map(lambda a: np.empty((config.num_layers,) + a.shape,
+                                                             a.dtype), leaf),
+                             [False] * config.num_layers)
+        buffer, seen = pending[path]
+        if seen[layer]:
             raise CheckpointError(f"{str(file)!r}: tensor {name!r} appears twice")
-        slots[layer] = leaf
+        jax.tree.map(lambda buf, a: buf.__setitem__(layer, a), buffer, leaf)
+        seen[layer] = True
         filled[path] = filled.get(path, 0) + 1
         if filled[path] == config.num_layers:
-            stacked = jax.tree.map(lambda *xs: np.stack(xs), *pending.pop(path))
-            set_path(params, path, jax.device_put(stacked))
+            del pending[path]
+            set_path(params, path, jax.device_put(buffer))
+            del buffer
 
     def lookup(name: str, file: pathlib.Path) -> tuple[ParamSpec | None, int | None]:
         path, layer = hf_to_path(name)

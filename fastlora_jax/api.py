@@ -68,7 +68,7 @@ def quantizing_convert(kind: str, dtype: jnp.dtype) -> Convert:
     def convert(spec: ParamSpec, array: np.ndarray) -> Any:
         if is_projection(spec):
             return quantize(array, dtype=dtype.name)
-        return array.astype(dtype)
+        return array.astype(dtype, copy=False)
 
     return convert
 
