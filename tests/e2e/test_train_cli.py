@@ -124,3 +124,28 @@ def test_fresh_run_into_a_used_output_dir_is_refused(setup, tmp_path):
     assert first.returncode == 0, first.stderr
     again = run(args(model, data, tmp_path / "o", "--max_steps", "1"))
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+
+
+def test_export_command_writes_peft_and_merged(setup, tmp_path):
+    import jax.numpy as jnp
+
+    from fastlora_jax import FastLanguageModel
+
+    root, model, data = setup
+    trained = run(args(model, data, tmp_path / "o", "--max_steps", "2"))
+    assert trained.returncode == 0, trained.stderr
+    adapter = tmp_path / "o" / "adapter"
+    for method in ("peft", "merged"):
+        proc = run([CLI, "export", "--model", str(model), "--adapter", str(adapter),
+                    "--output_dir", str(tmp_path / method), "--method", method,
+                    "--merged_dtype", "float32"])
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "peft" / "adapter_model.safetensors").exists()
+    merged, _ = FastLanguageModel.from_pretrained(tmp_path / "merged", dtype="float32")
+    base, _ = FastLanguageModel.from_pretrained(model, dtype="float32")
+    base.load_adapter(adapter)
+    ids = jnp.arange(1, 20, dtype=jnp.int32)[None]
+    np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(base(ids)), atol=1e-4)
+    again = run([CLI, "export", "--model", str(model), "--adapter", str(adapter),
+                 "--output_dir", str(tmp_path / "merged"), "--method", "merged"])
+    assert again.returncode == 2 and "not empty" in again.stderr

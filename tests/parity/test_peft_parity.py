@@ -90,7 +90,9 @@ def exported(base_dir, ids, tmp_path_factory):
         model.save_pretrained(root / name)
         results[name] = ours(model, ids)
         pairs[name] = (str(base_dir), str(root / name))
-        model.save_pretrained_merged(root / f"{name}-merged", dtype="float32")
+        # one export is sharded into small files (with model.safetensors.index.json)
+        model.save_pretrained_merged(root / f"{name}-merged", dtype="float32",
+                                     max_shard_size="100KB" if name == "all_targets" else "5GB")
         pairs[f"{name}-merged"] = (str(root / f"{name}-merged"), None)
         results[f"{name}-merged"] = np.asarray(decoder.forward(
             model.config, model.merged_params(jnp.float32), jnp.asarray(ids, jnp.int32)))
@@ -128,6 +130,15 @@ def test_merged_export_loads_in_transformers_with_same_logits(exported, name):
     np.testing.assert_allclose(results[f"{name}-merged"], ref[f"{name}-merged"], atol=1e-4, rtol=0)
     # folding the adapter in gives the same model as applying it
     np.testing.assert_allclose(results[f"{name}-merged"], results[name], atol=1e-4, rtol=0)
+
+
+def test_merged_export_shards_with_an_index(exported):
+    root, _, _ = exported
+    folder = root / "all_targets-merged"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted({f for f in index["weight_map"].values()})
+    assert len(shards) > 3 and all((folder / f).exists() for f in shards)
+    assert not (root / "dora-merged" / "model.safetensors.index.json").exists()
 
 
 def test_adapter_config_is_what_peft_writes(exported):
@@ -170,3 +181,28 @@ def test_bf16_merged_export_is_the_rounded_merge(base_dir, ids, tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_allclose(ours(merged, ids), np.asarray(decoder.forward(
         model.config, rounded, jnp.asarray(ids, jnp.int32))), atol=1e-5, rtol=0)
+
+
+SMOL_PEFT = """
+import torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = AutoModelForCausalLM.from_pretrained(ARGS["base"], dtype=torch.float32)
+model = PeftModel.from_pretrained(model, ARGS["adapter"]).eval()
+with torch.no_grad():
+    OUTPUTS["logits"] = model(input_ids=torch.tensor(INPUTS["ids"])).logits.float().numpy()
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_with_random_b_matches_peft(smollm2_dir, tmp_path):
+    model, tokenizer = FastLanguageModel.from_pretrained(smollm2_dir, dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, init_lora_weights=False)
+    model.save_pretrained(tmp_path / "adapter")
+    ids = np.asarray([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
+    ref = run_reference(SMOL_PEFT, {"ids": ids}, base=str(smollm2_dir),
+                        adapter=str(tmp_path / "adapter"))["logits"]
+    got = ours(model, ids)
+    base = ours(FastLanguageModel.from_pretrained(smollm2_dir, dtype="float32")[0], ids)
+    assert np.abs(got - base).max() > 1.0  # the random adapter really changes the model
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
