@@ -185,14 +185,30 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
     return h + m
 
 
-def layer_period(config: ModelConfig) -> int:
-    """Smallest p dividing L such that each layer's static attention setup (window, rope) repeats
-    every p layers (1 for uniform models; 2 for Gemma 2; 6 for Gemma 3)."""
+def layer_segments(config: ModelConfig) -> tuple[tuple[int, int, int], ...]:
+    """Contiguous runs of layers, each scanned over a repeating group of `period` layers whose
+    static attention setup (window, rope) is the same in every group: (start, stop, period).
+
+    Uniform models are one run of period 1; Gemma 2 one of period 2; Gemma 3 with 18 layers one
+    of period 6, and with 26 layers (24, period 6) then (2, period 1); Qwen2 with sliding top
+    layers (full run, period 1) then (sliding run, period 1). So only `period` layers per run are
+    traced, whatever the depth. Greedy: from each start, the period covering the most layers with
+    at least two repeats (period 1 always qualifies), the smaller period on ties.
+    """
     kinds = [(config.layer_window(i), config.layer_rope(i)) for i in range(config.num_layers)]
-    for p in range(1, config.num_layers + 1):
-        if config.num_layers % p == 0 and all(kinds[i] == kinds[i % p] for i in range(len(kinds))):
-            return p
-    return config.num_layers
+    segments, start = [], 0
+    while start < len(kinds):
+        best_stop, best_period = start + 1, 1
+        for period in range(1, (len(kinds) - start) + 1):
+            stop = start + period
+            while (stop + period <= len(kinds)
+                   and kinds[stop:stop + period] == kinds[start:start + period]):
+                stop += period
+            if (period == 1 or stop - start >= 2 * period) and stop > best_stop:
+                best_stop, best_period = stop, period
+        segments.append((start, best_stop, best_period))
+        start = best_stop
+    return tuple(segments)
 
 
 def embed(config: ModelConfig, params: Params, input_ids: jax.Array, dtype: Any) -> jax.Array:
@@ -215,10 +231,22 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     h = embed(c, params, input_ids, dtype)
-    period = layer_period(c)
-    windows = [c.layer_window(i) for i in range(period)]
-    ropes = [c.layer_rope(i) for i in range(period)]
+    ropes = [c.layer_rope(i) for i in range(c.num_layers)]
     tables = {rope: cos_sin(c, positions, rope) for rope in set(ropes)}  # [B,T,rot] each
+    for start, stop, period in layer_segments(c):
+        h = _scan_layers(c, params["layers"], None if lora is None else lora.get("layers"), h,
+                         tables, segment_ids, start, stop, period, project, attention_impl,
+                         remat)
+    return rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
+
+
+def _scan_layers(c: ModelConfig, layers: Params, lora_layers: Params | None, h: jax.Array,
+                 tables: dict[Any, tuple[jax.Array, jax.Array]], segment_ids: jax.Array | None,
+                 start: int, stop: int, period: int, project: Project, attention_impl: Any,
+                 remat: Callable[[Callable], Callable] | None) -> jax.Array:
+    """Layers [start, stop) as a scan over (stop - start) / period groups of `period` layers."""
+    windows = [c.layer_window(start + j) for j in range(period)]
+    ropes = [c.layer_rope(start + j) for j in range(period)]
 
     def body(h: jax.Array, xs: tuple[Params, Params | None]) -> tuple[jax.Array, None]:
         group, lora_group = xs
@@ -233,12 +261,12 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
 
     if remat is not None:
         body = remat(body)
-    regroup = lambda a: a.reshape((c.num_layers // period, period) + a.shape[1:])
-    layers = jax.tree.map(regroup, params["layers"])
-    lora_layers = None if lora is None or "layers" not in lora else jax.tree.map(
-        regroup, lora["layers"])
-    h, _ = jax.lax.scan(body, h, (layers, lora_layers))
-    return rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
+    n = (stop - start) // period
+    whole = start == 0 and stop == c.num_layers
+    regroup = lambda a: (a if whole else a[start:stop]).reshape((n, period) + a.shape[1:])
+    group_lora = None if lora_layers is None else jax.tree.map(regroup, lora_layers)
+    h, _ = jax.lax.scan(body, h, (jax.tree.map(regroup, layers), group_lora))
+    return h
 
 
 def lm_head_weight(config: ModelConfig, params: Params) -> jax.Array:

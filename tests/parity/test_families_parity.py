@@ -47,9 +47,10 @@ CASES = {
                           dict(BASE, head_dim=24, sliding_window=7, attn_logit_softcapping=1.5,
                                final_logit_softcapping=2.5, tie_word_embeddings=False)),
     "gemma3_local_rope": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-                          dict(BASE, num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16,
+                          dict(BASE, num_hidden_layers=5, head_dim=16, query_pre_attn_scalar=16,
                                sliding_window=5, layer_types=["sliding_attention",
-                                                              "full_attention"] * 2,
+                                                              "full_attention"] * 2
+                               + ["sliding_attention"],  # scanned as (0-3, period 2), (4)
                                rope_theta=1000.0, rope_local_base_freq=50.0,
                                rope_scaling=dict(rope_type="linear", factor=2.0))),
     "gemma3_mqa_caps": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # attention cap: unused by HF

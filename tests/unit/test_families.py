@@ -125,7 +125,7 @@ def test_gemma2_quirks():
     assert cfg.post_norms and cfg.attn_logit_softcap == 50.0 and cfg.final_logit_softcap == 30.0
     assert cfg.attention_scale == 256 ** -0.5
     assert [cfg.layer_window(i) for i in range(4)] == [4096, None, 4096, None]
-    assert decoder.layer_period(cfg) == 2
+    assert decoder.layer_segments(cfg) == ((0, 42, 2),)
     with pytest.raises(ConfigError, match="hidden_activation"):  # exact GELU is another model
         ModelConfig.from_hf_config(dict(GEMMA2_9B, hidden_activation="gelu"))
 
@@ -133,7 +133,10 @@ def test_gemma2_quirks():
 def test_gemma3_layer_types_and_ropes():
     cfg = ModelConfig.from_hf_config(GEMMA3_270M)
     assert cfg.qk_norm and cfg.attn_logit_softcap is None and cfg.final_logit_softcap is None
-    assert decoder.layer_period(cfg) == 6
+    assert decoder.layer_segments(cfg) == ((0, 18, 6),)
+    one_b = ModelConfig.from_hf_config(dict(GEMMA3_270M, num_hidden_layers=26, layer_types=(
+        ["sliding_attention"] * 5 + ["full_attention"]) * 4 + ["sliding_attention"] * 2))
+    assert decoder.layer_segments(one_b) == ((0, 24, 6), (24, 26, 1))  # Gemma 3 1B: 26 layers
     assert cfg.layer_rope(0).theta == 10000.0 and cfg.layer_rope(5).theta == 1000000.0
     v4 = ModelConfig.from_hf_config(GEMMA3_4B_TEXT_V4)
     assert v4.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
@@ -174,6 +177,8 @@ def test_qwen_windows_and_biases():
     on = ModelConfig.from_hf_config(dict(QWEN25_7B, use_sliding_window=True, sliding_window=4096,
                                          max_window_layers=20))
     assert [on.layer_window(i) for i in (19, 20, 27)] == [None, 4096, 4096]
+    assert decoder.layer_segments(on) == ((0, 20, 1), (20, 28, 1))
+    assert decoder.layer_segments(cfg) == ((0, 28, 1),)
     q3 = ModelConfig.from_hf_config(QWEN3_8B)
     assert q3.qk_norm and not q3.qkv_bias and q3.head_dim == 128
 
