@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastlora_jax.config import Activation, ModelConfig, _Reader, rope_to_hf
+from fastlora_jax.errors import ConfigError
 from fastlora_jax.models.family import Family
 
 
@@ -64,7 +65,8 @@ def _parse(r: _Reader) -> dict[str, Any]:
 
 def _unparse(c: ModelConfig) -> dict[str, Any]:
     if c.qkv_bias != c.o_bias:
-        raise ValueError("Llama's attention_bias covers q, k, v and o together")
+        raise ConfigError(f"a llama config cannot express qkv_bias={c.qkv_bias} with "
+                          f"o_bias={c.o_bias}: attention_bias covers q, k, v and o together")
     return dict(unparse_llama_like(c), attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
 
 
