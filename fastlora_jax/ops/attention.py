@@ -13,13 +13,14 @@ def gpu_default_impl(*, segment_ids: jax.Array | None, sliding_window: int | Non
                      softcap: float | None) -> Impl:
     """Which implementation the GPU runs by default (benchmarks/RESULTS.md, H200, jax 0.11.2).
 
-    PALLAS (our flash attention) when segment_ids, sliding_window or softcap is given: cuDNN
-    needs a dense [T, T] mask for packed documents and windows here (measured 5x slower than our
-    block-skipping kernel on 8 documents per 4096-token row) and has no softcap at all (the
-    fallback would be the O(T^2) reference). Otherwise CUDNN, which was faster than our kernels
-    for plain causal / full attention forward+backward at every length measured.
+    PALLAS (our flash attention) when segment_ids or softcap is given: cuDNN needs a dense
+    [T, T] mask for packed documents (measured 6.9x slower than our block-skipping kernel on 8
+    documents per 4096-token row) and has no softcap at all (the fallback would be the O(T^2)
+    reference). Otherwise CUDNN — also for a sliding window alone, which cuDNN takes as
+    `local_window_size` (478 vs our 418 TF/s fwd+bwd at seq 16K, window 4096) — since it was
+    faster than our kernels for plain causal / full attention at every length measured.
     """
-    if segment_ids is not None or sliding_window is not None or softcap is not None:
+    if segment_ids is not None or softcap is not None:
         return Impl.PALLAS
     return Impl.CUDNN
 
@@ -52,6 +53,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if softcap is not None:
         return flash_attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
                                          sliding_window=sliding_window, softcap=softcap, scale=scale)
+    window = None
+    if (sliding_window is not None and segment_ids is None and causal
+            and q.shape[1] == k.shape[1]):
+        # a key is visible iff i - window < j <= i: (window - 1) keys to the left, none right
+        window, sliding_window = (sliding_window - 1, 0), None
     mask = None
     if segment_ids is not None or sliding_window is not None:
         mask = attention_mask(q.shape[1], k.shape[1], causal=causal, sliding_window=sliding_window,
@@ -59,4 +65,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, mask=mask, is_causal=causal and mask is None,
-        implementation="cudnn" if which is Impl.CUDNN else "xla")
+        local_window_size=window, implementation="cudnn" if which is Impl.CUDNN else "xla")
