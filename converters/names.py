@@ -1,25 +1,19 @@
-"""HF tensor names <-> our parameter paths, and the named transforms between them.
+"""HF tensor names <-> our parameter paths.
 
 One rule for every family: drop the leading `model.`; `model.layers.{i}.<rest>` is layer i of the
 stacked parameter `("layers", *rest.split("."))`; anything else splits on dots
-(`lm_head.weight` -> `("lm_head", "weight")`). A family whose on-disk layout differs from ours
-names a transform per parameter in `Family.tensor_transforms`; the transforms live here, each with
-its inverse, so loading and exporting stay exact mirrors.
+(`lm_head.weight` -> `("lm_head", "weight")`). Every supported family stores its tensors exactly
+as we compute with them (Phi-3's fused qkv_proj / gate_up_proj stay fused, Gemma's norm offsets
+are applied in the math), so no per-tensor value transform is needed: loading and exporting are
+this one rule read in two directions. A future family whose layout differs would add a named
+transform and its inverse here.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable
-
-import numpy as np
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-# name -> (to ours, to HF). Each takes and returns a numpy array of one layer's tensor.
-TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]] = {
-    "identity": (lambda a: a, lambda a: a),
-}
 
 
 def hf_to_path(name: str) -> tuple[tuple[str, ...], int | None]:
