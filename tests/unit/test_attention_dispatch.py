@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from fastlora_jax import ops
-from fastlora_jax.ops.attention import gpu_default_impl
 
 
 @pytest.mark.parametrize("window", [None, 1, 5, 64])
@@ -24,10 +23,3 @@ def test_xla_path_matches_reference(window, segments):
     got = ops.attention(q, k, v, impl="xla", **kw)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
 
-
-def test_gpu_default_rule():
-    seg = jnp.ones((1, 4), jnp.int32)
-    assert gpu_default_impl(segment_ids=None, sliding_window=None, softcap=None) is ops.Impl.CUDNN
-    assert gpu_default_impl(segment_ids=None, sliding_window=64, softcap=None) is ops.Impl.CUDNN
-    assert gpu_default_impl(segment_ids=seg, sliding_window=None, softcap=None) is ops.Impl.PALLAS
-    assert gpu_default_impl(segment_ids=None, sliding_window=None, softcap=50.0) is ops.Impl.PALLAS
