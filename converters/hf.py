@@ -133,8 +133,7 @@ def _quantized_leaf(group: dict[str, np.ndarray], weight_name: str, dtype: Any) 
                              name=weight_name)
     if group["weight"].dtype == np.int8:
         return None  # its SCB has not been read yet
-    if any(part in group for part in ("quant_state.bitsandbytes__fp4",)) or all(
-            part in group for part in BNB4_PARTS):
+    if "quant_state.bitsandbytes__fp4" in group or all(part in group for part in BNB4_PARTS):
         q = from_bnb_4bit({("weight." + k if k != "weight" else k): v for k, v in group.items()},
                           prefix=weight_name[: -len("weight")])
         return dataclasses.replace(q, dtype=jnp.dtype(dtype).name)

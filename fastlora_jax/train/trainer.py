@@ -175,8 +175,7 @@ class SFTTrainer:
         return stats
 
     def _write_run_info(self, out_dir: pathlib.Path) -> None:
-        info = {"args": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-                         for k, v in dataclasses.asdict(self.args).items()},
+        info = {"args": dataclasses.asdict(self.args),  # recursive: the MeshConfig too
                 "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "max_seq_length": self.max_seq_length, "data": dataclasses.asdict(self.data_stats),
                 "model": self.model.name_or_path}
