@@ -1,8 +1,11 @@
 """The pure training step: `train_step(lora, opt_state, frozen, batch) -> (lora, opt_state, metrics)`.
 
 A batch holds `accumulation` micro-batches: every array is [A, B, T] (int32): `input_ids`,
-`targets` (the next token at each position, -100 where no loss is taken), `positions`,
-`segment_ids` (0 = padding). The loss of the optimizer step is the sum of token losses over all
+`targets` (the next token at each position, -100 where no loss is taken), `positions`, and
+optionally `segment_ids` (0 = padding) for packed rows. Rows that are not packed need none: their
+padding is on the right, where causal attention keeps it out of every real token's context and
+the -100 targets keep it out of the loss; leaving the key out lets the GPU run cuDNN's attention,
+which is faster than our segment-aware kernel when there is nothing to skip. The loss of the optimizer step is the sum of token losses over all
 micro-batches divided by the total number of counted tokens over all of them, so accumulated
 gradients equal one large batch's (the gradient-accumulation normalisation Unsloth fixed in HF).
 Gradients flow only into the LoRA tree (float32 master weights); compute runs in the frozen
@@ -107,7 +110,7 @@ def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.A
     """(sum of token losses, counted tokens) of one micro-batch [B, T]."""
     h = decoder.hidden_states(
         cfg.model, frozen, mb["input_ids"], positions=mb["positions"],
-        segment_ids=mb["segment_ids"], lora=with_constants(lora, cfg.lora, dropout_key),
+        segment_ids=mb.get("segment_ids"), lora=with_constants(lora, cfg.lora, dropout_key),
         project=lora_project(cfg.lora, train=dropout_key is not None),
         attention_impl=cfg.attention_impl, remat=remat_wrapper(cfg.remat))
     return cross_entropy_sum(h, decoder.lm_head_weight(cfg.model, frozen), mb["targets"],

@@ -94,14 +94,21 @@ class SFTTrainer:
         return (shard_params(frozen, self.model.config, self.mesh),
                 jax.device_put(lora, replicated), jax.device_put(opt_state, replicated))
 
-    def _batch(self, step: int) -> tuple[dict[str, jax.Array], int]:
+    def _batch(self, step: int) -> tuple[dict[str, jax.Array], int, float]:
+        """(the step's batch on the devices, its epoch, its number of real tokens).
+
+        Unpacked rows go without segment ids (see train/step.py: right padding needs none).
+        """
         batch, epoch = batch_at(self.rows, step, rows_per_step=self.rows_per_step,
                                 accumulation=self.args.gradient_accumulation_steps,
                                 seed=self.args.seed)
+        tokens = float((batch["segment_ids"] > 0).sum())
+        if not self.args.packing:
+            batch = {k: v for k, v in batch.items() if k != "segment_ids"}
         if self.mesh is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}, epoch
+            return {k: jnp.asarray(v) for k, v in batch.items()}, epoch, tokens
         sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}, epoch
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}, epoch, tokens
 
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
         """Run to `total_steps`; returns stats (steps, loss, runtime, tokens/s, data stats)."""
@@ -134,7 +141,7 @@ class SFTTrainer:
         t0 = time.perf_counter()
         try:
             for step in range(start, self.total_steps):
-                batch, epoch = self._batch(step)
+                batch, epoch, step_tokens = self._batch(step)
                 key = jax.random.fold_in(base_key, step) if dropout else None
                 new_lora, new_opt, metrics = train_step(lora, opt_state, frozen, batch,
                                                         cfg=self.step_config,
@@ -149,7 +156,6 @@ class SFTTrainer:
                         f"intact. Lower learning_rate or check the data")
                 lora, opt_state = new_lora, new_opt
                 losses.append(m["loss"])
-                step_tokens = float((batch["segment_ids"] > 0).sum())
                 tokens_done += step_tokens
                 window_tokens += step_tokens
                 done = step + 1

@@ -126,3 +126,22 @@ def test_schedules_follow_hf():
     cos = lr_schedule("cosine", 1.0, 0, 10)
     assert float(cos(jnp.asarray(5))) == pytest.approx(0.5, abs=1e-6)
     assert float(lr_schedule("constant_with_warmup", 2.0, 4, 10)(jnp.asarray(2))) == 1.0
+
+
+def test_right_padded_rows_need_no_segment_ids():
+    """Unpacked rows padded on the right: the same loss and grads with or without segment ids."""
+    frozen, spec, lora = setup(r=4, lora_alpha=8)
+    b = batch(2, 2, 12, seed=5)
+    seg = np.ones((2, 2, 12), np.int32)
+    seg[0, 1, 7:] = 0  # a short row: padding on its right, with no loss there
+    targets = np.asarray(b["targets"]).copy()
+    targets[0, 1, 6:] = IGNORE
+    padded = dict(b, segment_ids=jnp.asarray(seg), targets=jnp.asarray(targets))
+    without = {k: v for k, v in padded.items() if k != "segment_ids"}
+    cfg = StepConfig(model=CFG, lora=spec, remat=False)
+    loss_a, tok_a, g_a = accumulated_grads(cfg, lora, frozen, padded, None)
+    loss_b, tok_b, g_b = accumulated_grads(cfg, lora, frozen, without, None)
+    assert tok_a == tok_b
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_a)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
