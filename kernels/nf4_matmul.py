@@ -1,10 +1,12 @@
 """Fused NF4 dequantize-matmul: y = x @ dequantize(w).T with w an NF4 QTensor of shape [N, K].
 
 x [M, K] (bf16), y [M, N] in x's dtype, float32 accumulation. The weight is never materialized:
-each program loads packed codes [block_n, block_k/2] (uint8, element 2i in the high nibble), looks
-the 16 NF4 values up with a select tree, multiplies by the per-64-block absmax, and feeds the
-tensor cores. The backward computes dx = dy @ dequantize(w) with the same dequantization (no
-gradient for w: it is frozen).
+each program loads packed codes [block_n, block_k/2] (uint8, element 2i in the high nibble) and
+turns each byte into two scaled bf16 weights with the prmt lookup of `nf4_matmul_lut.py` (inline
+PTX on GPU, a jnp select tree when interpreted). The high-nibble plane multiplies x's even
+columns and the low-nibble plane its odd columns (x is split by XLA), so nothing is interleaved
+in-kernel. The backward computes dx = dy @ dequantize(w) with the same decode (no gradient for
+w: it is frozen), writing dx's even and odd columns as two outputs that XLA interleaves.
 
 The per-block absmax is decoded (double quantization: dynamic-map lookup, nested scale, offset)
 by XLA inside the same jit into float32 [N, K/64] before the launch: that read/write is 1/16 B
@@ -27,14 +29,13 @@ from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.nf4_matmul_common import (MatmulTuning, check_x, default_interpret,
                                                     pad_axis, zero_cotangent)
 from fastlora_jax.kernels.nf4_matmul_decode import DECODE_MAX_M, decode_forward
-from fastlora_jax.quant import NF4_MAP, QTensor, QuantKind, dequantize, nf4_block_scales
+from fastlora_jax.kernels.nf4_matmul_lut import nf4_pairs, pairs_to_bf16, scale_pairs
+from fastlora_jax.quant import QTensor, QuantKind, dequantize, nf4_block_scales
 
 TRAIN_TUNING = MatmulTuning(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
 # Backward tiles: block_m rows of dy, block_k output columns, block_n weight rows per step.
 BWD_TUNING = MatmulTuning(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)
 # M <= DECODE_MAX_M (64) runs the small-M variant in nf4_matmul_decode.py.
-
-_NF4 = [float(v) for v in NF4_MAP]
 
 
 def nf4_matmul_reference(x: jax.Array, w: QTensor) -> jax.Array:
@@ -43,59 +44,48 @@ def nf4_matmul_reference(x: jax.Array, w: QTensor) -> jax.Array:
     return jnp.dot(x, wd.T, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def nf4_lookup(nibble: jax.Array) -> jax.Array:
-    """int32 codes in [0, 16) -> float32 NF4 values, by a 15-select tree (no gather)."""
-    bits = [(nibble & (1 << b)) != 0 for b in range(4)]
-    level = [jnp.where(bits[0], jnp.float32(_NF4[2 * i + 1]), jnp.float32(_NF4[2 * i]))
-             for i in range(8)]
-    for b in range(1, 4):
-        level = [jnp.where(bits[b], level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-    return level[0]
-
-
-def _dequant_tile(codes: jax.Array, scales: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
-    """codes uint8 [r, c] + scales f32 [r, c // 32] -> weights [r, 2c] in out_dtype."""
+def _planes(codes: jax.Array, spairs: jax.Array, use_asm: bool) -> tuple[jax.Array, jax.Array]:
+    """codes uint8 [r, c] + scale pairs u32 [r, c // 32] -> scaled (hi, lo) bf16 planes [r, c]."""
     r, c = codes.shape
-    q = codes.astype(jnp.int32)
-    hi = nf4_lookup(q >> 4)
-    lo = nf4_lookup(q & 0xF)
-    vals = jnp.stack([hi, lo], axis=-1).reshape(r, 2 * c)
-    nb = scales.shape[1]
-    s = jnp.broadcast_to(scales[:, :, None], (r, nb, 64)).reshape(r, 2 * c)
-    return (vals * s).astype(out_dtype)
+    nb = spairs.shape[1]
+    s = jnp.broadcast_to(spairs[:, :, None], (r, nb, 32)).reshape(r, c)
+    return pairs_to_bf16(nf4_pairs(codes, s, use_asm))
 
 
-def _fwd_kernel(x_ref, c_ref, s_ref, o_ref, *, k: int, block_k: int):
-    """x [bm, K], codes [bn, K/2], scales [bn, K/64] -> o [bm, bn]."""
+def _fwd_kernel(xe_ref, xo_ref, c_ref, s_ref, o_ref, *, k: int, block_k: int, use_asm: bool):
+    """xe/xo [bm, K/2], codes [bn, K/2], scale pairs [bn, K/64] -> o [bm, bn]."""
     bm, bn = o_ref.shape
+    half = block_k // 2
+    dims = (((1,), (1,)), ((), ()))
 
     def step(t, acc):
-        k0 = pl.multiple_of(t * block_k, block_k)
-        codes = c_ref[:, pl.ds(pl.multiple_of(t * (block_k // 2), block_k // 2), block_k // 2)]
-        scales = s_ref[:, pl.ds(t * (block_k // 64), block_k // 64)]
-        wt = _dequant_tile(codes, scales, x_ref.dtype)            # [bn, bk]
-        xt = x_ref[:, pl.ds(k0, block_k)]                          # [bm, bk]
-        return acc + jax.lax.dot_general(xt, wt, (((1,), (1,)), ((), ())),
+        k0 = pl.multiple_of(t * half, half)
+        hi, lo = _planes(c_ref[:, pl.ds(k0, half)],
+                         s_ref[:, pl.ds(t * (block_k // 64), block_k // 64)], use_asm)
+        acc = acc + jax.lax.dot_general(xe_ref[:, pl.ds(k0, half)], hi, dims,
+                                        preferred_element_type=jnp.float32)
+        return acc + jax.lax.dot_general(xo_ref[:, pl.ds(k0, half)], lo, dims,
                                          preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, k // block_k, step, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _bwd_kernel(dy_ref, c_ref, s_ref, o_ref, *, n: int, block_n: int):
-    """dy [bm, N], codes [N, bk/2], scales [N, bk/64] -> dx [bm, bk]."""
-    bm, bk = o_ref.shape
+def _bwd_kernel(dy_ref, c_ref, s_ref, oe_ref, oo_ref, *, n: int, block_n: int, use_asm: bool):
+    """dy [bm, N], codes [N, bk/2], scale pairs [N, bk/64] -> dx even / odd columns [bm, bk/2]."""
+    bm, half = oe_ref.shape
 
-    def step(t, acc):
+    def step(t, accs):
         n0 = pl.multiple_of(t * block_n, block_n)
-        codes = c_ref[pl.ds(n0, block_n), :]
-        scales = s_ref[pl.ds(n0, block_n), :]
-        wt = _dequant_tile(codes, scales, dy_ref.dtype)           # [bn, bk]
+        hi, lo = _planes(c_ref[pl.ds(n0, block_n), :], s_ref[pl.ds(n0, block_n), :], use_asm)
         dyt = dy_ref[:, pl.ds(n0, block_n)]                        # [bm, bn]
-        return acc + jnp.dot(dyt, wt, preferred_element_type=jnp.float32)
+        return (accs[0] + jnp.dot(dyt, hi, preferred_element_type=jnp.float32),
+                accs[1] + jnp.dot(dyt, lo, preferred_element_type=jnp.float32))
 
-    acc = jax.lax.fori_loop(0, n // block_n, step, jnp.zeros((bm, bk), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    zero = jnp.zeros((bm, half), jnp.float32)
+    acc_e, acc_o = jax.lax.fori_loop(0, n // block_n, step, (zero, zero))
+    oe_ref[...] = acc_e.astype(oe_ref.dtype)
+    oo_ref[...] = acc_o.astype(oo_ref.dtype)
 
 
 def _operands(w: QTensor) -> tuple[jax.Array, jax.Array]:
@@ -118,18 +108,20 @@ def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning | None,
     n = w.shape[0]
     codes, scales = _operands(w)
     if m <= DECODE_MAX_M:
-        return decode_forward(x, codes, scales, n, tuning, interpret, nf4_lookup)
+        return decode_forward(x, codes, scales, n, tuning, interpret)
     tuning = tuning or TRAIN_TUNING
     bm = min(tuning.block_m, max(16, pl.next_power_of_2(m)))
     bn, bk = tuning.block_n, tuning.k_step(k)
     xp = pad_axis(x, 0, bm)
-    codes, scales = pad_axis(codes, 0, bn), pad_axis(scales, 0, bn)
+    xe, xo = xp[:, 0::2], xp[:, 1::2]
+    codes, spairs = pad_axis(codes, 0, bn), pad_axis(scale_pairs(scales), 0, bn)
     mp, np_ = xp.shape[0], codes.shape[0]
     out = pl.pallas_call(
-        functools.partial(_fwd_kernel, k=k, block_k=bk),
+        functools.partial(_fwd_kernel, k=k, block_k=bk, use_asm=not interpret),
         out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
         grid=(mp // bm, np_ // bn),
-        in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+        in_specs=[pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)),
+                  pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)),
                   pl.BlockSpec((bn, k // 2), lambda i, j: (j, 0)),
                   pl.BlockSpec((bn, k // 64), lambda i, j: (j, 0))],
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
@@ -137,7 +129,7 @@ def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning | None,
                                            num_stages=tuning.num_stages),
         interpret=interpret,
         name="nf4_matmul_fwd",
-    )(xp, codes, scales)
+    )(xe, xo, codes, spairs)
     return out[:m, :n]
 
 
@@ -148,22 +140,24 @@ def _backward(dy: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) 
     bm = min(tuning.block_m, max(16, pl.next_power_of_2(m)))
     bn, bk = tuning.block_n, tuning.k_step(k)
     dyp = pad_axis(pad_axis(dy, 0, bm), 1, bn)
-    codes, scales = pad_axis(codes, 0, bn), pad_axis(scales, 0, bn)
+    codes, spairs = pad_axis(codes, 0, bn), pad_axis(scale_pairs(scales), 0, bn)
     mp, np_ = dyp.shape
-    out = pl.pallas_call(
-        functools.partial(_bwd_kernel, n=np_, block_n=bn),
-        out_shape=jax.ShapeDtypeStruct((mp, k), dy.dtype),
+    half = jax.ShapeDtypeStruct((mp, k // 2), dy.dtype)
+    dxe, dxo = pl.pallas_call(
+        functools.partial(_bwd_kernel, n=np_, block_n=bn, use_asm=not interpret),
+        out_shape=[half, half],
         grid=(mp // bm, k // bk),
         in_specs=[pl.BlockSpec((bm, np_), lambda i, j: (i, 0)),
                   pl.BlockSpec((np_, bk // 2), lambda i, j: (0, j)),
                   pl.BlockSpec((np_, bk // 64), lambda i, j: (0, j))],
-        out_specs=pl.BlockSpec((bm, bk), lambda i, j: (i, j)),
+        out_specs=[pl.BlockSpec((bm, bk // 2), lambda i, j: (i, j))] * 2,
         compiler_params=plt.CompilerParams(num_warps=tuning.num_warps,
                                            num_stages=tuning.num_stages),
         interpret=interpret,
         name="nf4_matmul_bwd",
-    )(dyp, codes, scales)
-    return out[:m]
+    )(dyp, codes, spairs)
+    # dx[:, 2i] = dxe[:, i], dx[:, 2i + 1] = dxo[:, i]
+    return jnp.stack([dxe[:m], dxo[:m]], axis=-1).reshape(m, k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

@@ -101,10 +101,13 @@ def test_linear_grad_inside_scan_over_stacked_layers(impl) -> None:
     def run(f):
         def loss(x):
             y, _ = jax.lax.scan(lambda h, w: (f(h, w), None), x, stacked)
-            return y.astype(jnp.float32).sum()
-        return jax.value_and_grad(loss)(x)
+            return y.astype(jnp.float32).sum(), y
+        return jax.value_and_grad(loss, has_aux=True)(x)
 
-    v, g = run(lambda h, w: linear(h, w, impl=impl))
-    v_ref, g_ref = run(lambda h, w: nf4_matmul_reference(h, w))
-    assert abs(float(v) - float(v_ref)) <= 1e-2 * abs(float(v_ref)) + 1e-3
+    (v, y), g = run(lambda h, w: linear(h, w, impl=impl))
+    (v_ref, y_ref), g_ref = run(lambda h, w: nf4_matmul_reference(h, w))
+    assert _rel(y, y_ref) <= 1e-2
+    # The sum cancels: bound its error by the outputs' magnitude, not by |sum| itself (bf16
+    # weights round NF4 * absmax once in the reference and up to three times in the kernels).
+    assert abs(float(v) - float(v_ref)) <= 1e-2 * float(jnp.abs(y_ref.astype(jnp.float32)).sum())
     assert _rel(g, g_ref) <= 1e-2
