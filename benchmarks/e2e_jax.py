@@ -1,0 +1,353 @@
+"""One JAX side of the end-to-end benchmark, in its own process (clean peak-memory count).
+
+Run by `benchmarks/train_e2e.py`; prints one JSON object as its last line.
+  --run ours        fastlora_jax's train_step (NF4 or bf16 frozen weights, a remat mode)
+  --run plain_xla   the hand-written baseline in e2e_plain_xla.py (bf16, cuDNN, scan)
+  --run context     compile-only memory analysis of our lean step at batch 1 for each --lengths
+                    value, then one real step at --verify-seq (peak measured vs predicted)
+  --run profile     per-part timings of one layer (fwd+bwd) at the micro-batch shape
+Model: Llama-3-8B's config with random weights created on the device (`--tiny`: a small model,
+for the CPU smoke test). NF4 weights come from `quantize_nf4_on_device`, one layer at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+from fastlora_jax import ModelConfig, ops
+from fastlora_jax.api import is_projection
+from fastlora_jax.lora import LoraConfig, init_lora, resolve
+from fastlora_jax.lora.layer import lora_project, with_constants
+from fastlora_jax.models import decoder
+from fastlora_jax.models.registry import family_for
+from fastlora_jax.models.rope import apply_rope, cos_sin
+from fastlora_jax.quant import stack
+from fastlora_jax.quant.nf4_device import quantize_nf4_on_device
+from fastlora_jax.train.loss import IGNORE, cross_entropy_sum
+from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
+
+LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192,
+             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=128, intermediate_size=256,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+RANK, ALPHA, LR = 16, 16.0, 2e-4
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16)
+
+
+_normal = jax.jit(_normal, static_argnums=1)
+
+
+def make_frozen(config: ModelConfig, quant: str) -> dict:
+    """Random bf16 parameters on the default device; NF4 projections quantized layer by layer."""
+    key = jax.random.key(0)
+    params: dict = {}
+    for i, spec in enumerate(decoder.param_specs(config)):
+        k = jax.random.fold_in(key, i)
+        if "norm" in spec.path[-2]:
+            value = jnp.ones(spec.shape, jnp.bfloat16)
+        elif quant == "nf4" and is_projection(spec):
+            value = stack([quantize_nf4_on_device(_normal(jax.random.fold_in(k, layer),
+                                                          spec.layer_shape))
+                           for layer in range(spec.shape[0])])
+        else:
+            value = _normal(k, spec.shape)
+        decoder.set_path(params, spec.path, value)
+    jax.block_until_ready(params)
+    return params
+
+
+def make_batch(config: ModelConfig, accumulation: int, micro_batch: int, seq: int) -> dict:
+    """Random token rows [A, B, T], unpacked (no segment ids: nothing to mask)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (accumulation, micro_batch, seq), dtype=np.int32)
+    targets = np.concatenate([ids[..., 1:], np.full(ids.shape[:-1] + (1,), IGNORE, np.int32)], -1)
+    pos = np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape)
+    return {"input_ids": jnp.asarray(ids), "targets": jnp.asarray(targets),
+            "positions": jnp.asarray(pos)}
+
+
+def memory(compiled: Any) -> dict:
+    """XLA's buffer assignment of a compiled step (bytes) and the device's limit."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, k, 0) or 0) for k in (
+        "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+        "alias_size_in_bytes", "host_argument_size_in_bytes", "host_output_size_in_bytes",
+        "host_temp_size_in_bytes", "host_alias_size_in_bytes")}
+    out["device_need_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                                + out["temp_size_in_bytes"] - out["alias_size_in_bytes"])
+    stats = jax.devices()[0].memory_stats() or {}
+    out["bytes_limit"] = int(stats.get("bytes_limit", 0))
+    return out
+
+
+def peak_bytes() -> int:
+    return int((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
+
+
+def run_ours(config: ModelConfig, args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    frozen = make_frozen(config, args.quant)
+    spec = resolve(LoraConfig.create(r=RANK, lora_alpha=ALPHA), config,
+                   family_for(config.model_type).default_target_modules)
+    lora = init_lora(spec, config, frozen)
+    opt = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=100_000,
+                         lr_scheduler_type="constant", max_grad_norm=1.0)
+    state = opt.init(lora)
+    remat = {"none": False, "full": True, "offload": "offload"}[args.remat]
+    cfg = StepConfig(model=config, lora=spec, remat=remat, loss_chunk=args.loss_chunk)
+    batch = make_batch(config, args.accumulation, args.micro_batch, args.seq)
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = train_step.lower(lora, state, frozen, batch, cfg=cfg, optimizer=opt).compile()
+    compile_s = time.perf_counter() - t0
+    step = lambda lo, st: compiled(lo, st, frozen, batch)  # noqa: E731
+    result = timed_steps(step, lora, state, args.steps, args.warmup)
+    tokens = args.accumulation * args.micro_batch * args.seq
+    result.update(setup_s=setup_s, compile_s=compile_s, memory=memory(compiled),
+                  tokens_per_s=tokens / result["step_s"], peak_bytes=peak_bytes(),
+                  lora_params=int(sum(x.size for x in jax.tree.leaves(lora))))
+    return result
+
+
+def timed_steps(step: Callable, lora: Any, state: Any, steps: int, warmup: int) -> dict:
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        lora, state, metrics = step(lora, state)
+        loss = metrics["loss"] if isinstance(metrics, dict) else metrics
+        losses.append(float(loss))  # blocks until the step is done
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times[warmup:]), "first_step_s": times[0],
+            "losses": losses}
+
+
+def run_plain_xla(raw: dict, args: argparse.Namespace) -> dict:
+    import optax
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import e2e_plain_xla as px
+
+    t0 = time.perf_counter()
+    frozen, lora = px.init(raw, jax.random.key(0), RANK)
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=0.0))
+    state = opt.init(lora)
+    config = ModelConfig.from_hf_config(raw)
+    b = make_batch(config, args.accumulation, args.micro_batch, args.seq)
+    jax.block_until_ready((frozen, lora))
+    setup_s = time.perf_counter() - t0
+    kw = dict(c=tuple(sorted(raw.items())), opt=opt, scale=ALPHA / RANK,
+              chunk=min(args.loss_chunk, args.micro_batch * args.seq))
+    t0 = time.perf_counter()
+    compiled = px.train_step.lower(lora, state, frozen, b["input_ids"], b["targets"],
+                                   **kw).compile()
+    compile_s = time.perf_counter() - t0
+    step = lambda lo, st: compiled(lo, st, frozen, b["input_ids"], b["targets"])  # noqa: E731
+    result = timed_steps(step, lora, state, args.steps, args.warmup)
+    tokens = args.accumulation * args.micro_batch * args.seq
+    result.update(setup_s=setup_s, compile_s=compile_s, memory=memory(compiled),
+                  tokens_per_s=tokens / result["step_s"], peak_bytes=peak_bytes())
+    return result
+
+
+def run_context(config: ModelConfig, args: argparse.Namespace) -> dict:
+    """Compile-only: does the lean step (batch 1, offload remat, chunked loss) fit at each length?"""
+    import psutil
+
+    frozen = make_frozen(config, args.quant)
+    spec = resolve(LoraConfig.create(r=RANK, lora_alpha=ALPHA), config,
+                   family_for(config.model_type).default_target_modules)
+    lora = init_lora(spec, config, frozen)
+    opt = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=100_000,
+                         lr_scheduler_type="constant", max_grad_norm=1.0)
+    state = opt.init(lora)
+    cfg = StepConfig(model=config, lora=spec, remat="offload", loss_chunk=args.loss_chunk)
+    host_free = psutil.virtual_memory().available
+    probes: list[dict] = []
+
+    def probe(seq: int) -> bool:
+        batch = jax.eval_shape(lambda: make_batch(config, 1, 1, seq))
+        t0 = time.perf_counter()
+        try:
+            compiled = train_step.lower(lora, state, frozen, batch, cfg=cfg,
+                                        optimizer=opt).compile()
+            mem = memory(compiled)
+        except Exception as e:  # an XLA resource error at compile time means it does not fit
+            probes.append({"seq": seq, "fits": False, "error": str(e)[:300],
+                           "compile_s": time.perf_counter() - t0})
+            return False
+        offloaded = config.num_layers * seq * config.hidden_size * 2  # bf16 layer inputs
+        fits_device = mem["device_need_bytes"] <= 0.97 * mem["bytes_limit"]
+        fits_host = max(mem["host_temp_size_in_bytes"], offloaded) <= 0.9 * host_free
+        probes.append({"seq": seq, "fits": fits_device and fits_host, "fits_device": fits_device,
+                       "fits_host": fits_host, "offloaded_bytes": offloaded, "memory": mem,
+                       "compile_s": time.perf_counter() - t0})
+        return fits_device and fits_host
+
+    lo, hi = 0, None
+    for seq in [int(s) for s in args.lengths.split(",") if s]:
+        if probe(seq):
+            lo = max(lo, seq)
+        else:
+            hi = seq if hi is None else min(hi, seq)
+            break
+    for _ in range(args.bisect_steps):  # in multiples of 8192 tokens
+        if hi is None or hi - lo <= 8192:
+            break
+        mid = (lo + hi) // 2 // 8192 * 8192
+        if probe(mid):
+            lo = mid
+        else:
+            hi = mid
+    result: dict = {"probes": probes, "host_available_bytes": host_free, "max_fits": lo,
+                    "first_fail": hi}
+    if args.verify_seq:
+        batch = make_batch(config, 1, 1, args.verify_seq)
+        compiled = train_step.lower(lora, state, frozen, batch, cfg=cfg, optimizer=opt).compile()
+        t0 = time.perf_counter()
+        lora, state, metrics = compiled(lora, state, frozen, batch)
+        loss = float(metrics["loss"])
+        result["verify"] = {"seq": args.verify_seq, "step_s": time.perf_counter() - t0,
+                            "loss": loss, "peak_bytes": peak_bytes(), "memory": memory(compiled)}
+    return result
+
+
+def _time(fn: Callable, *xs: Any, reps: int = 10) -> float:
+    jax.block_until_ready(fn(*xs))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*xs))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_profile(config: ModelConfig, args: argparse.Namespace) -> dict:
+    """Seconds per optimizer step spent in each part, from one layer's parts timed alone.
+
+    Each part is jit'd forward + backward (gradients w.r.t. its activations; LoRA also w.r.t. A
+    and B) at the micro-batch shape and multiplied by layers x micro-batches; the loss part by
+    micro-batches. What the parts do not cover (remat recompute, optimizer, scan and copies) is
+    the step time minus their sum, reported by train_e2e.py.
+    """
+    c = config
+    b, t, a = args.micro_batch, args.seq, args.accumulation
+    frozen = make_frozen(c, args.quant)
+    spec = resolve(LoraConfig.create(r=RANK, lora_alpha=ALPHA), c,
+                   family_for(c.model_type).default_target_modules)
+    lora = init_lora(spec, c, frozen)
+    keys = jax.random.split(jax.random.key(1), 8)
+    x = jax.random.normal(keys[0], (b, t, c.hidden_size), jnp.bfloat16)
+    xi = jax.random.normal(keys[1], (b, t, c.intermediate_size), jnp.bfloat16)
+    q = jax.random.normal(keys[2], (b, t, c.num_heads, c.head_dim), jnp.bfloat16)
+    kv = jax.random.normal(keys[3], (b, t, c.num_kv_heads, c.head_dim), jnp.bfloat16)
+    layer0 = jax.tree.map(lambda w: w[0], frozen["layers"])
+    lora0 = jax.tree.map(lambda w: w[0], with_constants(lora, spec, None)["layers"])
+    inputs = {"q_proj": x, "k_proj": x, "v_proj": x, "o_proj": x, "gate_proj": x, "up_proj": x,
+              "down_proj": xi}
+    groups = {name: group for group, name in spec.targets}
+    project = lora_project(spec, train=False)
+    parts: dict[str, float] = {}
+
+    def frozen_part(x: jax.Array, w: Any) -> jax.Array:
+        return jnp.sum(ops.linear(x, w).astype(jnp.float32))
+
+    def lora_part(x: jax.Array, lo: dict, w: Any) -> jax.Array:
+        return jnp.sum(project(x, "", {"weight": w}, lo).astype(jnp.float32)
+                       - ops.linear(x, w).astype(jnp.float32))
+
+    fg = jax.jit(jax.grad(frozen_part))
+    lg = jax.jit(jax.grad(lora_part, argnums=(0, 1)))
+    mm, lo_t = 0.0, 0.0
+    for name, xin in inputs.items():
+        w = layer0[groups[name]][name]["weight"]
+        mm += _time(fg, xin, w)
+        lo_t += _time(lg, xin, {k: v for k, v in lora0[groups[name]][name].items()}, w)
+    # the LoRA part above also ran one frozen forward; take it out again
+    fwd = jax.jit(lambda x, w: ops.linear(x, w))
+    for name, xin in inputs.items():
+        lo_t -= _time(fwd, xin, layer0[groups[name]][name]["weight"])
+    parts["frozen matmuls (fwd + dx)"] = mm
+    parts["LoRA A/B (fwd + bwd)"] = lo_t
+
+    def attn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return jnp.sum(ops.attention(q, k, v, causal=True).astype(jnp.float32))
+
+    parts["attention (fwd + bwd)"] = _time(jax.jit(jax.grad(attn, argnums=(0, 1, 2))), q, kv, kv)
+
+    cos, sin = cos_sin(c, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+
+    def elementwise(x: jax.Array, xi: jax.Array, q: jax.Array, k: jax.Array) -> jax.Array:
+        n1 = decoder.rms_norm(x, layer0["input_layernorm"]["weight"], eps=c.rms_norm_eps,
+                              offset=c.norm_offset)
+        n2 = decoder.rms_norm(x, layer0["post_attention_layernorm"]["weight"],
+                              eps=c.rms_norm_eps, offset=c.norm_offset)
+        act = jax.nn.silu(xi) * xi
+        rq, rk = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return sum(jnp.sum(v.astype(jnp.float32)) for v in (n1, n2, act, rq, rk, x + x))
+
+    parts["norms, rope, SwiGLU, residuals (fwd + bwd)"] = _time(
+        jax.jit(jax.grad(elementwise, argnums=(0, 1, 2, 3))), x, xi, q, kv)
+    for k in list(parts):
+        parts[k] *= c.num_layers * a
+    head = decoder.lm_head_weight(c, frozen)
+    targets = jax.random.randint(keys[4], (b, t), 0, c.vocab_size)
+    loss = jax.jit(jax.grad(lambda h: cross_entropy_sum(h, head, targets,
+                                                        chunk=args.loss_chunk)[0]))
+    parts["loss: lm_head + cross-entropy (fwd + bwd)"] = _time(loss, x) * a
+    return {"parts_s": parts}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", choices=("ours", "plain_xla", "context", "profile"),
+                        required=True)
+    parser.add_argument("--name", default="")
+    parser.add_argument("--quant", choices=("nf4", "bf16"), default="nf4")
+    parser.add_argument("--remat", choices=("none", "full", "offload"), default="none")
+    parser.add_argument("--loss-chunk", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--lengths", default="")
+    parser.add_argument("--bisect-steps", type=int, default=3)
+    parser.add_argument("--verify-seq", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="a small model (CPU smoke test)")
+    args = parser.parse_args()
+    raw = TINY if args.tiny else LLAMA3_8B
+    config = ModelConfig.from_hf_config(raw)
+    start = time.perf_counter()
+    if args.run == "ours":
+        result = run_ours(config, args)
+    elif args.run == "plain_xla":
+        result = run_plain_xla(raw, args)
+    elif args.run == "context":
+        result = run_context(config, args)
+    else:
+        result = run_profile(config, args)
+    result.update(name=args.name or args.run, wall_s=time.perf_counter() - start,
+                  device=str(jax.devices()[0].device_kind), jax_version=jax.__version__,
+                  settings={k: v for k, v in vars(args).items() if k not in ("run", "name")})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
