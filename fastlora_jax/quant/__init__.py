@@ -8,6 +8,5 @@ from fastlora_jax.quant.nf4_device import quantize_nf4_on_device
 from fastlora_jax.quant.qtensor import QTensor, QuantKind, dequantize, nf4_block_scales, stack
 
 __all__ = ["DYNAMIC_MAP", "NF4_MAP", "QTensor", "QuantKind", "dequantize", "from_bnb_4bit",
-           "from_bnb_int8", "nf4_block_scales", "quantize_int8", "quantize_nf4", "quantize_nf4_on_device",
-           "stack",
-           "to_bnb_4bit"]
+           "from_bnb_int8", "nf4_block_scales", "quantize_int8", "quantize_nf4",
+           "quantize_nf4_on_device", "stack", "to_bnb_4bit"]
