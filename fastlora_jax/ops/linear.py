@@ -9,8 +9,9 @@ The model calls `linear(x, w)` for every frozen projection. `w` is a plain array
   dequantization into one elementwise pass over the weight before the GEMM).
 - Default (None): on GPU, the fused forward kernel where it measured at least as fast as XLA's
   dequantize-then-dot on the H200 (`pallas_is_default`: M <= 64 tokens, see
-  benchmarks/RESULTS.md), with its backward (dx) through XLA's dequantize-then-dot, which measured
-  faster than our dx kernel at every shape; XLA elsewhere. CPU: XLA.
+  benchmarks/RESULTS.md); its backward (dx) runs our fused dx kernel where that measured faster
+  (`pallas_bwd_is_default`: NF4 with M <= 64) and XLA's dequantize-then-dot otherwise; XLA
+  elsewhere. CPU: XLA.
   An explicit Impl.PALLAS runs the fused kernels both ways.
 """
 
@@ -27,12 +28,20 @@ from fastlora_jax.quant import QTensor, QuantKind, dequantize
 # Measured on the H200 (benchmarks/nf4_matmul.py): at M = 1, 16, 64 the fused forward beat XLA's
 # dequantize-then-dot; at M = 2048 and 8192 XLA (one fused dequant pass + cuBLAS-class GEMM) won.
 PALLAS_DEFAULT_MAX_M = {QuantKind.NF4: 64, QuantKind.INT8: 64}
+# Same for the backward (dx) kernel: NF4's measured 1.17-1.33x XLA at M = 1, 16, 64 (2026-11-29,
+# prmt lookup); int8's lost to XLA at every shape (0.87-0.93x, 2026-11-28).
+PALLAS_BWD_DEFAULT_MAX_M = {QuantKind.NF4: 64, QuantKind.INT8: 0}
 
 
 def pallas_is_default(m: int, w: QTensor) -> bool:
     """Whether the GPU default for x [m, K] @ w.T is the fused Pallas kernel."""
     quantum = 64 if w.kind is QuantKind.NF4 else 16
     return m <= PALLAS_DEFAULT_MAX_M[w.kind] and w.shape[1] % quantum == 0
+
+
+def pallas_bwd_is_default(m: int, w: QTensor) -> bool:
+    """Whether the GPU default for dx of x [m, K] @ w.T (given a fused forward) is our dx kernel."""
+    return m <= PALLAS_BWD_DEFAULT_MAX_M[w.kind]
 
 
 def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None) -> jax.Array:
@@ -44,7 +53,8 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None) -> jax.
     x2 = x.reshape(-1, k)
     gpu_default = Impl.PALLAS if pallas_is_default(x2.shape[0], w) else Impl.XLA
     which = resolve(impl, gpu_default=gpu_default, cpu_default=Impl.XLA)
-    bwd_xla = impl is None  # the default rule: dx by dequantize-then-dot (measured faster)
+    # The default rule: dx by our kernel only where it measured faster than dequantize-then-dot.
+    bwd_xla = impl is None and not pallas_bwd_is_default(x2.shape[0], w)
     quantum = 64 if w.kind is QuantKind.NF4 else 16
     if which is Impl.PALLAS and k % quantum == 0:
         if w.kind is QuantKind.NF4:

@@ -111,3 +111,12 @@ def test_linear_grad_inside_scan_over_stacked_layers(impl) -> None:
     # weights round NF4 * absmax once in the reference and up to three times in the kernels).
     assert abs(float(v) - float(v_ref)) <= 1e-2 * float(jnp.abs(y_ref.astype(jnp.float32)).sum())
     assert _rel(g, g_ref) <= 1e-2
+
+
+def test_default_dispatch_rule_follows_the_measurements() -> None:
+    from fastlora_jax.ops.linear import pallas_bwd_is_default, pallas_is_default
+    _, w = _case(4, 128, 32, "nf4")
+    _, w8 = _case(4, 128, 32, "int8")
+    assert pallas_is_default(64, w) and not pallas_is_default(65, w)
+    assert pallas_bwd_is_default(64, w) and not pallas_bwd_is_default(65, w)
+    assert not pallas_bwd_is_default(1, w8)
