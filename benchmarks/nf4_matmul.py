@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from fastlora_jax.kernels import int8_matmul as i8
 from fastlora_jax.kernels import nf4_matmul as nf4
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
+from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
 from fastlora_jax.quant.qtensor import nbytes
 
@@ -36,16 +37,18 @@ TRAIN = [(8192, 4096, 14336), (8192, 14336, 4096), (8192, 4096, 4096), (8192, 40
          (2048, 4096, 14336), (2048, 14336, 4096), (2048, 4096, 4096), (2048, 4096, 1024)]
 DECODE = [(1, 4096, 14336), (16, 4096, 14336), (64, 4096, 14336)]
 SWEEP = {
-    "train_fwd": [T(128, 128, 128, 8, 3), T(128, 256, 128, 8, 3)],
+    "train_fwd": [T(128, 256, 128, 8, 3), T(128, 128, 128, 8, 3)],
     "train_bwd": [T(128, 64, 128, 8, 3)],
     "decode1_fwd": [T(16, 64, 256, 4, 3), T(16, 128, 256, 4, 3), T(16, 64, 512, 8, 3)],
-    "decode_fwd": [T(16, 64, 256, 4, 3), T(16, 128, 128, 4, 3)],
+    "decode_fwd": [T(16, 64, 256, 4, 3), T(16, 128, 128, 4, 3)],  # best at M=16, M=64
     "decode_bwd": [T(16, 64, 128, 4, 3)],
     "int8_train_fwd": [T(128, 128, 64, 8, 3)],
     "int8_train_bwd": [T(128, 64, 128, 8, 3)],
     "int8_decode_fwd": [T(16, 32, 256, 4, 4), T(16, 64, 256, 4, 3)],
     "int8_decode_bwd": [T(16, 64, 128, 4, 3)],
 }
+MGPU = False  # --mgpu: add the Hopper Mosaic GPU forward to the forward sweeps (sm_90 only)
+DIRECTIONS = ("fwd", "bwd")
 TRAIN_TFLOPS_TARGET = 600.0
 DECODE_GBS_TARGET = 3000.0
 
@@ -107,7 +110,15 @@ def bf16_bwd(dy, w):
     return jnp.dot(dy, w, preferred_element_type=jnp.float32).astype(dy.dtype)
 
 
-def best_of(tunings: list[MatmulTuning], make: Callable[[MatmulTuning], Callable], x, ws,
+def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
+    """Mosaic GPU (Hopper) tunings for one M: wgmma N = M rounded up to 8 for decode."""
+    if decode:
+        tile = min(256, max(8, -(-m // 8) * 8))
+        return [MgpuTuning(tile_m=tile, max_concurrent_steps=d) for d in (4, 8)]
+    return [MgpuTuning(tile_m=t, max_concurrent_steps=4) for t in (128, 256)]
+
+
+def best_of(tunings: list, make: Callable[[MatmulTuning], Callable], x, ws,
             layers: int, reps: int, log: list[str]) -> tuple[float, MatmulTuning | None, Callable]:
     """Fastest tuning (seconds per layer) among those that compile; failures are logged."""
     best = (float("inf"), None, None)
@@ -154,7 +165,7 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
     flops = 2.0 * m * n * k
     wbytes_q = nbytes(ws[0])
     rows = []
-    for direction in ("fwd", "bwd"):
+    for direction in DIRECTIONS:
         inp = x if direction == "fwd" else dy
         if direction == "fwd":
             make = lambda t: (lambda a, w: fused(a, w, tuning=t, interpret=interpret))  # noqa: E731
@@ -162,6 +173,8 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
         else:
             make = lambda t: (lambda a, w: fused_dx(a, w, tuning=t, interpret=interpret))  # noqa: E731
             xla_op, bf_op, sweep = xla_bwd, bf16_bwd, bwd_sweep
+        if direction == "fwd" and MGPU:
+            sweep = sweep + mgpu_sweep(m, decode)
         t_ours, tuning, fn = best_of(sweep, make, inp, ws, layers, reps, log)
         t_xla = time_per_layer(scanned(xla_op), inp, ws, layers, reps)
         t_bf16 = time_per_layer(scanned(bf_op), inp, wb, layers, reps)
@@ -200,7 +213,11 @@ def main() -> None:
     ap.add_argument("--kinds", default="nf4,int8")
     ap.add_argument("--shapes", default=None, help="MxKxN,... (default: the issue's list)")
     ap.add_argument("--quick", action="store_true", help="first tuning of each sweep only")
+    ap.add_argument("--mgpu", action="store_true", help="also sweep the Mosaic GPU forward")
+    ap.add_argument("--directions", default="fwd,bwd")
     args = ap.parse_args()
+    global MGPU, DIRECTIONS
+    MGPU, DIRECTIONS = args.mgpu, tuple(args.directions.split(","))
     interpret = args.smoke
     if args.smoke or args.quick:
         for key in SWEEP:

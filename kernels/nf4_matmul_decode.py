@@ -29,10 +29,11 @@ from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning, pad_axis
 from fastlora_jax.kernels.nf4_matmul_lut import nf4_pairs, pairs_to_bf16, pairs_to_f32, scale_pairs
 
-# Defaults per regime: M = 1 (FMA), M <= 16 and 16 < M <= 64 (MMA).
+# Defaults per regime: M = 1 (FMA), M <= 16 and 16 < M <= 64 (MMA); best of the H200 sweep
+# (2026-11-29, benchmarks/RESULTS.md).
 DECODE_FMA_TUNING = MatmulTuning(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=3)
 DECODE_MMA16_TUNING = MatmulTuning(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=3)
-DECODE_MMA_TUNING = MatmulTuning(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+DECODE_MMA_TUNING = MatmulTuning(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=3)
 DECODE_MAX_M = 64
 TARGET_PROGRAMS = 264  # 2 per SM on a 132-SM H100/H200
 

@@ -81,6 +81,18 @@ def _asm(scaled: bool) -> str:
 ASM_PLAIN = _asm(scaled=False)
 ASM_SCALED = _asm(scaled=True)
 
+# Two code bytes (bits 0-15 of $2) -> the two bf16 planes as pairs: $0 = [hi(b0), hi(b1)],
+# $1 = [lo(b0), lo(b1)] (for register layouts that hold two adjacent bytes, e.g. wgmma's).
+PLANE_SEL = (0x7351, 0x6240)
+ASM_PLANES_2B = ("""{
+    .reg .b32 idx, sel, a0, b0, lb0, hb0;
+    and.b32 idx, $2, 0x7777;
+    shr.u32 sel, $2, 1;
+    and.b32 sel, sel, 0x4444;
+    or.b32 sel, sel, 0x3210;""" + _half("idx", "sel", "0", ("$0", "$1"))
+                 .replace(f"0x{PAIR_SEL[0]:04x};", f"0x{PLANE_SEL[0]:04x};")
+                 .replace(f"0x{PAIR_SEL[1]:04x};", f"0x{PLANE_SEL[1]:04x};") + "\n}")
+
 
 def nf4_lookup(nibble: jax.Array) -> jax.Array:
     """int32 codes in [0, 16) -> float32 NF4 values, by a 15-select tree (no gather)."""
@@ -165,3 +177,12 @@ def emulate_prmt_lut(word: int) -> list[int]:
         hb = _prmt(_prmt(HI_WORDS[0], HI_WORDS[1], i), _prmt(HI_WORDS[2], HI_WORDS[3], i), s)
         pairs += [_prmt(lb, hb, PAIR_SEL[0]), _prmt(lb, hb, PAIR_SEL[1])]
     return pairs
+
+
+def emulate_prmt_planes(half_word: int) -> tuple[int, int]:
+    """Replays ASM_PLANES_2B on two code bytes -> (hi pair, lo pair) (for CPU tests)."""
+    idx = half_word & 0x7777
+    sel = ((half_word >> 1) & 0x4444) | 0x3210
+    lb = _prmt(_prmt(LO_WORDS[0], LO_WORDS[1], idx), _prmt(LO_WORDS[2], LO_WORDS[3], idx), sel)
+    hb = _prmt(_prmt(HI_WORDS[0], HI_WORDS[1], idx), _prmt(HI_WORDS[2], HI_WORDS[3], idx), sel)
+    return _prmt(lb, hb, PLANE_SEL[0]), _prmt(lb, hb, PLANE_SEL[1])

@@ -1,4 +1,5 @@
-"""The NF4 prmt lookup (kernels/nf4_matmul_lut.py) and the split-K decode, on CPU.
+"""The NF4 prmt lookup (kernels/nf4_matmul_lut.py), the split-K decode and the Mosaic GPU kernel,
+on CPU.
 
 The PTX itself runs only on the GPU (tests/gpu); here its algorithm is replayed in numpy on
 random words, so a wrong table byte or selector fails in CI.
@@ -11,12 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastlora_jax.kernels.nf4_matmul import nf4_matmul_reference
+from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
 from fastlora_jax.kernels.nf4_matmul_decode import decode_forward, default_splits
 from fastlora_jax.kernels.nf4_matmul_lut import (ASM_PLAIN, ASM_SCALED, NF4_BF16_BITS,
-                                                 emulate_prmt_lut, nf4_pairs, pairs_to_bf16,
-                                                 pairs_to_f32, scale_pairs)
+                                                 emulate_prmt_lut, emulate_prmt_planes,
+                                                 nf4_pairs, pairs_to_bf16, pairs_to_f32,
+                                                 scale_pairs)
+from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
 from fastlora_jax.quant import NF4_MAP, nf4_block_scales, quantize_nf4
 
 
@@ -70,3 +74,35 @@ def test_split_k_decode_matches_reference(m: int, fma: bool, splits: int) -> Non
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     err = jnp.linalg.norm((y - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32))
     assert float(err) <= 1e-2
+
+
+def test_prmt_planes_replay_all_byte_pairs() -> None:
+    table = NF4_BF16_BITS.astype(np.int64)
+    for word in range(0, 65536, 7):  # a stride through every high/low nibble combination
+        hi, lo = emulate_prmt_planes(word)
+        b0, b1 = word & 0xFF, word >> 8
+        assert hi == table[b0 >> 4] | table[b1 >> 4] << 16, hex(word)
+        assert lo == table[b0 & 0xF] | table[b1 & 0xF] << 16, hex(word)
+
+
+# The Mosaic GPU kernel under Mosaic's CPU interpreter (a jnp decode replaces the inline PTX,
+# and A goes through shared memory: the interpreter's wgmma takes no register operand).
+@pytest.mark.parametrize("m,k,n,tuning", [(3, 256, 72, None),
+                                          (20, 384, 130, MgpuTuning(tile_m=8, splits=3)),
+                                          (33, 128, 64, MgpuTuning(tile_m=16,
+                                                                   max_concurrent_steps=2))])
+def test_mgpu_kernel_interpreted_matches_reference(m, k, n, tuning) -> None:
+    rng = np.random.default_rng(m + n)
+    w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(
+        rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
+    y = nf4_matmul(x, w, tuning=tuning or MgpuTuning(tile_m=8), interpret=True)
+    ref = nf4_matmul_reference(x, w)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    err = jnp.linalg.norm((y - ref).astype(jnp.float32)) / jnp.linalg.norm(ref.astype(jnp.float32))
+    assert float(err) <= 1e-2
+
+
+def test_mgpu_tuning_checks() -> None:
+    with pytest.raises(KernelError, match="tile_m=12"):
+        MgpuTuning(tile_m=12)
