@@ -268,21 +268,18 @@ def run_profile(config: ModelConfig, args: argparse.Namespace) -> dict:
     def frozen_part(x: jax.Array, w: Any) -> jax.Array:
         return jnp.sum(ops.linear(x, w).astype(jnp.float32))
 
-    def lora_part(x: jax.Array, lo: dict, w: Any) -> jax.Array:
-        return jnp.sum(project(x, "", {"weight": w}, lo).astype(jnp.float32)
-                       - ops.linear(x, w).astype(jnp.float32))
+    def adapted(x: jax.Array, lo: dict, w: Any) -> jax.Array:
+        return jnp.sum(project(x, "", {"weight": w}, lo).astype(jnp.float32))
 
     fg = jax.jit(jax.grad(frozen_part))
-    lg = jax.jit(jax.grad(lora_part, argnums=(0, 1)))
+    ag = jax.jit(jax.grad(adapted, argnums=(0, 1)))
     mm, lo_t = 0.0, 0.0
     for name, xin in inputs.items():
         w = layer0[groups[name]][name]["weight"]
-        mm += _time(fg, xin, w)
-        lo_t += _time(lg, xin, {k: v for k, v in lora0[groups[name]][name].items()}, w)
-    # the LoRA part above also ran one frozen forward; take it out again
-    fwd = jax.jit(lambda x, w: ops.linear(x, w))
-    for name, xin in inputs.items():
-        lo_t -= _time(fwd, xin, layer0[groups[name]][name]["weight"])
+        alone = _time(fg, xin, w)
+        mm += alone
+        # LoRA's share: the adapted projection (fwd + dx + dA + dB) minus the frozen one alone
+        lo_t += _time(ag, xin, dict(lora0[groups[name]][name]), w) - alone
     parts["frozen matmuls (fwd + dx)"] = mm
     parts["LoRA A/B (fwd + bwd)"] = lo_t
 

@@ -99,11 +99,12 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
         if rate > 0.0 and DROPOUT_KEY in lora:
             keep = jax.random.bernoulli(lora[DROPOUT_KEY], 1.0 - rate, x.shape)
             xl = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        # In the compute dtype, like the frozen matmul (tensor cores accumulate in float32): a
+        # float32 delta here would make the backward's dB and dh matmuls float32 ones.
         a = lora["lora_A"].astype(x.dtype)
         b = lora["lora_B"].astype(x.dtype)
-        h = jnp.einsum("...i,ri->...r", xl, a, preferred_element_type=jnp.float32).astype(x.dtype)
-        delta = jnp.einsum("...r,or->...o", h, b, preferred_element_type=jnp.float32)
-        delta = delta * lora[SCALE]
+        h = jnp.einsum("...i,ri->...r", xl, a)
+        delta = jnp.einsum("...r,or->...o", h, b) * lora[SCALE].astype(x.dtype)
         if "lora_magnitude" in lora:
             w = dense(frozen["weight"])
             merged = w + lora[SCALE] * (lora["lora_B"].astype(jnp.float32)
@@ -111,10 +112,10 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
             norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=-1))
             g = lora["lora_magnitude"].astype(jnp.float32) / norm             # [out]
             base_for_dora = base if xl is x else ops.linear(xl, frozen["weight"])
-            y = base.astype(jnp.float32) + (g - 1.0) * base_for_dora.astype(jnp.float32) + g * delta
+            y = (base.astype(jnp.float32) + (g - 1.0) * base_for_dora.astype(jnp.float32)
+                 + g * delta.astype(jnp.float32)).astype(x.dtype)
         else:
-            y = base.astype(jnp.float32) + delta
-        y = y.astype(x.dtype)
+            y = base + delta
         return y if bias is None else y + bias.astype(y.dtype)
 
     return project

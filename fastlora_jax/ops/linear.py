@@ -66,8 +66,7 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None) -> jax.
 
             y = int8_matmul(x2, w, bwd_xla=bwd_xla, interpret=platform() != "gpu")
     else:
-        wd = dequantize(w, x.dtype)
-        y = jnp.dot(x2, wd.T, preferred_element_type=jnp.float32).astype(x.dtype)
+        y = jnp.dot(x2, dequantize(w, x.dtype).T)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -77,8 +76,10 @@ def linear(x: jax.Array, w: jax.Array | QTensor, bias: jax.Array | None = None, 
     if isinstance(w, QTensor):
         y = _quantized_linear(x, w, impl)
     else:
-        w = w.astype(x.dtype)
-        y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        # Output in x's dtype straight from the GEMM (accumulation is float32 on GPU tensor cores
+        # and in XLA's CPU dots); asking for a float32 output then casting costs a round trip of
+        # [tokens, out] float32 through memory per projection, forward and backward.
+        y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
     if bias is not None:
         y = y + bias.astype(x.dtype)
     return y
