@@ -191,8 +191,9 @@ def nf4_matmul(x: jax.Array, w: QTensor, *, tuning: MatmulTuning | MgpuTuning | 
 
     M <= DECODE_MAX_M runs the small-M (decode) kernels, larger M the tiled kernel (Triton
     backend); a `MgpuTuning` runs the Hopper Mosaic GPU forward (`nf4_matmul_mgpu.py`, sm_90)
-    instead, at any M. `tuning` defaults per path. The backward is the fused dx kernel, or XLA's dequantize-then-dot when
-    `bwd_xla` (ops.linear picks whichever measured faster). `interpret` defaults to True off GPU.
+    instead, at any M. `tuning` defaults per path. The backward is the fused dx kernel, or XLA's
+    dequantize-then-dot when `bwd_xla` (ops.linear picks whichever measured faster).
+    `interpret` defaults to True off GPU.
     """
     check_x(x, w, "nf4_matmul")
     if interpret is None:

@@ -67,7 +67,8 @@ def _asm(scaled: bool) -> str:
     and.b32 sel, sel, 0x44444444;
     or.b32 sel, sel, 0x32103210;
     shr.u32 idx2, idx, 16;
-    shr.u32 sel2, sel, 16;""" + _half("idx", "sel", "0", outs[:2]) + _half("idx2", "sel2", "1", outs[2:])
+    shr.u32 sel2, sel, 16;"""
+    body += _half("idx", "sel", "0", outs[:2]) + _half("idx2", "sel2", "1", outs[2:])
     if scaled:
         body += """
     mov.b32 nz, 0x80008000;

@@ -12,10 +12,14 @@ The model calls `linear(x, w)` for every frozen projection. `w` is a plain array
   benchmarks/RESULTS.md); its backward (dx) runs our fused dx kernel where that measured faster
   (`pallas_bwd_is_default`: NF4 with M <= 64) and XLA's dequantize-then-dot otherwise; XLA
   elsewhere. CPU: XLA.
-  An explicit Impl.PALLAS runs the fused kernels both ways.
+  On an H100/H200 the NF4 forward for M <= 16 and bf16 x is the Mosaic GPU kernel
+  (`mgpu_tuning_for`), elsewhere the Triton-backend one. An explicit Impl.PALLAS runs the fused
+  (Triton-backend) kernels both ways.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +27,9 @@ import jax.numpy as jnp
 from fastlora_jax.errors import KernelError
 from fastlora_jax.ops.impl import Impl, platform, resolve
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
+
+if TYPE_CHECKING:
+    from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
 
 # Largest number of rows (tokens) for which the fused Pallas forward is the GPU default, per kind.
 # Measured on the H200 (benchmarks/nf4_matmul.py): at M = 1, 16, 64 the fused forward beat XLA's
@@ -37,6 +44,24 @@ def pallas_is_default(m: int, w: QTensor) -> bool:
     """Whether the GPU default for x [m, K] @ w.T is the fused Pallas kernel."""
     quantum = 64 if w.kind is QuantKind.NF4 else 16
     return m <= PALLAS_DEFAULT_MAX_M[w.kind] and w.shape[1] % quantum == 0
+
+
+# NF4 forward rows up to which the Hopper Mosaic GPU kernel (kernels/nf4_matmul_mgpu.py) is the
+# default on an H100/H200, and its pipeline depth: measured 1.10-1.13x our Triton decode kernel
+# and 3.1-3.5x XLA at M = 1 and 16 (2026-11-29); at M = 64 it (106 us) was slower than the
+# Triton kernel's best tuning (84 us, an earlier run that day).
+MGPU_DEFAULT_MAX_M = 16
+
+
+def mgpu_tuning_for(m: int, w: QTensor, dtype: jnp.dtype, device_kind: str) -> MgpuTuning | None:
+    """The MgpuTuning the GPU default uses for NF4 x [m, K] (bf16) on this device, or None."""
+    from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
+
+    hopper = any(name in device_kind for name in ("H100", "H200", "H800"))
+    if (not hopper or w.kind is not QuantKind.NF4 or m > MGPU_DEFAULT_MAX_M
+            or jnp.dtype(dtype) != jnp.bfloat16 or w.shape[1] % 64):
+        return None
+    return MgpuTuning(tile_m=max(8, -(-m // 8) * 8), max_concurrent_steps=4 if m <= 8 else 8)
 
 
 def pallas_bwd_is_default(m: int, w: QTensor) -> bool:
@@ -60,7 +85,10 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None) -> jax.
         if w.kind is QuantKind.NF4:
             from fastlora_jax.kernels.nf4_matmul import nf4_matmul
 
-            y = nf4_matmul(x2, w, bwd_xla=bwd_xla, interpret=platform() != "gpu")
+            on_gpu = platform() == "gpu"
+            tuning = (mgpu_tuning_for(x2.shape[0], w, x.dtype, jax.devices()[0].device_kind)
+                      if impl is None and on_gpu else None)
+            y = nf4_matmul(x2, w, tuning=tuning, bwd_xla=bwd_xla, interpret=not on_gpu)
         else:
             from fastlora_jax.kernels.int8_matmul import int8_matmul
 

@@ -64,7 +64,8 @@ def test_linear_default_and_pallas_on_gpu(kind: str) -> None:
 @pytest.mark.skipif(jax.default_backend() == "gpu"
                     and "H100" not in jax.devices()[0].device_kind
                     and "H200" not in jax.devices()[0].device_kind, reason="needs sm_90")
-@pytest.mark.parametrize("m,k,n,tile_m,splits", [(1, 4096, 1024, 8, None), (16, 4160, 520, 16, None),
+@pytest.mark.parametrize("m,k,n,tile_m,splits", [(1, 4096, 1024, 8, None),
+                                                 (16, 4160, 520, 16, None),
                                                  (37, 320, 200, 40, 1), (300, 1024, 96, 128, 2)])
 def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits) -> None:
     from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning

@@ -120,3 +120,16 @@ def test_default_dispatch_rule_follows_the_measurements() -> None:
     assert pallas_is_default(64, w) and not pallas_is_default(65, w)
     assert pallas_bwd_is_default(64, w) and not pallas_bwd_is_default(65, w)
     assert not pallas_bwd_is_default(1, w8)
+
+
+def test_mgpu_default_only_for_small_bf16_nf4_on_hopper() -> None:
+    from fastlora_jax.ops.linear import mgpu_tuning_for
+    _, w = _case(4, 128, 32, "nf4")
+    _, w8 = _case(4, 128, 32, "int8")
+    t = mgpu_tuning_for(1, w, jnp.bfloat16, "NVIDIA H200")
+    assert t is not None and t.tile_m == 8 and t.max_concurrent_steps == 4
+    assert mgpu_tuning_for(16, w, jnp.bfloat16, "NVIDIA H100 80GB HBM3").tile_m == 16
+    assert mgpu_tuning_for(17, w, jnp.bfloat16, "NVIDIA H200") is None
+    assert mgpu_tuning_for(1, w, jnp.float32, "NVIDIA H200") is None
+    assert mgpu_tuning_for(1, w, jnp.bfloat16, "NVIDIA A100-SXM4-80GB") is None
+    assert mgpu_tuning_for(1, w8, jnp.bfloat16, "NVIDIA H200") is None
