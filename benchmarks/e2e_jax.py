@@ -110,7 +110,7 @@ def run_ours(config: ModelConfig, args: argparse.Namespace) -> dict:
     opt = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=100_000,
                          lr_scheduler_type="constant", max_grad_norm=1.0)
     state = opt.init(lora)
-    remat = {"none": False, "full": True, "offload": "offload"}[args.remat]
+    remat = {"none": False, "full": True, "offload": "offload", "dots": "dots"}[args.remat]
     cfg = StepConfig(model=config, lora=spec, remat=remat, loss_chunk=args.loss_chunk)
     batch = make_batch(config, args.accumulation, args.micro_batch, args.seq)
     setup_s = time.perf_counter() - t0
@@ -167,7 +167,7 @@ def run_plain_xla(raw: dict, args: argparse.Namespace) -> dict:
 
 
 def run_context(config: ModelConfig, args: argparse.Namespace) -> dict:
-    """Compile-only: does the lean step (batch 1, offload remat, chunked loss) fit at each length?"""
+    """Compile-only: does the lean step (batch 1, offload remat, chunked loss) fit at a length?"""
     import psutil
 
     frozen = make_frozen(config, args.quant)
@@ -317,7 +317,7 @@ def main() -> None:
                         required=True)
     parser.add_argument("--name", default="")
     parser.add_argument("--quant", choices=("nf4", "bf16"), default="nf4")
-    parser.add_argument("--remat", choices=("none", "full", "offload"), default="none")
+    parser.add_argument("--remat", choices=("none", "full", "offload", "dots"), default="none")
     parser.add_argument("--loss-chunk", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=4)

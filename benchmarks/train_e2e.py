@@ -5,6 +5,7 @@ projections, seq 2048, micro-batch 2 x accumulation 4 = 16,384 tokens per optimi
 compute, AdamW with clipping. Every run is its own process (a clean peak-memory count):
   ours_fast   NF4 frozen weights, no remat (the least rematerialisation: it fits on an H200)
   ours_lean   NF4, per-layer remat with the layer inputs offloaded to host, 1024-token loss chunks
+  ours_dots   NF4, remat keeping only matmul outputs (the plain-XLA step's policy)
   ours_bf16   bf16 frozen weights, no remat (the bf16 LoRA comparison)
   plain_xla   a hand-written JAX step (benchmarks/e2e_plain_xla.py): bf16, cuDNN, scan
   hf_nf4      HF transformers + PEFT + bitsandbytes NF4 (benchmarks/e2e_hf.py), SDPA,
@@ -49,8 +50,10 @@ TINY_HF = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "interm
            "attention_bias": False, "mlp_bias": False}
 HF_CTX_LENGTHS = "16384,32768,65536,98304,131072,196608"
 OURS_CTX_LENGTHS = "131072,262144,393216,524288"
-ALL_PARTS = ("ours_fast", "ours_lean", "ours_bf16", "plain_xla", "hf_nf4", "hf_bf16",
-             "ctx_ours", "ctx_hf", "profile")
+ALL_PARTS = ("ours_fast", "ours_lean", "ours_dots", "ours_bf16", "plain_xla", "hf_nf4",
+             "hf_bf16", "ctx_ours", "ctx_hf", "profile")
+SUMMARY_KEYS = ("tokens_per_s", "peak_bytes", "compile_s", "max_fits", "first_fail", "first_oom",
+                "parts_s", "error")
 
 
 def commands(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -67,6 +70,8 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
                               "--loss-chunk", chunk_all] + shape + timing + tiny_j,
         "ours_lean": jaxpy + ["--run", "ours", "--quant", "nf4", "--remat", "offload",
                               "--loss-chunk", "1024"] + shape + timing + tiny_j,
+        "ours_dots": jaxpy + ["--run", "ours", "--quant", "nf4", "--remat", "dots",
+                              "--loss-chunk", chunk_all] + shape + timing + tiny_j,
         "ours_bf16": jaxpy + ["--run", "ours", "--quant", "bf16", "--remat", "none",
                               "--loss-chunk", chunk_all] + shape + timing + tiny_j,
         "plain_xla": jaxpy + ["--run", "plain_xla", "--loss-chunk", "1024"] + shape + timing
@@ -99,9 +104,8 @@ def run_parts(args: argparse.Namespace, raw_path: pathlib.Path) -> dict:
         else:
             raw[part] = {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
             print(proc.stderr[-3000:], flush=True)
-        print(f"   {time.perf_counter() - start:.0f} s: "
-              f"{json.dumps({k: v for k, v in raw[part].items() if k in ('tokens_per_s', 'peak_bytes', 'compile_s', 'max_fits', 'first_fail', 'first_oom', 'parts_s', 'error')})}",
-              flush=True)
+        brief = {k: v for k, v in raw[part].items() if k in SUMMARY_KEYS}
+        print(f"   {time.perf_counter() - start:.0f} s: {json.dumps(brief)}", flush=True)
         raw_path.write_text(json.dumps(raw, indent=1))
     return raw
 
@@ -137,6 +141,10 @@ def rows(raw: dict, cfg: dict, seq: int) -> list[dict]:
             get("plain_xla", "tokens_per_s"), True, 1.15),
         row("lean: NF4, offload remat, chunked loss", "tokens/s",
             get("ours_lean", "tokens_per_s"), hf4, get("hf_nf4", "tokens_per_s"), True, None),
+        row("NF4, dots-saveable remat", "tokens/s", get("ours_dots", "tokens_per_s"), px,
+            get("plain_xla", "tokens_per_s"), True, None),
+        row("NF4, dots-saveable remat", "peak HBM (GiB)", _gib(get("ours_dots", "peak_bytes")),
+            hf4, _gib(get("hf_nf4", "peak_bytes")), False, None),
         row("fast: NF4, no remat", "peak HBM (GiB)", _gib(get("ours_fast", "peak_bytes")), hf4,
             _gib(get("hf_nf4", "peak_bytes")), False, None),
         row("lean: NF4, offload remat, chunked loss", "peak HBM (GiB)",
@@ -178,6 +186,7 @@ def plot(raw: dict, path: pathlib.Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [("ours_fast", "ours fast\n(NF4)"), ("ours_lean", "ours lean\n(NF4)"),
+             ("ours_dots", "ours NF4\ndots remat"),
              ("hf_nf4", "HF+PEFT\n+bnb NF4"), ("ours_bf16", "ours\nbf16"),
              ("plain_xla", "plain XLA\nbf16"), ("hf_bf16", "HF+PEFT\nbf16")]
     present = [(k, label) for k, label in names if raw.get(k, {}).get("tokens_per_s")]

@@ -129,9 +129,9 @@ class FastLanguageModel:
         target_modules None means all seven projections (Unsloth's default). The adapters are
         float32 master weights in their own pytree (`model.lora_params()`).
         """
-        if use_gradient_checkpointing not in (True, False, "offload", "unsloth"):
+        if use_gradient_checkpointing not in (True, False, "offload", "unsloth", "dots"):
             raise ConfigError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} must be "
-                              f"True, False or 'offload'")
+                              f"True, False, 'offload' ('unsloth' is its alias) or 'dots'")
         config = LoraConfig.create(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             bias=bias, use_rslora=use_rslora, use_dora=use_dora, rank_pattern=rank_pattern,

@@ -1,14 +1,14 @@
 """NF4 quantization in jnp, on whatever device holds the weights (the layout of `nf4.py`).
 
 `quantize_nf4_on_device(w)` returns the same `QTensor` layout as the host quantizer
-`quantize_nf4` and the same 4-bit codes (the same float32 comparisons against the NF4 midpoints)
-and the same double-quantization path (the 65536-point grid and lookup table of bitsandbytes' CPU
+`quantize_nf4`, the same 4-bit codes (the same float32 comparisons against the NF4 midpoints) and
+the same double-quantization path (the 65536-point grid and lookup table of bitsandbytes' CPU
 8-bit quantizer). Two differences, both in the last bit of float32 arithmetic: the nested offset
 is XLA's float32 mean of the absmax, not a replay of torch's CPU summation order, and the grid
-index is computed with two roundings instead of one; so a small fraction of the absmax bytes
-may differ by one dynamic-map entry from bitsandbytes'. Use it where speed matters more than byte-identity with
-bitsandbytes: quantizing a model created or loaded on the GPU (an 8B model in about a second
-instead of a minute of host numpy); use `quantize_nf4` to reproduce bitsandbytes' files.
+index is computed with two roundings instead of one; so a small fraction of the absmax bytes may
+differ by one dynamic-map entry from bitsandbytes'. Use it where speed matters more than
+byte-identity with bitsandbytes: quantizing a model created or loaded on the GPU (an 8B model in
+seconds instead of a minute of host numpy); use `quantize_nf4` to reproduce bitsandbytes' files.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fastlora_jax.quant.qtensor import QTensor, QuantKind
 
 
 def _lut_index(normed: jax.Array) -> jax.Array:
-    """float32 in [-1, 1] -> index on bitsandbytes' 65536-point grid, trunc((x + 1) / 2 * 65535 + 0.5).
+    """float32 in [-1, 1] -> index on bitsandbytes' 65536-point grid: trunc((x+1)/2 * 65535 + 0.5).
 
     In float32 with two roundings (the host version and bitsandbytes round once, after a fused
     multiply-add), so a value within a float32 ulp of a grid midpoint may land one grid point over.

@@ -3,13 +3,14 @@
 A batch holds `accumulation` micro-batches: every array is [A, B, T] (int32): `input_ids`,
 `targets` (the next token at each position, -100 where no loss is taken), `positions`, and
 optionally `segment_ids` (0 = padding) for packed rows. Rows that are not packed need none: their
-padding is on the right, where causal attention keeps it out of every real token's context and
-the -100 targets keep it out of the loss; leaving the key out lets the GPU run cuDNN's attention,
-which is faster than our segment-aware kernel when there is nothing to skip. The loss of the optimizer step is the sum of token losses over all
-micro-batches divided by the total number of counted tokens over all of them, so accumulated
-gradients equal one large batch's (the gradient-accumulation normalisation Unsloth fixed in HF).
-Gradients flow only into the LoRA tree (float32 master weights); compute runs in the frozen
-weights' dtype; the loss is float32.
+padding is on the right, where causal attention keeps it out of every real token's context and the
+-100 targets keep it out of the loss; leaving the key out lets the GPU run cuDNN's attention, which
+is faster than our segment-aware kernel when there is nothing to skip.
+
+The loss of the optimizer step is the sum of token losses over all micro-batches divided by the
+total number of counted tokens over all of them, so accumulated gradients equal one large batch's
+(the gradient-accumulation normalisation Unsloth fixed in HF). Gradients flow only into the LoRA
+tree (float32 master weights); compute runs in the frozen weights' dtype; the loss is float32.
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ def remat_wrapper(mode: bool | str) -> Callable[[Callable], Callable] | None:
     """use_gradient_checkpointing -> how each scanned decoder layer is rematerialised.
 
     False: keep every activation; True: keep only each layer's input (recompute the rest);
-    "offload": the same, with the layer inputs moved to pinned host memory.
+    "offload": the same, with the layer inputs moved to pinned host memory; "dots": keep the
+    outputs of the matmuls (not the attention kernel's) and recompute the elementwise work in
+    between — JAX's `dots_with_no_batch_dims_saveable`, what a hand-written XLA step uses.
     """
     if mode is False:
         return None
+    if mode == "dots":
+        return functools.partial(jax.checkpoint,
+                                 policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     if mode is True:
         return functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     if mode == "offload":
@@ -51,7 +57,8 @@ def remat_wrapper(mode: bool | str) -> Callable[[Callable], Callable] | None:
             names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
             offload_src="device", offload_dst="pinned_host")
         return functools.partial(jax.checkpoint, policy=policy)
-    raise ConfigError(f"use_gradient_checkpointing={mode!r} must be False, True or 'offload'")
+    raise ConfigError(f"use_gradient_checkpointing={mode!r} must be False, True, 'offload' or "
+                      f"'dots'")
 
 
 def lr_schedule(kind: str, learning_rate: float, warmup_steps: int,

@@ -83,7 +83,7 @@ def test_accumulation_equals_one_large_batch():
     assert abs(naive - float(l1)) > 1e-4
 
 
-@pytest.mark.parametrize("remat", [False, True, "offload"])
+@pytest.mark.parametrize("remat", [False, True, "offload", "dots"])
 def test_remat_modes_give_the_same_gradients(remat):
     frozen, spec, lora = setup(r=4)
     b = batch(1, 2, 12)
