@@ -101,15 +101,20 @@ def peak_bytes() -> int:
     return int((jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0))
 
 
-def run_ours(config: ModelConfig, args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    frozen = make_frozen(config, args.quant)
+def setup(config: ModelConfig, quant: str) -> tuple[dict, Any, dict, Any, Any]:
+    """(frozen, LoRA spec, LoRA params, optimizer, optimizer state): r16 a16 on 7 projections."""
+    frozen = make_frozen(config, quant)
     spec = resolve(LoraConfig.create(r=RANK, lora_alpha=ALPHA), config,
                    family_for(config.model_type).default_target_modules)
     lora = init_lora(spec, config, frozen)
     opt = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=100_000,
                          lr_scheduler_type="constant", max_grad_norm=1.0)
-    state = opt.init(lora)
+    return frozen, spec, lora, opt, opt.init(lora)
+
+
+def run_ours(config: ModelConfig, args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    frozen, spec, lora, opt, state = setup(config, args.quant)
     remat = {"none": False, "full": True, "offload": "offload", "dots": "dots"}[args.remat]
     cfg = StepConfig(model=config, lora=spec, remat=remat, loss_chunk=args.loss_chunk)
     batch = make_batch(config, args.accumulation, args.micro_batch, args.seq)
@@ -170,13 +175,7 @@ def run_context(config: ModelConfig, args: argparse.Namespace) -> dict:
     """Compile-only: does the lean step (batch 1, offload remat, chunked loss) fit at a length?"""
     import psutil
 
-    frozen = make_frozen(config, args.quant)
-    spec = resolve(LoraConfig.create(r=RANK, lora_alpha=ALPHA), config,
-                   family_for(config.model_type).default_target_modules)
-    lora = init_lora(spec, config, frozen)
-    opt = make_optimizer(learning_rate=LR, warmup_steps=0, total_steps=100_000,
-                         lr_scheduler_type="constant", max_grad_norm=1.0)
-    state = opt.init(lora)
+    frozen, spec, lora, opt, state = setup(config, args.quant)
     cfg = StepConfig(model=config, lora=spec, remat="offload", loss_chunk=args.loss_chunk)
     host_free = psutil.virtual_memory().available
     probes: list[dict] = []
@@ -248,10 +247,7 @@ def run_profile(config: ModelConfig, args: argparse.Namespace) -> dict:
     """
     c = config
     b, t, a = args.micro_batch, args.seq, args.accumulation
-    frozen = make_frozen(c, args.quant)
-    spec = resolve(LoraConfig.create(r=RANK, lora_alpha=ALPHA), c,
-                   family_for(c.model_type).default_target_modules)
-    lora = init_lora(spec, c, frozen)
+    frozen, spec, lora, _, _ = setup(c, args.quant)
     keys = jax.random.split(jax.random.key(1), 8)
     x = jax.random.normal(keys[0], (b, t, c.hidden_size), jnp.bfloat16)
     xi = jax.random.normal(keys[1], (b, t, c.intermediate_size), jnp.bfloat16)
