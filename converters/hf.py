@@ -1,11 +1,17 @@
 """Read a Hugging Face checkpoint folder (config.json + safetensors, single or sharded).
 
-Tensors stream one at a time from disk (safetensors memory-maps the files); each is checked
-(name, dtype, shape), converted (dtype cast, or quantized by `convert`) and put in place; a stacked
-parameter is assembled from its L per-layer tensors and moved to the device as soon as it is
-complete, so at most one parameter stack is held twice, never the model. At the end every expected
-parameter must have been filled and every tensor in the files used. `.bin` (pickle) checkpoints are
-refused: we never unpickle.
+Tensors stream one at a time from disk; each is checked (name, dtype, shape), converted (dtype
+cast, or quantized by `convert`) and put in place, so host memory holds the model as it will be kept
+plus about one tensor, never the checkpoint. Nothing larger than `chunk_bytes` is held whole on the
+host beyond what `convert` needs (see converters/chunks.py for why whole-tensor reads cost 3x):
+- a tensor is read through its own short-lived safetensors handle, in row chunks when large, so the
+  memory-mapped pages it touched are released as soon as it is read;
+- an unstacked parameter (embeddings, final norm, lm_head) larger than `chunk_bytes` is converted
+  chunk by chunk and written into a preallocated device buffer;
+- a stacked parameter [L, ...] is assembled layer by layer: in a preallocated device buffer when the
+  stack is larger than `chunk_bytes`, else in a host buffer moved to the device once complete.
+At the end every expected parameter must have been filled and every tensor in the files used.
+`.bin` (pickle) checkpoints are refused: we never unpickle.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from fastlora_jax.config import ModelConfig
+from fastlora_jax.converters.chunks import (CHUNK_BYTES, device_zeros, read_rows, read_whole,
+                                            row_chunks, write_rows)
 from fastlora_jax.converters.names import hf_to_path
 from fastlora_jax.errors import CheckpointError, ConfigError
 from fastlora_jax.models.decoder import ParamSpec, Params, param_specs, set_path
@@ -33,7 +41,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FLOAT_DTYPES = {"F32": np.float32, "BF16": "bfloat16", "F16": np.float16}
 
-# (spec, per-layer numpy array in the file's dtype) -> leaf to store (array or QTensor).
+# (spec, numpy array in the file's dtype) -> leaf to store (array or QTensor). A stacked
+# parameter's hook sees one whole layer [*layer_shape]; an unstacked one larger than `chunk_bytes`
+# arrives in row chunks [rows, *layer_shape[1:]] and must return an array of the same rows (a dtype
+# cast, as both built-in hooks do).
 Convert = Callable[[ParamSpec, np.ndarray], Any]
 
 
@@ -141,12 +152,15 @@ def _quantized_leaf(group: dict[str, np.ndarray], weight_name: str, dtype: Any) 
 
 
 def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
-                convert: Convert | None = None) -> Params:
+                convert: Convert | None = None, chunk_bytes: int = CHUNK_BYTES) -> Params:
     """Stream every tensor of the checkpoint into our parameter tree (see module doc).
 
     Float tensors are cast to `dtype` (or passed to `convert`); bitsandbytes 4-bit / 8-bit
-    weights are assembled into QTensors as stored, without requantizing.
+    weights are assembled into QTensors as stored, without requantizing. `chunk_bytes` (bytes,
+    > 0) bounds the pieces larger tensors are read and moved in; it does not change the result.
     """
+    if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes <= 0:
+        raise ConfigError(f"chunk_bytes={chunk_bytes!r} must be a positive number of bytes")
     folder = checkpoint_dir(folder)
     specs = {spec.path: spec for spec in param_specs(config)}
     np_dtype = jnp.dtype(dtype)
@@ -164,16 +178,23 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
             filled[path] = 1
             set_path(params, path, jax.device_put(leaf))
             return
-        # One host buffer [L, ...] per stacked parameter, filled layer by layer in place and moved
-        # to the device (then freed) as soon as its last layer arrives: no per-layer copies pile up.
+        # One buffer [L, ...] per stacked parameter, filled layer by layer in place: on the device
+        # when the stack is large (the host then holds one layer at a time), else on the host and
+        # moved to the device (then freed) as soon as its last layer arrives.
         if path not in pending:
-            pending[path] = (jax.tree.map(lambda a: np.empty((config.num_layers,) + a.shape,
-                                                             a.dtype), leaf),
-                             [False] * config.num_layers)
+            L = config.num_layers
+            on_device = L * sum(a.nbytes for a in jax.tree.leaves(leaf)) > chunk_bytes
+            new = (lambda a: device_zeros((L,) + a.shape, a.dtype)) if on_device else (
+                lambda a: np.empty((L,) + a.shape, a.dtype))
+            pending[path] = (jax.tree.map(new, leaf), [False] * L)
         buffer, seen = pending[path]
         if seen[layer]:
             raise CheckpointError(f"{str(file)!r}: tensor {name!r} appears twice")
-        jax.tree.map(lambda buf, a: buf.__setitem__(layer, a), buffer, leaf)
+        if isinstance(jax.tree.leaves(buffer)[0], jax.Array):
+            buffer = jax.tree.map(lambda buf, a: write_rows(buf, a[None], layer), buffer, leaf)
+            pending[path] = (buffer, seen)
+        else:
+            jax.tree.map(lambda buf, a: buf.__setitem__(layer, a), buffer, leaf)
         seen[layer] = True
         filled[path] = filled.get(path, 0) + 1
         if filled[path] == config.num_layers:
@@ -207,7 +228,7 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
             if spec is None or suffix == "weight_format":
                 continue
             group = quant_groups.setdefault(weight_name, {})
-            group[suffix] = _read(f, name, file)
+            group[suffix] = read_rows(file, name)
             leaf = _quantized_leaf(group, weight_name, dtype)
             if leaf is not None:
                 if tuple(leaf.shape) != spec.layer_shape:
@@ -226,9 +247,15 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
         if shape != spec.layer_shape:
             raise CheckpointError(f"{str(file)!r}: tensor {name!r} has shape {list(shape)}, "
                                   f"expected {list(spec.layer_shape)} from config.json")
-        array = _read(f, name, file)
-        place(name, file, spec, layer, convert(spec, array))
-        del array
+        itemsize = jnp.dtype(FLOAT_DTYPES[file_dtype]).itemsize
+        if spec.stacked:
+            array = read_whole(file, name, shape, itemsize, chunk_bytes)
+            leaf = convert(spec, array)
+            del array
+        else:
+            leaf = _unstacked(file, name, spec, shape, itemsize, convert, chunk_bytes)
+        place(name, file, spec, layer, leaf)
+        del leaf
     if quant_groups:
         name, group = next(iter(quant_groups.items()))
         raise CheckpointError(f"{str(folder)!r}: quantized weight {name!r} is incomplete (found "
@@ -247,19 +274,35 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
     return params
 
 
-def _read(f: Any, name: str, file: pathlib.Path) -> np.ndarray:
-    try:
-        return f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{str(file)!r}: tensor {name!r} could not be read ({err}); the "
-                              f"file is truncated or corrupt — re-download it") from None
+def _unstacked(file: pathlib.Path, name: str, spec: ParamSpec, shape: tuple[int, ...],
+               itemsize: int, convert: Convert, chunk_bytes: int) -> Any:
+    """Unstacked tensor `name` [*shape] converted and on the device, moved in row chunks if large."""
+    chunks = row_chunks(shape, itemsize, chunk_bytes)
+    if len(chunks) == 1:
+        return jax.device_put(convert(spec, read_rows(file, name)))
+    buffer = None
+    for start, stop in chunks:
+        rows = convert(spec, read_rows(file, name, start, stop))
+        if not isinstance(rows, (np.ndarray, jax.Array)) or rows.shape[:1] != (stop - start,):
+            raise ConfigError(f"{str(file)!r}: the convert hook returned "
+                              f"{type(rows).__name__} {getattr(rows, 'shape', '')} for rows "
+                              f"{start}:{stop} of {name!r}; tensors over chunk_bytes arrive in "
+                              f"row chunks, so the hook must return an array of {stop - start} "
+                              f"rows (a dtype cast), or pass a larger chunk_bytes")
+        if buffer is None:
+            buffer = device_zeros((shape[0],) + rows.shape[1:], rows.dtype)
+        buffer = write_rows(buffer, rows, start)
+        del rows
+    return buffer
 
 
 def load_checkpoint(folder: str | pathlib.Path, *, dtype: Any = jnp.float32,
-                    convert: Convert | None = None) -> tuple[ModelConfig, Params]:
-    """(ModelConfig, params) of a checkpoint folder."""
+                    convert: Convert | None = None,
+                    chunk_bytes: int = CHUNK_BYTES) -> tuple[ModelConfig, Params]:
+    """(ModelConfig, params) of a checkpoint folder; `chunk_bytes` as in `load_params`."""
     config, _ = read_config(folder)
-    return config, load_params(folder, config, dtype=dtype, convert=convert)
+    return config, load_params(folder, config, dtype=dtype, convert=convert,
+                               chunk_bytes=chunk_bytes)
 
 
 __all__ = ["load_checkpoint", "load_params", "read_config", "CheckpointError", "ConfigError"]

@@ -60,7 +60,8 @@ def is_projection(spec: ParamSpec) -> bool:
 
 
 def quantizing_convert(kind: str, dtype: jnp.dtype) -> Convert:
-    """Loader hook: quantize each decoder projection as it streams in (one layer at a time)."""
+    """Loader hook: quantize each decoder projection as it streams in (one whole layer at a time);
+    cast everything else to `dtype` (row-wise, so large tensors may arrive in row chunks)."""
     from fastlora_jax.quant import quantize_int8, quantize_nf4
 
     quantize = quantize_nf4 if kind == "nf4" else quantize_int8
