@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from fastlora_jax.errors import CheckpointError
 
 # Largest piece (bytes) of a tensor held on the host at once; larger tensors move in row chunks.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def row_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> list[tuple[int, int]]:
