@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels import flash_attention_mgpu as mgpu
 from fastlora_jax.kernels import flash_attention_mgpu_bwd as mgpu_bwd
+from fastlora_jax.kernels import flash_attention_mgpu_fused as mgpu_fused
 from fastlora_jax.kernels import flash_attention_portable as portable
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
 
@@ -69,9 +70,13 @@ class BlockSizes:
 
     block_q / block_kv: forward tiles; *_dq: the dq kernel; *_dkv: the dk/dv kernel.
     mgpu_*: the Mosaic GPU kernels (block_q rows per compute warpgroup, two per CTA; a TMA ring of
-    mgpu_num_stages slots); mgpu_backward=False keeps the portable backward behind the Mosaic
-    forward; mgpu_segments=True lets the Mosaic kernels take segment ids (correct in the
-    interpreter, not yet run on a GPU: off by default, so packed batches use the portable path).
+    mgpu_num_stages slots; the backward's ring: mgpu_num_stages_bwd, None = the same);
+    mgpu_backward=False keeps the portable backward behind the Mosaic forward;
+    mgpu_segments=True lets the Mosaic kernels take segment ids (correct in the
+    interpreter, not yet run on a GPU: off by default, so packed batches use the portable path);
+    mgpu_fused_bwd=True runs the Mosaic backward as one kernel (dk/dv per key block, dq
+    reduce-added in float32 by TMA: 5 matmuls per block pair instead of 7; correct in the
+    interpreter and lowered for the GPU, not yet run on one: off by default).
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
     in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
@@ -89,13 +94,15 @@ class BlockSizes:
     mgpu_block_q: int = 64
     mgpu_block_kv: int = 128
     mgpu_num_stages: int = 2
+    mgpu_num_stages_bwd: int | None = None
     mgpu_block_q_bwd: int = 64
     mgpu_block_kv_bwd: int = 64
     mgpu_backward: bool = True
     mgpu_segments: bool = False
+    mgpu_fused_bwd: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("mgpu_backward", "mgpu_segments"):
+        for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd"):
             if not isinstance(getattr(self, name), bool):
                 raise KernelError(f"BlockSizes.{name}={getattr(self, name)!r} must be a bool")
         for name in ("mgpu_block_q", "mgpu_block_kv", "mgpu_block_q_bwd", "mgpu_block_kv_bwd"):
@@ -111,8 +118,10 @@ class BlockSizes:
             value = getattr(self, name)
             if not isinstance(value, int) or not _is_pow2(value) or value > 16:
                 raise KernelError(f"BlockSizes.{name}={value!r} must be a power of two in [1, 16]")
-        for name in ("num_stages", "num_stages_bwd", "mgpu_num_stages"):
+        for name in ("num_stages", "num_stages_bwd", "mgpu_num_stages", "mgpu_num_stages_bwd"):
             value = getattr(self, name)
+            if value is None and name == "mgpu_num_stages_bwd":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise KernelError(f"BlockSizes.{name}={value!r} must be an int >= 1")
 
@@ -291,8 +300,12 @@ def _flash_bwd(cfg: _Config, res, do):
     if cfg.use_mgpu_bwd:
         common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
                       block_q=bs.mgpu_block_q_bwd, block_kv=bs.mgpu_block_kv_bwd,
-                      num_stages=bs.mgpu_num_stages,
+                      num_stages=bs.mgpu_num_stages_bwd or bs.mgpu_num_stages,
                       interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
+        if bs.mgpu_fused_bwd:
+            dq, dk, dv = mgpu_fused.backward_fused(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
+                                                   **common)
+            return dq, dk, dv, None, None, None, None, None
         dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, q_seg, kv_seg, **common)
         dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg, **common)
         return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
