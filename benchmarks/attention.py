@@ -1,6 +1,10 @@
 """Flash attention on the GPU: our Pallas kernels vs cuDNN and XLA, forward and forward+backward.
 
-Usage: python benchmarks/attention.py [--out DIR] [--commit SHA] [--quick] [--sweep]
+Usage: python benchmarks/attention.py [--out DIR] [--commit SHA] [--quick] [--backends LIST]
+       [--sweep LIST]
+--backends: comma-separated, from triton, mosaic_gpu, mosaic_gpu_fwd (Mosaic forward + Triton
+backward), mosaic_gpu_seg (Mosaic kernels take segment ids), mosaic_gpu_fused (the fused
+one-kernel Mosaic backward, dq by TMA reduce-add), mosaic_gpu_fused_seg (both); default: all.
 Prints a table last and writes benchmarks/results/attention-<date>.json (DESIGN.md's shape).
 TF/s counts 4·B·H·Tq·Tk·D FLOPs forward (2 matmuls) over the *visible* (query, key) pairs only
 (causal: about half; packed: within documents; window: inside it), and 3.5× that for
@@ -87,12 +91,16 @@ def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
     """attention(q, k, v) for one implementation ('ours:<backend>', 'cudnn', 'xla').
 
     'ours:mosaic_gpu_fwd' is the Mosaic GPU forward with the portable (Triton) backward;
-    'ours:mosaic_gpu_seg' lets the Mosaic kernels take segment ids (BlockSizes.mgpu_segments).
+    'ours:mosaic_gpu_seg' lets the Mosaic kernels take segment ids (BlockSizes.mgpu_segments);
+    'ours:mosaic_gpu_fused' runs the fused Mosaic backward (BlockSizes.mgpu_fused_bwd),
+    'ours:mosaic_gpu_fused_seg' both.
     """
     if impl.startswith("ours"):
         backend = impl.split(":")[1]
         variants = {"mosaic_gpu_fwd": dict(mgpu_backward=False),
-                    "mosaic_gpu_seg": dict(mgpu_segments=True)}
+                    "mosaic_gpu_seg": dict(mgpu_segments=True),
+                    "mosaic_gpu_fused": dict(mgpu_fused_bwd=True),
+                    "mosaic_gpu_fused_seg": dict(mgpu_fused_bwd=True, mgpu_segments=True)}
         if backend in variants:
             block_sizes = dataclasses.replace(
                 block_sizes or fa.BlockSizes.for_head_dim(c.head_dim), **variants[backend])
@@ -155,6 +163,9 @@ def sweep(c: Case, backend: str) -> list[dict]:
         dataclasses.replace(base, mgpu_num_stages=3),
         dataclasses.replace(base, mgpu_block_kv=64, mgpu_num_stages=3),
     ] if backend == "mosaic_gpu" else [
+        base,  # the fused backward's tiles: at head_dim 128 only 64 x 64 fits shared memory;
+        dataclasses.replace(base, mgpu_num_stages_bwd=3),  # 3 stages: dq in 64-column halves
+    ] if backend.startswith("mosaic_gpu_fused") else [
         base,
         dataclasses.replace(base, block_q=128, block_kv=128, num_warps=8),
         dataclasses.replace(base, block_q=64, block_kv=64, num_warps=4),
@@ -184,7 +195,7 @@ def main() -> None:
                                            capture_output=True, text=True).stdout.strip()
     backends = (args.backends.split(",") if args.backends
                 else [*(b.value for b in fa.Backend if not b.interpreted), "mosaic_gpu_fwd",
-                      "mosaic_gpu_seg"])
+                      "mosaic_gpu_seg", "mosaic_gpu_fused", "mosaic_gpu_fused_seg"])
     cases = CASES[:2] if args.quick else CASES
     rows, table, extra = [], [], {}
     doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),
