@@ -76,7 +76,9 @@ class BlockSizes:
     interpreter, not yet run on a GPU: off by default, so packed batches use the portable path);
     mgpu_fused_bwd=True runs the Mosaic backward as one kernel (dk/dv per key block, dq
     reduce-added in float32 by TMA: 5 matmuls per block pair instead of 7; correct in the
-    interpreter and lowered for the GPU, not yet run on one: off by default).
+    interpreter and lowered for the GPU, not yet run on one: off by default);
+    mgpu_fused_pair_dq=True (with it, head_dim 128) has its two compute warpgroups form one dq
+    product over both key blocks, each taking half the columns: half the reduce-add traffic.
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
     in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
@@ -100,9 +102,10 @@ class BlockSizes:
     mgpu_backward: bool = True
     mgpu_segments: bool = False
     mgpu_fused_bwd: bool = False
+    mgpu_fused_pair_dq: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd"):
+        for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd", "mgpu_fused_pair_dq"):
             if not isinstance(getattr(self, name), bool):
                 raise KernelError(f"BlockSizes.{name}={getattr(self, name)!r} must be a bool")
         for name in ("mgpu_block_q", "mgpu_block_kv", "mgpu_block_q_bwd", "mgpu_block_kv_bwd"):
@@ -304,7 +307,7 @@ def _flash_bwd(cfg: _Config, res, do):
                       interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
         if bs.mgpu_fused_bwd:
             dq, dk, dv = mgpu_fused.backward_fused(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
-                                                   **common)
+                                                   pair_dq=bs.mgpu_fused_pair_dq, **common)
             return dq, dk, dv, None, None, None, None, None
         dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, q_seg, kv_seg, **common)
         dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg, **common)

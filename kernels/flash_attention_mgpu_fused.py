@@ -1,4 +1,4 @@
-"""Hopper flash-attention backward on Mosaic GPU as ONE kernel: dk/dv per key block, dq reduce-added.
+"""Hopper flash-attention backward on Mosaic GPU in one kernel; dq reduce-added by TMA.
 
 The two-kernel backward (`flash_attention_mgpu_bwd.py`) recomputes q k^T and do v^T in its dq
 kernel: 7 matmuls per visible (query block, key block) pair. Here one CTA owns 2 * block_kv keys
@@ -14,7 +14,10 @@ and hands dq_part (float32) to the TMA engine with a reduce-add into a zero-init
 dq in global memory (`copy_smem_to_gmem(..., reduction_op="add")`): the CTAs that share a query
 block sum there, in any order (float32 addition order varies run to run in the last bits).
 dk/dv accumulate over the whole group in registers and are written once, per kv head (no
-per-query-head buffer, no group sum afterwards).
+per-query-head buffer, no group sum afterwards). Whole dq (D columns) per product when shared
+memory allows, else two 64-column halves (head_dim 128 with a 3-stage ring). pair_dq (head_dim
+128): the two warpgroups sync on two barriers per pair and form one product over both key blocks
+(K = 2 * block_kv), each adding half the columns -- half the reduce-add traffic.
 
 Interpreter (CPU tests): Mosaic GPU's interpreter raises NotImplementedError for a reduce-add
 copy, so under `interpret=True` -- and only there -- that single step is emulated: each compute
@@ -110,8 +113,14 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                    delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                    kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                    softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                   interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dq [B, Tq, H, D] in q's dtype, dk, dv [B, Tk, Hkv, D] in k's dtype)."""
+                   pair_dq: bool = False, interpret: bool = False
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq [B, Tq, H, D] in q's dtype, dk, dv [B, Tk, Hkv, D] in k's dtype).
+
+    pair_dq: the two compute warpgroups form one dq product per query block over both key blocks
+    (K = 2 * block_kv), each taking half of D's columns: half the reduce-add traffic, for two
+    warpgroup barriers per block pair. head_dim 128 only (the halves must be 64-column tiles).
+    """
     batch, seq_q, heads, d = q.shape
     seq_kv, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -124,7 +133,10 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
     if seq_q % block_q or seq_kv % cta_keys:
         raise KernelError(f"fused Mosaic backward: padded seq_q={seq_q} must be a multiple of "
                           f"{block_q=} and seq_kv={seq_kv} of 2 * {block_kv=}")
-    dq_cols = dq_columns(d, block_q, block_kv, num_stages)
+    if pair_dq and d != 128:
+        raise KernelError(f"fused Mosaic backward: mgpu_fused_pair_dq needs head_dim 128, got "
+                          f"head_dim={d}; leave it False")
+    dq_cols = d // 2 if pair_dq else dq_columns(d, block_q, block_kv, num_stages)
     need = smem_bytes(d, block_q, block_kv, num_stages, dq_cols)
     if not interpret and need > SMEM_LIMIT:
         raise KernelError(
@@ -133,8 +145,9 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
             f"mgpu_num_stages_bwd={num_stages} (None: mgpu_num_stages); lower one of them")
 
     def compute(k_ref, v_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, ranges_ref, seg_refs,
-                k_smem, v_smem, q_ring, do_ring, ds_smem, dq_smem, k_bar, v_bar, dq_bar, q_bar,
-                do_bar, q_free, do_free, wg, b, kv_head, tile):
+                k_all, ds_all, v_smem, q_ring, do_ring, dq_smem, k_bar, v_bar, dq_bar, q_bar,
+                do_bar, q_free, do_free, ds_ready, ds_read, wg, b, kv_head, tile):
+        k_smem, ds_smem = k_all.at[wg], ds_all.at[wg]  # this warpgroup's keys, its ds^T
         plgpu.set_max_registers(232, action="increase")
         key0 = tile * cta_keys + wg * block_kv
         keys = (b, pl.ds(key0, block_kv), kv_head)
@@ -166,6 +179,15 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(dq_smem, dst)
             plgpu.wait_smem_to_gmem(0)
+
+        def paired_dq(h: jax.Array, q0: jax.Array, cols) -> None:
+            def product(acc_ref):
+                for w in range(_WGS):
+                    plgpu.wgmma(acc_ref, ds_all.at[w].transpose((1, 0)), k_all.at[w, :, cols])
+                return acc_ref[...]
+
+            add_dq(pl.run_scoped(product, plgpu.ACC((block_q, dq_cols), jnp.float32)), h, q0,
+                   cols)
 
         def head(g, carry):
             h = kv_head * group + g
@@ -200,8 +222,18 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                     ds = ds * (1.0 - th * th)
                 ds_smem[...] = ds.astype(dtype)
                 plgpu.commit_smem()
+                if pair_dq:
+                    plgpu.barrier_arrive(ds_ready)  # both warpgroups' ds^T are in shared memory
+                    plgpu.barrier_wait(ds_ready)
                 dk = _mma(dk, ds_smem, q_ring.at[slot], interpret=interpret)
                 plgpu.barrier_arrive(q_free.at[slot])
+                if pair_dq:  # warpgroup w: dq[:, w-th half] = sum over both key blocks
+                    for w in range(_WGS):
+                        pl.when(wg == w)(functools.partial(paired_dq, h, q0,
+                                                           pl.ds(w * dq_cols, dq_cols)))
+                    plgpu.barrier_arrive(ds_read)  # neither ds^T is overwritten before both read
+                    plgpu.barrier_wait(ds_read)
+                    return dk, dv
                 for c in range(d // dq_cols):  # dq = ds k, dq_cols columns at a time
                     cols = pl.ds(c * dq_cols, dq_cols)
                     k_cols = k_smem if dq_cols == d else k_smem.at[:, cols]
@@ -225,7 +257,8 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, seg_refs, dq_ref,
              dk_ref, dv_ref, scratch):
-        (k2, v2, q_ring, do_ring, ds2), (dq2,), bars, (q_free, do_free) = scratch
+        (k2, v2, q_ring, do_ring, ds2), (dq2,), bars, (q_free, do_free, ds_ready, ds_read) = (
+            scratch)
         k_bar, v_bar, dq_bar, q_bar, do_bar = bars
         b, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
         tile, wg = lax.axis_index("tiles"), lax.axis_index("wg")
@@ -233,9 +266,9 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
         @pl.when(wg < _WGS)
         def _compute():
             compute(k_ref, v_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, ranges_ref,
-                    seg_refs, k2.at[wg], v2.at[wg], q_ring, do_ring, ds2.at[wg], dq2.at[wg],
-                    k_bar.at[wg], v_bar.at[wg], dq_bar.at[wg], q_bar, do_bar, q_free, do_free,
-                    wg, b, kv_head, tile)
+                    seg_refs, k2, ds2, v2.at[wg], q_ring, do_ring, dq2.at[wg], k_bar.at[wg],
+                    v_bar.at[wg], dq_bar.at[wg], q_bar, do_bar, q_free, do_free, ds_ready,
+                    ds_read, wg, b, kv_head, tile)
 
         @pl.when(wg == _WGS)
         def _produce():
@@ -263,7 +296,8 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
         smem32 = (plgpu.SMEM((_WGS, block_q, dq_cols), jnp.float32, transforms=f32_tiles),)
         loaded = tuple(plgpu.Barrier(num_barriers=n) for n in (_WGS, _WGS, _WGS, num_stages,
                                                                num_stages))
-        freed = (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
+        freed = ((plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
+                 + (plgpu.Barrier(num_arrivals=_WGS),) * 2)  # + ds_ready, ds_read (pair_dq)
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
                                   seg_refs, dq_ref, dk_ref, dv_ref, scratch),
