@@ -4,7 +4,9 @@ Usage: python benchmarks/attention.py [--out DIR] [--commit SHA] [--quick] [--ba
        [--sweep LIST]
 --backends: comma-separated, from triton, mosaic_gpu, mosaic_gpu_fwd (Mosaic forward + Triton
 backward), mosaic_gpu_seg (Mosaic kernels take segment ids), mosaic_gpu_fused (the fused
-one-kernel Mosaic backward, dq by TMA reduce-add), mosaic_gpu_fused_seg (both); default: all.
+one-kernel Mosaic backward, dq by TMA reduce-add), mosaic_gpu_fused_pair (its two warpgroups
+share one dq product: half the reduce-add traffic), mosaic_gpu_fused_seg (fused + segment ids);
+default: all.
 Prints a table last and writes benchmarks/results/attention-<date>.json (DESIGN.md's shape).
 TF/s counts 4·B·H·Tq·Tk·D FLOPs forward (2 matmuls) over the *visible* (query, key) pairs only
 (causal: about half; packed: within documents; window: inside it), and 3.5× that for
@@ -93,13 +95,16 @@ def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
     'ours:mosaic_gpu_fwd' is the Mosaic GPU forward with the portable (Triton) backward;
     'ours:mosaic_gpu_seg' lets the Mosaic kernels take segment ids (BlockSizes.mgpu_segments);
     'ours:mosaic_gpu_fused' runs the fused Mosaic backward (BlockSizes.mgpu_fused_bwd),
-    'ours:mosaic_gpu_fused_seg' both.
+    'ours:mosaic_gpu_fused_pair' with paired dq (mgpu_fused_pair_dq, head_dim 128; the
+    head_dim 256 case runs the Triton backward in every Mosaic variant), 'ours:mosaic_gpu_fused_seg'
+    with segment ids.
     """
     if impl.startswith("ours"):
         backend = impl.split(":")[1]
         variants = {"mosaic_gpu_fwd": dict(mgpu_backward=False),
                     "mosaic_gpu_seg": dict(mgpu_segments=True),
                     "mosaic_gpu_fused": dict(mgpu_fused_bwd=True),
+                    "mosaic_gpu_fused_pair": dict(mgpu_fused_bwd=True, mgpu_fused_pair_dq=True),
                     "mosaic_gpu_fused_seg": dict(mgpu_fused_bwd=True, mgpu_segments=True)}
         if backend in variants:
             block_sizes = dataclasses.replace(
@@ -165,6 +170,8 @@ def sweep(c: Case, backend: str) -> list[dict]:
     ] if backend == "mosaic_gpu" else [
         base,  # the fused backward's tiles: at head_dim 128 only 64 x 64 fits shared memory;
         dataclasses.replace(base, mgpu_num_stages_bwd=3),  # 3 stages: dq in 64-column halves
+        dataclasses.replace(base, mgpu_fused_pair_dq=True),
+        dataclasses.replace(base, mgpu_fused_pair_dq=True, mgpu_num_stages_bwd=3),
     ] if backend.startswith("mosaic_gpu_fused") else [
         base,
         dataclasses.replace(base, block_q=128, block_kv=128, num_warps=8),
@@ -195,7 +202,8 @@ def main() -> None:
                                            capture_output=True, text=True).stdout.strip()
     backends = (args.backends.split(",") if args.backends
                 else [*(b.value for b in fa.Backend if not b.interpreted), "mosaic_gpu_fwd",
-                      "mosaic_gpu_seg", "mosaic_gpu_fused", "mosaic_gpu_fused_seg"])
+                      "mosaic_gpu_seg", "mosaic_gpu_fused", "mosaic_gpu_fused_pair",
+                      "mosaic_gpu_fused_seg"])
     cases = CASES[:2] if args.quick else CASES
     rows, table, extra = [], [], {}
     doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),

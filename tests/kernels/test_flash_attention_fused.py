@@ -108,6 +108,13 @@ def test_dq_sums_over_key_blocks_and_matches_two_kernel_backward():
         assert _rel(a, b) <= 1e-2, name
 
 
+def test_paired_dq_d128():
+    """mgpu_fused_pair_dq: both warpgroups' ds^T feed one dq product per query block, each
+    warpgroup adding half of the columns (warpgroup barriers between them); GQA, causal."""
+    _compare(*_inputs(6, 1, 256, 256, 4, 2, 128), block_sizes=_blocks(
+        128, mgpu_fused_pair_dq=True), causal=True)
+
+
 def test_window_softcap_scale_segments():
     """Sliding window, soft-capping, custom scale and packed segment ids (mgpu_segments)."""
     q, k, v, do = _inputs(3, 1, 256, 256, 2, 1, 64)
@@ -136,13 +143,13 @@ def test_block_skipping_keeps_hidden_blocks_zero_cost():
 
 def test_lowers_for_gpu_with_tma_reduce_add():
     """The GPU version (not interpreted) lowers for CUDA with the TMA reduce-add in the kernel,
-    at head_dim 64 and 128 (whole and halved dq) with every feature on. Mosaic checks the shared
-    memory budget while lowering, so this also proves it fits in 227 KiB."""
-    for d, stages in ((64, 2), (128, 2), (128, 3)):
+    at head_dim 64 and 128 (whole, halved and paired dq) with every feature on. Mosaic checks
+    the shared memory budget while lowering, so this also proves it fits in 227 KiB."""
+    for d, stages, pair in ((64, 2, False), (128, 2, False), (128, 3, False), (128, 3, True)):
         q = jax.ShapeDtypeStruct((2, 1000, 8, d), jnp.bfloat16)
         k = jax.ShapeDtypeStruct((2, 1000, 2, d), jnp.bfloat16)
         seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
-        bs = _blocks(d, mgpu_segments=True, mgpu_num_stages_bwd=stages)
+        bs = _blocks(d, mgpu_segments=True, mgpu_num_stages_bwd=stages, mgpu_fused_pair_dq=pair)
 
         def step(q, k, v, seg, bs=bs):
             o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(
@@ -172,5 +179,9 @@ def test_off_by_default_and_errors_name_value():
         return vjp(o)
 
     with pytest.raises(KernelError, match="mgpu_block_q_bwd=128"):
+        jax.jit(step).trace(q, q, q)
+    q = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    bs = _blocks(64, mgpu_fused_pair_dq=True)
+    with pytest.raises(KernelError, match="head_dim=64"):
         jax.jit(step).trace(q, q, q)
     assert fused.smem_bytes(128, 64, 64, 2) <= 227 * 1024
