@@ -20,11 +20,13 @@ memory allows, else two 64-column halves (head_dim 128 with a 3-stage ring). pai
 (K = 2 * block_kv), each adding half the columns -- half the reduce-add traffic.
 
 Interpreter (CPU tests): Mosaic GPU's interpreter raises NotImplementedError for a reduce-add
-copy, so under `interpret=True` -- and only there -- that single step is emulated: each compute
-warpgroup reads its own float32 slice dq_parts[wg] into shared memory, adds, and writes it back
-(read-modify-write). The interpreter runs the grid's CTAs one after another (its grid loop) and a
-CTA's warpgroups own separate slices, so this is race-free; the two slices are summed outside.
-Everything else (TMA ring, masks, block skipping, GQA loop, wgmma operands) is the GPU code.
+copy, so under `interpret` -- and only there -- that single step is emulated: the same TMA store
+without the reduction, into a zero-initialised float32 dq_parts [key tiles, 2, B, Tq, H, D] where
+every (key tile, warpgroup) has its own slot (it visits each (query block, head) at most once, so
+nothing is overwritten and no two threads share an address: race-free by construction, also for
+the interpreter's race detector); the slots are summed outside. That costs key tiles x dq memory,
+fine for test shapes. Everything else (TMA ring, masks, block skipping, GQA loop, wgmma operands,
+barriers) is the GPU code.
 
 Inputs padded as for the other Mosaic kernels: q, do [B, Tq, H, D]; k, v [B, Tk, Hkv, D];
 Tq % block_q == 0, Tk % (2 * block_kv) == 0; lse, delta [B, H, Tq] float32 (lse = +inf, delta = 0
@@ -113,13 +115,14 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                    delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                    kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                    softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                   pair_dq: bool = False, interpret: bool = False
+                   pair_dq: bool = False, interpret: bool | plgpu.InterpretGPUParams = False
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq [B, Tq, H, D] in q's dtype, dk, dv [B, Tk, Hkv, D] in k's dtype).
 
     pair_dq: the two compute warpgroups form one dq product per query block over both key blocks
     (K = 2 * block_kv), each taking half of D's columns: half the reduce-add traffic, for two
     warpgroup barriers per block pair. head_dim 128 only (the halves must be 64-column tiles).
+    interpret: True or the interpreter's parameters (e.g. detect_races=True) to run on the CPU.
     """
     batch, seq_q, heads, d = q.shape
     seq_kv, kv_heads = k.shape[1], k.shape[2]
@@ -145,7 +148,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
             f"mgpu_num_stages_bwd={num_stages} (None: mgpu_num_stages); lower one of them")
 
     def compute(k_ref, v_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, ranges_ref, seg_refs,
-                k_all, ds_all, v_smem, q_ring, do_ring, dq_smem, k_bar, v_bar, dq_bar, q_bar,
+                k_all, ds_all, v_smem, q_ring, do_ring, dq_smem, k_bar, v_bar, q_bar,
                 do_bar, q_free, do_free, ds_ready, ds_read, wg, b, kv_head, tile):
         k_smem, ds_smem = k_all.at[wg], ds_all.at[wg]  # this warpgroup's keys, its ds^T
         plgpu.set_max_registers(232, action="increase")
@@ -165,20 +168,14 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
 
         def add_dq(dq_part: jax.Array, h: jax.Array, q0: jax.Array, cols) -> None:
             """Reduce-add a [block_q, dq_cols] float32 partial dq into dq[b, q0:, h, cols]."""
-            if not interpret:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous add has read dq_smem
-                dq_smem[...] = dq_part
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[b, pl.ds(q0, block_q), h, cols],
-                                        reduction_op="add")
-                return
-            dst = dq_ref.at[wg, b, pl.ds(q0, block_q), h, cols]  # emulated: module docstring
-            plgpu.copy_gmem_to_smem(dst, dq_smem, dq_bar)
-            plgpu.barrier_wait(dq_bar)
-            dq_smem[...] = dq_smem[...] + dq_part
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous add has read dq_smem
+            dq_smem[...] = dq_part
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_smem, dst)
-            plgpu.wait_smem_to_gmem(0)
+            rows = (b, pl.ds(q0, block_q), h, cols)
+            if not interpret:
+                plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows], reduction_op="add")
+            else:  # emulated: a slot per (key tile, warpgroup), summed outside (module docstring)
+                plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[(tile, wg) + rows])
 
         def paired_dq(h: jax.Array, q0: jax.Array, cols) -> None:
             def product(acc_ref):
@@ -259,7 +256,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
              dk_ref, dv_ref, scratch):
         (k2, v2, q_ring, do_ring, ds2), (dq2,), bars, (q_free, do_free, ds_ready, ds_read) = (
             scratch)
-        k_bar, v_bar, dq_bar, q_bar, do_bar = bars
+        k_bar, v_bar, q_bar, do_bar = bars
         b, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
         tile, wg = lax.axis_index("tiles"), lax.axis_index("wg")
 
@@ -267,7 +264,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
         def _compute():
             compute(k_ref, v_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, ranges_ref,
                     seg_refs, k2, ds2, v2.at[wg], q_ring, do_ring, dq2.at[wg], k_bar.at[wg],
-                    v_bar.at[wg], dq_bar.at[wg], q_bar, do_bar, q_free, do_free, ds_ready,
+                    v_bar.at[wg], q_bar, do_bar, q_free, do_free, ds_ready,
                     ds_read, wg, b, kv_head, tile)
 
         @pl.when(wg == _WGS)
@@ -294,7 +291,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                        [(_WGS, block_kv, d)] * 2 + [(num_stages, block_q, d)] * 2
                        + [(_WGS, block_kv, block_q)])
         smem32 = (plgpu.SMEM((_WGS, block_q, dq_cols), jnp.float32, transforms=f32_tiles),)
-        loaded = tuple(plgpu.Barrier(num_barriers=n) for n in (_WGS, _WGS, _WGS, num_stages,
+        loaded = tuple(plgpu.Barrier(num_barriers=n) for n in (_WGS, _WGS, num_stages,
                                                                num_stages))
         freed = ((plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
                  + (plgpu.Barrier(num_arrivals=_WGS),) * 2)  # + ds_ready, ds_read (pair_dq)
@@ -304,17 +301,20 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
             smem16, smem32, loaded, freed, collective_axes="wg")
 
     # dq accumulates in place: a zero-initialised float32 Ref the kernel reduce-adds into
-    # (aliased input/output); the interpreter's emulation keeps one slice per warpgroup.
-    dq_acc = jax.new_ref(jnp.zeros(((_WGS,) if interpret else ()) + q.shape, jnp.float32))
+    # (aliased input/output); the interpreter's emulation keeps a slot per (key tile, warpgroup).
+    n_tiles = seq_kv // cta_keys
+    dq_acc = jax.new_ref(jnp.zeros(((n_tiles, _WGS) if interpret else ()) + q.shape,
+                                   jnp.float32))
     per_kv_head = jax.ShapeDtypeStruct(k.shape, dtype)
     dk, dv = plgpu.kernel(
         flash_bwd_fused, out_type=(per_kv_head, per_kv_head),
-        grid=(kv_heads, seq_kv // cta_keys, batch), grid_names=("heads", "tiles", "batch"),
+        grid=(kv_heads, n_tiles, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **(dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}),
+        **(dict(interpret=interpret if isinstance(interpret, plgpu.InterpretGPUParams)
+                else plgpu.InterpretGPUParams()) if interpret else {}),
     )(q, k, v, do, lse, delta, ranges, *segs, dq_acc)
     dq = jax.freeze(dq_acc)
     if interpret:
-        dq = dq.sum(axis=0)
+        dq = dq.sum(axis=(0, 1))
     return (dq * scale).astype(dtype), dk, dv

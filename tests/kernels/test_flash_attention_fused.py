@@ -1,9 +1,10 @@
 """The fused Mosaic GPU backward (BlockSizes.mgpu_fused_bwd), interpreted on CPU, and its lowering.
 
-The interpreter cannot execute a TMA reduce-add; under interpret only that step is emulated (a
-per-warpgroup read-modify-write, see flash_attention_mgpu_fused.py), so these tests check the rest
-of the data flow: masks, block skipping, the GQA head loop, the TMA ring, dk/dv per kv head and dq
-accumulated in float32 across key blocks. `test_lowers_for_gpu_with_tma_reduce_add` lowers the GPU
+The interpreter cannot execute a TMA reduce-add; under interpret only that step is emulated (the
+same TMA store without the reduction, into one float32 slot per (key tile, warpgroup), summed
+outside; see flash_attention_mgpu_fused.py), so these tests check the rest of the data flow:
+masks, block skipping, the GQA head loop, the TMA ring, the paired-dq barriers, dk/dv per kv
+head, and every partial dq landing in the right rows / heads / columns in float32. `test_lowers_for_gpu_with_tma_reduce_add` lowers the GPU
 version (no interpret) for the CUDA platform and checks that the reduce-add is in the kernel.
 """
 
