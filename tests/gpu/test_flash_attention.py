@@ -11,26 +11,12 @@ import pytest
 
 from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
+from tests.attention_inputs import attention_inputs, max_rel_error
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
 
 BACKENDS = [b for b in fa.Backend if not b.interpreted]
-
-
-def _inputs(seed: int, batch: int, seq_q: int, seq_kv: int, heads: int, kv_heads: int,
-            head_dim: int, dtype=jnp.bfloat16):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (batch, seq_q, heads, head_dim), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (batch, seq_kv, kv_heads, head_dim), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (batch, seq_kv, kv_heads, head_dim), jnp.float32).astype(dtype)
-    do = jax.random.normal(ks[3], (batch, seq_q, heads, head_dim), jnp.float32)
-    return q, k, v, do
-
-
-def _rel(a: jax.Array, b: jax.Array) -> float:
-    a, b = np.asarray(a.astype(jnp.float32), np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _packed_ids(batch: int, seq: int, docs: int, seed: int) -> jax.Array:
@@ -58,7 +44,7 @@ def _compare(backend: fa.Backend, q, k, v, do, tol: float = 1e-2, **kw) -> None:
     want = ref(*(x.astype(jnp.float32) for x in (q, k, v)), do)
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert a.shape == b.shape, name
-        err = _rel(a, b)
+        err = max_rel_error(a, b)
         assert err <= tol, f"{backend.value} {name}: relative error {err:.3e} > {tol}"
 
 
@@ -80,21 +66,21 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference(backend: fa.Backend, case: str):
     shape, kw = CASES[case]
-    _compare(backend, *_inputs(0, **shape), **kw)
+    _compare(backend, *attention_inputs(0, **shape), **kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
 def test_packed_segments(backend: fa.Backend):
-    q, k, v, do = _inputs(1, 2, 1024, 1024, 8, 2, 128)
+    q, k, v, do = attention_inputs(1, 2, 1024, 1024, 8, 2, 128)
     _compare(backend, q, k, v, do, causal=True, segment_ids=_packed_ids(2, 1024, 8, seed=2))
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
 def test_segment_isolation_bit_identical(backend: fa.Backend):
-    q, k, v, do = _inputs(3, 1, 512, 512, 4, 2, 128)
+    q, k, v, do = attention_inputs(3, 1, 512, 512, 4, 2, 128)
     seg = jnp.asarray([[0] * 300 + [1] * 212], jnp.int32)
     in_seg1 = (seg[0] == 1)[None, :, None, None]
-    q2, k2, v2, _ = _inputs(4, 1, 512, 512, 4, 2, 128)
+    q2, k2, v2, _ = attention_inputs(4, 1, 512, 512, 4, 2, 128)
     q2, k2, v2 = (jnp.where(in_seg1, b, a) for a, b in ((q, q2), (k, k2), (v, v2)))
 
     @jax.jit
@@ -137,11 +123,11 @@ def test_fused_backward_matches_reference(case: str, stages: int, pair: bool):
         pytest.skip("mgpu_fused_pair_dq needs head_dim 128")
     bs = dataclasses.replace(fa.BlockSizes.for_head_dim(shape["head_dim"]), mgpu_fused_bwd=True,
                              mgpu_num_stages_bwd=stages, mgpu_fused_pair_dq=pair)
-    _compare(fa.Backend.MOSAIC_GPU, *_inputs(0, **shape), block_sizes=bs, **kw)
+    _compare(fa.Backend.MOSAIC_GPU, *attention_inputs(0, **shape), block_sizes=bs, **kw)
 
 
 def test_fused_backward_packed_segments_softcap():
-    q, k, v, do = _inputs(5, 2, 1024, 1024, 8, 2, 64)
+    q, k, v, do = attention_inputs(5, 2, 1024, 1024, 8, 2, 64)
     bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_fused_bwd=True,
                              mgpu_segments=True)
     _compare(fa.Backend.MOSAIC_GPU, q, k, v, do, block_sizes=bs, causal=True, softcap=20.0,
@@ -150,7 +136,7 @@ def test_fused_backward_packed_segments_softcap():
 
 def test_fused_backward_equals_two_kernel_backward():
     """Same math as the two-kernel Mosaic backward; dq differs only by float32 summation order."""
-    q, k, v, do = _inputs(7, 2, 2048, 2048, 8, 2, 128)
+    q, k, v, do = attention_inputs(7, 2, 2048, 2048, 8, 2, 128)
 
     def grads(bs):
         f = jax.jit(lambda q, k, v, do: jax.vjp(lambda q, k, v: fa.flash_attention(
@@ -160,4 +146,4 @@ def test_fused_backward_equals_two_kernel_backward():
     base = fa.BlockSizes.for_head_dim(128)
     for name, a, b in zip(("dq", "dk", "dv"), grads(dataclasses.replace(base, mgpu_fused_bwd=True)),
                           grads(base)):
-        assert _rel(a, b.astype(jnp.float32)) <= 1e-2, name
+        assert max_rel_error(a, b.astype(jnp.float32)) <= 1e-2, name

@@ -14,24 +14,10 @@ from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
 from fastlora_jax.ops.attention import attention, gpu_default_impl
 from fastlora_jax.ops.impl import Impl
+from tests.attention_inputs import attention_inputs, max_rel_error
 
 SMALL = fa.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32, block_q_dkv=32,
                       block_kv_dkv=16)
-
-
-def _inputs(seed: int, batch: int, seq_q: int, seq_kv: int, heads: int, kv_heads: int,
-            head_dim: int, dtype=jnp.bfloat16):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (batch, seq_q, heads, head_dim), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (batch, seq_kv, kv_heads, head_dim), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (batch, seq_kv, kv_heads, head_dim), jnp.float32).astype(dtype)
-    do = jax.random.normal(ks[3], (batch, seq_q, heads, head_dim), jnp.float32)
-    return q, k, v, do
-
-
-def _rel(a: jax.Array, b: jax.Array) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _compare(q, k, v, do, tol: float = 1e-2, block_sizes: fa.BlockSizes | None = SMALL,
@@ -52,7 +38,7 @@ def _compare(q, k, v, do, tol: float = 1e-2, block_sizes: fa.BlockSizes | None =
     for name, got, want in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *grads_ref)):
         assert got.shape == want.shape, name
         assert np.all(np.isfinite(np.asarray(got, np.float32))), name
-        err = _rel(got, want)
+        err = max_rel_error(got, want)
         assert err <= tol, f"{name}: relative error {err:.3e} > {tol}"
 
 
@@ -68,53 +54,53 @@ def _packed_ids(batch: int, seq: int, docs: int, seed: int) -> jax.Array:
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_gqa(causal: bool):
-    _compare(*_inputs(0, 2, 64, 64, 4, 2, 64), causal=causal)
+    _compare(*attention_inputs(0, 2, 64, 64, 4, 2, 64), causal=causal)
 
 
 def test_mqa_ragged_lengths():
     # seq_q != seq_kv, neither a multiple of any block: padded inside, causal aligned bottom-right.
-    _compare(*_inputs(1, 1, 37, 53, 4, 1, 64), causal=True)
+    _compare(*attention_inputs(1, 1, 37, 53, 4, 1, 64), causal=True)
 
 
 def test_packed_segments():
-    q, k, v, do = _inputs(2, 2, 96, 96, 2, 1, 64)
+    q, k, v, do = attention_inputs(2, 2, 96, 96, 2, 1, 64)
     _compare(q, k, v, do, causal=True, segment_ids=_packed_ids(2, 96, 4, seed=3))
 
 
 def test_unsorted_segments_non_causal():
-    q, k, v, do = _inputs(3, 1, 64, 64, 2, 2, 64)
+    q, k, v, do = attention_inputs(3, 1, 64, 64, 2, 2, 64)
     seg = jax.random.randint(jax.random.key(9), (1, 64), 0, 3)
     _compare(q, k, v, do, causal=False, segment_ids=seg)
 
 
 def test_sliding_window():
-    _compare(*_inputs(4, 1, 80, 80, 4, 2, 64), causal=True, sliding_window=19)
+    _compare(*attention_inputs(4, 1, 80, 80, 4, 2, 64), causal=True, sliding_window=19)
 
 
 def test_softcap_and_scale():
     # Gemma 2: query_pre_attn_scalar scale, logits soft-capped (small cap so it bites).
-    _compare(*_inputs(5, 1, 64, 64, 4, 2, 128), causal=True, softcap=2.0, scale=0.25)
+    _compare(*attention_inputs(5, 1, 64, 64, 4, 2, 128), causal=True, softcap=2.0, scale=0.25)
 
 
 def test_head_dim_256_window_softcap():
     bs = fa.BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16, block_q_dkv=16,
                        block_kv_dkv=16)
-    _compare(*_inputs(6, 1, 32, 32, 2, 1, 256), block_sizes=bs, causal=True, sliding_window=12,
+    _compare(*attention_inputs(6, 1, 32, 32, 2, 1, 256), block_sizes=bs, causal=True, sliding_window=12,
              softcap=30.0)
 
 
 def test_head_dim_not_power_of_two_default_blocks():
-    _compare(*_inputs(7, 1, 24, 24, 2, 1, 80), block_sizes=None, causal=True)
+    _compare(*attention_inputs(7, 1, 24, 24, 2, 1, 80), block_sizes=None, causal=True)
 
 
 @pytest.mark.parametrize("backend", ["interpret", "mosaic_interpret"])
 def test_float16(backend: str):
-    q, k, v, do = _inputs(17, 1, 128, 128, 2, 1, 64, dtype=jnp.float16)
+    q, k, v, do = attention_inputs(17, 1, 128, 128, 2, 1, 64, dtype=jnp.float16)
     _compare(q, k, v, do, block_sizes=None, backend=backend, causal=True, sliding_window=40)
 
 
 def test_float32_tight():
-    _compare(*_inputs(8, 1, 48, 48, 2, 1, 64, dtype=jnp.float32), tol=1e-5, causal=True,
+    _compare(*attention_inputs(8, 1, 48, 48, 2, 1, 64, dtype=jnp.float32), tol=1e-5, causal=True,
              segment_ids=_packed_ids(1, 48, 3, seed=4), softcap=5.0)
 
 
@@ -124,14 +110,14 @@ def test_float32_tight():
 ])
 def test_mosaic_interpreted(head_dim: int, kw: dict):
     """The Hopper (Mosaic GPU) forward and backward kernels, interpreted; ragged lengths."""
-    q, k, v, do = _inputs(14, 1, 200, 300, 2, 1, head_dim)
+    q, k, v, do = attention_inputs(14, 1, 200, 300, 2, 1, head_dim)
     assert fa.mgpu.supported(head_dim, q.dtype) and fa.mgpu_bwd.supported(head_dim, q.dtype)
     _compare(q, k, v, do, block_sizes=None, backend="mosaic_interpret", **kw)
 
 
 def test_mosaic_segments_interpreted():
     """Segment ids in the Mosaic kernels (opt-in: BlockSizes.mgpu_segments), interpreted."""
-    q, k, v, do = _inputs(15, 1, 256, 256, 2, 1, 64)
+    q, k, v, do = attention_inputs(15, 1, 256, 256, 2, 1, 64)
     bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_segments=True)
     _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
              segment_ids=_packed_ids(1, 256, 5, seed=6))
@@ -139,10 +125,10 @@ def test_mosaic_segments_interpreted():
 
 def test_segment_isolation_bit_identical():
     """Changing segment 1's tokens leaves segment 0's outputs and gradients bit-identical."""
-    q, k, v, do = _inputs(10, 1, 64, 64, 2, 1, 64)
+    q, k, v, do = attention_inputs(10, 1, 64, 64, 2, 1, 64)
     seg = jnp.asarray([[0] * 40 + [1] * 24], jnp.int32)
     in_seg1 = (seg[0] == 1)[None, :, None, None]
-    q2, k2, v2, _ = _inputs(11, 1, 64, 64, 2, 1, 64)
+    q2, k2, v2, _ = attention_inputs(11, 1, 64, 64, 2, 1, 64)
     q2, k2, v2 = (jnp.where(in_seg1, b, a) for a, b in ((q, q2), (k, k2), (v, v2)))
 
     def run(q, k, v):
@@ -184,7 +170,7 @@ def test_ranges_full_span_only_when_contiguous():
 
 def test_unsorted_segments_with_uniform_blocks():
     """Segment ids that are not sorted but constant over some blocks (gaps in the full span)."""
-    q, k, v, do = _inputs(16, 1, 96, 96, 2, 1, 64)
+    q, k, v, do = attention_inputs(16, 1, 96, 96, 2, 1, 64)
     seg = jnp.asarray([[0] * 32 + [1] * 16 + [0] * 16 + [1] * 32], jnp.int32)
     _compare(q, k, v, do, causal=False, segment_ids=seg,
              block_sizes=fa.BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16,
@@ -210,10 +196,10 @@ def test_memory_linear_in_seq_at_65536():
 
 
 def test_dispatch_pallas():
-    q, k, v, _ = _inputs(12, 1, 32, 32, 4, 2, 64)
+    q, k, v, _ = attention_inputs(12, 1, 32, 32, 4, 2, 64)
     got = attention(q, k, v, impl="pallas", causal=True, sliding_window=8)
     want = flash_attention_reference(q, k, v, causal=True, sliding_window=8)
-    assert _rel(got, want) <= 1e-2
+    assert max_rel_error(got, want) <= 1e-2
 
 
 def test_gpu_default_rule():
@@ -235,10 +221,10 @@ def test_block_sizes_errors_name_value(field: str, value: int):
 
 
 def test_shape_errors_name_value():
-    q, k, v, _ = _inputs(13, 1, 16, 16, 3, 2, 64)
+    q, k, v, _ = attention_inputs(13, 1, 16, 16, 3, 2, 64)
     with pytest.raises(KernelError, match="heads=3"):
         fa.flash_attention(q, k, v)
-    q, k, v, _ = _inputs(13, 1, 16, 16, 2, 1, 64)
+    q, k, v, _ = attention_inputs(13, 1, 16, 16, 2, 1, 64)
     with pytest.raises(KernelError, match="sliding_window=0"):
         fa.flash_attention(q, k, v, sliding_window=0)
     with pytest.raises(KernelError, match="segment_ids.shape"):

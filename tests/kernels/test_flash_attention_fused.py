@@ -21,27 +21,13 @@ from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels import flash_attention_mgpu_fused as fused
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
+from tests.attention_inputs import attention_inputs, max_rel_error
 
 FUSED_NAME = "flash_bwd_fused"  # the kernel's name, visible in jaxprs and lowered modules
 
 
 def _blocks(head_dim: int, **kw) -> fa.BlockSizes:
     return dataclasses.replace(fa.BlockSizes.for_head_dim(head_dim), mgpu_fused_bwd=True, **kw)
-
-
-def _inputs(seed: int, batch: int, seq_q: int, seq_kv: int, heads: int, kv_heads: int,
-            head_dim: int, dtype=jnp.bfloat16):
-    ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (batch, seq_q, heads, head_dim), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (batch, seq_kv, kv_heads, head_dim), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (batch, seq_kv, kv_heads, head_dim), jnp.float32).astype(dtype)
-    do = jax.random.normal(ks[3], (batch, seq_q, heads, head_dim), jnp.float32)
-    return q, k, v, do
-
-
-def _rel(a: jax.Array, b: jax.Array) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def _grads(q, k, v, do, block_sizes: fa.BlockSizes, **kw):
@@ -78,14 +64,14 @@ def _compare(q, k, v, do, tol: float = 1e-2, block_sizes: fa.BlockSizes | None =
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, (o_ref, *g_ref)):
         assert a.shape == b.shape and a.dtype == q.dtype, name
         assert np.all(np.isfinite(np.asarray(a, np.float32))), name
-        err = _rel(a, b)
+        err = max_rel_error(a, b)
         assert err <= tol, f"{name}: relative error {err:.3e} > {tol}"
     return got
 
 
 def test_causal_gqa_d64_several_query_blocks():
     """Causal, GQA 4/2: each key CTA (128 keys) visits several 64-row query blocks per head."""
-    _compare(*_inputs(0, 2, 256, 256, 4, 2, 64), causal=True)
+    _compare(*attention_inputs(0, 2, 256, 256, 4, 2, 64), causal=True)
 
 
 @pytest.mark.parametrize("stages", [2, 3])
@@ -94,7 +80,7 @@ def test_ragged_mqa_d128(stages: int):
     With a 3-stage ring the float32 dq staging no longer fits beside it: dq goes in 64-column
     halves (two wgmmas and two reduce-adds per block pair)."""
     assert fused.dq_columns(128, 64, 64, stages) == (128 if stages == 2 else 64)
-    _compare(*_inputs(1, 1, 200, 300, 4, 1, 128), block_sizes=_blocks(
+    _compare(*attention_inputs(1, 1, 200, 300, 4, 1, 128), block_sizes=_blocks(
         128, mgpu_num_stages_bwd=stages), causal=True)
 
 
@@ -102,23 +88,23 @@ def test_dq_sums_over_key_blocks_and_matches_two_kernel_backward():
     """Non-causal, 512 keys = 4 CTAs x 2 warpgroups: every query block's dq is the sum of 8 partial
     products per head, each CTA adding into 4 query blocks x 2 heads. Also equals the two-kernel
     Mosaic backward (same math, different summation order)."""
-    q, k, v, do = _inputs(2, 1, 256, 512, 4, 2, 64)
+    q, k, v, do = attention_inputs(2, 1, 256, 512, 4, 2, 64)
     got = _compare(q, k, v, do, causal=False)
     two = _grads(q, k, v, do, fa.BlockSizes.for_head_dim(64), causal=False)
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, two):
-        assert _rel(a, b) <= 1e-2, name
+        assert max_rel_error(a, b) <= 1e-2, name
 
 
 def test_paired_dq_d128():
     """mgpu_fused_pair_dq: both warpgroups' ds^T feed one dq product per query block, each
     warpgroup adding half of the columns (warpgroup barriers between them); GQA, causal."""
-    _compare(*_inputs(6, 1, 256, 256, 4, 2, 128), block_sizes=_blocks(
+    _compare(*attention_inputs(6, 1, 256, 256, 4, 2, 128), block_sizes=_blocks(
         128, mgpu_fused_pair_dq=True), causal=True)
 
 
 def test_window_softcap_scale_segments():
     """Sliding window, soft-capping, custom scale and packed segment ids (mgpu_segments)."""
-    q, k, v, do = _inputs(3, 1, 256, 256, 2, 1, 64)
+    q, k, v, do = attention_inputs(3, 1, 256, 256, 2, 1, 64)
     rng = np.random.default_rng(4)
     cuts = np.sort(rng.choice(np.arange(1, 256), size=3, replace=False))
     seg = jnp.asarray(np.searchsorted(cuts, np.arange(256), side="right")[None], jnp.int32)
@@ -127,7 +113,7 @@ def test_window_softcap_scale_segments():
 
 
 def test_float16_tighter():
-    _compare(*_inputs(5, 1, 128, 128, 2, 1, 64, dtype=jnp.float16), tol=4e-3, causal=True)
+    _compare(*attention_inputs(5, 1, 128, 128, 2, 1, 64, dtype=jnp.float16), tol=4e-3, causal=True)
 
 
 def test_block_skipping_keeps_hidden_blocks_zero_cost():
