@@ -84,4 +84,3 @@ def quantize_nf4_on_device(w: jax.Array, *, dtype: str | None = None) -> QTensor
         raise KernelError(f"quantize_nf4_on_device: dtype={name!r} is not supported; expected "
                           f"one of 'bfloat16', 'float16', 'float32'")
     return _quantize(w, name)
-
