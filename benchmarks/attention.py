@@ -1,12 +1,14 @@
 """Flash attention on the GPU: our Pallas kernels vs cuDNN and XLA, forward and forward+backward.
 
 Usage: python benchmarks/attention.py [--out DIR] [--commit SHA] [--quick] [--backends LIST]
-       [--sweep LIST]
---backends: comma-separated, from triton, mosaic_gpu, mosaic_gpu_fwd (Mosaic forward + Triton
-backward), mosaic_gpu_seg (Mosaic kernels take segment ids), mosaic_gpu_fused (the fused
-one-kernel Mosaic backward, dq by TMA reduce-add), mosaic_gpu_fused_pair (its two warpgroups
-share one dq product: half the reduce-add traffic), mosaic_gpu_fused_seg (fused + segment ids);
-default: all.
+       [--sweep LIST] [--cases LIST]
+--backends: comma-separated, from triton, mosaic_gpu and Mosaic variants written
+mosaic_gpu+<flag>+... with flags (BlockSizes fields): fwd (Mosaic forward + Triton backward),
+seg (Mosaic kernels take segment ids), fused (the fused one-kernel Mosaic backward, dq by TMA
+reduce-add), pair (with fused: its two warpgroups share one dq product), pp (forward pingpong
+schedule), grp (dk/dv summed over the GQA group in the kernel), nopp / nogrp / noseg (turn a
+default off); the older names mosaic_gpu_fwd, _seg, _fused, _fused_pair, _fused_seg still work.
+--cases: substrings of case names to run (default all). Default backends: a representative set.
 Prints a table last and writes benchmarks/results/attention-<date>.json (DESIGN.md's shape).
 TF/s counts 4·B·H·Tq·Tk·D FLOPs forward (2 matmuls) over the *visible* (query, key) pairs only
 (causal: about half; packed: within documents; window: inside it), and 3.5× that for
@@ -88,6 +90,29 @@ def _inputs(c: Case):
     return q, k, v, do, seg
 
 
+# Mosaic GPU variants: "mosaic_gpu+<flag>+<flag>..." sets these BlockSizes fields.
+FLAGS = {"fwd": ("mgpu_backward", False), "seg": ("mgpu_segments", True),
+         "fused": ("mgpu_fused_bwd", True), "pair": ("mgpu_fused_pair_dq", True),
+         "pp": ("mgpu_pingpong", True), "grp": ("mgpu_dkv_group", True),
+         "nopp": ("mgpu_pingpong", False), "nogrp": ("mgpu_dkv_group", False),
+         "noseg": ("mgpu_segments", False)}
+ALIASES = {"mosaic_gpu_fwd": "mosaic_gpu+fwd", "mosaic_gpu_seg": "mosaic_gpu+seg",
+           "mosaic_gpu_fused": "mosaic_gpu+fused", "mosaic_gpu_fused_pair": "mosaic_gpu+fused+pair",
+           "mosaic_gpu_fused_seg": "mosaic_gpu+fused+seg"}
+
+
+def variant_overrides(backend: str) -> dict:
+    """BlockSizes overrides of a Mosaic GPU variant name ({} for a plain backend)."""
+    name = ALIASES.get(backend, backend)
+    base, *flags = name.split("+")
+    if flags and base != "mosaic_gpu":
+        raise SystemExit(f"variant flags only apply to mosaic_gpu, got {backend!r}")
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown:
+        raise SystemExit(f"unknown variant flag(s) {unknown} in {backend!r}; known: {sorted(FLAGS)}")
+    return dict(FLAGS[f] for f in flags)
+
+
 def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
              block_sizes: fa.BlockSizes | None = None) -> Callable:
     """attention(q, k, v) for one implementation ('ours:<backend>', 'cudnn', 'xla').
@@ -101,14 +126,10 @@ def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
     """
     if impl.startswith("ours"):
         backend = impl.split(":")[1]
-        variants = {"mosaic_gpu_fwd": dict(mgpu_backward=False),
-                    "mosaic_gpu_seg": dict(mgpu_segments=True),
-                    "mosaic_gpu_fused": dict(mgpu_fused_bwd=True),
-                    "mosaic_gpu_fused_pair": dict(mgpu_fused_bwd=True, mgpu_fused_pair_dq=True),
-                    "mosaic_gpu_fused_seg": dict(mgpu_fused_bwd=True, mgpu_segments=True)}
-        if backend in variants:
+        overrides = variant_overrides(backend)
+        if overrides:
             block_sizes = dataclasses.replace(
-                block_sizes or fa.BlockSizes.for_head_dim(c.head_dim), **variants[backend])
+                block_sizes or fa.BlockSizes.for_head_dim(c.head_dim), **overrides)
             backend = "mosaic_gpu"
         return lambda q, k, v: fa.flash_attention(
             q, k, v, causal=True, segment_ids=seg, sliding_window=c.window, softcap=c.softcap,
@@ -196,6 +217,8 @@ def main() -> None:
     parser.add_argument("--commit", default="")
     parser.add_argument("--backends", default="")
     parser.add_argument("--quick", action="store_true", help="first two cases only")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated substrings: run the cases whose name has one")
     parser.add_argument("--sweep", default="", help="backends (comma-separated) to tile-sweep")
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
@@ -205,6 +228,10 @@ def main() -> None:
                       "mosaic_gpu_seg", "mosaic_gpu_fused", "mosaic_gpu_fused_pair",
                       "mosaic_gpu_fused_seg"])
     cases = CASES[:2] if args.quick else CASES
+    if args.cases:
+        cases = [c for c in cases if any(part in c.name for part in args.cases.split(","))]
+    for b in backends:
+        variant_overrides(b)  # fail before any timing on a misspelt variant
     rows, table, extra = [], [], {}
     doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),
                device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=commit,

@@ -79,6 +79,10 @@ class BlockSizes:
     interpreter and lowered for the GPU, not yet run on one: off by default);
     mgpu_fused_pair_dq=True (with it, head_dim 128) has its two compute warpgroups form one dq
     product over both key blocks, each taking half the columns: half the reduce-add traffic.
+    mgpu_pingpong=True has the forward's two compute warpgroups take turns on the tensor cores
+    (FA3's schedule: one's softmax overlaps the other's matmuls);
+    mgpu_dkv_group=True has the dk/dv kernel sum over each kv head's group of query heads in
+    registers (one CTA per kv head) instead of writing per-query-head dk/dv and summing after.
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
     in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
@@ -103,9 +107,12 @@ class BlockSizes:
     mgpu_segments: bool = False
     mgpu_fused_bwd: bool = False
     mgpu_fused_pair_dq: bool = False
+    mgpu_pingpong: bool = False
+    mgpu_dkv_group: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd", "mgpu_fused_pair_dq"):
+        for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd", "mgpu_fused_pair_dq",
+                     "mgpu_pingpong", "mgpu_dkv_group"):
             if not isinstance(getattr(self, name), bool):
                 raise KernelError(f"BlockSizes.{name}={getattr(self, name)!r} must be a bool")
         for name in ("mgpu_block_q", "mgpu_block_kv", "mgpu_block_q_bwd", "mgpu_block_kv_bwd"):
@@ -269,7 +276,7 @@ def _fwd_impl(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         return mgpu.forward(q, k, v, r_fwd, q_seg, kv_seg, spec=cfg.spec, scale=cfg.scale,
                             softcap=cfg.softcap,
                             block_q=b.mgpu_block_q, block_kv=b.mgpu_block_kv,
-                            num_stages=b.mgpu_num_stages,
+                            num_stages=b.mgpu_num_stages, pingpong=b.mgpu_pingpong,
                             interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
     return portable.forward(q, k, v, q_seg, kv_seg, r_fwd, spec=cfg.spec, scale=cfg.scale,
                             softcap=cfg.softcap, block_q=b.block_q, block_kv=b.block_kv,
@@ -310,7 +317,8 @@ def _flash_bwd(cfg: _Config, res, do):
                                                    pair_dq=bs.mgpu_fused_pair_dq, **common)
             return dq, dk, dv, None, None, None, None, None
         dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, q_seg, kv_seg, **common)
-        dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg, **common)
+        dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
+                                       group_in_kernel=bs.mgpu_dkv_group, **common)
         return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
     common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
                   num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd,

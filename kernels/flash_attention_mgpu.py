@@ -133,9 +133,16 @@ def mma_accumulate(acc: jax.Array, a: jax.Array, b_smem, a_smem) -> jax.Array:
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
             q_seg: jax.Array | None, kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
             softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+            pingpong: bool = False, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Padded forward: (o [B, Tq, H, D], lse [B, H, Tq] float32). q_seg [B, Tq], kv_seg [B, Tk]
-    int32 or None (segment ids padded with -1 / -2)."""
+    int32 or None (segment ids padded with -1 / -2).
+
+    pingpong: the two compute warpgroups take turns on the tensor cores (FA3's schedule): a
+    two-arrival barrier makes one warpgroup's softmax run while the other's matmuls do. Both
+    warpgroups of a CTA visit the same key blocks, so their rendezvous counts match: per step one
+    after issuing q k^T and one before p v; warpgroup 1 adds one at the start, warpgroup 0 one at
+    the end. Off under the interpreter (its threads are not scheduled like warpgroups)."""
+    pingpong = pingpong and not interpret
     batch, seq_q, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -144,8 +151,14 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
     dtype = q.dtype
 
     def compute(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, seg_refs, q_smem, lse_smem,
-                k_smem, v_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free, wg, b, h, tile):
+                k_smem, v_smem, p_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, wg, b, h,
+                tile):
         plgpu.set_max_registers(232, action="increase")
+
+        def rendezvous():
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
         row0 = tile * cta_rows + wg * block_q
         rows = (b, pl.ds(row0, block_q), h)
         lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
@@ -167,6 +180,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                if pingpong:  # let the other warpgroup's softmax finish before ours starts
+                    rendezvous()
                 return acc_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
@@ -188,7 +203,13 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
             l = l * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p16 = p.astype(dtype)
-            plgpu.barrier_wait(v_bar.at[slot])
+            if pingpong:  # softmax done; take the tensor cores once the other one is done too
+                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(turn)
+            else:
+                plgpu.barrier_wait(v_bar.at[slot])
 
             acc = mma_accumulate(acc, p16, v_smem.at[slot], p_smem)
             plgpu.barrier_arrive(v_free.at[slot])
@@ -197,11 +218,15 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         carry = (plgpu.layout_cast(jnp.zeros((block_q, head_dim), jnp.float32),
                                    plgpu.Layout.WGMMA),
                  row_vector(-jnp.inf, block_q), row_vector(0.0, block_q))
+        if pingpong:
+            pl.when(wg == 1)(rendezvous)
         carry = lax.fori_loop(0, full_lo - lo, functools.partial(step, masked=True), carry)
         carry = lax.fori_loop(full_lo - lo, full_hi - lo, functools.partial(step, masked=False),
                               carry)
         acc, m, l = lax.fori_loop(full_hi - lo, hi - lo, functools.partial(step, masked=True),
                                   carry)
+        if pingpong:
+            pl.when(wg == 0)(rendezvous)
         empty = l == 0.0
         l_safe = jnp.where(empty, 1.0, l)
         acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
@@ -222,8 +247,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
                                      (lambda t: v_ref.at[cols(t)], v_smem, v_bar, v_free)])
 
     def body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, seg_refs, scratch):
-        (q_smem2, lse_smem2, k_smem, v_smem, *p_smem2), (q_bar, k_bar, v_bar), (k_free, v_free) = (
-            scratch)
+        ((q_smem2, lse_smem2, k_smem, v_smem, *p_smem2), (q_bar, k_bar, v_bar), (k_free, v_free),
+         turn) = scratch
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
         wg = lax.axis_index("wg")
 
@@ -231,7 +256,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         def _compute():
             compute(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, seg_refs, q_smem2.at[wg],
                     lse_smem2.at[wg], k_smem, v_smem, p_smem2[0].at[wg] if p_smem2 else None,
-                    q_bar.at[wg], k_bar, v_bar, k_free, v_free, wg, b, h, tile)
+                    q_bar.at[wg], k_bar, v_bar, k_free, v_free, turn, wg, b, h, tile)
 
         @pl.when(wg == _COMPUTE_WGS)
         def _produce():
@@ -252,10 +277,11 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         loaded = (plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=num_stages),
                   plgpu.Barrier(num_barriers=num_stages))
         freed = (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=num_stages),) * 2
+        turn = plgpu.Barrier(num_arrivals=_COMPUTE_WGS)  # pingpong's rendezvous
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, o_ref, lse_ref, ranges_ref, seg_refs,
                                   scratch),
-            smem, loaded, freed, collective_axes="wg")
+            smem, loaded, freed, turn, collective_axes="wg")
 
     extra = dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}
     return plgpu.kernel(

@@ -175,13 +175,22 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                  delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                  kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                  softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                 interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """dk, dv [B, Tk, Hkv, D] float32 (per query head in the kernel, summed over each group)."""
+                 group_in_kernel: bool = False, interpret: bool = False
+                 ) -> tuple[jax.Array, jax.Array]:
+    """dk, dv [B, Tk, Hkv, D].
+
+    group_in_kernel False: one CTA per (key tile, *query* head) writes a per-head dk/dv in q's
+    dtype, summed over each kv head's group afterwards (float32 result). True: one CTA per
+    (key tile, kv head) streams the (q, do) blocks of every query head of its group and sums
+    dk/dv in registers (result in q's dtype): no per-head buffer and no group sum, but group
+    times fewer CTAs (short sequences may not fill the GPU).
+    """
     batch, seq_q, heads, d = q.shape
     seq_kv, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     dtype = q.dtype
     cta_keys = _WGS * block_kv
+    heads_per_cta = group if group_in_kernel else 1
 
     def compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, seg_refs, k_smem,
                 v_smem,
@@ -189,9 +198,10 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                 tile):
         plgpu.set_max_registers(232, action="increase")
         key0 = tile * cta_keys + wg * block_kv
-        kv_head = lax.div(h, jnp.array(group, h.dtype))
+        kv_head = h if group_in_kernel else lax.div(h, jnp.array(group, h.dtype))
         keys = (b, pl.ds(key0, block_kv), kv_head)
         lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
+        n = hi - lo  # query blocks visited per query head
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_bar)
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_bar)
         plgpu.barrier_wait(k_bar)
@@ -202,12 +212,13 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             k_seg_vec = load_vector(seg_refs[1].at[b, pl.ds(key0, block_kv)],
                                     plgpu.Layout.WGMMA.reduce(1))
 
-        def step(t, carry, masked: bool):
+        def step(t, carry, masked: bool, g):
             dk, dv = carry
-            slot = lax.rem(t, num_stages)
+            qh = kv_head * group + g if group_in_kernel else h  # the query head of this step
+            slot = lax.rem(g * n + t, num_stages)  # the ring runs on across the group's heads
             q0 = (lo + t) * block_q
-            lse2 = load_vector(lse_ref.at[b, h, pl.ds(q0, block_q)], col_layout) * _LOG2E
-            delta = load_vector(delta_ref.at[b, h, pl.ds(q0, block_q)], col_layout)
+            lse2 = load_vector(lse_ref.at[b, qh, pl.ds(q0, block_q)], col_layout) * _LOG2E
+            delta = load_vector(delta_ref.at[b, qh, pl.ds(q0, block_q)], col_layout)
             segments = None
             if masked and seg_refs:
                 q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(q0, block_q)], col_layout)
@@ -238,12 +249,19 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             plgpu.barrier_arrive(q_free.at[slot])
             return dk, dv
 
+        def head(g, carry):
+            carry = lax.fori_loop(0, full_lo - lo, functools.partial(step, masked=True, g=g),
+                                  carry)
+            carry = lax.fori_loop(full_lo - lo, full_hi - lo,
+                                  functools.partial(step, masked=False, g=g), carry)
+            return lax.fori_loop(full_hi - lo, n, functools.partial(step, masked=True, g=g),
+                                 carry)
+
         zeros = plgpu.layout_cast(jnp.zeros((block_kv, d), jnp.float32), plgpu.Layout.WGMMA)
-        carry = (zeros, zeros)
-        carry = lax.fori_loop(0, full_lo - lo, functools.partial(step, masked=True), carry)
-        carry = lax.fori_loop(full_lo - lo, full_hi - lo, functools.partial(step, masked=False),
-                              carry)
-        dk, dv = lax.fori_loop(full_hi - lo, hi - lo, functools.partial(step, masked=True), carry)
+        if group_in_kernel:
+            dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+        else:
+            dk, dv = head(0, (zeros, zeros))
         k_smem[...] = (dk * scale).astype(dtype)
         v_smem[...] = dv.astype(dtype)
         plgpu.commit_smem()
@@ -269,9 +287,15 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         def _produce():
             plgpu.set_max_registers(40, action="decrease")
             lo, hi = ranges_ref[b, 0, tile], ranges_ref[b, 3, tile]
-            rows = lambda t: (b, pl.ds((lo + t) * block_q, block_q), h)
-            stream(hi - lo, num_stages, [(lambda t: q_ref.at[rows(t)], q_ring, q_bar, q_free),
-                                         (lambda t: do_ref.at[rows(t)], do_ring, do_bar, do_free)])
+            n = jnp.maximum(hi - lo, 1)  # step i: head i // n of the CTA's heads, block i % n
+
+            def rows(i):
+                qh = h * heads_per_cta + lax.div(i, n)
+                return (b, pl.ds((lo + lax.rem(i, n)) * block_q, block_q), qh)
+
+            stream(heads_per_cta * (hi - lo), num_stages,
+                   [(lambda i: q_ref.at[rows(i)], q_ring, q_bar, q_free),
+                    (lambda i: do_ref.at[rows(i)], do_ring, do_bar, do_free)])
 
     segs = () if q_seg is None else (q_seg, kv_seg)
 
@@ -288,13 +312,16 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                                   seg_refs, dk_ref, dv_ref, scratch),
             _smem_specs(dtype, shapes), loaded, freed, collective_axes="wg")
 
-    per_head = jax.ShapeDtypeStruct((batch, seq_kv, heads, d), dtype)
+    out_heads = kv_heads if group_in_kernel else heads
+    per_head = jax.ShapeDtypeStruct((batch, seq_kv, out_heads, d), dtype)
     dk, dv = plgpu.kernel(
         entry, out_type=(per_head, per_head),
-        grid=(heads, seq_kv // cta_keys, batch), grid_names=("heads", "tiles", "batch"),
+        grid=(out_heads, seq_kv // cta_keys, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kw(interpret),
     )(q, k, v, do, lse, delta, ranges, *segs)
+    if group_in_kernel:
+        return dk, dv
     dk = dk.astype(jnp.float32).reshape(batch, seq_kv, kv_heads, group, d).sum(axis=3)
     dv = dv.astype(jnp.float32).reshape(batch, seq_kv, kv_heads, group, d).sum(axis=3)
     return dk, dv

@@ -35,9 +35,11 @@ def _compare(backend: fa.Backend, q, k, v, do, tol: float = 1e-2, **kw) -> None:
                          q, k, v)
         return (o, *vjp(do.astype(o.dtype)))
 
+    ref_kw = {name: value for name, value in kw.items() if name != "block_sizes"}
+
     @jax.jit
     def ref(q, k, v, do):
-        o, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, **kw), q, k, v)
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention_reference(q, k, v, **ref_kw), q, k, v)
         return (o, *vjp(do))
 
     got = kernel(q, k, v, do)
@@ -87,6 +89,51 @@ def test_segment_isolation_bit_identical(backend: fa.Backend):
     def run(q, k, v):
         o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(q, k, v, segment_ids=seg,
                                                             backend=backend), q, k, v)
+        return [x[:, :300] for x in (o, *vjp(do.astype(o.dtype)))]
+
+    for a, b in zip(run(q, k, v), run(q2, k2, v2)):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)),
+                                      np.asarray(b.astype(jnp.float32)))
+
+
+MOSAIC_VARIANTS = {"pingpong": dict(mgpu_pingpong=True), "dkv_group": dict(mgpu_dkv_group=True),
+                   "segments": dict(mgpu_segments=True),
+                   "all": dict(mgpu_pingpong=True, mgpu_dkv_group=True, mgpu_segments=True)}
+
+
+def _variant(head_dim: int, name: str) -> fa.BlockSizes:
+    return dataclasses.replace(fa.BlockSizes.for_head_dim(head_dim), **MOSAIC_VARIANTS[name])
+
+
+@pytest.mark.parametrize("variant", ["pingpong", "dkv_group", "all"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mosaic_variant_matches_reference(variant: str, case: str):
+    """Opt-in Mosaic kernel schedules (BlockSizes.mgpu_pingpong / mgpu_dkv_group) on every case."""
+    shape, kw = CASES[case]
+    _compare(fa.Backend.MOSAIC_GPU, *attention_inputs(0, **shape),
+             block_sizes=_variant(shape["head_dim"], variant), **kw)
+
+
+@pytest.mark.parametrize("variant", ["segments", "all"])
+def test_mosaic_variant_packed_segments(variant: str):
+    q, k, v, do = attention_inputs(1, 2, 1024, 1024, 8, 2, 128)
+    _compare(fa.Backend.MOSAIC_GPU, q, k, v, do, causal=True, block_sizes=_variant(128, variant),
+             segment_ids=_packed_ids(2, 1024, 8, seed=2))
+
+
+@pytest.mark.parametrize("variant", ["segments", "all"])
+def test_mosaic_variant_segment_isolation_bit_identical(variant: str):
+    q, k, v, do = attention_inputs(3, 1, 512, 512, 4, 2, 128)
+    seg = jnp.asarray([[0] * 300 + [1] * 212], jnp.int32)
+    in_seg1 = (seg[0] == 1)[None, :, None, None]
+    q2, k2, v2, _ = attention_inputs(4, 1, 512, 512, 4, 2, 128)
+    q2, k2, v2 = (jnp.where(in_seg1, b, a) for a, b in ((q, q2), (k, k2), (v, v2)))
+    bs = _variant(128, variant)
+
+    @jax.jit
+    def run(q, k, v):
+        o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(
+            q, k, v, segment_ids=seg, block_sizes=bs, backend=fa.Backend.MOSAIC_GPU), q, k, v)
         return [x[:, :300] for x in (o, *vjp(do.astype(o.dtype)))]
 
     for a, b in zip(run(q, k, v), run(q2, k2, v2)):

@@ -233,3 +233,13 @@ def test_shape_errors_name_value():
         fa.BlockSizes(mgpu_block_kv=96)
     with pytest.raises(KernelError, match="backend='cuda'"):
         fa.flash_attention(q, k, v, backend="cuda")
+
+
+def test_mosaic_dkv_group_interpreted():
+    """dk/dv summed over each kv head's query-head group inside the Mosaic kernel
+    (BlockSizes.mgpu_dkv_group), interpreted: GQA group 2, ragged length, segments."""
+    q, k, v, do = attention_inputs(16, 1, 200, 200, 4, 2, 64)
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_dkv_group=True,
+                             mgpu_segments=True)
+    _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
+             segment_ids=_packed_ids(1, 200, 3, seed=7))
