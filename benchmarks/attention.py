@@ -7,7 +7,7 @@ mosaic_gpu+<flag>+... with flags (BlockSizes fields): fwd (Mosaic forward + Trit
 seg (Mosaic kernels take segment ids), fused (the fused one-kernel Mosaic backward, dq by TMA
 reduce-add), pair (with fused: its two warpgroups share one dq product), pp (forward pingpong
 schedule), grp (dk/dv summed over the GQA group in the kernel), nopp / nogrp / noseg (turn a
-default off); the older names mosaic_gpu_fwd, _seg, _fused, _fused_pair, _fused_seg still work.
+default off), s3 / fs3 (3-slot TMA ring in the backward / forward); the older names mosaic_gpu_fwd, _seg, _fused, _fused_pair, _fused_seg still work.
 --cases: substrings of case names to run (default all). Default backends: a representative set.
 Prints a table last and writes benchmarks/results/attention-<date>.json (DESIGN.md's shape).
 TF/s counts 4·B·H·Tq·Tk·D FLOPs forward (2 matmuls) over the *visible* (query, key) pairs only
@@ -95,7 +95,8 @@ FLAGS = {"fwd": ("mgpu_backward", False), "seg": ("mgpu_segments", True),
          "fused": ("mgpu_fused_bwd", True), "pair": ("mgpu_fused_pair_dq", True),
          "pp": ("mgpu_pingpong", True), "grp": ("mgpu_dkv_group", True),
          "nopp": ("mgpu_pingpong", False), "nogrp": ("mgpu_dkv_group", False),
-         "noseg": ("mgpu_segments", False)}
+         "noseg": ("mgpu_segments", False), "s3": ("mgpu_num_stages_bwd", 3),
+         "fs3": ("mgpu_num_stages", 3)}
 ALIASES = {"mosaic_gpu_fwd": "mosaic_gpu+fwd", "mosaic_gpu_seg": "mosaic_gpu+seg",
            "mosaic_gpu_fused": "mosaic_gpu+fused", "mosaic_gpu_fused_pair": "mosaic_gpu+fused+pair",
            "mosaic_gpu_fused_seg": "mosaic_gpu+fused+seg"}
@@ -117,12 +118,8 @@ def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
              block_sizes: fa.BlockSizes | None = None) -> Callable:
     """attention(q, k, v) for one implementation ('ours:<backend>', 'cudnn', 'xla').
 
-    'ours:mosaic_gpu_fwd' is the Mosaic GPU forward with the portable (Triton) backward;
-    'ours:mosaic_gpu_seg' lets the Mosaic kernels take segment ids (BlockSizes.mgpu_segments);
-    'ours:mosaic_gpu_fused' runs the fused Mosaic backward (BlockSizes.mgpu_fused_bwd),
-    'ours:mosaic_gpu_fused_pair' with paired dq (mgpu_fused_pair_dq, head_dim 128; the
-    head_dim 256 case runs the Triton backward in every Mosaic variant), 'ours:mosaic_gpu_fused_seg'
-    with segment ids.
+    'ours:mosaic_gpu+<flags>' is a Mosaic GPU variant (`variant_overrides`; the head_dim 256
+    case runs the Triton backward in every Mosaic variant).
     """
     if impl.startswith("ours"):
         backend = impl.split(":")[1]
@@ -224,9 +221,8 @@ def main() -> None:
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True).stdout.strip()
     backends = (args.backends.split(",") if args.backends
-                else [*(b.value for b in fa.Backend if not b.interpreted), "mosaic_gpu_fwd",
-                      "mosaic_gpu_seg", "mosaic_gpu_fused", "mosaic_gpu_fused_pair",
-                      "mosaic_gpu_fused_seg"])
+                else [*(b.value for b in fa.Backend if not b.interpreted),
+                      "mosaic_gpu+nopp+nogrp+noseg"])
     cases = CASES[:2] if args.quick else CASES
     if args.cases:
         cases = [c for c in cases if any(part in c.name for part in args.cases.split(","))]

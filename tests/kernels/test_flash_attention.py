@@ -116,7 +116,7 @@ def test_mosaic_interpreted(head_dim: int, kw: dict):
 
 
 def test_mosaic_segments_interpreted():
-    """Segment ids in the Mosaic kernels (opt-in: BlockSizes.mgpu_segments), interpreted."""
+    """Segment ids in the Mosaic kernels (BlockSizes.mgpu_segments, the default), interpreted."""
     q, k, v, do = attention_inputs(15, 1, 256, 256, 2, 1, 64)
     bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_segments=True)
     _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
@@ -235,11 +235,13 @@ def test_shape_errors_name_value():
         fa.flash_attention(q, k, v, backend="cuda")
 
 
-def test_mosaic_dkv_group_interpreted():
+@pytest.mark.parametrize("group_in_kernel", [True, False])
+def test_mosaic_dkv_group_interpreted(group_in_kernel: bool):
     """dk/dv summed over each kv head's query-head group inside the Mosaic kernel
-    (BlockSizes.mgpu_dkv_group), interpreted: GQA group 2, ragged length, segments."""
+    (BlockSizes.mgpu_dkv_group, the default) or per query head and summed after; interpreted:
+    GQA group 2, ragged length, segments."""
     q, k, v, do = attention_inputs(16, 1, 200, 200, 4, 2, 64)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_dkv_group=True,
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_dkv_group=group_in_kernel,
                              mgpu_segments=True)
     _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
              segment_ids=_packed_ids(1, 200, 3, seed=7))
