@@ -29,15 +29,15 @@ _NF4 = [float(v) for v in NF4_MAP]
 NF4_BF16_BITS: np.ndarray = np.asarray(jnp.asarray(NF4_MAP).astype(jnp.bfloat16)).view(np.uint16)
 
 
-def _table_words(byte_of: np.ndarray) -> list[int]:
+def table_words(byte_of: np.ndarray) -> list[int]:
     """16 bytes -> 4 little-endian uint32 words (word w holds entries 4w..4w+3)."""
     b = byte_of.astype(np.uint32)
     return [int(b[4 * w] | b[4 * w + 1] << 8 | b[4 * w + 2] << 16 | b[4 * w + 3] << 24)
             for w in range(4)]
 
 
-LO_WORDS = _table_words(NF4_BF16_BITS & 0xFF)   # low byte of each bf16 value
-HI_WORDS = _table_words(NF4_BF16_BITS >> 8)     # high byte (sign + exponent bits)
+LO_WORDS = table_words(NF4_BF16_BITS & 0xFF)   # low byte of each bf16 value
+HI_WORDS = table_words(NF4_BF16_BITS >> 8)     # high byte (sign + exponent bits)
 # Byte selectors assembling, from lb = [L(l0), L(h0), L(l1), L(h1)] and hb (same for high bytes),
 # the pairs of byte 0 = [L(h0), H(h0), L(l0), H(l0)] and of byte 1 = [L(h1), H(h1), L(l1), H(l1)].
 PAIR_SEL = (0x4051, 0x6273)
@@ -154,7 +154,7 @@ def scale_pairs(scales: jax.Array) -> jax.Array:
     return b | (b << 16)
 
 
-def _prmt(a: int, b: int, c: int) -> int:
+def prmt_b32(a: int, b: int, c: int) -> int:
     """PTX prmt.b32 (default mode) on Python ints: byte k of the result is byte (c >> 4k) & 7 of
     the 8-byte value b:a, or that byte's sign replicated when bit 3 of the selector is set."""
     src = (a & 0xFFFFFFFF) | (b & 0xFFFFFFFF) << 32
@@ -168,15 +168,20 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
+def lookup_bytes(words: list[int], idx: int, sel: int) -> int:
+    """The 3-prmt lookup of one 16-byte table (4 words) for 4 nibbles: index bits `idx`, half
+    selector `sel` (as the PTX computes them)."""
+    return prmt_b32(prmt_b32(words[0], words[1], idx), prmt_b32(words[2], words[3], idx), sel)
+
+
 def emulate_prmt_lut(word: int) -> list[int]:
     """Replays ASM_PLAIN on one uint32 of 4 code bytes -> the 4 pairs (for CPU tests)."""
     idx = word & 0x77777777
     sel = ((word >> 1) & 0x44444444) | 0x32103210
     pairs = []
     for i, s in ((idx, sel), (idx >> 16, sel >> 16)):
-        lb = _prmt(_prmt(LO_WORDS[0], LO_WORDS[1], i), _prmt(LO_WORDS[2], LO_WORDS[3], i), s)
-        hb = _prmt(_prmt(HI_WORDS[0], HI_WORDS[1], i), _prmt(HI_WORDS[2], HI_WORDS[3], i), s)
-        pairs += [_prmt(lb, hb, PAIR_SEL[0]), _prmt(lb, hb, PAIR_SEL[1])]
+        lb, hb = lookup_bytes(LO_WORDS, i, s), lookup_bytes(HI_WORDS, i, s)
+        pairs += [prmt_b32(lb, hb, PAIR_SEL[0]), prmt_b32(lb, hb, PAIR_SEL[1])]
     return pairs
 
 
@@ -184,6 +189,5 @@ def emulate_prmt_planes(half_word: int) -> tuple[int, int]:
     """Replays ASM_PLANES_2B on two code bytes -> (hi pair, lo pair) (for CPU tests)."""
     idx = half_word & 0x7777
     sel = ((half_word >> 1) & 0x4444) | 0x3210
-    lb = _prmt(_prmt(LO_WORDS[0], LO_WORDS[1], idx), _prmt(LO_WORDS[2], LO_WORDS[3], idx), sel)
-    hb = _prmt(_prmt(HI_WORDS[0], HI_WORDS[1], idx), _prmt(HI_WORDS[2], HI_WORDS[3], idx), sel)
-    return _prmt(lb, hb, PLANE_SEL[0]), _prmt(lb, hb, PLANE_SEL[1])
+    lb, hb = lookup_bytes(LO_WORDS, idx, sel), lookup_bytes(HI_WORDS, idx, sel)
+    return prmt_b32(lb, hb, PLANE_SEL[0]), prmt_b32(lb, hb, PLANE_SEL[1])
