@@ -15,10 +15,16 @@ The model calls `linear(x, w)` for every frozen projection. `w` is a plain array
   On an H100/H200 the NF4 forward for M <= 16 and bf16 x is the Mosaic GPU kernel
   (`mgpu_tuning_for`), elsewhere the Triton-backend one. An explicit Impl.PALLAS runs the fused
   (Triton-backend) kernels both ways.
+- `dequant` (a `Dequant`) picks, for NF4 with bf16 / fp16 x, how the dequantize-then-dot path
+  that the default rule takes for M > 64 on GPU dequantizes: XLA's fused elementwise pass or our
+  bandwidth-bound kernel (`kernels/nf4_dequant.py`) before the same XLA GEMM, forward and dx.
+  `NF4_LARGE_M_DEQUANT` is the GPU default (see there); off GPU the default stays XLA and an
+  explicit `Dequant.PALLAS` runs the kernel interpreted.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 import jax
@@ -64,12 +70,30 @@ def mgpu_tuning_for(m: int, w: QTensor, dtype: jnp.dtype, device_kind: str) -> M
     return MgpuTuning(tile_m=max(8, -(-m // 8) * 8), max_concurrent_steps=4 if m <= 8 else 8)
 
 
+class Dequant(enum.Enum):
+    """Who dequantizes an NF4 weight on the dequantize-then-dot path (then XLA's GEMM runs)."""
+
+    XLA = "xla"        # XLA's dequantize (one fused elementwise pass over the weight)
+    PALLAS = "pallas"  # kernels/nf4_dequant.py (bandwidth-bound, exact), custom VJP for dx
+
+
+# GPU default of `dequant` for NF4 x with M > PALLAS_DEFAULT_MAX_M rows.
+NF4_LARGE_M_DEQUANT = Dequant.XLA
+
+
+def dequant_kernel_applies(w: QTensor, dtype: jnp.dtype) -> bool:
+    """Whether kernels/nf4_dequant.py can dequantize w for x of `dtype` (NF4 block 64, bf16/fp16)."""
+    return (w.kind is QuantKind.NF4 and w.blocksize == 64
+            and jnp.dtype(dtype).name in ("bfloat16", "float16"))
+
+
 def pallas_bwd_is_default(m: int, w: QTensor) -> bool:
     """Whether the GPU default for dx of x [m, K] @ w.T (given a fused forward) is our dx kernel."""
     return m <= PALLAS_BWD_DEFAULT_MAX_M[w.kind]
 
 
-def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None) -> jax.Array:
+def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None,
+                      dequant: Dequant | str | None) -> jax.Array:
     if w.lead:
         raise KernelError(f"linear: w has leading axes {w.lead}; slice the layer (w[i]) first")
     k = w.shape[1]
@@ -93,16 +117,40 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None) -> jax.
             from fastlora_jax.kernels.int8_matmul import int8_matmul
 
             y = int8_matmul(x2, w, bwd_xla=bwd_xla, interpret=platform() != "gpu")
+    elif impl is None and _dequant_choice(dequant, w, x.dtype) is Dequant.PALLAS:
+        if not dequant_kernel_applies(w, x.dtype):
+            raise KernelError(f"linear: dequant=Dequant.PALLAS needs an NF4 weight (blocksize 64) "
+                              f"and bfloat16 / float16 x; got kind={w.kind.value}, "
+                              f"blocksize={w.blocksize}, x.dtype={x.dtype}. Use dequant=None")
+        from fastlora_jax.kernels.nf4_dequant import dequant_then_dot
+
+        y = dequant_then_dot(x2, w, interpret=platform() != "gpu")
     else:
         y = jnp.dot(x2, dequantize(w, x.dtype).T)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+def _dequant_choice(dequant: Dequant | str | None, w: QTensor, dtype: jnp.dtype) -> Dequant:
+    """An explicit choice as given; None: NF4_LARGE_M_DEQUANT on GPU where the kernel applies."""
+    if dequant is None:
+        if platform() != "gpu" or not dequant_kernel_applies(w, dtype):
+            return Dequant.XLA
+        return NF4_LARGE_M_DEQUANT
+    try:
+        return Dequant(dequant)
+    except ValueError:
+        raise KernelError(f"linear: dequant={dequant!r} is not one of "
+                          f"{[d.value for d in Dequant]}") from None
+
+
 def linear(x: jax.Array, w: jax.Array | QTensor, bias: jax.Array | None = None, *,
-           impl: Impl | str | None = None) -> jax.Array:
-    """x [..., in] @ w[out, in].T -> [..., out] in x's dtype (float32 accumulation)."""
+           impl: Impl | str | None = None, dequant: Dequant | str | None = None) -> jax.Array:
+    """x [..., in] @ w[out, in].T -> [..., out] in x's dtype (float32 accumulation).
+
+    `dequant` (QTensor only, with impl=None): who dequantizes where the default rule runs
+    dequantize-then-dot (see the module docstring); None = the platform default."""
     if isinstance(w, QTensor):
-        y = _quantized_linear(x, w, impl)
+        y = _quantized_linear(x, w, impl, dequant)
     else:
         # Output in x's dtype straight from the GEMM (accumulation is float32 on GPU tensor cores
         # and in XLA's CPU dots); asking for a float32 output then casting costs a round trip of

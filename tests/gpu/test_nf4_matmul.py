@@ -77,3 +77,53 @@ def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits) -> Non
     y = jax.jit(lambda x, w: nf4_matmul(x, w, tuning=t))(x, w)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     assert _rel(y, nf4_matmul_reference(x, w)) <= 1e-2
+
+
+# The bandwidth-bound dequantization kernel (kernels/nf4_dequant.py): the exact path must equal
+# the reference bit for bit (reference evaluated on the CPU, where XLA does not fuse mul + add);
+# odd N, a ragged N*K % 64 != 0 weight, a masked last tile, bf16 and fp16.
+def _cpu_dequantize(w, dtype):
+    from fastlora_jax.quant import dequantize
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(dequantize(jax.tree_util.tree_map(np.asarray, w), dtype))
+
+
+@pytest.mark.parametrize("n,k,rows", [(33, 192, 64), (37, 448, 64), (1031, 4096, None), (3, 40, 16)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dequant_kernel_bit_exact_on_gpu(n: int, k: int, rows, dtype: str) -> None:
+    from fastlora_jax.kernels.nf4_dequant import DequantTuning, nf4_dequantize
+    rng = np.random.default_rng(n + k)
+    wq = quantize_nf4(rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16")
+    t = DequantTuning() if rows is None else DequantTuning(block_rows=rows, num_warps=4)
+    got = np.asarray(jax.jit(lambda w: nf4_dequantize(w, dtype, tuning=t))(
+        jax.tree_util.tree_map(jnp.asarray, wq)))
+    want = _cpu_dequantize(wq, dtype)
+    assert got.shape == (n, k) and got.dtype == want.dtype
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (
+        f"{np.mean(got.view(np.uint16) != want.view(np.uint16)):.2e} of the weights differ")
+    if dtype == "bfloat16":  # the fast path: within ~1.5 bf16 ulp
+        fast = np.asarray(jax.jit(lambda w: nf4_dequantize(
+            w, tuning=DequantTuning(exact=False)))(jax.tree_util.tree_map(jnp.asarray, wq)),
+            np.float32)
+        ref = want.astype(np.float32)
+        assert np.all(np.abs(fast - ref) <= 3 * 2.0 ** -8 * np.abs(ref))
+
+
+@pytest.mark.parametrize("m,k,n", [(300, 1024, 96), (512, 4096, 1031)])
+def test_dequant_then_dot_and_linear_option_on_gpu(m: int, k: int, n: int) -> None:
+    from fastlora_jax.kernels.nf4_dequant import dequant_then_dot
+    from fastlora_jax.ops.linear import Dequant
+    rng = np.random.default_rng(m + n)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
+    w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(
+        rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
+    y = jax.jit(lambda x, w: dequant_then_dot(x, w))(x, w)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert _rel(y, nf4_matmul_reference(x, w)) <= 1e-2
+    ct = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    def loss(f):
+        return lambda x: (f(x).astype(jnp.float32) * ct).sum()
+    g = jax.jit(jax.grad(loss(lambda x: dequant_then_dot(x, w))))(x)
+    assert _rel(g, jax.grad(loss(lambda x: nf4_matmul_reference(x, w)))(x)) <= 1e-2
+    y_lin = jax.jit(lambda x: linear(x, w, dequant=Dequant.PALLAS))(x)
+    assert _rel(y_lin, nf4_matmul_reference(x, w)) <= 1e-2
