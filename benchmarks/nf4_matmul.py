@@ -9,6 +9,11 @@ divides by L, so per-call dispatch is amortized and decode shapes cannot read a 
 the quantized weight bytes each variant reads (NF4: codes + uint8 absmax + nested; bf16: 2 B per
 weight). For every shape a few tunings of our kernel are tried and the best is reported.
 `--smoke` runs tiny shapes in interpret mode on the CPU to check the script itself.
+
+NF4 also times "ours_dequant+dot" (kernels/nf4_dequant.py, then XLA's GEMM; forward and dx) at
+M > 64 next to XLA's dequantize-then-dot and the bf16 GEMM, and the dequantization kernel alone
+(`--dequant-shapes`, default K=4096 N=14336: a small tuning sweep, µs and GB/s of bytes read +
+written) against XLA's dequantize. `--no-fused` skips the fused kernels' sweeps.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.kernels import int8_matmul as i8
+from fastlora_jax.kernels import nf4_dequant as dq
 from fastlora_jax.kernels import nf4_matmul as nf4
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
 from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
@@ -47,6 +53,11 @@ SWEEP = {
     "int8_decode_fwd": [T(16, 32, 256, 4, 4), T(16, 64, 256, 4, 3)],
     "int8_decode_bwd": [T(16, 64, 128, 4, 3)],
 }
+D = dq.DequantTuning
+DEQUANT_SWEEP = [D(512, 8), D(256, 4), D(1024, 8), D(2048, 16), D(512, 8, exact=False),
+                 D(1024, 8, exact=False)]
+DEQUANT_TUNING = dq.DEFAULT_TUNING  # the dequant+dot rows use the fastest exact tuning measured
+FUSED = True  # --no-fused: skip the fused kernels' sweeps (baselines and dequant+dot only)
 MGPU = False  # --mgpu: add the Hopper Mosaic GPU forward to the forward sweeps (sm_90 only)
 DIRECTIONS = ("fwd", "bwd")
 TRAIN_TFLOPS_TARGET = 600.0
@@ -141,6 +152,74 @@ def rel_err(a: jax.Array, b: jax.Array) -> float:
     return float(jnp.sqrt(jnp.sum((a - b) ** 2) / jnp.sum(b ** 2)))
 
 
+def bench_dequant(k: int, n: int, interpret: bool, reps: int, log: list[str]) -> list[dict]:
+    """nf4_dequantize alone (tuning sweep) vs XLA's dequantize on 4 distinct [n, k] weights; sets
+    DEQUANT_TUNING to the fastest exact tuning. GB/s = (codes + absmax + nested read + bf16
+    written) / time."""
+    global DEQUANT_TUNING
+    layers = 4
+    ws = unstack(random_nf4(jax.random.PRNGKey(k + n), layers, n, k), layers)
+    moved = nbytes(ws[0]) + 2 * n * k
+    name = f"nf4 dequant K={k} N={n}"
+    log.append(name)
+    xla = lambda _, w: dequantize(w, jnp.bfloat16)  # noqa: E731
+    t_xla = time_per_layer(scanned(xla), None, ws, layers, reps)
+    ref = scanned(xla)(None, ws)[0]
+    rows, best_exact = [], (float("inf"), dq.DEFAULT_TUNING)
+    for t in DEQUANT_SWEEP[:1] if interpret else DEQUANT_SWEEP:
+        fn = scanned(lambda _, w, t=t: dq.nf4_dequantize(w, jnp.bfloat16, tuning=t,
+                                                           interpret=interpret))
+        try:
+            sec = time_per_layer(fn, None, ws, layers, reps)
+        except Exception as e:
+            log.append(f"  {t} failed: {type(e).__name__}: {str(e)[:300]} ... {str(e)[-600:]}")
+            continue
+        got = fn(None, ws)[0]
+        same = float(jnp.mean(jax.lax.bitcast_convert_type(got, jnp.uint16)
+                              != jax.lax.bitcast_convert_type(ref, jnp.uint16)))
+        log.append(f"  {t}: {sec * 1e6:.1f} us, {moved / sec / 1e9:.0f} GB/s (XLA "
+                   f"{t_xla * 1e6:.1f} us, {moved / t_xla / 1e9:.0f} GB/s); differing weights "
+                   f"vs XLA {same:.2e}, rel err {rel_err(got, ref):.2e}")
+        if t.exact and sec < best_exact[0]:
+            best_exact = (sec, t)
+        rows.append(dict(case=f"{name} {'exact' if t.exact else 'fast'}", metric="GB/s",
+                         ours=moved / sec / 1e9, baseline_name="XLA dequantize (bf16)",
+                         baseline=moved / t_xla / 1e9, ratio=t_xla / sec,
+                         target="bandwidth-bound (H200 ~4.8 TB/s peak)", tuning=str(t),
+                         us_ours=sec * 1e6, us_xla_dq=t_xla * 1e6, frac_differing_vs_xla=same,
+                         bytes_moved=moved))
+    DEQUANT_TUNING = best_exact[1]
+    log.append(f"  dequant+dot rows use {DEQUANT_TUNING}")
+    return rows
+
+
+def dequant_dot_rows(case: str, direction: str, inp, ws, layers: int, reps: int,
+                     interpret: bool, t_xla: float, t_bf16: float, flops: float,
+                     log: list[str]) -> list[dict]:
+    """"ours_dequant+dot" (nf4_dequant kernel + XLA GEMM) vs XLA dequant+dot and the bf16 GEMM."""
+    t = DEQUANT_TUNING
+    if direction == "fwd":
+        op = lambda a, w: dq.dequant_then_dot(a, w, tuning=t, interpret=interpret)  # noqa: E731
+        xla_op = xla_fwd
+    else:
+        op = lambda a, w: dq.dequant_dx(a, w, tuning=t, interpret=interpret)  # noqa: E731
+        xla_op = xla_bwd
+    fn = scanned(op)
+    sec = time_per_layer(fn, inp, ws, layers, reps)
+    err = rel_err(fn(inp, ws)[0], scanned(xla_op)(inp, ws)[0])
+    log.append(f"  {direction}: ours_dequant+dot {sec * 1e6:.1f} us ({t}), xla-dq "
+               f"{t_xla * 1e6:.1f} us, bf16 {t_bf16 * 1e6:.1f} us, rel err {err:.2e}")
+    extra = {"tuning": str(t), "rel_err_vs_xla_dq": err, "us_ours": sec * 1e6,
+             "us_xla_dq": t_xla * 1e6, "us_bf16": t_bf16 * 1e6}
+    tf = lambda s: flops / s / 1e12  # noqa: E731
+    case = f"{case} ours_dequant+dot"
+    return [dict(case=case, metric="TF/s", ours=tf(sec), baseline_name="XLA dequant+dot",
+                 baseline=tf(t_xla), ratio=t_xla / sec, target="rule: >=1.0x to be default",
+                 **extra),
+            dict(case=case, metric="TF/s", ours=tf(sec), baseline_name="bf16 GEMM (bf16 weights)",
+                 baseline=tf(t_bf16), ratio=t_bf16 / sec, target="ceiling: ~1.0x", **extra)]
+
+
 def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
                log: list[str]) -> list[dict]:
     decode = m <= 64
@@ -175,17 +254,22 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
             xla_op, bf_op, sweep = xla_bwd, bf16_bwd, bwd_sweep
         if direction == "fwd" and MGPU:
             sweep = sweep + mgpu_sweep(m, decode)
-        t_ours, tuning, fn = best_of(sweep, make, inp, ws, layers, reps, log)
         t_xla = time_per_layer(scanned(xla_op), inp, ws, layers, reps)
         t_bf16 = time_per_layer(scanned(bf_op), inp, wb, layers, reps)
+        case = f"{name} {direction}"
+        tf = lambda t: flops / t / 1e12  # noqa: E731
+        best_base = min(t_xla, t_bf16)
+        if kind == "nf4" and not decode:
+            rows += dequant_dot_rows(case, direction, inp, ws, layers, reps, interpret,
+                                     t_xla, t_bf16, flops, log)
+        if not FUSED:
+            continue
+        t_ours, tuning, fn = best_of(sweep, make, inp, ws, layers, reps, log)
         err = rel_err(fn(inp, ws)[0], scanned(xla_op)(inp, ws)[0]) if fn else float("nan")
         log.append(f"  {direction}: ours {t_ours * 1e6:.1f} us ({tuning}), xla-dq {t_xla * 1e6:.1f}"
                    f" us, bf16 {t_bf16 * 1e6:.1f} us, rel err {err:.2e}")
-        case = f"{name} {direction}"
         extra = {"tuning": str(tuning), "rel_err_vs_xla_dq": err, "us_ours": t_ours * 1e6,
                  "us_xla_dq": t_xla * 1e6, "us_bf16": t_bf16 * 1e6}
-        tf = lambda t: flops / t / 1e12  # noqa: E731
-        best_base = min(t_xla, t_bf16)
         rows.append(dict(case=case, metric="TF/s", ours=tf(t_ours),
                          baseline_name="faster of bf16 GEMM and XLA dequant+dot",
                          baseline=tf(best_base), ratio=best_base / t_ours,
@@ -215,9 +299,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first tuning of each sweep only")
     ap.add_argument("--mgpu", action="store_true", help="also sweep the Mosaic GPU forward")
     ap.add_argument("--directions", default="fwd,bwd")
+    ap.add_argument("--no-fused", action="store_true", help="skip the fused kernels' sweeps")
+    ap.add_argument("--dequant-shapes", default="4096x14336",
+                    help="KxN,... for the dequantization kernel alone ('' to skip)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON name: nf4_matmul-<date>-<tag>")
     args = ap.parse_args()
-    global MGPU, DIRECTIONS
+    global MGPU, DIRECTIONS, FUSED
     MGPU, DIRECTIONS = args.mgpu, tuple(args.directions.split(","))
+    FUSED = not args.no_fused
     interpret = args.smoke
     if args.smoke or args.quick:
         for key in SWEEP:
@@ -233,9 +322,16 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"nf4_matmul-{date}.json"
+    path = out / f"nf4_matmul-{date}{'-' + args.tag if args.tag else ''}.json"
     log: list[str] = []
     rows: list[dict] = []
+    dequant_shapes = ([(128, 64)] if args.smoke else
+                      [tuple(int(v) for v in s.split("x")) for s in args.dequant_shapes.split(",")
+                       if s])
+    if "nf4" in args.kinds.split(","):
+        for k, n in dequant_shapes:
+            rows += bench_dequant(k, n, interpret, 2 if args.smoke else 5, log)
+            print("\n".join(log), flush=True)
     for kind in args.kinds.split(","):
         for m, k, n in shapes:
             if kind == "int8" and not args.shapes and (m, k, n) not in shapes[:2] + shapes[-3:]:
