@@ -83,7 +83,9 @@ class BlockSizes:
     (FA3's schedule: one's softmax overlaps the other's matmuls; +7-11% forward on the H200);
     mgpu_dkv_group=True has the dk/dv kernel sum over each kv head's group of query heads in
     registers (one CTA per kv head) instead of writing per-query-head dk/dv and summing after
-    (no per-head buffer; group times fewer CTAs).
+    (no per-head buffer; group times fewer CTAs);
+    mgpu_reverse_tiles=True launches the forward's and the dq kernel's query tiles last-first
+    (under a causal mask the heaviest first: a shorter tail of the grid).
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
     in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
@@ -110,10 +112,11 @@ class BlockSizes:
     mgpu_fused_pair_dq: bool = False
     mgpu_pingpong: bool = True
     mgpu_dkv_group: bool = True
+    mgpu_reverse_tiles: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd", "mgpu_fused_pair_dq",
-                     "mgpu_pingpong", "mgpu_dkv_group"):
+                     "mgpu_pingpong", "mgpu_dkv_group", "mgpu_reverse_tiles"):
             if not isinstance(getattr(self, name), bool):
                 raise KernelError(f"BlockSizes.{name}={getattr(self, name)!r} must be a bool")
         for name in ("mgpu_block_q", "mgpu_block_kv", "mgpu_block_q_bwd", "mgpu_block_kv_bwd"):
@@ -278,6 +281,7 @@ def _fwd_impl(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
                             softcap=cfg.softcap,
                             block_q=b.mgpu_block_q, block_kv=b.mgpu_block_kv,
                             num_stages=b.mgpu_num_stages, pingpong=b.mgpu_pingpong,
+                            reverse_tiles=b.mgpu_reverse_tiles,
                             interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
     return portable.forward(q, k, v, q_seg, kv_seg, r_fwd, spec=cfg.spec, scale=cfg.scale,
                             softcap=cfg.softcap, block_q=b.block_q, block_kv=b.block_kv,
@@ -317,7 +321,8 @@ def _flash_bwd(cfg: _Config, res, do):
             dq, dk, dv = mgpu_fused.backward_fused(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
                                                    pair_dq=bs.mgpu_fused_pair_dq, **common)
             return dq, dk, dv, None, None, None, None, None
-        dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, q_seg, kv_seg, **common)
+        dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, q_seg, kv_seg,
+                                  reverse_tiles=bs.mgpu_reverse_tiles, **common)
         dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
                                        group_in_kernel=bs.mgpu_dkv_group, **common)
         return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None

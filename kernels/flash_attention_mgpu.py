@@ -133,7 +133,8 @@ def mma_accumulate(acc: jax.Array, a: jax.Array, b_smem, a_smem) -> jax.Array:
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
             q_seg: jax.Array | None, kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
             softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-            pingpong: bool = False, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+            pingpong: bool = False, reverse_tiles: bool = False, interpret: bool = False
+            ) -> tuple[jax.Array, jax.Array]:
     """Padded forward: (o [B, Tq, H, D], lse [B, H, Tq] float32). q_seg [B, Tq], kv_seg [B, Tk]
     int32 or None (segment ids padded with -1 / -2).
 
@@ -141,7 +142,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
     two-arrival barrier makes one warpgroup's softmax run while the other's matmuls do. Both
     warpgroups of a CTA visit the same key blocks, so their rendezvous counts match: per step one
     after issuing q k^T and one before p v; warpgroup 1 adds one at the start, warpgroup 0 one at
-    the end. Off under the interpreter (its threads are not scheduled like warpgroups)."""
+    the end. Off under the interpreter (its threads are not scheduled like warpgroups).
+    reverse_tiles: CTA i takes query tile n_tiles - 1 - i. Under a causal mask the last tiles see
+    the most keys; launched first, they leave short CTAs for the tail of the grid."""
     pingpong = pingpong and not interpret
     batch, seq_q, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -250,6 +253,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         ((q_smem2, lse_smem2, k_smem, v_smem, *p_smem2), (q_bar, k_bar, v_bar), (k_free, v_free),
          turn) = scratch
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+        if reverse_tiles:
+            tile = n_tiles - 1 - tile
         wg = lax.axis_index("wg")
 
         @pl.when(wg < _COMPUTE_WGS)

@@ -60,12 +60,14 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                 delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                 kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                 softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                interpret: bool = False) -> jax.Array:
-    """dq [B, Tq, H, D] in q's dtype."""
+                reverse_tiles: bool = False, interpret: bool = False) -> jax.Array:
+    """dq [B, Tq, H, D] in q's dtype. reverse_tiles: CTA i takes query tile n - 1 - i (the
+    heaviest tiles under a causal mask first, as in the forward)."""
     batch, seq_q, heads, d = q.shape
     group = heads // k.shape[2]
     dtype = q.dtype
     cta_rows = _WGS * block_q
+    n_tiles = seq_q // cta_rows
 
     def compute(q_ref, do_ref, lse_ref, delta_ref, dq_ref, ranges_ref, seg_refs, q_smem, do_smem,
                 k_ring,
@@ -130,6 +132,8 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
              scratch):
         (q2, do2, k_ring, v_ring, *ds2), (q_bar, do_bar, k_bar, v_bar), (k_free, v_free) = scratch
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
+        if reverse_tiles:
+            tile = n_tiles - 1 - tile
         wg = lax.axis_index("wg")
 
         @pl.when(wg < _WGS)
@@ -165,7 +169,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
 
     return plgpu.kernel(
         entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(heads, seq_q // cta_rows, batch), grid_names=("heads", "tiles", "batch"),
+        grid=(heads, n_tiles, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kw(interpret),
     )(q, k, v, do, lse, delta, ranges, *segs)

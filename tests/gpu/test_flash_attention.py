@@ -98,6 +98,7 @@ def test_segment_isolation_bit_identical(backend: fa.Backend):
 
 MOSAIC_VARIANTS = {"pingpong": dict(mgpu_pingpong=True), "dkv_group": dict(mgpu_dkv_group=True),
                    "segments": dict(mgpu_segments=True),
+                   "reverse_stages3": dict(mgpu_reverse_tiles=True, mgpu_num_stages_bwd=3),
                    "all": dict(mgpu_pingpong=True, mgpu_dkv_group=True, mgpu_segments=True)}
 
 
@@ -105,7 +106,7 @@ def _variant(head_dim: int, name: str) -> fa.BlockSizes:
     return dataclasses.replace(fa.BlockSizes.for_head_dim(head_dim), **MOSAIC_VARIANTS[name])
 
 
-@pytest.mark.parametrize("variant", ["pingpong", "dkv_group", "all"])
+@pytest.mark.parametrize("variant", ["pingpong", "dkv_group", "all", "reverse_stages3"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mosaic_variant_matches_reference(variant: str, case: str):
     """Opt-in Mosaic kernel schedules (BlockSizes.mgpu_pingpong / mgpu_dkv_group) on every case."""

@@ -245,3 +245,13 @@ def test_mosaic_dkv_group_interpreted(group_in_kernel: bool):
                              mgpu_segments=True)
     _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
              segment_ids=_packed_ids(1, 200, 3, seed=7))
+
+
+def test_mosaic_reverse_tiles_three_stages_interpreted():
+    """Query tiles launched last-first (BlockSizes.mgpu_reverse_tiles) with a 3-slot backward
+    ring, interpreted: several query tiles under a causal mask and a window."""
+    q, k, v, do = attention_inputs(18, 1, 384, 384, 2, 1, 64)
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_reverse_tiles=True,
+                             mgpu_num_stages_bwd=3)
+    _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
+             sliding_window=150)
