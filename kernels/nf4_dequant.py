@@ -41,7 +41,7 @@ from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.nf4_matmul_common import check_x, default_interpret, zero_cotangent
 from fastlora_jax.kernels.nf4_matmul_lut import (nf4_lookup, nf4_pairs, prmt_b32, scale_pairs,
                                                  table_words)
-from fastlora_jax.quant import DYNAMIC_MAP, NF4_MAP, QTensor, QuantKind
+from fastlora_jax.quant import DYNAMIC_MAP, NF4_MAP, QTensor, QuantKind, nf4_block_scales
 
 BLOCK = 64            # weights per absmax block (the only NF4 blocksize the kernel takes)
 CODE_BYTES = BLOCK // 2
@@ -51,12 +51,14 @@ OUT_DTYPES = ("bfloat16", "float16")
 @dataclasses.dataclass(frozen=True)
 class DequantTuning:
     """One dequantization launch: `block_rows` 64-weight blocks per program (a power of two
-    >= 16), `num_warps` per program, and `exact` (bit-for-bit float32 math) or the bf16 fast path.
+    >= 16), `num_warps` per program, `exact` (bit-for-bit float32 math) or the bf16 fast path,
+    and whether the double-quantized absmax is decoded in the kernel or by one XLA op before it.
     """
 
     block_rows: int = 512
     num_warps: int = 8
     exact: bool = True
+    absmax_in_kernel: bool = True  # False: XLA decodes the absmax to float32 [nb] first
 
     def __post_init__(self) -> None:
         for name in ("block_rows", "num_warps"):
@@ -141,31 +143,47 @@ def _bits(a: jax.Array) -> jax.Array:
 
 
 def _asm(text: str, args: list[jax.Array], outs: int, pack: int, shape) -> jax.Array:
-    cons = ",".join(["=r"] * outs + ["r"] * (pack * len(args)))
+    """`outs` 32-bit results per `pack` elements; each arg takes pack * itemsize / 4 registers
+    (4 uint8 codes share one)."""
+    regs = sum(max(1, pack * a.dtype.itemsize // 4) for a in args)
+    cons = ",".join(["=r"] * outs + ["r"] * regs)
     [out] = plt.elementwise_inline_asm(text, args=args, constraints=cons, pack=pack,
                                        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
     return jax.lax.bitcast_convert_type(out, jnp.uint32)
 
 
-def _kernel(c_ref, a_ref, nest_ref, dyn_ref, off_ref, o_ref, *, nb: int, nested_blocksize: int,
-            exact: bool, use_asm: bool):
-    """codes u8 [tb, 32], absmax codes u8 [tb], nested f32 [nb2], dyn f32 [256], offset f32 [1]
-    -> weights [tb, 64] in o_ref's dtype. Masked only when nb is not a multiple of tb."""
+def _absmax(row, valid, a_ref, nest_ref, dyn_ref, off_ref, *, nb: int, nested_blocksize: int,
+            use_asm: bool) -> jax.Array:
+    """Decoded absmax float32 [tb] of the tile's blocks, from the double-quantized bytes."""
+    tb = row.shape[0]
+    a = plt.load(a_ref, mask=valid, other=None if valid is None else 0).astype(jnp.int32)
+    dyn = dyn_ref[a]                                                        # gather [tb]
+    nested = nest_ref[jax.lax.div(jnp.minimum(row, nb - 1), nested_blocksize)]  # gather [tb]
+    off = jnp.broadcast_to(off_ref[0], (tb,))
+    if not use_asm:
+        # The barrier keeps XLA (interpret mode) from contracting the two into an FMA, which it
+        # does under jit on the CPU: bitsandbytes rounds the product, then adds the offset.
+        return jax.lax.optimization_barrier(dyn * nested) + off
+    return jax.lax.bitcast_convert_type(
+        _asm(ASM_ABSMAX, [_bits(dyn), _bits(nested), _bits(off)], 1, 1, (tb,)), jnp.float32)
+
+
+def _kernel(c_ref, *refs, nb: int, nested_blocksize: int, exact: bool, use_asm: bool):
+    """codes u8 [tb, 32] + either (absmax codes u8 [tb], nested f32 [nb2], dyn f32 [256], offset
+    f32 [1]) or decoded absmax f32 [tb] -> weights [tb, 64] in o_ref's dtype. Masked only when nb
+    is not a multiple of tb."""
+    *s_refs, o_ref = refs
     tb = c_ref.shape[0]
     out_dtype = o_ref.dtype
     row = pl.program_id(0) * tb + jnp.arange(tb, dtype=jnp.int32)          # block index [tb]
     valid = (row < nb) if nb % tb else None
     codes = plt.load(c_ref, mask=None if valid is None else valid[:, None], other=None
                      if valid is None else 0)
-    a = plt.load(a_ref, mask=valid, other=None if valid is None else 0).astype(jnp.int32)
-    dyn = dyn_ref[a]                                                        # gather [tb]
-    nested = nest_ref[jax.lax.div(jnp.minimum(row, nb - 1), nested_blocksize)]  # gather [tb]
-    off = jnp.broadcast_to(off_ref[0], (tb,))
-    if use_asm:
-        scale = jax.lax.bitcast_convert_type(
-            _asm(ASM_ABSMAX, [_bits(dyn), _bits(nested), _bits(off)], 1, 1, (tb,)), jnp.float32)
+    if len(s_refs) == 1:
+        scale = plt.load(s_refs[0], mask=valid, other=None if valid is None else 0.0)
     else:
-        scale = dyn * nested + off
+        scale = _absmax(row, valid, *s_refs, nb=nb, nested_blocksize=nested_blocksize,
+                        use_asm=use_asm)
     if use_asm:
         if exact:
             s = jnp.broadcast_to(_bits(scale)[:, None], codes.shape)
@@ -217,23 +235,27 @@ def nf4_dequantize(w: QTensor, dtype: str | jnp.dtype | None = None, *,
     if codes.shape[0] != nb * CODE_BYTES:   # N*K % 64 != 0: pad the ragged last block
         codes = jnp.pad(codes, (0, nb * CODE_BYTES - codes.shape[0]))
     tb = min(tuning.block_rows, max(16, pl.next_power_of_2(nb)))
-    nested = jnp.asarray(w.nested_absmax, jnp.float32)
+    if tuning.absmax_in_kernel:
+        nested = jnp.asarray(w.nested_absmax, jnp.float32)
+        scale_args = [jnp.asarray(w.absmax), nested, jnp.asarray(DYNAMIC_MAP, jnp.float32),
+                      jnp.asarray(w.nested_offset, jnp.float32).reshape(1)]
+        scale_specs = [pl.BlockSpec((tb,), lambda i: (i,)),
+                       pl.BlockSpec(nested.shape, lambda i: (0,)),
+                       pl.BlockSpec((256,), lambda i: (0,)), pl.BlockSpec((1,), lambda i: (0,))]
+    else:
+        scale_args = [nf4_block_scales(w)]
+        scale_specs = [pl.BlockSpec((tb,), lambda i: (i,))]
     out = pl.pallas_call(
         functools.partial(_kernel, nb=nb, nested_blocksize=w.nested_blocksize,
                           exact=tuning.exact, use_asm=not interpret),
         out_shape=jax.ShapeDtypeStruct((nb, BLOCK), dtype),
         grid=(pl.cdiv(nb, tb),),
-        in_specs=[pl.BlockSpec((tb, CODE_BYTES), lambda i: (i, 0)),
-                  pl.BlockSpec((tb,), lambda i: (i,)),
-                  pl.BlockSpec(nested.shape, lambda i: (0,)),
-                  pl.BlockSpec((256,), lambda i: (0,)),
-                  pl.BlockSpec((1,), lambda i: (0,))],
+        in_specs=[pl.BlockSpec((tb, CODE_BYTES), lambda i: (i, 0))] + scale_specs,
         out_specs=pl.BlockSpec((tb, BLOCK), lambda i: (i, 0)),
         compiler_params=plt.CompilerParams(num_warps=tuning.num_warps, num_stages=1),
         interpret=interpret,
         name="nf4_dequantize",
-    )(codes.reshape(nb, CODE_BYTES), jnp.asarray(w.absmax), nested,
-      jnp.asarray(DYNAMIC_MAP, jnp.float32), jnp.asarray(w.nested_offset, jnp.float32).reshape(1))
+    )(codes.reshape(nb, CODE_BYTES), *scale_args)
     if nb * BLOCK != numel:
         return out.reshape(-1)[:numel].reshape(n, k)
     return out.reshape(n, k)
