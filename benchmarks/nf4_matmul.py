@@ -341,10 +341,17 @@ def main() -> None:
     dequant_shapes = ([(128, 64)] if args.smoke else
                       [tuple(int(v) for v in s.split("x")) for s in args.dequant_shapes.split(",")
                        if s])
+    def write() -> None:
+        result = {"benchmark": "nf4_matmul", "date": date,
+                  "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+                  "commit": commit, "rows": rows, "log": log}
+        path.write_text(json.dumps(result, indent=1))
+
     if "nf4" in args.kinds.split(","):
         for k, n in dequant_shapes:
             rows += bench_dequant(k, n, interpret, 2 if args.smoke else 5, log)
             print("\n".join(log), flush=True)
+            write()
     for kind in args.kinds.split(","):
         for m, k, n in shapes:
             if kind == "int8" and not args.shapes and (m, k, n) not in shapes[:2] + shapes[-3:]:
@@ -354,10 +361,7 @@ def main() -> None:
             except Exception as e:
                 log.append(f"{kind} {(m, k, n)} failed: {type(e).__name__}: {str(e)[:500]}")
             print(log[-1] if log else "", flush=True)
-            result = {"benchmark": "nf4_matmul", "date": date,
-                      "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-                      "commit": commit, "rows": rows, "log": log}
-            path.write_text(json.dumps(result, indent=1))
+            write()
     print("\n".join(log))
     print(f"\n{'case':44s} {'metric':12s} {'ours':>9s} {'baseline':>9s} {'ratio':>6s}  baseline")
     for r in rows:
