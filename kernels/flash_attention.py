@@ -85,7 +85,8 @@ class BlockSizes:
     registers (one CTA per kv head) instead of writing per-query-head dk/dv and summing after
     (no per-head buffer; group times fewer CTAs);
     mgpu_reverse_tiles=True launches the forward's and the dq kernel's query tiles last-first
-    (under a causal mask the heaviest first: a shorter tail of the grid).
+    (under a causal mask the heaviest first: a shorter tail of the grid). With a 3-slot backward
+    ring (for_head_dim's mgpu_num_stages_bwd at head_dim <= 128) +1-3% fwd+bwd on the H200.
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
     in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
@@ -112,7 +113,7 @@ class BlockSizes:
     mgpu_fused_pair_dq: bool = False
     mgpu_pingpong: bool = True
     mgpu_dkv_group: bool = True
-    mgpu_reverse_tiles: bool = False
+    mgpu_reverse_tiles: bool = True
 
     def __post_init__(self) -> None:
         for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd", "mgpu_fused_pair_dq",
@@ -145,7 +146,7 @@ class BlockSizes:
         if head_dim <= 128:
             return cls(block_q=128, block_kv=64, block_q_dq=64, block_kv_dq=32, block_q_dkv=32,
                        block_kv_dkv=64, num_warps=8 if head_dim > 64 else 4, num_warps_bwd=4,
-                       num_stages=3, num_stages_bwd=2)
+                       num_stages=3, num_stages_bwd=2, mgpu_num_stages_bwd=3)
         return cls(block_q=64, block_kv=32, block_q_dq=32, block_kv_dq=32, block_q_dkv=32,
                    block_kv_dkv=32, num_warps=4, num_warps_bwd=4, num_stages=2, num_stages_bwd=2,
                    mgpu_block_q=64, mgpu_block_kv=64, mgpu_num_stages=2)
