@@ -60,9 +60,11 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                 delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                 kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                 softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                reverse_tiles: bool = False, interpret: bool = False) -> jax.Array:
+                reverse_tiles: bool = False, overlap: bool = False,
+                interpret: bool = False) -> jax.Array:
     """dq [B, Tq, H, D] in q's dtype. reverse_tiles: CTA i takes query tile n - 1 - i (the
-    heaviest tiles under a causal mask first, as in the forward)."""
+    heaviest tiles under a causal mask first, as in the forward). overlap: issue do v^T before
+    computing p, so the exponentials run while the tensor cores form dp."""
     batch, seq_q, heads, d = q.shape
     group = heads // k.shape[2]
     dtype = q.dtype
@@ -100,17 +102,28 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                 plgpu.wgmma(acc_ref, q_smem, k_ring.at[slot].transpose((1, 0)))
                 return acc_ref[...]
 
-            s2, th = _scores2(pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)), scale, softcap)
-            if masked:
-                s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
-            p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0]))
+            s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+
+            def probs():
+                s2, th = _scores2(s, scale, softcap)
+                if masked:
+                    s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
+                return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0])), th
+
+            if not overlap:
+                p, th = probs()
             plgpu.barrier_wait(v_bar.at[slot])
 
             def dov(acc_ref):
                 plgpu.wgmma(acc_ref, do_smem, v_ring.at[slot].transpose((1, 0)))
+                if overlap:  # while the wgmma runs
+                    return (*probs(), acc_ref[...])
                 return acc_ref[...]
 
-            dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
+            if overlap:
+                p, th, dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
+            else:
+                dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(v_free.at[slot])
             ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
             if th is not None:
@@ -179,8 +192,8 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                  delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                  kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                  softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                 group_in_kernel: bool = False, interpret: bool = False
-                 ) -> tuple[jax.Array, jax.Array]:
+                 group_in_kernel: bool = False, overlap: bool = False,
+                 interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """dk, dv [B, Tk, Hkv, D].
 
     group_in_kernel False: one CTA per (key tile, *query* head) writes a per-head dk/dv in q's
@@ -188,6 +201,8 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
     (key tile, kv head) streams the (q, do) blocks of every query head of its group and sums
     dk/dv in registers (result in q's dtype): no per-head buffer and no group sum, but group
     times fewer CTAs (short sequences may not fill the GPU).
+    overlap: issue v do^T before computing p^T, so the exponentials run while the tensor cores
+    form dp^T (dv's product then follows dp's).
     """
     batch, seq_q, heads, d = q.shape
     seq_kv, kv_heads = k.shape[1], k.shape[2]
@@ -233,18 +248,29 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                 plgpu.wgmma(acc_ref, k_smem, q_ring.at[slot].transpose((1, 0)))
                 return acc_ref[...]
 
-            s2, th = _scores2(pl.run_scoped(kq, plgpu.ACC(shape, jnp.float32)), scale, softcap)
-            if masked:
-                s2 = mask_scores(spec, s2, q0, key0, transposed=True, segments=segments)
-            p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1]))
-            plgpu.barrier_wait(do_bar.at[slot])
-            dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
+            s = pl.run_scoped(kq, plgpu.ACC(shape, jnp.float32))
+
+            def probs():
+                s2, th = _scores2(s, scale, softcap)
+                if masked:
+                    s2 = mask_scores(spec, s2, q0, key0, transposed=True, segments=segments)
+                return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1])), th
 
             def vdo(acc_ref):
                 plgpu.wgmma(acc_ref, v_smem, do_ring.at[slot].transpose((1, 0)))
+                if overlap:  # while the wgmma runs
+                    return (*probs(), acc_ref[...])
                 return acc_ref[...]
 
-            dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
+            if overlap:
+                plgpu.barrier_wait(do_bar.at[slot])
+                p, th, dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
+                dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
+            else:
+                p, th = probs()
+                plgpu.barrier_wait(do_bar.at[slot])
+                dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
+                dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(do_free.at[slot])
             ds = p * (dp - lax.broadcast_in_dim(delta, shape, [1]))
             if th is not None:

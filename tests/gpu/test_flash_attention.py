@@ -99,6 +99,7 @@ def test_segment_isolation_bit_identical(backend: fa.Backend):
 MOSAIC_VARIANTS = {"pingpong": dict(mgpu_pingpong=True), "dkv_group": dict(mgpu_dkv_group=True),
                    "segments": dict(mgpu_segments=True),
                    "reverse_stages3": dict(mgpu_reverse_tiles=True, mgpu_num_stages_bwd=3),
+                   "bwd_overlap": dict(mgpu_bwd_overlap=True),
                    "all": dict(mgpu_pingpong=True, mgpu_dkv_group=True, mgpu_segments=True)}
 
 
@@ -106,7 +107,8 @@ def _variant(head_dim: int, name: str) -> fa.BlockSizes:
     return dataclasses.replace(fa.BlockSizes.for_head_dim(head_dim), **MOSAIC_VARIANTS[name])
 
 
-@pytest.mark.parametrize("variant", ["pingpong", "dkv_group", "all", "reverse_stages3"])
+@pytest.mark.parametrize("variant", ["pingpong", "dkv_group", "all", "reverse_stages3",
+                                     "bwd_overlap"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mosaic_variant_matches_reference(variant: str, case: str):
     """Opt-in Mosaic kernel schedules (BlockSizes.mgpu_pingpong / mgpu_dkv_group) on every case."""

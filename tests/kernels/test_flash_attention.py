@@ -255,3 +255,34 @@ def test_mosaic_reverse_tiles_three_stages_interpreted():
                              mgpu_num_stages_bwd=3)
     _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
              sliding_window=150)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True, softcap=5.0, scale=0.2),
+                                dict(causal=True, sliding_window=70)])
+def test_mosaic_bwd_overlap_interpreted(kw: dict):
+    """The backward kernels with the do/v product issued before the probabilities
+    (BlockSizes.mgpu_bwd_overlap), interpreted: GQA, segments, softcap / window."""
+    q, k, v, do = attention_inputs(19, 1, 256, 256, 4, 2, 64)
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_bwd_overlap=True)
+    _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret",
+             segment_ids=_packed_ids(1, 256, 3, seed=8), **kw)
+
+
+@pytest.mark.parametrize("overrides", [dict(mgpu_bwd_overlap=True),
+                                       dict(mgpu_pingpong=False, mgpu_dkv_group=False,
+                                            mgpu_reverse_tiles=False, mgpu_segments=False)])
+def test_mosaic_schedules_lower_for_gpu(overrides: dict):
+    """The Mosaic kernels lower for CUDA (three Mosaic GPU kernels: forward, dq, dk/dv) with the
+    GPU-only schedules (pingpong is off under the interpreter) and with every option off."""
+    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), **overrides)
+
+    def step(q, k, v):
+        o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(
+            q, k, v, causal=True, sliding_window=100, block_sizes=bs, backend="mosaic_gpu"),
+            q, k, v)
+        return vjp(o)
+
+    text = jax.jit(step).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 3
