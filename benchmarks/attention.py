@@ -8,8 +8,9 @@ seg (Mosaic kernels take segment ids), fused (the fused one-kernel Mosaic backwa
 reduce-add), pair (with fused: its two warpgroups share one dq product), pp (forward pingpong
 schedule), grp (dk/dv summed over the GQA group in the kernel), nopp / nogrp / noseg (turn a
 default off), s3 / fs3 (3-slot TMA ring in the backward / forward), rev / norev (query tiles
-last-first), ov (backward: exponentials overlap the do/v product); the older names
-mosaic_gpu_fwd, _seg, _fused, _fused_pair, _fused_seg still work.
+last-first), ov (backward: exponentials overlap the do/v product), st (dk/dv kernel: lse and delta
+through the TMA ring); the older names mosaic_gpu_fwd, _seg, _fused, _fused_pair,
+_fused_seg still work.
 --cases: substrings of case names to run (default all). Default backends: a representative set.
 Prints a table last and writes benchmarks/results/attention-<date>.json (DESIGN.md's shape).
 TF/s counts 4·B·H·Tq·Tk·D FLOPs forward (2 matmuls) over the *visible* (query, key) pairs only
@@ -100,7 +101,7 @@ FLAGS = {"fwd": ("mgpu_backward", False), "seg": ("mgpu_segments", True),
          "noseg": ("mgpu_segments", False), "s3": ("mgpu_num_stages_bwd", 3),
          "fs3": ("mgpu_num_stages", 3),
          "rev": ("mgpu_reverse_tiles", True), "norev": ("mgpu_reverse_tiles", False),
-         "ov": ("mgpu_bwd_overlap", True)}
+         "ov": ("mgpu_bwd_overlap", True), "st": ("mgpu_bwd_stats_tma", True)}
 ALIASES = {"mosaic_gpu_fwd": "mosaic_gpu+fwd", "mosaic_gpu_seg": "mosaic_gpu+seg",
            "mosaic_gpu_fused": "mosaic_gpu+fused", "mosaic_gpu_fused_pair": "mosaic_gpu+fused+pair",
            "mosaic_gpu_fused_seg": "mosaic_gpu+fused+seg"}

@@ -89,7 +89,9 @@ class BlockSizes:
     ring (for_head_dim's mgpu_num_stages_bwd at head_dim <= 128) +1-3% fwd+bwd on the H200;
     mgpu_bwd_overlap=True has both backward kernels issue the do/v product before computing the
     probabilities, so the exponentials overlap the tensor cores (correct in the interpreter and
-    lowered for the GPU, not yet run on one: off by default).
+    lowered for the GPU, not yet run on one: off by default);
+    mgpu_bwd_stats_tma=True streams lse and delta through the dk/dv kernel's TMA ring instead of
+    loading them from global memory every step (same status).
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
     in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
@@ -118,11 +120,12 @@ class BlockSizes:
     mgpu_dkv_group: bool = True
     mgpu_reverse_tiles: bool = True
     mgpu_bwd_overlap: bool = False
+    mgpu_bwd_stats_tma: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd", "mgpu_fused_pair_dq",
                      "mgpu_pingpong", "mgpu_dkv_group", "mgpu_reverse_tiles",
-                     "mgpu_bwd_overlap"):
+                     "mgpu_bwd_overlap", "mgpu_bwd_stats_tma"):
             if not isinstance(getattr(self, name), bool):
                 raise KernelError(f"BlockSizes.{name}={getattr(self, name)!r} must be a bool")
         for name in ("mgpu_block_q", "mgpu_block_kv", "mgpu_block_q_bwd", "mgpu_block_kv_bwd"):
@@ -332,7 +335,8 @@ def _flash_bwd(cfg: _Config, res, do):
                                   overlap=bs.mgpu_bwd_overlap, **common)
         dk, dv = mgpu_bwd.backward_dkv(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
                                        group_in_kernel=bs.mgpu_dkv_group,
-                                       overlap=bs.mgpu_bwd_overlap, **common)
+                                       overlap=bs.mgpu_bwd_overlap,
+                                       stats_tma=bs.mgpu_bwd_stats_tma, **common)
         return dq, dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
     common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
                   num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd,

@@ -193,7 +193,8 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                  kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                  softcap: float | None, block_q: int, block_kv: int, num_stages: int,
                  group_in_kernel: bool = False, overlap: bool = False,
-                 interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                 stats_tma: bool = False, interpret: bool = False
+                 ) -> tuple[jax.Array, jax.Array]:
     """dk, dv [B, Tk, Hkv, D].
 
     group_in_kernel False: one CTA per (key tile, *query* head) writes a per-head dk/dv in q's
@@ -202,7 +203,10 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
     dk/dv in registers (result in q's dtype): no per-head buffer and no group sum, but group
     times fewer CTAs (short sequences may not fill the GPU).
     overlap: issue v do^T before computing p^T, so the exponentials run while the tensor cores
-    form dp^T (dv's product then follows dp's).
+    form dp^T, then issue dv's product and wait for both at once.
+    stats_tma: lse and delta of each query block come through the producer's TMA ring into
+    shared memory (else every step loads them from global memory, a latency the first matmul
+    of the step does not cover).
     """
     batch, seq_q, heads, d = q.shape
     seq_kv, kv_heads = k.shape[1], k.shape[2]
@@ -212,9 +216,8 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
     heads_per_cta = group if group_in_kernel else 1
 
     def compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, seg_refs, k_smem,
-                v_smem,
-                q_ring, do_ring, p_smem, k_bar, v_bar, q_bar, do_bar, q_free, do_free, wg, b, h,
-                tile):
+                v_smem, q_ring, do_ring, p_smem, k_bar, v_bar, q_bar, do_bar, q_free, do_free,
+                stats, wg, b, h, tile):
         plgpu.set_max_registers(232, action="increase")
         key0 = tile * cta_keys + wg * block_kv
         kv_head = h if group_in_kernel else lax.div(h, jnp.array(group, h.dtype))
@@ -236,8 +239,17 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             qh = kv_head * group + g if group_in_kernel else h  # the query head of this step
             slot = lax.rem(g * n + t, num_stages)  # the ring runs on across the group's heads
             q0 = (lo + t) * block_q
-            lse2 = load_vector(lse_ref.at[b, qh, pl.ds(q0, block_q)], col_layout) * _LOG2E
-            delta = load_vector(delta_ref.at[b, qh, pl.ds(q0, block_q)], col_layout)
+            if stats_tma:
+                (lse_ring, delta_ring), (lse_bar, delta_bar), (lse_free, delta_free) = stats
+                plgpu.barrier_wait(lse_bar.at[slot])
+                lse2 = plgpu.load(lse_ring.at[slot], layout=col_layout) * _LOG2E
+                plgpu.barrier_arrive(lse_free.at[slot])
+                plgpu.barrier_wait(delta_bar.at[slot])
+                delta = plgpu.load(delta_ring.at[slot], layout=col_layout)
+                plgpu.barrier_arrive(delta_free.at[slot])
+            else:
+                lse2 = load_vector(lse_ref.at[b, qh, pl.ds(q0, block_q)], col_layout) * _LOG2E
+                delta = load_vector(delta_ref.at[b, qh, pl.ds(q0, block_q)], col_layout)
             segments = None
             if masked and seg_refs:
                 q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(q0, block_q)], col_layout)
@@ -258,14 +270,15 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
 
             def vdo(acc_ref):
                 plgpu.wgmma(acc_ref, v_smem, do_ring.at[slot].transpose((1, 0)))
-                if overlap:  # while the wgmma runs
-                    return (*probs(), acc_ref[...])
+                if overlap:  # while the wgmma runs: p^T, then dv's product; one wait for both
+                    p, th = probs()
+                    dv_new = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
+                    return p, th, dv_new, acc_ref[...]
                 return acc_ref[...]
 
             if overlap:
                 plgpu.barrier_wait(do_bar.at[slot])
-                p, th, dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
-                dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
+                p, th, dv, dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
             else:
                 p, th = probs()
                 plgpu.barrier_wait(do_bar.at[slot])
@@ -302,7 +315,9 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, seg_refs, dk_ref, dv_ref,
              scratch):
-        (k2, v2, q_ring, do_ring, *p2), (k_bar, v_bar, q_bar, do_bar), (q_free, do_free) = scratch
+        (k2, v2, q_ring, do_ring, *p2), (k_bar, v_bar, q_bar, do_bar), (q_free, do_free) = (
+            scratch[:3])
+        stats = scratch[3:]  # lse / delta rings, their loaded and freed barriers
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
         wg = lax.axis_index("wg")
 
@@ -311,7 +326,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, seg_refs,
                     k2.at[wg],
                     v2.at[wg], q_ring, do_ring, p2[0].at[wg] if p2 else None, k_bar.at[wg],
-                    v_bar.at[wg], q_bar, do_bar, q_free, do_free, wg, b, h, tile)
+                    v_bar.at[wg], q_bar, do_bar, q_free, do_free, stats, wg, b, h, tile)
 
         @pl.when(wg == _WGS)
         def _produce():
@@ -323,9 +338,18 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                 qh = h * heads_per_cta + lax.div(i, n)
                 return (b, pl.ds((lo + lax.rem(i, n)) * block_q, block_q), qh)
 
-            stream(heads_per_cta * (hi - lo), num_stages,
-                   [(lambda i: q_ref.at[rows(i)], q_ring, q_bar, q_free),
-                    (lambda i: do_ref.at[rows(i)], do_ring, do_bar, do_free)])
+            def stat_rows(i):
+                qh = h * heads_per_cta + lax.div(i, n)
+                return (b, qh, pl.ds((lo + lax.rem(i, n)) * block_q, block_q))
+
+            copies = [(lambda i: q_ref.at[rows(i)], q_ring, q_bar, q_free),
+                      (lambda i: do_ref.at[rows(i)], do_ring, do_bar, do_free)]
+            if stats_tma:
+                (lse_ring, delta_ring), (lse_bar, delta_bar), (lse_free, delta_free) = stats
+                copies += [(lambda i: lse_ref.at[stat_rows(i)], lse_ring, lse_bar, lse_free),
+                           (lambda i: delta_ref.at[stat_rows(i)], delta_ring, delta_bar,
+                            delta_free)]
+            stream(heads_per_cta * (hi - lo), num_stages, copies)
 
     segs = () if q_seg is None else (q_seg, kv_seg)
 
@@ -337,10 +361,14 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         loaded = (plgpu.Barrier(num_barriers=_WGS), plgpu.Barrier(num_barriers=_WGS),
                   plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=num_stages))
         freed = (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
+        stats = ()
+        if stats_tma:
+            stats = ((plgpu.SMEM((num_stages, block_q), jnp.float32),) * 2,
+                     (plgpu.Barrier(num_barriers=num_stages),) * 2, freed)
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
                                   seg_refs, dk_ref, dv_ref, scratch),
-            _smem_specs(dtype, shapes), loaded, freed, collective_axes="wg")
+            _smem_specs(dtype, shapes), loaded, freed, *stats, collective_axes="wg")
 
     out_heads = kv_heads if group_in_kernel else heads
     per_head = jax.ShapeDtypeStruct((batch, seq_kv, out_heads, d), dtype)

@@ -100,6 +100,8 @@ MOSAIC_VARIANTS = {"pingpong": dict(mgpu_pingpong=True), "dkv_group": dict(mgpu_
                    "segments": dict(mgpu_segments=True),
                    "reverse_stages3": dict(mgpu_reverse_tiles=True, mgpu_num_stages_bwd=3),
                    "bwd_overlap": dict(mgpu_bwd_overlap=True),
+                   "bwd_stats_tma": dict(mgpu_bwd_stats_tma=True),
+                   "bwd_both": dict(mgpu_bwd_overlap=True, mgpu_bwd_stats_tma=True),
                    "all": dict(mgpu_pingpong=True, mgpu_dkv_group=True, mgpu_segments=True)}
 
 
@@ -108,7 +110,7 @@ def _variant(head_dim: int, name: str) -> fa.BlockSizes:
 
 
 @pytest.mark.parametrize("variant", ["pingpong", "dkv_group", "all", "reverse_stages3",
-                                     "bwd_overlap"])
+                                     "bwd_overlap", "bwd_stats_tma", "bwd_both"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mosaic_variant_matches_reference(variant: str, case: str):
     """Opt-in Mosaic kernel schedules (BlockSizes.mgpu_pingpong / mgpu_dkv_group) on every case."""
@@ -117,7 +119,7 @@ def test_mosaic_variant_matches_reference(variant: str, case: str):
              block_sizes=_variant(shape["head_dim"], variant), **kw)
 
 
-@pytest.mark.parametrize("variant", ["segments", "all"])
+@pytest.mark.parametrize("variant", ["segments", "all", "bwd_both"])
 def test_mosaic_variant_packed_segments(variant: str):
     q, k, v, do = attention_inputs(1, 2, 1024, 1024, 8, 2, 128)
     _compare(fa.Backend.MOSAIC_GPU, q, k, v, do, causal=True, block_sizes=_variant(128, variant),

@@ -259,16 +259,20 @@ def test_mosaic_reverse_tiles_three_stages_interpreted():
 
 @pytest.mark.parametrize("kw", [dict(causal=True, softcap=5.0, scale=0.2),
                                 dict(causal=True, sliding_window=70)])
-def test_mosaic_bwd_overlap_interpreted(kw: dict):
+@pytest.mark.parametrize("overlap, stats_tma", [(True, False), (False, True), (True, True)])
+def test_mosaic_bwd_schedules_interpreted(kw: dict, overlap: bool, stats_tma: bool):
     """The backward kernels with the do/v product issued before the probabilities
-    (BlockSizes.mgpu_bwd_overlap), interpreted: GQA, segments, softcap / window."""
+    (BlockSizes.mgpu_bwd_overlap) and lse / delta through the TMA ring (mgpu_bwd_stats_tma),
+    interpreted: GQA, segments, softcap / window."""
     q, k, v, do = attention_inputs(19, 1, 256, 256, 4, 2, 64)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_bwd_overlap=True)
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_bwd_overlap=overlap,
+                             mgpu_bwd_stats_tma=stats_tma)
     _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret",
              segment_ids=_packed_ids(1, 256, 3, seed=8), **kw)
 
 
-@pytest.mark.parametrize("overrides", [dict(mgpu_bwd_overlap=True),
+@pytest.mark.parametrize("overrides", [dict(mgpu_bwd_overlap=True, mgpu_bwd_stats_tma=True),
+                                       dict(mgpu_bwd_stats_tma=True, mgpu_dkv_group=False),
                                        dict(mgpu_pingpong=False, mgpu_dkv_group=False,
                                             mgpu_reverse_tiles=False, mgpu_segments=False)])
 def test_mosaic_schedules_lower_for_gpu(overrides: dict):
