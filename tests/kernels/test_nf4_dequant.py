@@ -21,10 +21,11 @@ from fastlora_jax.kernels.nf4_dequant import (ASM_ABSMAX, ASM_EXACT, NF4_F32_BIT
                                               nf4_dequantize)
 from fastlora_jax.kernels.nf4_matmul import nf4_matmul_reference
 from fastlora_jax.ops import linear
-from fastlora_jax.ops.linear import Dequant
+from fastlora_jax.ops.linear import Dequant, pallas_dequant_is_default
 from fastlora_jax.quant import QTensor, QuantKind, dequantize, quantize_int8, quantize_nf4
 
 SMALL = DequantTuning(block_rows=64, num_warps=4)
+SMALL_IN_KERNEL = DequantTuning(block_rows=64, num_warps=4, absmax_in_kernel=True)
 
 
 def _quantized(n: int, k: int, seed: int, dtype: str = "bfloat16") -> QTensor:
@@ -52,22 +53,26 @@ def _same_bits(a: jax.Array, b: jax.Array) -> bool:
 
 # Odd N, K from one block to 7 blocks per row; 37 x 448 = 259 blocks: several programs of 64
 # blocks, a masked last tile and two nested-absmax blocks of 256.
+# Called eagerly, so XLA's absmax decode (default tuning) is not FMA-contracted either.
 @pytest.mark.parametrize("n,k", [(7, 64), (33, 192), (37, 448), (16, 1024)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_exact_kernel_equals_dequantize_bit_for_bit(n: int, k: int, dtype: str) -> None:
+@pytest.mark.parametrize("tuning", [SMALL, SMALL_IN_KERNEL], ids=["xla_absmax", "kernel_absmax"])
+def test_exact_kernel_equals_dequantize_bit_for_bit(n: int, k: int, dtype: str,
+                                                    tuning: DequantTuning) -> None:
     for w in (_quantized(n, k, seed=n + k), _random_bytes(n, k, seed=n * k)):
-        assert _same_bits(nf4_dequantize(w, dtype, tuning=SMALL, interpret=True),
+        assert _same_bits(nf4_dequantize(w, dtype, tuning=tuning, interpret=True),
                           dequantize(w, dtype))
 
 
-def test_exact_at_a_real_size_and_absmax_decoded_by_xla() -> None:
+def test_exact_at_a_real_size_under_jit() -> None:
     """4M weights (65536 absmax blocks): under jit XLA fuses dyn * nested + offset into an FMA,
-    which flips a few bf16 roundings; the kernel keeps bitsandbytes' two roundings. With
-    absmax_in_kernel=False the absmax comes from XLA (`nf4_block_scales`), so those few may flip."""
+    which flips a few bf16 roundings; the in-kernel decode keeps bitsandbytes' two roundings. The
+    default tuning takes the absmax from XLA (`nf4_block_scales`), so those few may flip."""
     w = _quantized(1024, 4096, seed=0)
     ref = dequantize(w)
-    assert _same_bits(jax.jit(nf4_dequantize)(w), ref)
-    via_xla = jax.jit(lambda w: nf4_dequantize(w, tuning=DequantTuning(absmax_in_kernel=False)))(w)
+    in_kernel = DequantTuning(absmax_in_kernel=True)
+    assert _same_bits(jax.jit(lambda w: nf4_dequantize(w, tuning=in_kernel))(w), ref)
+    via_xla = jax.jit(nf4_dequantize)(w)
     differ = jax.lax.bitcast_convert_type(via_xla, jnp.uint16) != jax.lax.bitcast_convert_type(
         ref, jnp.uint16)
     assert float(jnp.mean(differ)) < 1e-5
@@ -77,18 +82,21 @@ def test_default_dtype_and_ragged_last_block() -> None:
     """N*K % 64 != 0 (K = 40): the ragged tail is padded and cut; dtype defaults to w.dtype."""
     for n, k in [(3, 40), (5, 100)]:
         w = _quantized(n, k, seed=k, dtype="float16")
-        out = nf4_dequantize(w, tuning=SMALL, interpret=True)
-        assert out.dtype == jnp.float16 and _same_bits(out, dequantize(w))
+        for tuning in (SMALL, SMALL_IN_KERNEL):
+            out = nf4_dequantize(w, tuning=tuning, interpret=True)
+            assert out.dtype == jnp.float16 and _same_bits(out, dequantize(w))
 
 
 def test_fast_path_within_bf16_rounding() -> None:
     """bf16(NF4) x bf16(absmax), one rounding: at most ~1.5 bf16 ulp (3 * 2^-8 relative)."""
     w = _random_bytes(37, 448, seed=5)
-    fast = nf4_dequantize(w, tuning=DequantTuning(block_rows=64, exact=False), interpret=True)
     ref = dequantize(w).astype(jnp.float32)
-    err = jnp.abs(fast.astype(jnp.float32) - ref)
-    assert float(jnp.max(err - 3 * 2.0 ** -8 * jnp.abs(ref))) <= 0.0
-    assert 0.0 < float(jnp.mean(err > 0)) < 0.6
+    for absmax_in_kernel in (False, True):
+        t = DequantTuning(block_rows=64, exact=False, absmax_in_kernel=absmax_in_kernel)
+        fast = nf4_dequantize(w, tuning=t, interpret=True)
+        err = jnp.abs(fast.astype(jnp.float32) - ref)
+        assert float(jnp.max(err - 3 * 2.0 ** -8 * jnp.abs(ref))) <= 0.0
+        assert 0.0 < float(jnp.mean(err > 0)) < 0.6
 
 
 def test_f32_prmt_lookup_replay() -> None:
@@ -171,3 +179,15 @@ def test_linear_dequant_option_on_cpu() -> None:
         linear(x, w, dequant="cuda")
     with pytest.raises(KernelError, match="x.dtype=float32"):
         linear(x.astype(jnp.float32), w, dequant=Dequant.PALLAS)
+
+
+def test_gpu_default_rule_for_dequant() -> None:
+    """Our dequant kernel is the GPU default only where it measured faster: 64 < M <= 2048, NF4,
+    bf16 / fp16 x (below 64 the fused kernels run; on CPU `linear` never consults this rule)."""
+    w = _quantized(8, 64, seed=2)
+    w8 = jax.tree_util.tree_map(jnp.asarray, quantize_int8(np.ones((8, 64), np.float32)))
+    assert pallas_dequant_is_default(2048, w, jnp.bfloat16)
+    assert pallas_dequant_is_default(128, w, jnp.float16)
+    assert not pallas_dequant_is_default(8192, w, jnp.bfloat16)
+    assert not pallas_dequant_is_default(2048, w, jnp.float32)
+    assert not pallas_dequant_is_default(2048, w8, jnp.bfloat16)
