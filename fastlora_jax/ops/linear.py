@@ -18,8 +18,8 @@ The model calls `linear(x, w)` for every frozen projection. `w` is a plain array
 - `dequant` (a `Dequant`) picks, for NF4 with bf16 / fp16 x, how the dequantize-then-dot path
   that the default rule takes for M > 64 on GPU dequantizes: XLA's fused elementwise pass or our
   bandwidth-bound kernel (`kernels/nf4_dequant.py`) before the same XLA GEMM, forward and dx.
-  `NF4_LARGE_M_DEQUANT` is the GPU default (see there); off GPU the default stays XLA and an
-  explicit `Dequant.PALLAS` runs the kernel interpreted.
+  GPU default (`pallas_dequant_is_default`): our kernel for 64 < M <= 2048 tokens, XLA above;
+  off GPU the default stays XLA and an explicit `Dequant.PALLAS` runs the kernel interpreted.
 """
 
 from __future__ import annotations
@@ -77,14 +77,22 @@ class Dequant(enum.Enum):
     PALLAS = "pallas"  # kernels/nf4_dequant.py (bandwidth-bound, exact), custom VJP for dx
 
 
-# GPU default of `dequant` for NF4 x with M > PALLAS_DEFAULT_MAX_M rows.
-NF4_LARGE_M_DEQUANT = Dequant.XLA
+# Largest M for which our dequant kernel + XLA's GEMM is the GPU default (above
+# PALLAS_DEFAULT_MAX_M). H200, 2026-11-29 (benchmarks/results/nf4_matmul-2026-11-29-dequant.json):
+# M = 2048: faster than XLA's dequantize-then-dot on all 8 training rows (1.14-1.45x, fwd and
+# dx); M = 8192: mixed (0.77-1.39x, 5 of 8 rows faster, 1.02x summed), so XLA stays there.
+DEQUANT_DEFAULT_MAX_M = 2048
 
 
 def dequant_kernel_applies(w: QTensor, dtype: jnp.dtype) -> bool:
-    """Whether kernels/nf4_dequant.py can dequantize w for x of `dtype` (NF4 block 64, bf16/fp16)."""
+    """Whether kernels/nf4_dequant.py takes w for x of `dtype` (NF4, blocksize 64, bf16/fp16)."""
     return (w.kind is QuantKind.NF4 and w.blocksize == 64
             and jnp.dtype(dtype).name in ("bfloat16", "float16"))
+
+
+def pallas_dequant_is_default(m: int, w: QTensor, dtype: jnp.dtype) -> bool:
+    """Whether the GPU default dequantize-then-dot for x [m, K] uses our dequant kernel."""
+    return m <= DEQUANT_DEFAULT_MAX_M and dequant_kernel_applies(w, dtype)
 
 
 def pallas_bwd_is_default(m: int, w: QTensor) -> bool:
@@ -117,7 +125,7 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None,
             from fastlora_jax.kernels.int8_matmul import int8_matmul
 
             y = int8_matmul(x2, w, bwd_xla=bwd_xla, interpret=platform() != "gpu")
-    elif impl is None and _dequant_choice(dequant, w, x.dtype) is Dequant.PALLAS:
+    elif impl is None and _dequant_choice(dequant, w, x2) is Dequant.PALLAS:
         if not dequant_kernel_applies(w, x.dtype):
             raise KernelError(f"linear: dequant=Dequant.PALLAS needs an NF4 weight (blocksize 64) "
                               f"and bfloat16 / float16 x; got kind={w.kind.value}, "
@@ -130,12 +138,12 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None,
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-def _dequant_choice(dequant: Dequant | str | None, w: QTensor, dtype: jnp.dtype) -> Dequant:
-    """An explicit choice as given; None: NF4_LARGE_M_DEQUANT on GPU where the kernel applies."""
+def _dequant_choice(dequant: Dequant | str | None, w: QTensor, x2: jax.Array) -> Dequant:
+    """An explicit choice as given; None: the GPU rule (`pallas_dequant_is_default`), else XLA."""
     if dequant is None:
-        if platform() != "gpu" or not dequant_kernel_applies(w, dtype):
-            return Dequant.XLA
-        return NF4_LARGE_M_DEQUANT
+        on_gpu = platform() == "gpu"
+        return (Dequant.PALLAS if on_gpu and pallas_dequant_is_default(x2.shape[0], w, x2.dtype)
+                else Dequant.XLA)
     try:
         return Dequant(dequant)
     except ValueError:
