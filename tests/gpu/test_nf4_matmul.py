@@ -79,33 +79,38 @@ def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits) -> Non
     assert _rel(y, nf4_matmul_reference(x, w)) <= 1e-2
 
 
-# The bandwidth-bound dequantization kernel (kernels/nf4_dequant.py): the exact path must equal
-# the reference bit for bit (reference evaluated on the CPU, where XLA does not fuse mul + add);
-# odd N, a ragged N*K % 64 != 0 weight, a masked last tile, bf16 and fp16.
+# The bandwidth-bound dequantization kernel (kernels/nf4_dequant.py): odd N, a ragged
+# N*K % 64 != 0 weight, a masked last tile, bf16 and fp16. With the absmax decoded in the kernel
+# it must equal the reference bit for bit (evaluated eagerly on the CPU: no FMA contraction);
+# with the absmax decoded by XLA (default) it must equal XLA's own jitted dequantize on the GPU.
 def _cpu_dequantize(w, dtype):
     from fastlora_jax.quant import dequantize
     with jax.default_device(jax.devices("cpu")[0]):
         return np.asarray(dequantize(jax.tree_util.tree_map(np.asarray, w), dtype))
 
 
-@pytest.mark.parametrize("n,k,rows", [(33, 192, 64), (37, 448, 64), (1031, 4096, None), (3, 40, 16)])
+@pytest.mark.parametrize("n,k,rows", [(33, 192, 64), (37, 448, 64), (1031, 4096, None),
+                                      (3, 40, 16)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_dequant_kernel_bit_exact_on_gpu(n: int, k: int, rows, dtype: str) -> None:
+@pytest.mark.parametrize("in_kernel", [False, True], ids=["xla_absmax", "kernel_absmax"])
+def test_dequant_kernel_bit_exact_on_gpu(n: int, k: int, rows, dtype: str,
+                                         in_kernel: bool) -> None:
     from fastlora_jax.kernels.nf4_dequant import DequantTuning, nf4_dequantize
+    from fastlora_jax.quant import dequantize
     rng = np.random.default_rng(n + k)
     wq = quantize_nf4(rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16")
-    t = DequantTuning() if rows is None else DequantTuning(block_rows=rows, num_warps=4)
-    got = np.asarray(jax.jit(lambda w: nf4_dequantize(w, dtype, tuning=t))(
-        jax.tree_util.tree_map(jnp.asarray, wq)))
-    want = _cpu_dequantize(wq, dtype)
-    assert got.shape == (n, k) and got.dtype == want.dtype
-    assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (
-        f"{np.mean(got.view(np.uint16) != want.view(np.uint16)):.2e} of the weights differ")
-    if dtype == "bfloat16":  # the fast path: within ~1.5 bf16 ulp
-        fast = np.asarray(jax.jit(lambda w: nf4_dequantize(
-            w, tuning=DequantTuning(exact=False)))(jax.tree_util.tree_map(jnp.asarray, wq)),
-            np.float32)
-        ref = want.astype(np.float32)
+    w = jax.tree_util.tree_map(jnp.asarray, wq)
+    t = DequantTuning(absmax_in_kernel=in_kernel, **({} if rows is None else
+                                                     dict(block_rows=rows, num_warps=4)))
+    got = np.asarray(jax.jit(lambda w: nf4_dequantize(w, dtype, tuning=t))(w)).view(np.uint16)
+    want = (_cpu_dequantize(wq, dtype) if in_kernel
+            else np.asarray(jax.jit(lambda w: dequantize(w, dtype))(w))).view(np.uint16)
+    assert got.shape == (n, k)
+    assert np.array_equal(got, want), f"{np.mean(got != want):.2e} of the weights differ"
+    if dtype == "bfloat16":  # the fast path: within ~1.5 bf16 ulp of the reference
+        fast = np.asarray(jax.jit(lambda w: nf4_dequantize(w, tuning=DequantTuning(
+            exact=False, absmax_in_kernel=in_kernel)))(w), np.float32)
+        ref = _cpu_dequantize(wq, dtype).astype(np.float32)
         assert np.all(np.abs(fast - ref) <= 3 * 2.0 ** -8 * np.abs(ref))
 
 
