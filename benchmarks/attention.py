@@ -147,38 +147,57 @@ def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
         implementation=impl)
 
 
-def _time(f: Callable, *args, reps: int = 5, inner: int = 5) -> float:
-    """Median seconds per call of a jitted f."""
-    jax.block_until_ready(f(*args))
-    times = []
+def _time_once(f: Callable, args: tuple, inner: int) -> float:
+    """Seconds per call over `inner` back-to-back calls of a jitted f."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / inner
+
+
+def measure_interleaved(impls: list[str], c: Case,
+                        block_sizes: fa.BlockSizes | None = None, reps: int = 5, inner: int = 5
+                        ) -> dict[str, tuple[float | None, float | None, jax.Array | None, str]]:
+    """{impl: (fwd TF/s, fwd+bwd TF/s, output, error message)}.
+
+    Every implementation is compiled first; then the timing rounds go round-robin over them
+    (median of `reps` rounds), so a clock or thermal drift during the run hits all alike
+    instead of favouring whichever ran first.
+    """
+    q, k, v, do, seg = _inputs(c)
+    results, ready = {}, {}
+    for impl in impls:
+        attn = _attn_fn(impl, c, seg, block_sizes)
+        fwd = jax.jit(attn)
+
+        def fwd_bwd(q, k, v, do, attn=attn):
+            o, vjp = jax.vjp(attn, q, k, v)
+            return vjp(do)
+
+        fwd_bwd = jax.jit(fwd_bwd)
+        try:
+            out = jax.block_until_ready(fwd(q, k, v))
+            jax.block_until_ready(fwd_bwd(q, k, v, do))
+        except Exception as e:  # noqa: BLE001 -- a baseline that cannot run this shape is reported
+            results[impl] = (None, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        ready[impl] = (fwd, fwd_bwd, out)
+    times = {impl: ([], []) for impl in ready}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
+        for impl, (fwd, fwd_bwd, _) in ready.items():
+            times[impl][0].append(_time_once(fwd, (q, k, v), inner))
+            times[impl][1].append(_time_once(fwd_bwd, (q, k, v, do), inner))
+    for impl, (t_f, t_fb) in times.items():
+        results[impl] = (c.flops_fwd() / statistics.median(t_f) / 1e12,
+                         3.5 * c.flops_fwd() / statistics.median(t_fb) / 1e12, ready[impl][2], "")
+    return {impl: results[impl] for impl in impls}
 
 
 def measure(impl: str, c: Case, block_sizes: fa.BlockSizes | None = None
             ) -> tuple[float | None, float | None, jax.Array | None, str]:
-    """(fwd TF/s, fwd+bwd TF/s, output, error message)."""
-    q, k, v, do, seg = _inputs(c)
-    attn = _attn_fn(impl, c, seg, block_sizes)
-    fwd = jax.jit(attn)
-
-    @jax.jit
-    def fwd_bwd(q, k, v, do):
-        o, vjp = jax.vjp(attn, q, k, v)
-        return vjp(do)
-
-    try:
-        t_f = _time(fwd, q, k, v)
-        out = fwd(q, k, v)
-        t_fb = _time(fwd_bwd, q, k, v, do)
-    except Exception as e:  # noqa: BLE001 -- a baseline that cannot run this shape is reported
-        return None, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return c.flops_fwd() / t_f / 1e12, 3.5 * c.flops_fwd() / t_fb / 1e12, out, ""
+    """(fwd TF/s, fwd+bwd TF/s, output, error message) of one implementation."""
+    return measure_interleaved([impl], c, block_sizes)[impl]
 
 
 def sweep(c: Case, backend: str) -> list[dict]:
@@ -240,13 +259,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"attention-{doc['date']}.json"
     for c in cases:
-        results = {}
-        for impl in [*(f"ours:{b}" for b in backends), "cudnn", "xla"]:
-            if impl == "xla" and c.seq > 8192:
-                results[impl] = (None, None, None, "skipped: dense scores exceed memory")
-                continue
-            results[impl] = measure(impl, c)
-            print(c.name, impl, results[impl][:2], results[impl][3], flush=True)
+        impls = [*(f"ours:{b}" for b in backends), "cudnn"]
+        if c.seq <= 8192:
+            impls.append("xla")
+        results = measure_interleaved(impls, c)
+        if c.seq > 8192:
+            results["xla"] = (None, None, None, "skipped: dense scores exceed memory")
+        for impl, r in results.items():
+            print(c.name, impl, r[:2], r[3], flush=True)
         ref_out = results["cudnn"][2] if results["cudnn"][2] is not None else results["xla"][2]
         ours = [i for i in results if i.startswith("ours") and results[i][1] is not None]
         best = max(ours, key=lambda i: results[i][1], default=None)
