@@ -98,8 +98,10 @@ def nf4_block_scales(q: QTensor) -> jax.Array:
     nested_idx = jnp.arange(nb) // q.nested_blocksize
     nested = jnp.take(jnp.asarray(q.nested_absmax, jnp.float32), nested_idx, axis=-1)
     scaled = jnp.take(dyn, jnp.asarray(q.absmax).astype(jnp.int32), axis=0) * nested
-    # The offset is added as its own rounding step (not fused into an FMA by construction:
-    # XLA on CPU does not contract; GPU kernels may, which is within any tolerance used).
+    # Eager evaluation rounds the multiply and the add separately, as bitsandbytes does. Under
+    # jit XLA may contract them into one FMA (the CPU backend does too): a few absmax values then
+    # differ in the last bit, within every tolerance used (kernels/nf4_dequant.py's exact path
+    # rounds twice, so it matches eager dequantize bit for bit).
     return scaled + jnp.asarray(q.nested_offset, jnp.float32)[..., None]
 
 
