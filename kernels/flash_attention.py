@@ -87,11 +87,11 @@ class BlockSizes:
     mgpu_reverse_tiles=True launches the forward's and the dq kernel's query tiles last-first
     (under a causal mask the heaviest first: a shorter tail of the grid). With a 3-slot backward
     ring (for_head_dim's mgpu_num_stages_bwd at head_dim <= 128) +1-3% fwd+bwd on the H200;
-    mgpu_bwd_overlap=True has both backward kernels issue the do/v product before computing the
-    probabilities, so the exponentials overlap the tensor cores (correct in the interpreter and
+    mgpu_bwd_overlap=True has the backward kernels (two-kernel and fused) issue the do/v product
+    before computing the probabilities, so the exponentials overlap the tensor cores (correct in the interpreter and
     lowered for the GPU, not yet run on one: off by default);
-    mgpu_bwd_stats_tma=True streams lse and delta through the dk/dv kernel's TMA ring instead of
-    loading them from global memory every step (same status).
+    mgpu_bwd_stats_tma=True streams lse and delta through the TMA ring of the dk/dv (or fused)
+    kernel instead of loading them from global memory every step (same status).
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
     in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
@@ -328,7 +328,9 @@ def _flash_bwd(cfg: _Config, res, do):
                       interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
         if bs.mgpu_fused_bwd:
             dq, dk, dv = mgpu_fused.backward_fused(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
-                                                   pair_dq=bs.mgpu_fused_pair_dq, **common)
+                                                   pair_dq=bs.mgpu_fused_pair_dq,
+                                                   overlap=bs.mgpu_bwd_overlap,
+                                                   stats_tma=bs.mgpu_bwd_stats_tma, **common)
             return dq, dk, dv, None, None, None, None, None
         dq = mgpu_bwd.backward_dq(q, k, v, do, lse, delta, r_dq, q_seg, kv_seg,
                                   reverse_tiles=bs.mgpu_reverse_tiles,

@@ -68,7 +68,8 @@ def smem_bytes(head_dim: int, block_q: int, block_kv: int, num_stages: int,
     ring = 2 * num_stages * block_q * head_dim * itemsize      # q, do slots
     ds = _WGS * block_kv * block_q * itemsize                  # ds^T staging
     dq = _WGS * block_q * (dq_cols or head_dim) * 4            # float32 dq staging
-    return resident + ring + ds + dq
+    stats = 2 * num_stages * block_q * 4                       # lse / delta ring (stats_tma)
+    return resident + ring + ds + dq + stats
 
 
 def dq_columns(head_dim: int, block_q: int, block_kv: int, num_stages: int) -> int:
@@ -115,13 +116,18 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                    delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                    kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                    softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                   pair_dq: bool = False, interpret: bool | plgpu.InterpretGPUParams = False
+                   pair_dq: bool = False, overlap: bool = False, stats_tma: bool = False,
+                   interpret: bool | plgpu.InterpretGPUParams = False
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq [B, Tq, H, D] in q's dtype, dk, dv [B, Tk, Hkv, D] in k's dtype).
 
     pair_dq: the two compute warpgroups form one dq product per query block over both key blocks
     (K = 2 * block_kv), each taking half of D's columns: half the reduce-add traffic, for two
     warpgroup barriers per block pair. head_dim 128 only (the halves must be 64-column tiles).
+    overlap: issue v do^T before computing p^T (the exponentials run while the tensor cores form
+    dp^T), then dv's product, and wait for both at once.
+    stats_tma: lse and delta of each query block come through the producer's TMA ring instead
+    of a global-memory load every step.
     interpret: True or the interpreter's parameters (e.g. detect_races=True) to run on the CPU.
     """
     batch, seq_q, heads, d = q.shape
@@ -149,7 +155,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
 
     def compute(k_ref, v_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, ranges_ref, seg_refs,
                 k_all, ds_all, v_smem, q_ring, do_ring, dq_smem, k_bar, v_bar, q_bar,
-                do_bar, q_free, do_free, ds_ready, ds_read, wg, b, kv_head, tile):
+                do_bar, q_free, do_free, ds_ready, ds_read, stats, wg, b, kv_head, tile):
         k_smem, ds_smem = k_all.at[wg], ds_all.at[wg]  # this warpgroup's keys, its ds^T
         plgpu.set_max_registers(232, action="increase")
         key0 = tile * cta_keys + wg * block_kv
@@ -193,26 +199,52 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                 dk, dv = carry
                 slot = lax.rem(g * n + t, num_stages)  # the ring runs on across heads
                 q0 = (lo + t) * block_q
-                lse2 = load_vector(lse_ref.at[b, h, pl.ds(q0, block_q)], col_layout) * _LOG2E
-                dlt = load_vector(delta_ref.at[b, h, pl.ds(q0, block_q)], col_layout)
+                if stats_tma:
+                    (lse_ring, dlt_ring), (lse_bar, dlt_bar), (lse_free, dlt_free) = stats
+                    plgpu.barrier_wait(lse_bar.at[slot])
+                    lse2 = plgpu.load(lse_ring.at[slot], layout=col_layout) * _LOG2E
+                    plgpu.barrier_arrive(lse_free.at[slot])
+                    plgpu.barrier_wait(dlt_bar.at[slot])
+                    dlt = plgpu.load(dlt_ring.at[slot], layout=col_layout)
+                    plgpu.barrier_arrive(dlt_free.at[slot])
+                else:
+                    lse2 = load_vector(lse_ref.at[b, h, pl.ds(q0, block_q)], col_layout) * _LOG2E
+                    dlt = load_vector(delta_ref.at[b, h, pl.ds(q0, block_q)], col_layout)
                 segments = None
                 if masked and seg_refs:
                     q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(q0, block_q)], col_layout)
                     segments = (q_seg_vec, k_seg_vec)
                 plgpu.barrier_wait(q_bar.at[slot])
                 s = _mma(None, k_smem, q_ring.at[slot].transpose((1, 0)), interpret=interpret)
-                if softcap is None:
-                    s2, th = s * (scale * _LOG2E), None
+
+                def probs():
+                    if softcap is None:
+                        s2, th = s * (scale * _LOG2E), None
+                    else:
+                        th = jnp.tanh(s * (scale / softcap))
+                        s2 = th * (softcap * _LOG2E)
+                    if masked:
+                        s2 = mask_scores(spec, s2, q0, key0, transposed=True, segments=segments)
+                    return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1])), th
+
+                if overlap:
+                    plgpu.barrier_wait(do_bar.at[slot])
+
+                    def dp_then_dv(dp_ref):  # dp^T issued; p^T and dv's product meanwhile
+                        plgpu.wgmma(dp_ref, v_smem, do_ring.at[slot].transpose((1, 0)))
+                        p, th = probs()
+                        dv_new = _mma_regs(dv, p.astype(dtype), do_ring.at[slot], ds_smem,
+                                           interpret=interpret)
+                        return p, th, dv_new, dp_ref[...]
+
+                    p, th, dv, dp = pl.run_scoped(dp_then_dv, plgpu.ACC(shape, jnp.float32))
                 else:
-                    th = jnp.tanh(s * (scale / softcap))
-                    s2 = th * (softcap * _LOG2E)
-                if masked:
-                    s2 = mask_scores(spec, s2, q0, key0, transposed=True, segments=segments)
-                p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1]))
-                plgpu.barrier_wait(do_bar.at[slot])
-                dv = _mma_regs(dv, p.astype(dtype), do_ring.at[slot], ds_smem,
-                               interpret=interpret)
-                dp = _mma(None, v_smem, do_ring.at[slot].transpose((1, 0)), interpret=interpret)
+                    p, th = probs()
+                    plgpu.barrier_wait(do_bar.at[slot])
+                    dv = _mma_regs(dv, p.astype(dtype), do_ring.at[slot], ds_smem,
+                                   interpret=interpret)
+                    dp = _mma(None, v_smem, do_ring.at[slot].transpose((1, 0)),
+                              interpret=interpret)
                 plgpu.barrier_arrive(do_free.at[slot])
                 ds = p * (dp - lax.broadcast_in_dim(dlt, shape, [1]))
                 if th is not None:
@@ -255,7 +287,8 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, seg_refs, dq_ref,
              dk_ref, dv_ref, scratch):
         (k2, v2, q_ring, do_ring, ds2), (dq2,), bars, (q_free, do_free, ds_ready, ds_read) = (
-            scratch)
+            scratch[:4])
+        stats = scratch[4:]  # lse / delta rings, their loaded and freed barriers (stats_tma)
         k_bar, v_bar, q_bar, do_bar = bars
         b, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
         tile, wg = lax.axis_index("tiles"), lax.axis_index("wg")
@@ -265,7 +298,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
             compute(k_ref, v_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, ranges_ref,
                     seg_refs, k2, ds2, v2.at[wg], q_ring, do_ring, dq2.at[wg], k_bar.at[wg],
                     v_bar.at[wg], q_bar, do_bar, q_free, do_free, ds_ready,
-                    ds_read, wg, b, kv_head, tile)
+                    ds_read, stats, wg, b, kv_head, tile)
 
         @pl.when(wg == _WGS)
         def _produce():
@@ -277,9 +310,17 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                 h = kv_head * group + lax.div(i, n)
                 return (b, pl.ds((lo + lax.rem(i, n)) * block_q, block_q), h)
 
-            stream(group * (hi - lo), num_stages,
-                   [(lambda i: q_ref.at[rows(i)], q_ring, q_bar, q_free),
-                    (lambda i: do_ref.at[rows(i)], do_ring, do_bar, do_free)])
+            def stat_rows(i):
+                h = kv_head * group + lax.div(i, n)
+                return (b, h, pl.ds((lo + lax.rem(i, n)) * block_q, block_q))
+
+            copies = [(lambda i: q_ref.at[rows(i)], q_ring, q_bar, q_free),
+                      (lambda i: do_ref.at[rows(i)], do_ring, do_bar, do_free)]
+            if stats_tma:
+                (lse_ring, dlt_ring), (lse_bar, dlt_bar), (lse_free, dlt_free) = stats
+                copies += [(lambda i: lse_ref.at[stat_rows(i)], lse_ring, lse_bar, lse_free),
+                           (lambda i: delta_ref.at[stat_rows(i)], dlt_ring, dlt_bar, dlt_free)]
+            stream(group * (hi - lo), num_stages, copies)
 
     segs = () if q_seg is None else (q_seg, kv_seg)
     bf16_tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -295,10 +336,15 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                                                                num_stages))
         freed = ((plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
                  + (plgpu.Barrier(num_arrivals=_WGS),) * 2)  # + ds_ready, ds_read (pair_dq)
+        stats = ()
+        if stats_tma:
+            stats = ((plgpu.SMEM((num_stages, block_q), jnp.float32),) * 2,
+                     (plgpu.Barrier(num_barriers=num_stages),) * 2,
+                     (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2)
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
                                   seg_refs, dq_ref, dk_ref, dv_ref, scratch),
-            smem16, smem32, loaded, freed, collective_axes="wg")
+            smem16, smem32, loaded, freed, *stats, collective_axes="wg")
 
     # dq accumulates in place: a zero-initialised float32 Ref the kernel reduce-adds into
     # (aliased input/output); the interpreter's emulation keeps a slot per (key tile, warpgroup).

@@ -178,6 +178,17 @@ def test_fused_backward_matches_reference(case: str, stages: int, pair: bool):
     _compare(fa.Backend.MOSAIC_GPU, *attention_inputs(0, **shape), block_sizes=bs, **kw)
 
 
+@pytest.mark.parametrize("pair", [False, True])
+@pytest.mark.parametrize("case", ["causal_gqa_d128", "window_d128"])
+def test_fused_backward_overlap_stats_tma(case: str, pair: bool):
+    """The fused backward with mgpu_bwd_overlap and mgpu_bwd_stats_tma (plain and paired dq)."""
+    shape, kw = CASES[case]
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(shape["head_dim"]), mgpu_fused_bwd=True,
+                             mgpu_bwd_overlap=True, mgpu_bwd_stats_tma=True,
+                             mgpu_fused_pair_dq=pair)
+    _compare(fa.Backend.MOSAIC_GPU, *attention_inputs(0, **shape), block_sizes=bs, **kw)
+
+
 def test_fused_backward_packed_segments_softcap():
     q, k, v, do = attention_inputs(5, 2, 1024, 1024, 8, 2, 64)
     bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_fused_bwd=True,

@@ -102,6 +102,18 @@ def test_paired_dq_d128():
         128, mgpu_fused_pair_dq=True), causal=True)
 
 
+@pytest.mark.parametrize("pair", [False, True])
+def test_overlap_and_stats_tma(pair: bool):
+    """mgpu_bwd_overlap (dp^T issued before p^T, one wait with dv's product) and
+    mgpu_bwd_stats_tma (lse / delta through the TMA ring) in the fused backward; GQA, softcap,
+    segments; plain and paired dq."""
+    q, k, v, do = attention_inputs(8, 1, 256, 256, 4, 2, 128)
+    seg = jnp.asarray([[0] * 100 + [1] * 156], jnp.int32)
+    _compare(q, k, v, do, block_sizes=_blocks(128, mgpu_bwd_overlap=True,
+                                              mgpu_bwd_stats_tma=True, mgpu_fused_pair_dq=pair),
+             causal=True, softcap=5.0, segment_ids=seg)
+
+
 def test_window_softcap_scale_segments():
     """Sliding window, soft-capping, custom scale and packed segment ids (mgpu_segments)."""
     q, k, v, do = attention_inputs(3, 1, 256, 256, 2, 1, 64)
@@ -136,7 +148,8 @@ def test_lowers_for_gpu_with_tma_reduce_add():
         q = jax.ShapeDtypeStruct((2, 1000, 8, d), jnp.bfloat16)
         k = jax.ShapeDtypeStruct((2, 1000, 2, d), jnp.bfloat16)
         seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
-        bs = _blocks(d, mgpu_segments=True, mgpu_num_stages_bwd=stages, mgpu_fused_pair_dq=pair)
+        bs = _blocks(d, mgpu_segments=True, mgpu_num_stages_bwd=stages, mgpu_fused_pair_dq=pair,
+                     mgpu_bwd_overlap=pair, mgpu_bwd_stats_tma=pair)
 
         def step(q, k, v, seg, bs=bs):
             o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(
