@@ -115,7 +115,8 @@ def variant_overrides(backend: str) -> dict:
         raise SystemExit(f"variant flags only apply to mosaic_gpu, got {backend!r}")
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
-        raise SystemExit(f"unknown variant flag(s) {unknown} in {backend!r}; known: {sorted(FLAGS)}")
+        raise SystemExit(f"unknown variant flag(s) {unknown} in {backend!r}; "
+                         f"known: {sorted(FLAGS)}")
     return dict(FLAGS[f] for f in flags)
 
 
@@ -180,7 +181,8 @@ def measure_interleaved(impls: list[str], c: Case,
             out = jax.block_until_ready(fwd(q, k, v))
             jax.block_until_ready(fwd_bwd(q, k, v, do))
         except Exception as e:  # noqa: BLE001 -- a baseline that cannot run this shape is reported
-            results[impl] = (None, None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            message = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            results[impl] = (None, None, None, message)
             continue
         ready[impl] = (fwd, fwd_bwd, out)
     times = {impl: ([], []) for impl in ready}

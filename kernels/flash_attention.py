@@ -88,8 +88,8 @@ class BlockSizes:
     (under a causal mask the heaviest first: a shorter tail of the grid). With a 3-slot backward
     ring (for_head_dim's mgpu_num_stages_bwd at head_dim <= 128) +1-3% fwd+bwd on the H200;
     mgpu_bwd_overlap=True has the backward kernels (two-kernel and fused) issue the do/v product
-    before computing the probabilities, so the exponentials overlap the tensor cores (correct in the interpreter and
-    lowered for the GPU, not yet run on one: off by default);
+    before computing the probabilities, so the exponentials overlap the tensor cores
+    (correct in the interpreter and lowered for the GPU, not yet run on one: off by default);
     mgpu_bwd_stats_tma=True streams lse and delta through the TMA ring of the dk/dv (or fused)
     kernel instead of loading them from global memory every step (same status).
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two

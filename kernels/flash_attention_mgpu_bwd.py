@@ -56,6 +56,63 @@ def _interpret_kw(interpret: bool) -> dict:
     return dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}
 
 
+def stream_query_blocks(b: jax.Array, first_head: jax.Array, n_heads: int, lo: jax.Array,
+                        hi: jax.Array, block_q: int, num_stages: int, rows: list,
+                        stats: list) -> None:
+    """Producer warpgroup of the key-owning backward kernels: step i streams query block
+    lo + i % (hi - lo) of query head first_head + i // (hi - lo), for n_heads heads.
+
+    rows: (ref [B, Tq, H, D], ring, loaded, freed) per source (q, do); stats: the same with
+    ref [B, H, Tq] (lse, delta; empty unless they go through the TMA ring).
+    """
+    n = jnp.maximum(hi - lo, 1)
+
+    def where(i):
+        return first_head + lax.div(i, n), pl.ds((lo + lax.rem(i, n)) * block_q, block_q)
+
+    def row_src(ref):
+        def src(i):
+            head, rows = where(i)
+            return ref.at[b, rows, head]
+        return src
+
+    def stat_src(ref):
+        return lambda i: ref.at[(b, *where(i))]
+
+    stream(n_heads * (hi - lo), num_stages,
+           [(row_src(ref), *rest) for ref, *rest in rows]
+           + [(stat_src(ref), *rest) for ref, *rest in stats])
+
+
+def load_stats(stats: tuple, slot: jax.Array, layout) -> tuple[jax.Array, jax.Array]:
+    """(lse * log2(e), delta) of ring slot `slot` (stats: the rings and their loaded and freed
+    barriers, as allocated for the TMA'd lse / delta), releasing the slot to the producer."""
+    (lse_ring, delta_ring), (lse_bar, delta_bar), (lse_free, delta_free) = stats
+    plgpu.barrier_wait(lse_bar.at[slot])
+    lse2 = plgpu.load(lse_ring.at[slot], layout=layout) * _LOG2E
+    plgpu.barrier_arrive(lse_free.at[slot])
+    plgpu.barrier_wait(delta_bar.at[slot])
+    delta = plgpu.load(delta_ring.at[slot], layout=layout)
+    plgpu.barrier_arrive(delta_free.at[slot])
+    return lse2, delta
+
+
+def stats_scratch(num_stages: int, block_q: int) -> tuple:
+    """Scoped allocations for TMA'd lse / delta: two float32 rings, loaded and freed barriers."""
+    return ((plgpu.SMEM((num_stages, block_q), jnp.float32),) * 2,
+            (plgpu.Barrier(num_barriers=num_stages),) * 2,
+            (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2)
+
+
+def stats_stream_sources(lse_ref, delta_ref, stats: tuple) -> list:
+    """`stream_query_blocks` stats entries for the rings of `stats_scratch` (empty: none)."""
+    if not stats:
+        return []
+    rings, loaded, freed = stats
+    return [(ref, ring, ld, fr) for ref, ring, ld, fr in zip((lse_ref, delta_ref), rings,
+                                                             loaded, freed)]
+
+
 def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
                 delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                 kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
@@ -240,13 +297,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             slot = lax.rem(g * n + t, num_stages)  # the ring runs on across the group's heads
             q0 = (lo + t) * block_q
             if stats_tma:
-                (lse_ring, delta_ring), (lse_bar, delta_bar), (lse_free, delta_free) = stats
-                plgpu.barrier_wait(lse_bar.at[slot])
-                lse2 = plgpu.load(lse_ring.at[slot], layout=col_layout) * _LOG2E
-                plgpu.barrier_arrive(lse_free.at[slot])
-                plgpu.barrier_wait(delta_bar.at[slot])
-                delta = plgpu.load(delta_ring.at[slot], layout=col_layout)
-                plgpu.barrier_arrive(delta_free.at[slot])
+                lse2, delta = load_stats(stats, slot, col_layout)
             else:
                 lse2 = load_vector(lse_ref.at[b, qh, pl.ds(q0, block_q)], col_layout) * _LOG2E
                 delta = load_vector(delta_ref.at[b, qh, pl.ds(q0, block_q)], col_layout)
@@ -332,24 +383,10 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         def _produce():
             plgpu.set_max_registers(40, action="decrease")
             lo, hi = ranges_ref[b, 0, tile], ranges_ref[b, 3, tile]
-            n = jnp.maximum(hi - lo, 1)  # step i: head i // n of the CTA's heads, block i % n
-
-            def rows(i):
-                qh = h * heads_per_cta + lax.div(i, n)
-                return (b, pl.ds((lo + lax.rem(i, n)) * block_q, block_q), qh)
-
-            def stat_rows(i):
-                qh = h * heads_per_cta + lax.div(i, n)
-                return (b, qh, pl.ds((lo + lax.rem(i, n)) * block_q, block_q))
-
-            copies = [(lambda i: q_ref.at[rows(i)], q_ring, q_bar, q_free),
-                      (lambda i: do_ref.at[rows(i)], do_ring, do_bar, do_free)]
-            if stats_tma:
-                (lse_ring, delta_ring), (lse_bar, delta_bar), (lse_free, delta_free) = stats
-                copies += [(lambda i: lse_ref.at[stat_rows(i)], lse_ring, lse_bar, lse_free),
-                           (lambda i: delta_ref.at[stat_rows(i)], delta_ring, delta_bar,
-                            delta_free)]
-            stream(heads_per_cta * (hi - lo), num_stages, copies)
+            stream_query_blocks(b, h * heads_per_cta, heads_per_cta, lo, hi, block_q, num_stages,
+                                [(q_ref, q_ring, q_bar, q_free),
+                                 (do_ref, do_ring, do_bar, do_free)],
+                                stats_stream_sources(lse_ref, delta_ref, stats))
 
     segs = () if q_seg is None else (q_seg, kv_seg)
 
@@ -361,10 +398,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         loaded = (plgpu.Barrier(num_barriers=_WGS), plgpu.Barrier(num_barriers=_WGS),
                   plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=num_stages))
         freed = (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
-        stats = ()
-        if stats_tma:
-            stats = ((plgpu.SMEM((num_stages, block_q), jnp.float32),) * 2,
-                     (plgpu.Barrier(num_barriers=num_stages),) * 2, freed)
+        stats = stats_scratch(num_stages, block_q) if stats_tma else ()
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
                                   seg_refs, dk_ref, dv_ref, scratch),

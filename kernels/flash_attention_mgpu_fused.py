@@ -47,7 +47,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.kernels.flash_attention_mgpu import load_vector, mask_scores, stream
+from fastlora_jax.kernels.flash_attention_mgpu import load_vector, mask_scores
+from fastlora_jax.kernels.flash_attention_mgpu_bwd import (load_stats, stats_scratch,
+                                                           stats_stream_sources,
+                                                           stream_query_blocks)
 from fastlora_jax.kernels.flash_attention_portable import MaskSpec
 
 _LOG2E = math.log2(math.e)
@@ -200,13 +203,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                 slot = lax.rem(g * n + t, num_stages)  # the ring runs on across heads
                 q0 = (lo + t) * block_q
                 if stats_tma:
-                    (lse_ring, dlt_ring), (lse_bar, dlt_bar), (lse_free, dlt_free) = stats
-                    plgpu.barrier_wait(lse_bar.at[slot])
-                    lse2 = plgpu.load(lse_ring.at[slot], layout=col_layout) * _LOG2E
-                    plgpu.barrier_arrive(lse_free.at[slot])
-                    plgpu.barrier_wait(dlt_bar.at[slot])
-                    dlt = plgpu.load(dlt_ring.at[slot], layout=col_layout)
-                    plgpu.barrier_arrive(dlt_free.at[slot])
+                    lse2, dlt = load_stats(stats, slot, col_layout)
                 else:
                     lse2 = load_vector(lse_ref.at[b, h, pl.ds(q0, block_q)], col_layout) * _LOG2E
                     dlt = load_vector(delta_ref.at[b, h, pl.ds(q0, block_q)], col_layout)
@@ -304,23 +301,10 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
         def _produce():
             plgpu.set_max_registers(40, action="decrease")
             lo, hi = ranges_ref[b, 0, tile], ranges_ref[b, 3, tile]
-            n = jnp.maximum(hi - lo, 1)  # step i: head i // n of the group, query block i % n
-
-            def rows(i):
-                h = kv_head * group + lax.div(i, n)
-                return (b, pl.ds((lo + lax.rem(i, n)) * block_q, block_q), h)
-
-            def stat_rows(i):
-                h = kv_head * group + lax.div(i, n)
-                return (b, h, pl.ds((lo + lax.rem(i, n)) * block_q, block_q))
-
-            copies = [(lambda i: q_ref.at[rows(i)], q_ring, q_bar, q_free),
-                      (lambda i: do_ref.at[rows(i)], do_ring, do_bar, do_free)]
-            if stats_tma:
-                (lse_ring, dlt_ring), (lse_bar, dlt_bar), (lse_free, dlt_free) = stats
-                copies += [(lambda i: lse_ref.at[stat_rows(i)], lse_ring, lse_bar, lse_free),
-                           (lambda i: delta_ref.at[stat_rows(i)], dlt_ring, dlt_bar, dlt_free)]
-            stream(group * (hi - lo), num_stages, copies)
+            stream_query_blocks(b, kv_head * group, group, lo, hi, block_q, num_stages,
+                                [(q_ref, q_ring, q_bar, q_free),
+                                 (do_ref, do_ring, do_bar, do_free)],
+                                stats_stream_sources(lse_ref, delta_ref, stats))
 
     segs = () if q_seg is None else (q_seg, kv_seg)
     bf16_tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -336,11 +320,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                                                                num_stages))
         freed = ((plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
                  + (plgpu.Barrier(num_arrivals=_WGS),) * 2)  # + ds_ready, ds_read (pair_dq)
-        stats = ()
-        if stats_tma:
-            stats = ((plgpu.SMEM((num_stages, block_q), jnp.float32),) * 2,
-                     (plgpu.Barrier(num_barriers=num_stages),) * 2,
-                     (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2)
+        stats = stats_scratch(num_stages, block_q) if stats_tma else ()
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
                                   seg_refs, dq_ref, dk_ref, dv_ref, scratch),
