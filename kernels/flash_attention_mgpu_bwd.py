@@ -97,6 +97,37 @@ def load_stats(stats: tuple, slot: jax.Array, layout) -> tuple[jax.Array, jax.Ar
     return lse2, delta
 
 
+def load_key_block(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, seg_refs, b: jax.Array,
+                   key0: jax.Array, kv_head: jax.Array, block_kv: int) -> jax.Array | None:
+    """A key-owning warpgroup's resident k / v block (TMA into shared memory, awaited) and its
+    key segment-id vector (None without segment ids)."""
+    keys = (b, pl.ds(key0, block_kv), kv_head)
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_bar)
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_bar)
+    plgpu.barrier_wait(k_bar)
+    plgpu.barrier_wait(v_bar)
+    if not seg_refs:
+        return None
+    return load_vector(seg_refs[1].at[b, pl.ds(key0, block_kv)], plgpu.Layout.WGMMA.reduce(1))
+
+
+def query_block_inputs(stats: tuple, slot: jax.Array, lse_ref, delta_ref, seg_refs, k_seg_vec,
+                       b: jax.Array, head: jax.Array, q0: jax.Array, block_q: int, layout,
+                       masked: bool) -> tuple[jax.Array, jax.Array, tuple | None]:
+    """(lse * log2(e), delta, segments) of the query block at q0 of `head`, as the key-owning
+    kernels need them per step: lse / delta from the TMA ring when `stats` is allocated, else
+    from global memory; the (query, key) segment-id vectors on masked steps with segment ids."""
+    if stats:
+        lse2, delta = load_stats(stats, slot, layout)
+    else:
+        lse2 = load_vector(lse_ref.at[b, head, pl.ds(q0, block_q)], layout) * _LOG2E
+        delta = load_vector(delta_ref.at[b, head, pl.ds(q0, block_q)], layout)
+    segments = None
+    if masked and seg_refs:
+        segments = (load_vector(seg_refs[0].at[b, pl.ds(q0, block_q)], layout), k_seg_vec)
+    return lse2, delta, segments
+
+
 def stats_scratch(num_stages: int, block_q: int) -> tuple:
     """Scoped allocations for TMA'd lse / delta: two float32 rings, loaded and freed barriers."""
     return ((plgpu.SMEM((num_stages, block_q), jnp.float32),) * 2,
@@ -278,33 +309,21 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         plgpu.set_max_registers(232, action="increase")
         key0 = tile * cta_keys + wg * block_kv
         kv_head = h if group_in_kernel else lax.div(h, jnp.array(group, h.dtype))
-        keys = (b, pl.ds(key0, block_kv), kv_head)
         lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
         n = hi - lo  # query blocks visited per query head
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_bar)
-        plgpu.barrier_wait(k_bar)
-        plgpu.barrier_wait(v_bar)
+        k_seg_vec = load_key_block(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, seg_refs, b, key0,
+                                   kv_head, block_kv)
         shape = (block_kv, block_q)  # transposed scores: keys x queries
         col_layout = plgpu.Layout.WGMMA.reduce(0)
-        if seg_refs:
-            k_seg_vec = load_vector(seg_refs[1].at[b, pl.ds(key0, block_kv)],
-                                    plgpu.Layout.WGMMA.reduce(1))
 
         def step(t, carry, masked: bool, g):
             dk, dv = carry
             qh = kv_head * group + g if group_in_kernel else h  # the query head of this step
             slot = lax.rem(g * n + t, num_stages)  # the ring runs on across the group's heads
             q0 = (lo + t) * block_q
-            if stats_tma:
-                lse2, delta = load_stats(stats, slot, col_layout)
-            else:
-                lse2 = load_vector(lse_ref.at[b, qh, pl.ds(q0, block_q)], col_layout) * _LOG2E
-                delta = load_vector(delta_ref.at[b, qh, pl.ds(q0, block_q)], col_layout)
-            segments = None
-            if masked and seg_refs:
-                q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(q0, block_q)], col_layout)
-                segments = (q_seg_vec, k_seg_vec)
+            lse2, delta, segments = query_block_inputs(
+                stats, slot, lse_ref, delta_ref, seg_refs, k_seg_vec, b, qh, q0, block_q,
+                col_layout, masked)
             plgpu.barrier_wait(q_bar.at[slot])
 
             def kq(acc_ref):

@@ -47,9 +47,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.kernels.flash_attention_mgpu import load_vector, mask_scores
-from fastlora_jax.kernels.flash_attention_mgpu_bwd import (load_stats, stats_scratch,
-                                                           stats_stream_sources,
+from fastlora_jax.kernels.flash_attention_mgpu import mask_scores
+from fastlora_jax.kernels.flash_attention_mgpu_bwd import (load_key_block, query_block_inputs,
+                                                           stats_scratch, stats_stream_sources,
                                                            stream_query_blocks)
 from fastlora_jax.kernels.flash_attention_portable import MaskSpec
 
@@ -165,15 +165,10 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
         keys = (b, pl.ds(key0, block_kv), kv_head)
         lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
         n = hi - lo  # query blocks visited per head
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, k_bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, v_bar)
-        plgpu.barrier_wait(k_bar)
-        plgpu.barrier_wait(v_bar)
+        k_seg_vec = load_key_block(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, seg_refs, b, key0,
+                                   kv_head, block_kv)
         shape = (block_kv, block_q)  # transposed scores: keys x queries
         col_layout = plgpu.Layout.WGMMA.reduce(0)
-        if seg_refs:
-            k_seg_vec = load_vector(seg_refs[1].at[b, pl.ds(key0, block_kv)],
-                                    plgpu.Layout.WGMMA.reduce(1))
 
         def add_dq(dq_part: jax.Array, h: jax.Array, q0: jax.Array, cols) -> None:
             """Reduce-add a [block_q, dq_cols] float32 partial dq into dq[b, q0:, h, cols]."""
@@ -202,15 +197,9 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                 dk, dv = carry
                 slot = lax.rem(g * n + t, num_stages)  # the ring runs on across heads
                 q0 = (lo + t) * block_q
-                if stats_tma:
-                    lse2, dlt = load_stats(stats, slot, col_layout)
-                else:
-                    lse2 = load_vector(lse_ref.at[b, h, pl.ds(q0, block_q)], col_layout) * _LOG2E
-                    dlt = load_vector(delta_ref.at[b, h, pl.ds(q0, block_q)], col_layout)
-                segments = None
-                if masked and seg_refs:
-                    q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(q0, block_q)], col_layout)
-                    segments = (q_seg_vec, k_seg_vec)
+                lse2, dlt, segments = query_block_inputs(
+                    stats, slot, lse_ref, delta_ref, seg_refs, k_seg_vec, b, h, q0, block_q,
+                    col_layout, masked)
                 plgpu.barrier_wait(q_bar.at[slot])
                 s = _mma(None, k_smem, q_ring.at[slot].transpose((1, 0)), interpret=interpret)
 

@@ -24,14 +24,10 @@ def _rel(a: jax.Array, b: jax.Array) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-# Decode (1, 16), odd M / N, K not a multiple of the default block_k (320, 4160 = 65 x 64),
-# and one real projection shape.
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("m,k,n", [(1, 4096, 1024), (16, 4160, 520), (37, 320, 200),
-                                   (300, 1024, 96), (512, 4096, 1024)])
-def test_forward_and_grad_on_gpu(kind: str, m: int, k: int, n: int) -> None:
-    quantize, op, ref = KINDS[kind]
-    rng = np.random.default_rng(m * 7 + n)
+def _check_forward_and_grad(op, ref, quantize, m: int, k: int, n: int, seed: int):
+    """op(x, w) (jitted) against ref on fresh random bf16 x [m, k] and a quantized w [n, k]:
+    bf16 output, and jax.grad w.r.t. x, both within 1e-2 relative error. Returns (x, w)."""
+    rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
     w = jax.tree_util.tree_map(jnp.asarray, quantize(
         rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
@@ -40,11 +36,24 @@ def test_forward_and_grad_on_gpu(kind: str, m: int, k: int, n: int) -> None:
     assert _rel(y, ref(x, w)) <= 1e-2
 
     ct = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+
     def loss(f):
         return lambda x: (f(x).astype(jnp.float32) * ct).sum()
+
     g = jax.jit(jax.grad(loss(lambda x: op(x, w))))(x)
     g_ref = jax.grad(loss(lambda x: ref(x, w)))(x)
     assert g.shape == x.shape and _rel(g, g_ref) <= 1e-2
+    return x, w
+
+
+# Decode (1, 16), odd M / N, K not a multiple of the default block_k (320, 4160 = 65 x 64),
+# and one real projection shape.
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 1024), (16, 4160, 520), (37, 320, 200),
+                                   (300, 1024, 96), (512, 4096, 1024)])
+def test_forward_and_grad_on_gpu(kind: str, m: int, k: int, n: int) -> None:
+    quantize, op, ref = KINDS[kind]
+    _check_forward_and_grad(op, ref, quantize, m, k, n, seed=m * 7 + n)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -118,17 +127,7 @@ def test_dequant_kernel_bit_exact_on_gpu(n: int, k: int, rows, dtype: str,
 def test_dequant_then_dot_and_linear_option_on_gpu(m: int, k: int, n: int) -> None:
     from fastlora_jax.kernels.nf4_dequant import dequant_then_dot
     from fastlora_jax.ops.linear import Dequant
-    rng = np.random.default_rng(m + n)
-    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
-    w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(
-        rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
-    y = jax.jit(lambda x, w: dequant_then_dot(x, w))(x, w)
-    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-    assert _rel(y, nf4_matmul_reference(x, w)) <= 1e-2
-    ct = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
-    def loss(f):
-        return lambda x: (f(x).astype(jnp.float32) * ct).sum()
-    g = jax.jit(jax.grad(loss(lambda x: dequant_then_dot(x, w))))(x)
-    assert _rel(g, jax.grad(loss(lambda x: nf4_matmul_reference(x, w)))(x)) <= 1e-2
+    x, w = _check_forward_and_grad(lambda x, w: dequant_then_dot(x, w), nf4_matmul_reference,
+                                   quantize_nf4, m, k, n, seed=m + n)
     y_lin = jax.jit(lambda x: linear(x, w, dequant=Dequant.PALLAS))(x)
     assert _rel(y_lin, nf4_matmul_reference(x, w)) <= 1e-2
