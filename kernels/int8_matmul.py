@@ -16,8 +16,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.kernels.nf4_matmul_common import (MatmulTuning, check_x, default_interpret,
-                                                    pad_axis, zero_cotangent)
+from fastlora_jax.kernels.nf4_matmul_common import (MatmulTuning, check_dy, check_x,
+                                                    default_interpret, pad_axis, zero_cotangent)
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
 
 TRAIN_TUNING = MatmulTuning(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -158,9 +158,7 @@ def int8_matmul(x: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,
 def int8_matmul_dx(dy: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,
                   interpret: bool | None = None) -> jax.Array:
     """The backward alone: dx = dy [M, N] @ dequantize(w [N, K]) -> [M, K] in dy.dtype."""
-    if w.lead or dy.ndim != 2 or dy.shape[1] != w.shape[0]:
-        raise KernelError(f"int8_matmul_dx: dy.shape={dy.shape} must be [M, N] with N = "
-                          f"w.shape[0] = {w.shape[0]} (w one matrix, lead={w.lead})")
+    check_dy(dy, w, "int8_matmul_dx")
     if interpret is None:
         interpret = default_interpret()
     return _backward(dy, w, tuning or BWD_TUNING, interpret)

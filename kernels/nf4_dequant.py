@@ -42,7 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.kernels.nf4_matmul_common import check_x, default_interpret, zero_cotangent
+from fastlora_jax.kernels.nf4_matmul_common import (check_dy, check_x, default_interpret,
+                                                    zero_cotangent)
 from fastlora_jax.kernels.nf4_matmul_lut import (nf4_lookup, nf4_pairs, prmt_b32, scale_pairs,
                                                  table_words)
 from fastlora_jax.quant import DYNAMIC_MAP, NF4_MAP, QTensor, QuantKind, nf4_block_scales
@@ -308,9 +309,7 @@ def dequant_then_dot(x: jax.Array, w: QTensor, *, tuning: DequantTuning | None =
 def dequant_dx(dy: jax.Array, w: QTensor, *, tuning: DequantTuning | None = None,
                interpret: bool | None = None) -> jax.Array:
     """The backward alone: dx = dy [M, N] @ nf4_dequantize(w [N, K]) -> [M, K] in dy.dtype."""
-    if w.lead or dy.ndim != 2 or dy.shape[1] != w.shape[0]:
-        raise KernelError(f"dequant_dx: dy.shape={dy.shape} must be [M, N] with N = "
-                          f"w.shape[0] = {w.shape[0]} (w one matrix, lead={w.lead})")
+    check_dy(dy, w, "dequant_dx")
     if interpret is None:
         interpret = default_interpret()
     return _dot(dy, nf4_dequantize(w, dy.dtype, tuning=tuning, interpret=interpret), 0)

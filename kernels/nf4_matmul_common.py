@@ -91,6 +91,13 @@ def check_x(x: jax.Array, w: QTensor, op: str) -> None:
         raise KernelError(f"{op}: x.dtype={x.dtype} must be a floating dtype")
 
 
+def check_dy(dy: jax.Array, w: QTensor, op: str) -> None:
+    """dy must be [M, N] with N = w.shape[0], and w one matrix (no leading axes)."""
+    if w.lead or dy.ndim != 2 or dy.shape[1] != w.shape[0]:
+        raise KernelError(f"{op}: dy.shape={dy.shape} must be [M, N] with N = "
+                          f"w.shape[0] = {w.shape[0]} (w one matrix, lead={w.lead})")
+
+
 def default_interpret() -> bool:
     """Interpret Pallas kernels everywhere but on GPU."""
     return jax.default_backend() != "gpu"
