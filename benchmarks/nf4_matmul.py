@@ -35,7 +35,7 @@ from fastlora_jax.kernels import nf4_dequant as dq
 from fastlora_jax.kernels import nf4_matmul as nf4
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
 from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
-from fastlora_jax.quant import QTensor, QuantKind, dequantize
+from fastlora_jax.quant import QTensor, QuantKind, dequantize, nf4_block_scales
 from fastlora_jax.quant.qtensor import nbytes
 
 T = MatmulTuning
@@ -130,11 +130,19 @@ def bf16_bwd(dy, w):
     return jnp.dot(dy, w, preferred_element_type=jnp.float32).astype(dy.dtype)
 
 
+def mgpu_prework(x, w):
+    """The XLA work around the Mosaic GPU forward's kernel: absmax to float32 (transposed), x split
+    into even/odd columns. Timed alone to see how much of a decode call it is."""
+    scales = nf4_block_scales(w).reshape(w.shape[0], -1)
+    return scales.T, x[:, 0::2], x[:, 1::2]
+
+
 def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
     """Mosaic GPU (Hopper) tunings for one M: wgmma N = M rounded up to 8 for decode."""
     if decode:
         tile = min(256, max(8, -(-m // 8) * 8))
-        return [MgpuTuning(tile_m=tile, max_concurrent_steps=d) for d in (4, 8)]
+        return [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b)
+                for b, d in ((1, 4), (1, 8), (2, 4), (4, 4), (4, 8), (8, 2), (8, 4))]
     return [MgpuTuning(tile_m=t, max_concurrent_steps=4) for t in (128, 256)]
 
 
@@ -234,7 +242,7 @@ def dequant_dot_rows(case: str, direction: str, inp, ws, layers: int, reps: int,
 def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
                log: list[str]) -> list[dict]:
     decode = m <= 64
-    layers = 8 if decode else 2
+    layers = 32 if decode else 2
     key = jax.random.PRNGKey(m + k + n)
     kx, kw = jax.random.split(key)
     stacked = (random_nf4 if kind == "nf4" else random_int8)(kw, layers, n, k)
@@ -267,6 +275,9 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
             sweep = sweep + mgpu_sweep(m, decode)
         t_xla = time_per_layer(scanned(xla_op), inp, ws, layers, reps)
         t_bf16 = time_per_layer(scanned(bf_op), inp, wb, layers, reps)
+        if direction == "fwd" and MGPU and decode and kind == "nf4":
+            t_pre = time_per_layer(scanned(mgpu_prework), inp, ws, layers, reps)
+            log.append(f"  Mosaic GPU pre-work alone (XLA): {t_pre * 1e6:.1f} us")
         case = f"{name} {direction}"
         tf = lambda t: flops / t / 1e12  # noqa: E731
         best_base = min(t_xla, t_bf16)

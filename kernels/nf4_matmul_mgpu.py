@@ -10,7 +10,9 @@ deep) each warpgroup:
   2. turns each byte pair into the high-nibble and low-nibble bf16 planes with the prmt lookup of
      `nf4_matmul_lut.py` (inline PTX, ~6 instructions per byte);
   3. multiplies each row by its block's absmax (bf16) and issues two wgmmas: the high plane against
-     x's even columns, the low plane against its odd columns (x split once by XLA).
+     x's even columns, the low plane against its odd columns (x split once by XLA);
+then waits for its wgmmas once per step. More blocks per step means fewer, larger TMA copies
+and fewer waits: at decode shapes the kernel is bound by the latency of this per-step chain.
 Output: float32 partial sums [splits, N, M] (split-K over the grid) or bf16 when not split; XLA
 sums, transposes and casts. GPU only (sm_90): inline PTX does not interpret.
 """
@@ -42,11 +44,14 @@ _X_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(64))
 @dataclasses.dataclass(frozen=True)
 class MgpuTuning:
     """tile_m: x rows per CTA (wgmma's N: a multiple of 8, <= 256); max_concurrent_steps: TMA
-    pipeline depth; splits: split-K factor (None: enough CTAs for 2 per SM of 132)."""
+    pipeline depth; splits: split-K factor (None: enough CTAs for 2 per SM of 132);
+    blocks_per_step: 64-weight quantization blocks per pipeline step (1, 2, 4 or 8; K/64 must
+    be a multiple of blocks_per_step * splits)."""
 
     tile_m: int = 16
     max_concurrent_steps: int = 4
     splits: int | None = None
+    blocks_per_step: int = 1
 
     def __post_init__(self) -> None:
         if self.tile_m % 8 or not 8 <= self.tile_m <= 256:
@@ -55,6 +60,9 @@ class MgpuTuning:
         if self.max_concurrent_steps < 1:
             raise KernelError(f"MgpuTuning.max_concurrent_steps={self.max_concurrent_steps} "
                               f"must be >= 1")
+        if self.blocks_per_step not in (1, 2, 4, 8):
+            raise KernelError(f"MgpuTuning.blocks_per_step={self.blocks_per_step} must be 1, 2, "
+                              f"4 or 8 (a TMA box is at most 256 code bytes wide)")
 
 
 def _decode_planes(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -85,44 +93,48 @@ def _decode_planes_jnp(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _kernel(codes_gmem, xe_gmem, xo_gmem, s_gmem, out_gmem, o_smem, a_smem=None, *, steps: int,
-            tile_m: int, splits: int, depth: int, use_asm: bool):
+            tile_m: int, splits: int, depth: int, bps: int, use_asm: bool):
     """codes [Np, K/2] u8, xe/xo [Mp, K/2] bf16, scales^T [K/64, Np] f32 -> out [S, Np, Mp]."""
     n_idx = lax.axis_index("n")
     j = lax.axis_index("mk")
     m_idx, s_idx = j // splits, j % splits
-    kb = steps * BLOCK_BYTES
+    step_bytes = bps * BLOCK_BYTES
+    kb = steps * step_bytes
     rows = pl.ds(n_idx * ROWS, ROWS)
     cols = pl.ds(m_idx * tile_m, tile_m)
     kslice = pl.ds(s_idx * kb, kb)
 
     def body(_, c_smem, xe_smem, xo_smem, s_smem, acc_ref):
-        codes = plgpu.load(c_smem, layout=plgpu.Layout.WGMMA, optimized=False)
-        hi, lo = _decode_planes(codes) if use_asm else _decode_planes_jnp(codes)
-        s = plgpu.load(s_smem.at[0], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-        s = plgpu.layout_cast(lax.broadcast_in_dim(s.astype(jnp.bfloat16), (ROWS, BLOCK_BYTES),
-                                                   (0,)), plgpu.Layout.WGMMA)
-        a_hi, a_lo = hi * s, lo * s
-        if not use_asm:  # the interpreter's wgmma takes A from shared memory only
-            a_smem[0], a_smem[1] = a_hi, a_lo
-            plgpu.commit_smem()
-            a_hi, a_lo = a_smem.at[0], a_smem.at[1]
-        plgpu.wgmma(acc_ref, a_hi, plgpu.transpose_ref(xe_smem, (1, 0)))
-        plgpu.wgmma(acc_ref, a_lo, plgpu.transpose_ref(xo_smem, (1, 0)))
+        for b in range(bps):
+            blk = pl.ds(b * BLOCK_BYTES, BLOCK_BYTES)
+            codes = plgpu.load(c_smem.at[:, blk], layout=plgpu.Layout.WGMMA, optimized=False)
+            hi, lo = _decode_planes(codes) if use_asm else _decode_planes_jnp(codes)
+            s = plgpu.load(s_smem.at[b], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+            s = plgpu.layout_cast(lax.broadcast_in_dim(s.astype(jnp.bfloat16),
+                                                       (ROWS, BLOCK_BYTES), (0,)),
+                                  plgpu.Layout.WGMMA)
+            a_hi, a_lo = hi * s, lo * s
+            if not use_asm:  # the interpreter's wgmma takes A from shared memory only
+                a_smem[2 * b], a_smem[2 * b + 1] = a_hi, a_lo
+                plgpu.commit_smem()
+                a_hi, a_lo = a_smem.at[2 * b], a_smem.at[2 * b + 1]
+            plgpu.wgmma(acc_ref, a_hi, plgpu.transpose_ref(xe_smem.at[:, blk], (1, 0)))
+            plgpu.wgmma(acc_ref, a_lo, plgpu.transpose_ref(xo_smem.at[:, blk], (1, 0)))
         plgpu.wgmma_wait(0)
 
     def run(acc_ref):
         plgpu.emit_pipeline(
             lambda idx, *refs: body(idx, *refs, acc_ref),
             grid=(steps,),
-            in_specs=[plgpu.BlockSpec((ROWS, BLOCK_BYTES), lambda k: (0, k)),
-                      plgpu.BlockSpec((tile_m, BLOCK_BYTES), lambda k: (0, k),
+            in_specs=[plgpu.BlockSpec((ROWS, step_bytes), lambda k: (0, k)),
+                      plgpu.BlockSpec((tile_m, step_bytes), lambda k: (0, k),
                                       transforms=_X_TRANSFORMS),
-                      plgpu.BlockSpec((tile_m, BLOCK_BYTES), lambda k: (0, k),
+                      plgpu.BlockSpec((tile_m, step_bytes), lambda k: (0, k),
                                       transforms=_X_TRANSFORMS),
-                      plgpu.BlockSpec((1, ROWS), lambda k: (k, 0))],
+                      plgpu.BlockSpec((bps, ROWS), lambda k: (k, 0))],
             max_concurrent_steps=depth,
         )(codes_gmem.at[rows, kslice], xe_gmem.at[cols, kslice], xo_gmem.at[cols, kslice],
-          s_gmem.at[pl.ds(s_idx * steps, steps), rows])
+          s_gmem.at[pl.ds(s_idx * steps * bps, steps * bps), rows])
         return acc_ref[...]
 
     acc = pl.run_scoped(run, plgpu.ACC((ROWS, tile_m), jnp.float32))
@@ -158,20 +170,24 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int,
     codes = pad_axis(codes, 0, ROWS)
     scales_t = pad_axis(scales, 0, ROWS).T                       # [K/64, Np]
     np_, mp = codes.shape[0], xp.shape[0]
-    steps_total = k // 64
+    bps = tuning.blocks_per_step
+    if (k // 64) % bps:
+        raise KernelError(f"nf4_matmul_mgpu: blocks_per_step={bps} must divide K/64={k // 64}")
+    steps_total = k // 64 // bps
     n_tiles, m_tiles = np_ // ROWS, mp // tile_m
     splits = tuning.splits or default_splits(n_tiles * m_tiles, steps_total)
     if steps_total % splits:
-        raise KernelError(f"nf4_matmul_mgpu: splits={splits} must divide K/64={steps_total}")
+        raise KernelError(f"nf4_matmul_mgpu: splits={splits} must divide the "
+                          f"K/64/blocks_per_step={steps_total} pipeline steps")
     out_dtype = jnp.float32 if splits > 1 else x.dtype
     call = plgpu.kernel(
         functools.partial(_kernel, steps=steps_total // splits, tile_m=tile_m, splits=splits,
-                          depth=tuning.max_concurrent_steps, use_asm=not interpret),
+                          depth=tuning.max_concurrent_steps, bps=bps, use_asm=not interpret),
         out_type=jax.ShapeDtypeStruct((splits, np_, mp), out_dtype),
         grid=(n_tiles, m_tiles * splits),
         grid_names=("n", "mk"),
         scratch_types=[plgpu.SMEM((ROWS, tile_m), out_dtype)] + (
-            [plgpu.SMEM((2, ROWS, BLOCK_BYTES), jnp.bfloat16, transforms=_X_TRANSFORMS)]
+            [plgpu.SMEM((2 * bps, ROWS, BLOCK_BYTES), jnp.bfloat16, transforms=_X_TRANSFORMS)]
             if interpret else []),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )

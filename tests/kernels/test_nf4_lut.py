@@ -90,7 +90,10 @@ def test_prmt_planes_replay_all_byte_pairs() -> None:
 @pytest.mark.parametrize("m,k,n,tuning", [(3, 256, 72, None),
                                           (20, 384, 130, MgpuTuning(tile_m=8, splits=3)),
                                           (33, 128, 64, MgpuTuning(tile_m=16,
-                                                                   max_concurrent_steps=2))])
+                                                                   max_concurrent_steps=2)),
+                                          (20, 512, 130, MgpuTuning(tile_m=8, blocks_per_step=4)),
+                                          (3, 256, 72, MgpuTuning(tile_m=8, blocks_per_step=2,
+                                                                  splits=2))])
 def test_mgpu_kernel_interpreted_matches_reference(m, k, n, tuning) -> None:
     rng = np.random.default_rng(m + n)
     w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(
@@ -106,3 +109,5 @@ def test_mgpu_kernel_interpreted_matches_reference(m, k, n, tuning) -> None:
 def test_mgpu_tuning_checks() -> None:
     with pytest.raises(KernelError, match="tile_m=12"):
         MgpuTuning(tile_m=12)
+    with pytest.raises(KernelError, match="blocks_per_step=3"):
+        MgpuTuning(blocks_per_step=3)
