@@ -34,7 +34,7 @@ from fastlora_jax.kernels import int8_matmul as i8
 from fastlora_jax.kernels import nf4_dequant as dq
 from fastlora_jax.kernels import nf4_matmul as nf4
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
-from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
+from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning, nf4_matmul_mgpu
 from fastlora_jax.quant import QTensor, QuantKind, dequantize, nf4_block_scales
 from fastlora_jax.quant.qtensor import nbytes
 
@@ -293,6 +293,12 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
         if direction == "fwd" and MGPU and decode and kind == "nf4":
             t_pre = time_per_layer(scanned(mgpu_prework), inp, ws, layers, reps)
             log.append(f"  Mosaic GPU pre-work alone (XLA): {t_pre * 1e6:.1f} us")
+            ops = [jax.block_until_ready(jax.jit(nf4.nf4_operands)(w)) for w in ws]
+            for t in [t for t in mgpu_sweep(m, decode)[::4] if k // 64 % t.blocks_per_step == 0]:
+                kernel_only = scanned(lambda a, op, t=t: nf4_matmul_mgpu(a, *op, n, t, interpret))
+                t_k = time_per_layer(kernel_only, inp, ops, layers, reps)
+                log.append(f"  Mosaic GPU kernel alone (absmax decoded beforehand), {t}: "
+                           f"{t_k * 1e6:.1f} us")
         case = f"{name} {direction}"
         tf = lambda t: flops / t / 1e12  # noqa: E731
         best_base = min(t_xla, t_bf16)

@@ -90,7 +90,7 @@ def _bwd_kernel(dy_ref, c_ref, s_ref, oe_ref, oo_ref, *, n: int, block_n: int, u
     oo_ref[...] = acc_o.astype(oo_ref.dtype)
 
 
-def _operands(w: QTensor) -> tuple[jax.Array, jax.Array]:
+def nf4_operands(w: QTensor) -> tuple[jax.Array, jax.Array]:
     """codes uint8 [N, K/2] and decoded absmax float32 [N, K/64] of one NF4 matrix."""
     n, k = w.shape
     if w.kind is not QuantKind.NF4 or w.blocksize != 64:
@@ -108,7 +108,7 @@ def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning | MgpuTuning | None,
              interpret: bool) -> jax.Array:
     m, k = x.shape
     n = w.shape[0]
-    codes, scales = _operands(w)
+    codes, scales = nf4_operands(w)
     if isinstance(tuning, MgpuTuning):
         return nf4_matmul_mgpu(x, codes, scales, n, tuning, interpret=interpret)
     if m <= DECODE_MAX_M:
@@ -140,7 +140,7 @@ def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning | MgpuTuning | None,
 def _backward(dy: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) -> jax.Array:
     m, n = dy.shape
     k = w.shape[1]
-    codes, scales = _operands(w)
+    codes, scales = nf4_operands(w)
     bm = min(tuning.block_m, max(16, pl.next_power_of_2(m)))
     bn, bk = tuning.block_n, tuning.k_step(k)
     dyp = pad_axis(pad_axis(dy, 0, bm), 1, bn)

@@ -93,11 +93,17 @@ def nf4_block_scales(q: QTensor) -> jax.Array:
     absmax = dyn[qabsmax] * nested_absmax[b // nested_blocksize] + nested_offset, in float32 with
     one rounding per operation (bitsandbytes' dequantize_blockwise, then `+= offset`).
     """
-    dyn = jnp.asarray(DYNAMIC_MAP)
-    nb = q.absmax.shape[-1]
-    nested_idx = jnp.arange(nb) // q.nested_blocksize
-    nested = jnp.take(jnp.asarray(q.nested_absmax, jnp.float32), nested_idx, axis=-1)
-    scaled = jnp.take(dyn, jnp.asarray(q.absmax).astype(jnp.int32), axis=0) * nested
+    absmax = jnp.asarray(q.absmax)
+    nb, nbs = absmax.shape[-1], q.nested_blocksize
+    # uint8 codes always index inside the 256-entry map: "clip" spares the gather its bounds mask.
+    dyn = jnp.take(jnp.asarray(DYNAMIC_MAP), absmax.astype(jnp.int32), axis=0, mode="clip")
+    # nested_absmax[b // nbs] as a broadcast over [nb / nbs, nbs] rather than a second gather.
+    pad = -nb % nbs
+    if pad:
+        dyn = jnp.pad(dyn, [(0, 0)] * (dyn.ndim - 1) + [(0, pad)])
+    nested = jnp.asarray(q.nested_absmax, jnp.float32)[..., None]
+    scaled = (dyn.reshape(*dyn.shape[:-1], -1, nbs) * nested).reshape(*dyn.shape[:-1], -1)
+    scaled = scaled[..., :nb] if pad else scaled
     # Eager evaluation rounds the multiply and the add separately, as bitsandbytes does. Under
     # jit XLA may contract them into one FMA (the CPU backend does too): a few absmax values then
     # differ in the last bit, within every tolerance used (kernels/nf4_dequant.py's exact path
