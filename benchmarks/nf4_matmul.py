@@ -19,11 +19,14 @@ written) against XLA's dequantize. `--no-fused` skips the fused kernels' sweeps.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import gzip
 import json
 import pathlib
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -143,6 +146,32 @@ class PrintingLog(list):
     def append(self, line: str) -> None:
         print(line, flush=True)
         super().append(line)
+
+
+def device_us_per_layer(fn: Callable, x, ws, layers: int) -> tuple[float, dict[str, float]]:
+    """GPU time per layer of one fn(x, ws) call from a profiler trace: the sum of the kernel
+    durations on the device's stream lines (host dispatch excluded), and µs per kernel name.
+    Decode calls are short enough that wall-clock timing measures the host, not the GPU."""
+    jax.block_until_ready(fn(x, ws))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(fn(x, ws))
+        trace = json.load(gzip.open(next(pathlib.Path(d).rglob("perfetto_trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    meta = [e for e in events if e.get("ph") == "M"]
+    procs = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in meta
+               if e.get("name") == "thread_name"}
+    per: collections.Counter = collections.Counter()
+    for e in events:
+        if (e.get("ph") == "X" and "GPU" in procs.get(e.get("pid"), "")
+                and threads.get((e.get("pid"), e.get("tid")), "").startswith("Stream")):
+            per[e["name"][:60]] += e["dur"] / layers
+    if not per:
+        gpu_lines = {name for (pid, _), name in threads.items() if "GPU" in procs.get(pid, "")}
+        raise RuntimeError(f"no kernel events on a GPU stream line; processes "
+                           f"{sorted(set(procs.values()))[:8]}, GPU lines {sorted(gpu_lines)[:12]}")
+    return sum(per.values()), dict(per.most_common(6))
 
 
 def mgpu_prework(x, w):
@@ -294,11 +323,22 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
             t_pre = time_per_layer(scanned(mgpu_prework), inp, ws, layers, reps)
             log.append(f"  Mosaic GPU pre-work alone (XLA): {t_pre * 1e6:.1f} us")
             ops = [jax.block_until_ready(jax.jit(nf4.nf4_operands)(w)) for w in ws]
-            for t in [t for t in mgpu_sweep(m, decode)[::4] if k // 64 % t.blocks_per_step == 0]:
-                kernel_only = scanned(lambda a, op, t=t: nf4_matmul_mgpu(a, *op, n, t, interpret))
-                t_k = time_per_layer(kernel_only, inp, ops, layers, reps)
-                log.append(f"  Mosaic GPU kernel alone (absmax decoded beforehand), {t}: "
-                           f"{t_k * 1e6:.1f} us")
+            timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws),
+                     ("pre-work", scanned(mgpu_prework), ws),
+                     (f"triton {sweep[0]}", scanned(make(sweep[0])), ws)]
+            for t in [t for t in mgpu_sweep(m, decode)[::2] if k // 64 % t.blocks_per_step == 0]:
+                timed.append((f"mgpu {t}", scanned(make(t)), ws))
+                timed.append((f"mgpu kernel alone {t}", scanned(
+                    lambda a, op, t=t: nf4_matmul_mgpu(a, *op, n, t, interpret)), ops))
+            for label, fn, weights in timed:
+                try:
+                    us, per = device_us_per_layer(fn, inp, weights, layers)
+                except Exception as e:  # noqa: BLE001 -- reported, the sweep goes on
+                    log.append(f"  device time {label}: failed {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                log.append(f"  device time {label}: {us:.1f} us/layer, "
+                           f"{wbytes_q / us / 1e3:.0f} GB/s of NF4 bytes; "
+                           + "; ".join(f"{name} {v:.1f}" for name, v in per.items()))
         case = f"{name} {direction}"
         tf = lambda t: flops / t / 1e12  # noqa: E731
         best_base = min(t_xla, t_bf16)
