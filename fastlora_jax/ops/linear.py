@@ -53,9 +53,10 @@ def pallas_is_default(m: int, w: QTensor) -> bool:
 
 
 # NF4 forward rows up to which the Hopper Mosaic GPU kernel (kernels/nf4_matmul_mgpu.py) is the
-# default on an H100/H200, and its pipeline depth: measured 1.10-1.13x our Triton decode kernel
-# and 3.1-3.5x XLA at M = 1 and 16 (2026-11-29); at M = 64 it (106 us) was slower than the
-# Triton kernel's best tuning (84 us, an earlier run that day).
+# default on an H100/H200, and its tuning: GPU time from a profiler trace (2026-11-29, third
+# session) at K=4096 N=14336: 25.8 / 27.1 us per kernel at M = 1 / 16 with 2 blocks per step and
+# depth 4 (1 block: 28.7 / 30.1; 4 blocks depth 8: 27.1 / 35.4), against 35.8 / 32.5 us for the
+# Triton decode kernel; at M = 64 it was slower than the Triton kernel's best tuning.
 MGPU_DEFAULT_MAX_M = 16
 
 
@@ -67,7 +68,8 @@ def mgpu_tuning_for(m: int, w: QTensor, dtype: jnp.dtype, device_kind: str) -> M
     if (not hopper or w.kind is not QuantKind.NF4 or m > MGPU_DEFAULT_MAX_M
             or jnp.dtype(dtype) != jnp.bfloat16 or w.shape[1] % 64):
         return None
-    return MgpuTuning(tile_m=max(8, -(-m // 8) * 8), max_concurrent_steps=4 if m <= 8 else 8)
+    return MgpuTuning(tile_m=max(8, -(-m // 8) * 8), max_concurrent_steps=4,
+                      blocks_per_step=2 if w.shape[1] % 128 == 0 else 1)
 
 
 class Dequant(enum.Enum):

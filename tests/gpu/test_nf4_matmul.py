@@ -73,16 +73,21 @@ def test_linear_default_and_pallas_on_gpu(kind: str) -> None:
 @pytest.mark.skipif(jax.default_backend() == "gpu"
                     and "H100" not in jax.devices()[0].device_kind
                     and "H200" not in jax.devices()[0].device_kind, reason="needs sm_90")
-@pytest.mark.parametrize("m,k,n,tile_m,splits", [(1, 4096, 1024, 8, None),
-                                                 (16, 4160, 520, 16, None),
-                                                 (37, 320, 200, 40, 1), (300, 1024, 96, 128, 2)])
-def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits) -> None:
+@pytest.mark.parametrize("m,k,n,tile_m,splits,bps", [(1, 4096, 1024, 8, None, 1),
+                                                     (16, 4160, 520, 16, None, 1),
+                                                     (37, 320, 200, 40, 1, 1),
+                                                     (300, 1024, 96, 128, 2, 1),
+                                                     (1, 4096, 1024, 8, None, 2),
+                                                     (16, 4224, 520, 16, None, 2),
+                                                     (5, 2048, 200, 8, 2, 4),
+                                                     (9, 4096, 136, 16, None, 8)])
+def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits, bps: int) -> None:
     from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
     rng = np.random.default_rng(m * 5 + n)
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
     w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(
         rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
-    t = MgpuTuning(tile_m=tile_m, splits=splits)
+    t = MgpuTuning(tile_m=tile_m, splits=splits, blocks_per_step=bps)
     y = jax.jit(lambda x, w: nf4_matmul(x, w, tuning=t))(x, w)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     assert _rel(y, nf4_matmul_reference(x, w)) <= 1e-2
