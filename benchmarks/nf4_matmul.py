@@ -185,8 +185,9 @@ def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
     """Mosaic GPU (Hopper) tunings for one M: wgmma N = M rounded up to 8 for decode."""
     if decode:
         tile = min(256, max(8, -(-m // 8) * 8))
-        return [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b)
-                for b, d in ((1, 4), (1, 8), (2, 4), (4, 4), (4, 8), (8, 2), (8, 4))]
+        return [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s)
+                for b, d, s in ((2, 4, None), (1, 4, None), (2, 4, 4), (2, 4, 8), (1, 4, 8),
+                                (4, 4, 4), (8, 4, None))]
     return [MgpuTuning(tile_m=t, max_concurrent_steps=4) for t in (128, 256)]
 
 
@@ -326,10 +327,13 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
             timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws),
                      ("pre-work", scanned(mgpu_prework), ws),
                      (f"triton {sweep[0]}", scanned(make(sweep[0])), ws)]
-            for t in [t for t in mgpu_sweep(m, decode)[::2] if k // 64 % t.blocks_per_step == 0]:
+            for i, t in enumerate(mgpu_sweep(m, decode)):
+                if k // 64 % t.blocks_per_step:
+                    continue
                 timed.append((f"mgpu {t}", scanned(make(t)), ws))
-                timed.append((f"mgpu kernel alone {t}", scanned(
-                    lambda a, op, t=t: nf4_matmul_mgpu(a, *op, n, t, interpret)), ops))
+                if i == 0:
+                    timed.append((f"mgpu kernel alone {t}", scanned(
+                        lambda a, op, t=t: nf4_matmul_mgpu(a, *op, n, t, interpret)), ops))
             for label, fn, weights in timed:
                 try:
                     us, per = device_us_per_layer(fn, inp, weights, layers)
