@@ -44,7 +44,7 @@ _X_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(64))
 @dataclasses.dataclass(frozen=True)
 class MgpuTuning:
     """tile_m: x rows per CTA (wgmma's N: a multiple of 8, <= 256); max_concurrent_steps: TMA
-    pipeline depth; splits: split-K factor (None: enough CTAs for 2 per SM of 132);
+    pipeline depth; splits: split-K factor (None: `default_splits`, 8 CTAs per SM of 132);
     blocks_per_step: 64-weight quantization blocks per pipeline step (1, 2, 4 or 8; K/64 must
     be a multiple of blocks_per_step * splits)."""
 
@@ -144,10 +144,17 @@ def _kernel(codes_gmem, xe_gmem, xo_gmem, s_gmem, out_gmem, o_smem, a_smem=None,
     plgpu.wait_smem_to_gmem(0)
 
 
+# CTAs the default split-K aims for: 8 per SM of a 132-SM H100/H200. Each CTA is one warpgroup
+# of 46-96 registers per thread, so residency is bounded by the grid, not by registers: on the
+# H200 at K=4096 N=14336, M=1, splits 8 (1792 CTAs) ran the kernel in 22.0 us, splits 4 in 22.7,
+# splits 2 (the old target of 2 per SM) in 25.8 (2026-11-29, GPU time from a profiler trace).
+TARGET_CTAS = 1056
+
+
 def default_splits(ctas: int, steps: int) -> int:
-    """Power-of-two split of the K steps until the grid holds >= 264 CTAs (2 per SM)."""
+    """Power-of-two split of the K steps until the grid holds >= TARGET_CTAS CTAs."""
     splits = 1
-    while ctas * splits < 264 and steps % (2 * splits) == 0 and splits < 16:
+    while ctas * splits < TARGET_CTAS and steps % (2 * splits) == 0 and splits < 16:
         splits *= 2
     return splits
 

@@ -106,6 +106,14 @@ def test_mgpu_kernel_interpreted_matches_reference(m, k, n, tuning) -> None:
     assert float(err) <= 1e-2
 
 
+def test_mgpu_default_splits_aim_at_eight_ctas_per_sm() -> None:
+    from fastlora_jax.kernels.nf4_matmul_mgpu import default_splits as mgpu_default_splits
+    assert mgpu_default_splits(224, 32) == 8    # 4096 x 14336, 2 blocks per step: 1792 CTAs
+    assert mgpu_default_splits(224, 8) == 8
+    assert mgpu_default_splits(224, 33) == 1    # an odd step count cannot be split
+    assert mgpu_default_splits(2, 256) == 16    # capped at 16
+
+
 def test_mgpu_tuning_checks() -> None:
     with pytest.raises(KernelError, match="tile_m=12"):
         MgpuTuning(tile_m=12)
