@@ -37,6 +37,8 @@ import numpy as np
 from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels.attention_reference import attention_mask
 
+import mgpu_trace  # a sibling script: benchmarks/ is on the path when this one runs
+
 TOKENS = 16384
 
 
@@ -202,6 +204,20 @@ def measure(impl: str, c: Case, block_sizes: fa.BlockSizes | None = None
     return measure_interleaved([impl], c, block_sizes)[impl]
 
 
+def profile(c: Case, backend: str, directory: pathlib.Path) -> str:
+    """One fwd+bwd of a Mosaic GPU variant with the in-kernel profiler on (kernels/mgpu_profile.py):
+    a trace per kernel launch under directory/<case>/<backend>; returns their summary."""
+    out = directory / c.name.replace("/", "_") / backend
+    out.mkdir(parents=True, exist_ok=True)
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(c.head_dim),
+                             **variant_overrides(backend), mgpu_profile_dir=str(out))
+    q, k, v, do, seg = _inputs(c)
+    attn = _attn_fn("ours:mosaic_gpu", c, seg, bs)
+    jax.block_until_ready(jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))(q, k, v, do))
+    jax.effects_barrier()  # the profiler writes its traces from host callbacks
+    return mgpu_trace.format_summary(out)
+
+
 def sweep(c: Case, backend: str) -> list[dict]:
     """Try a few tilings of one case; print and return them."""
     rows = []
@@ -243,6 +259,9 @@ def main() -> None:
     parser.add_argument("--cases", default="",
                         help="comma-separated substrings: run the cases whose name has one")
     parser.add_argument("--sweep", default="", help="backends (comma-separated) to tile-sweep")
+    parser.add_argument("--profile", type=pathlib.Path, default=None,
+                        help="instead of timing: run each Mosaic variant's fwd+bwd once with the "
+                             "in-kernel profiler, traces under this folder, and print summaries")
     args = parser.parse_args()
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
                                            capture_output=True, text=True).stdout.strip()
@@ -254,6 +273,12 @@ def main() -> None:
         cases = [c for c in cases if any(part in c.name for part in args.cases.split(","))]
     for b in backends:
         variant_overrides(b)  # fail before any timing on a misspelt variant
+    if args.profile:
+        for c in cases:
+            for b in backends:
+                if b.startswith("mosaic_gpu"):
+                    print(f"== {c.name} {b}\n{profile(c, b, args.profile)}", flush=True)
+        return
     rows, table, extra = [], [], {}
     doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),
                device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=commit,

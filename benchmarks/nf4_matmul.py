@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime
 import gzip
 import json
@@ -40,6 +41,8 @@ from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
 from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning, nf4_matmul_mgpu
 from fastlora_jax.quant import QTensor, QuantKind, dequantize, nf4_block_scales
 from fastlora_jax.quant.qtensor import nbytes
+
+import mgpu_trace  # a sibling script: benchmarks/ is on the path when this one runs
 
 T = MatmulTuning
 TRAIN = [(8192, 4096, 14336), (8192, 14336, 4096), (8192, 4096, 4096), (8192, 4096, 1024),
@@ -71,6 +74,7 @@ def dequant_spec(spec: str) -> dq.DequantTuning:
 DEQUANT_TUNING = dq.DEFAULT_TUNING  # the dequant+dot rows use the fastest exact tuning measured
 FUSED = True  # --no-fused: skip the fused kernels' sweeps (baselines and dequant+dot only)
 MGPU = False  # --mgpu: add the Hopper Mosaic GPU forward to the forward sweeps (sm_90 only)
+PROFILE = None  # --profile DIR: one Mosaic GPU decode launch with the in-kernel profiler
 DIRECTIONS = ("fwd", "bwd")
 TRAIN_TFLOPS_TARGET = 600.0
 DECODE_GBS_TARGET = 3000.0
@@ -323,6 +327,13 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
         if direction == "fwd" and MGPU and decode and kind == "nf4":
             t_pre = time_per_layer(scanned(mgpu_prework), inp, ws, layers, reps)
             log.append(f"  Mosaic GPU pre-work alone (XLA): {t_pre * 1e6:.1f} us")
+            if PROFILE is not None:
+                out = PROFILE / f"nf4_M{m}_K{k}_N{n}"
+                out.mkdir(parents=True, exist_ok=True)
+                t = dataclasses.replace(mgpu_sweep(m, decode)[0], profile_dir=str(out))
+                jax.block_until_ready(jax.jit(make(t))(inp, ws[0]))
+                jax.effects_barrier()  # the profiler writes its trace from a host callback
+                log.append(f"  in-kernel profile of {t}:\n{mgpu_trace.format_summary(out)}")
             ops = [jax.block_until_ready(jax.jit(nf4.nf4_operands)(w)) for w in ws]
             timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws),
                      ("pre-work", scanned(mgpu_prework), ws),
@@ -385,6 +396,9 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="MxKxN,... (default: the issue's list)")
     ap.add_argument("--quick", action="store_true", help="first tuning of each sweep only")
     ap.add_argument("--mgpu", action="store_true", help="also sweep the Mosaic GPU forward")
+    ap.add_argument("--profile", type=pathlib.Path, default=None,
+                    help="with --mgpu: also profile one Mosaic decode launch in-kernel, traces "
+                         "under this folder (benchmarks/mgpu_trace.py summarises them)")
     ap.add_argument("--directions", default="fwd,bwd")
     ap.add_argument("--no-fused", action="store_true", help="skip the fused kernels' sweeps")
     ap.add_argument("--dequant-shapes", default="4096x14336",
@@ -393,10 +407,11 @@ def main() -> None:
     ap.add_argument("--dequant-sweep", default=None,
                     help="rows/warps/exact|fast/kernel|xla,... (default: DEQUANT_SWEEP)")
     args = ap.parse_args()
-    global MGPU, DIRECTIONS, FUSED, DEQUANT_SWEEP
+    global MGPU, DIRECTIONS, FUSED, DEQUANT_SWEEP, PROFILE
     if args.dequant_sweep:
         DEQUANT_SWEEP = [dequant_spec(v) for v in args.dequant_sweep.split(",")]
     MGPU, DIRECTIONS = args.mgpu, tuple(args.directions.split(","))
+    PROFILE = args.profile
     FUSED = not args.no_fused
     interpret = args.smoke
     if args.smoke or args.quick:

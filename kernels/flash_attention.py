@@ -89,9 +89,12 @@ class BlockSizes:
     ring (for_head_dim's mgpu_num_stages_bwd at head_dim <= 128) +1-3% fwd+bwd on the H200;
     mgpu_bwd_overlap=True has the backward kernels (two-kernel and fused) issue the do/v product
     before computing the probabilities, so the exponentials overlap the tensor cores
-    (correct in the interpreter and lowered for the GPU, not yet run on one: off by default);
+    (H200, 2026-11-29: 11-13 % slower fwd+bwd at 2K-4K: off by default);
     mgpu_bwd_stats_tma=True streams lse and delta through the TMA ring of the dk/dv (or fused)
-    kernel instead of loading them from global memory every step (same status).
+    kernel instead of loading them from global memory every step (H200: -4 to +7 %, within
+    noise: off by default);
+    mgpu_profile_dir="DIR" turns on Mosaic GPU's in-kernel profiler: every Mosaic kernel launch
+    writes a trace of its named regions per warpgroup to DIR (benchmarks/mgpu_trace.py).
     Every block is a power of two >= 16 (mgpu blocks: multiples of 64); num_warps a power of two
     in [1, 16]; stages >= 1. Portable blocks larger than the (padded) sequence are shrunk to it.
     """
@@ -121,6 +124,7 @@ class BlockSizes:
     mgpu_reverse_tiles: bool = True
     mgpu_bwd_overlap: bool = False
     mgpu_bwd_stats_tma: bool = False
+    mgpu_profile_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd", "mgpu_fused_pair_dq",
@@ -291,7 +295,8 @@ def _fwd_impl(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
                             block_q=b.mgpu_block_q, block_kv=b.mgpu_block_kv,
                             num_stages=b.mgpu_num_stages, pingpong=b.mgpu_pingpong,
                             reverse_tiles=b.mgpu_reverse_tiles,
-                            interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
+                            interpret=cfg.backend is Backend.MOSAIC_INTERPRET,
+                            profile_dir=b.mgpu_profile_dir)
     return portable.forward(q, k, v, q_seg, kv_seg, r_fwd, spec=cfg.spec, scale=cfg.scale,
                             softcap=cfg.softcap, block_q=b.block_q, block_kv=b.block_kv,
                             num_warps=b.num_warps, num_stages=b.num_stages,
@@ -325,7 +330,8 @@ def _flash_bwd(cfg: _Config, res, do):
         common = dict(spec=cfg.spec, scale=cfg.scale, softcap=cfg.softcap,
                       block_q=bs.mgpu_block_q_bwd, block_kv=bs.mgpu_block_kv_bwd,
                       num_stages=bs.mgpu_num_stages_bwd or bs.mgpu_num_stages,
-                      interpret=cfg.backend is Backend.MOSAIC_INTERPRET)
+                      interpret=cfg.backend is Backend.MOSAIC_INTERPRET,
+                      profile_dir=bs.mgpu_profile_dir)
         if bs.mgpu_fused_bwd:
             dq, dk, dv = mgpu_fused.backward_fused(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
                                                    pair_dq=bs.mgpu_fused_pair_dq,

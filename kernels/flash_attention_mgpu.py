@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from fastlora_jax.kernels.flash_attention_portable import MaskSpec
+from fastlora_jax.kernels.mgpu_profile import compiler_params
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -87,10 +88,12 @@ def stream(n: jax.Array, num_stages: int, copies: list) -> None:
     copies: (src(t) -> GMEM view, SMEM ring [num_stages, ...], loaded barriers, freed barriers).
     The last num_stages releases are observed too, so every barrier ends on a completed phase.
     """
+    @jax.named_scope("issue_tma")
     def load(t, slot):
         for src, ring, loaded, _ in copies:
             plgpu.copy_gmem_to_smem(src(t), ring.at[slot], loaded.at[slot])
 
+    @jax.named_scope("wait_free")
     def wait_free(slot):
         for _, _, _, freed in copies:
             plgpu.barrier_wait(freed.at[slot])
@@ -133,8 +136,8 @@ def mma_accumulate(acc: jax.Array, a: jax.Array, b_smem, a_smem) -> jax.Array:
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
             q_seg: jax.Array | None, kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
             softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-            pingpong: bool = False, reverse_tiles: bool = False, interpret: bool = False
-            ) -> tuple[jax.Array, jax.Array]:
+            pingpong: bool = False, reverse_tiles: bool = False, interpret: bool = False,
+            profile_dir: str = "") -> tuple[jax.Array, jax.Array]:
     """Padded forward: (o [B, Tq, H, D], lse [B, H, Tq] float32). q_seg [B, Tq], kv_seg [B, Tk]
     int32 or None (segment ids padded with -1 / -2).
 
@@ -179,7 +182,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
                 k_seg_vec = load_vector(seg_refs[1].at[b, pl.ds((lo + t) * block_kv, block_kv)],
                                         plgpu.Layout.WGMMA.reduce(0))
                 segments = (q_seg_vec, k_seg_vec)
-            plgpu.barrier_wait(k_bar.at[slot])
+            with jax.named_scope("wait_k"):
+                plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
@@ -187,34 +191,37 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
                     rendezvous()
                 return acc_ref[...]
 
-            s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
+            with jax.named_scope("qk"):
+                s = pl.run_scoped(qk, plgpu.ACC((block_q, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             # s2 = log2(e) * (scaled, soft-capped score): softmax runs in base 2.
-            if softcap is None:
-                s2 = s * (scale * _LOG2E)
-            else:
-                s2 = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
-            if masked:
-                s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
-            m_new = jnp.maximum(m, s2.max(axis=1))
-            if masked:  # a row that has seen no key yet keeps m = -inf: shift by 0 instead
-                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            else:
-                m_use = m_new
-            p = jnp.exp2(s2 - lax.broadcast_in_dim(m_use, s2.shape, [0]))
-            alpha = jnp.exp2(m - m_use)
-            l = l * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(dtype)
-            if pingpong:  # softmax done; take the tensor cores once the other one is done too
-                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                plgpu.barrier_arrive(turn)
-                plgpu.barrier_wait(v_bar.at[slot])
-                plgpu.barrier_wait(turn)
-            else:
-                plgpu.barrier_wait(v_bar.at[slot])
-
-            acc = mma_accumulate(acc, p16, v_smem.at[slot], p_smem)
+            with jax.named_scope("softmax"):
+                if softcap is None:
+                    s2 = s * (scale * _LOG2E)
+                else:
+                    s2 = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
+                if masked:
+                    s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
+                m_new = jnp.maximum(m, s2.max(axis=1))
+                if masked:  # a row that has seen no key yet keeps m = -inf: shift by 0 instead
+                    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                else:
+                    m_use = m_new
+                p = jnp.exp2(s2 - lax.broadcast_in_dim(m_use, s2.shape, [0]))
+                alpha = jnp.exp2(m - m_use)
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+            with jax.named_scope("wait_v"):
+                if pingpong:  # softmax done; take the tensor cores once the other one is done too
+                    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                    plgpu.barrier_arrive(turn)
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_wait(turn)
+                else:
+                    plgpu.barrier_wait(v_bar.at[slot])
+            with jax.named_scope("pv"):
+                acc = mma_accumulate(acc, p16, v_smem.at[slot], p_smem)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
@@ -297,6 +304,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         grid_names=("heads", "tiles", "batch"),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=compiler_params(profile_dir, approx_math=True),
         **extra,
     )(q, k, v, ranges, *segs)

@@ -27,6 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from fastlora_jax.kernels.flash_attention_mgpu import (load_vector, mask_scores, mma_accumulate,
                                                        stream)
 from fastlora_jax.kernels.flash_attention_portable import MaskSpec
+from fastlora_jax.kernels.mgpu_profile import compiler_params
 
 _LOG2E = math.log2(math.e)
 _WGS = 2  # compute warpgroups per CTA
@@ -149,7 +150,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                 kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                 softcap: float | None, block_q: int, block_kv: int, num_stages: int,
                 reverse_tiles: bool = False, overlap: bool = False,
-                interpret: bool = False) -> jax.Array:
+                interpret: bool = False, profile_dir: str = "") -> jax.Array:
     """dq [B, Tq, H, D] in q's dtype. reverse_tiles: CTA i takes query tile n - 1 - i (the
     heaviest tiles under a causal mask first, as in the forward). overlap: issue do v^T before
     computing p, so the exponentials run while the tensor cores form dp."""
@@ -184,13 +185,15 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                 k_seg_vec = load_vector(seg_refs[1].at[b, pl.ds((lo + t) * block_kv, block_kv)],
                                         plgpu.Layout.WGMMA.reduce(0))
                 segments = (q_seg_vec, k_seg_vec)
-            plgpu.barrier_wait(k_bar.at[slot])
+            with jax.named_scope("wait_k"):
+                plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_ring.at[slot].transpose((1, 0)))
                 return acc_ref[...]
 
-            s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
+            with jax.named_scope("qk"):
+                s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
 
             def probs():
                 s2, th = _scores2(s, scale, softcap)
@@ -199,8 +202,10 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                 return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0])), th
 
             if not overlap:
-                p, th = probs()
-            plgpu.barrier_wait(v_bar.at[slot])
+                with jax.named_scope("probs"):
+                    p, th = probs()
+            with jax.named_scope("wait_v"):
+                plgpu.barrier_wait(v_bar.at[slot])
 
             def dov(acc_ref):
                 plgpu.wgmma(acc_ref, do_smem, v_ring.at[slot].transpose((1, 0)))
@@ -208,15 +213,18 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                     return (*probs(), acc_ref[...])
                 return acc_ref[...]
 
-            if overlap:
-                p, th, dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
-            else:
-                dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
+            with jax.named_scope("dov+probs" if overlap else "dov"):
+                if overlap:
+                    p, th, dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
+                else:
+                    dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(v_free.at[slot])
-            ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
-            if th is not None:
-                ds = ds * (1.0 - th * th)
-            dq = mma_accumulate(dq, ds.astype(dtype), k_ring.at[slot], ds_smem)
+            with jax.named_scope("ds"):
+                ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
+                if th is not None:
+                    ds = ds * (1.0 - th * th)
+            with jax.named_scope("dq"):
+                dq = mma_accumulate(dq, ds.astype(dtype), k_ring.at[slot], ds_smem)
             plgpu.barrier_arrive(k_free.at[slot])
             return dq
 
@@ -272,7 +280,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
         entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         grid=(heads, n_tiles, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kw(interpret),
+        compiler_params=compiler_params(profile_dir, approx_math=True), **_interpret_kw(interpret),
     )(q, k, v, do, lse, delta, ranges, *segs)
 
 
@@ -281,7 +289,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                  kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                  softcap: float | None, block_q: int, block_kv: int, num_stages: int,
                  group_in_kernel: bool = False, overlap: bool = False,
-                 stats_tma: bool = False, interpret: bool = False
+                 stats_tma: bool = False, interpret: bool = False, profile_dir: str = ""
                  ) -> tuple[jax.Array, jax.Array]:
     """dk, dv [B, Tk, Hkv, D].
 
@@ -324,13 +332,15 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             lse2, delta, segments = query_block_inputs(
                 stats, slot, lse_ref, delta_ref, seg_refs, k_seg_vec, b, qh, q0, block_q,
                 col_layout, masked)
-            plgpu.barrier_wait(q_bar.at[slot])
+            with jax.named_scope("wait_q"):
+                plgpu.barrier_wait(q_bar.at[slot])
 
             def kq(acc_ref):
                 plgpu.wgmma(acc_ref, k_smem, q_ring.at[slot].transpose((1, 0)))
                 return acc_ref[...]
 
-            s = pl.run_scoped(kq, plgpu.ACC(shape, jnp.float32))
+            with jax.named_scope("kq"):
+                s = pl.run_scoped(kq, plgpu.ACC(shape, jnp.float32))
 
             def probs():
                 s2, th = _scores2(s, scale, softcap)
@@ -347,18 +357,26 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                 return acc_ref[...]
 
             if overlap:
-                plgpu.barrier_wait(do_bar.at[slot])
-                p, th, dv, dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
+                with jax.named_scope("wait_do"):
+                    plgpu.barrier_wait(do_bar.at[slot])
+                with jax.named_scope("vdo+probs+dv"):
+                    p, th, dv, dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
             else:
-                p, th = probs()
-                plgpu.barrier_wait(do_bar.at[slot])
-                dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
-                dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
+                with jax.named_scope("probs"):
+                    p, th = probs()
+                with jax.named_scope("wait_do"):
+                    plgpu.barrier_wait(do_bar.at[slot])
+                with jax.named_scope("dv"):
+                    dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
+                with jax.named_scope("vdo"):
+                    dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(do_free.at[slot])
-            ds = p * (dp - lax.broadcast_in_dim(delta, shape, [1]))
-            if th is not None:
-                ds = ds * (1.0 - th * th)
-            dk = mma_accumulate(dk, ds.astype(dtype), q_ring.at[slot], p_smem)
+            with jax.named_scope("ds"):
+                ds = p * (dp - lax.broadcast_in_dim(delta, shape, [1]))
+                if th is not None:
+                    ds = ds * (1.0 - th * th)
+            with jax.named_scope("dk"):
+                dk = mma_accumulate(dk, ds.astype(dtype), q_ring.at[slot], p_smem)
             plgpu.barrier_arrive(q_free.at[slot])
             return dk, dv
 
@@ -429,7 +447,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         entry, out_type=(per_head, per_head),
         grid=(out_heads, seq_kv // cta_keys, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True), **_interpret_kw(interpret),
+        compiler_params=compiler_params(profile_dir, approx_math=True), **_interpret_kw(interpret),
     )(q, k, v, do, lse, delta, ranges, *segs)
     if group_in_kernel:
         return dk, dv

@@ -52,6 +52,7 @@ from fastlora_jax.kernels.flash_attention_mgpu_bwd import (load_key_block, query
                                                            stats_scratch, stats_stream_sources,
                                                            stream_query_blocks)
 from fastlora_jax.kernels.flash_attention_portable import MaskSpec
+from fastlora_jax.kernels.mgpu_profile import compiler_params
 
 _LOG2E = math.log2(math.e)
 _WGS = 2  # compute warpgroups per CTA
@@ -120,7 +121,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                    kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                    softcap: float | None, block_q: int, block_kv: int, num_stages: int,
                    pair_dq: bool = False, overlap: bool = False, stats_tma: bool = False,
-                   interpret: bool | plgpu.InterpretGPUParams = False
+                   interpret: bool | plgpu.InterpretGPUParams = False, profile_dir: str = ""
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq [B, Tq, H, D] in q's dtype, dk, dv [B, Tk, Hkv, D] in k's dtype).
 
@@ -170,6 +171,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
         shape = (block_kv, block_q)  # transposed scores: keys x queries
         col_layout = plgpu.Layout.WGMMA.reduce(0)
 
+        @jax.named_scope("dq_add")
         def add_dq(dq_part: jax.Array, h: jax.Array, q0: jax.Array, cols) -> None:
             """Reduce-add a [block_q, dq_cols] float32 partial dq into dq[b, q0:, h, cols]."""
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous add has read dq_smem
@@ -181,6 +183,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
             else:  # emulated: a slot per (key tile, warpgroup), summed outside (module docstring)
                 plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[(tile, wg) + rows])
 
+        @jax.named_scope("dq_pair")
         def paired_dq(h: jax.Array, q0: jax.Array, cols) -> None:
             def product(acc_ref):
                 for w in range(_WGS):
@@ -200,8 +203,11 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                 lse2, dlt, segments = query_block_inputs(
                     stats, slot, lse_ref, delta_ref, seg_refs, k_seg_vec, b, h, q0, block_q,
                     col_layout, masked)
-                plgpu.barrier_wait(q_bar.at[slot])
-                s = _mma(None, k_smem, q_ring.at[slot].transpose((1, 0)), interpret=interpret)
+                with jax.named_scope("wait_q"):
+                    plgpu.barrier_wait(q_bar.at[slot])
+                with jax.named_scope("kq"):
+                    s = _mma(None, k_smem, q_ring.at[slot].transpose((1, 0)),
+                             interpret=interpret)
 
                 def probs():
                     if softcap is None:
@@ -223,36 +229,48 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                                            interpret=interpret)
                         return p, th, dv_new, dp_ref[...]
 
-                    p, th, dv, dp = pl.run_scoped(dp_then_dv, plgpu.ACC(shape, jnp.float32))
+                    with jax.named_scope("vdo+probs+dv"):
+                        p, th, dv, dp = pl.run_scoped(dp_then_dv,
+                                                      plgpu.ACC(shape, jnp.float32))
                 else:
-                    p, th = probs()
-                    plgpu.barrier_wait(do_bar.at[slot])
-                    dv = _mma_regs(dv, p.astype(dtype), do_ring.at[slot], ds_smem,
-                                   interpret=interpret)
-                    dp = _mma(None, v_smem, do_ring.at[slot].transpose((1, 0)),
-                              interpret=interpret)
+                    with jax.named_scope("probs"):
+                        p, th = probs()
+                    with jax.named_scope("wait_do"):
+                        plgpu.barrier_wait(do_bar.at[slot])
+                    with jax.named_scope("dv"):
+                        dv = _mma_regs(dv, p.astype(dtype), do_ring.at[slot], ds_smem,
+                                       interpret=interpret)
+                    with jax.named_scope("vdo"):
+                        dp = _mma(None, v_smem, do_ring.at[slot].transpose((1, 0)),
+                                  interpret=interpret)
                 plgpu.barrier_arrive(do_free.at[slot])
-                ds = p * (dp - lax.broadcast_in_dim(dlt, shape, [1]))
-                if th is not None:
-                    ds = ds * (1.0 - th * th)
-                ds_smem[...] = ds.astype(dtype)
-                plgpu.commit_smem()
+                with jax.named_scope("ds"):
+                    ds = p * (dp - lax.broadcast_in_dim(dlt, shape, [1]))
+                    if th is not None:
+                        ds = ds * (1.0 - th * th)
+                    ds_smem[...] = ds.astype(dtype)
+                    plgpu.commit_smem()
                 if pair_dq:
-                    plgpu.barrier_arrive(ds_ready)  # both warpgroups' ds^T are in shared memory
-                    plgpu.barrier_wait(ds_ready)
-                dk = _mma(dk, ds_smem, q_ring.at[slot], interpret=interpret)
+                    with jax.named_scope("wait_ds_ready"):
+                        plgpu.barrier_arrive(ds_ready)  # both warpgroups' ds^T are in smem
+                        plgpu.barrier_wait(ds_ready)
+                with jax.named_scope("dk"):
+                    dk = _mma(dk, ds_smem, q_ring.at[slot], interpret=interpret)
                 plgpu.barrier_arrive(q_free.at[slot])
                 if pair_dq:  # warpgroup w: dq[:, w-th half] = sum over both key blocks
                     for w in range(_WGS):
                         pl.when(wg == w)(functools.partial(paired_dq, h, q0,
                                                            pl.ds(w * dq_cols, dq_cols)))
-                    plgpu.barrier_arrive(ds_read)  # neither ds^T is overwritten before both read
-                    plgpu.barrier_wait(ds_read)
+                    with jax.named_scope("wait_ds_read"):
+                        plgpu.barrier_arrive(ds_read)  # neither ds^T is overwritten before
+                        plgpu.barrier_wait(ds_read)    # both warpgroups read it
                     return dk, dv
                 for c in range(d // dq_cols):  # dq = ds k, dq_cols columns at a time
                     cols = pl.ds(c * dq_cols, dq_cols)
                     k_cols = k_smem if dq_cols == d else k_smem.at[:, cols]
-                    dq_part = _mma(None, ds_smem.transpose((1, 0)), k_cols, interpret=interpret)
+                    with jax.named_scope("dq"):
+                        dq_part = _mma(None, ds_smem.transpose((1, 0)), k_cols,
+                                       interpret=interpret)
                     add_dq(dq_part, h, q0, cols)
                 return dk, dv
 
@@ -325,7 +343,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
         flash_bwd_fused, out_type=(per_kv_head, per_kv_head),
         grid=(kv_heads, n_tiles, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=compiler_params(profile_dir, approx_math=True),
         **(dict(interpret=interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                 else plgpu.InterpretGPUParams()) if interpret else {}),
     )(q, k, v, do, lse, delta, ranges, *segs, dq_acc)

@@ -33,6 +33,7 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, llvm
 
 from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels.mgpu_profile import compiler_params
 from fastlora_jax.kernels.nf4_matmul_common import pad_axis
 from fastlora_jax.kernels.nf4_matmul_lut import ASM_PLANES_2B, nf4_lookup
 
@@ -46,12 +47,14 @@ class MgpuTuning:
     """tile_m: x rows per CTA (wgmma's N: a multiple of 8, <= 256); max_concurrent_steps: TMA
     pipeline depth; splits: split-K factor (None: `default_splits`, 8 CTAs per SM of 132);
     blocks_per_step: 64-weight quantization blocks per pipeline step (1, 2, 4 or 8; K/64 must
-    be a multiple of blocks_per_step * splits)."""
+    be a multiple of blocks_per_step * splits); profile_dir: Mosaic GPU's in-kernel profiler
+    writes a trace of the named regions per launch there ("" = off)."""
 
     tile_m: int = 16
     max_concurrent_steps: int = 4
     splits: int | None = None
     blocks_per_step: int = 1
+    profile_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.tile_m % 8 or not 8 <= self.tile_m <= 256:
@@ -107,20 +110,25 @@ def _kernel(codes_gmem, xe_gmem, xo_gmem, s_gmem, out_gmem, o_smem, a_smem=None,
     def body(_, c_smem, xe_smem, xo_smem, s_smem, acc_ref):
         for b in range(bps):
             blk = pl.ds(b * BLOCK_BYTES, BLOCK_BYTES)
-            codes = plgpu.load(c_smem.at[:, blk], layout=plgpu.Layout.WGMMA, optimized=False)
-            hi, lo = _decode_planes(codes) if use_asm else _decode_planes_jnp(codes)
-            s = plgpu.load(s_smem.at[b], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-            s = plgpu.layout_cast(lax.broadcast_in_dim(s.astype(jnp.bfloat16),
-                                                       (ROWS, BLOCK_BYTES), (0,)),
-                                  plgpu.Layout.WGMMA)
-            a_hi, a_lo = hi * s, lo * s
+            with jax.named_scope("decode"):
+                codes = plgpu.load(c_smem.at[:, blk], layout=plgpu.Layout.WGMMA,
+                                   optimized=False)
+                hi, lo = _decode_planes(codes) if use_asm else _decode_planes_jnp(codes)
+            with jax.named_scope("scale"):
+                s = plgpu.load(s_smem.at[b], layout=plgpu.Layout.WGMMA.reduce(1),
+                               optimized=False)
+                s = plgpu.layout_cast(lax.broadcast_in_dim(s.astype(jnp.bfloat16),
+                                                           (ROWS, BLOCK_BYTES), (0,)),
+                                      plgpu.Layout.WGMMA)
+                a_hi, a_lo = hi * s, lo * s
             if not use_asm:  # the interpreter's wgmma takes A from shared memory only
                 a_smem[2 * b], a_smem[2 * b + 1] = a_hi, a_lo
                 plgpu.commit_smem()
                 a_hi, a_lo = a_smem.at[2 * b], a_smem.at[2 * b + 1]
             plgpu.wgmma(acc_ref, a_hi, plgpu.transpose_ref(xe_smem.at[:, blk], (1, 0)))
             plgpu.wgmma(acc_ref, a_lo, plgpu.transpose_ref(xo_smem.at[:, blk], (1, 0)))
-        plgpu.wgmma_wait(0)
+        with jax.named_scope("wgmma_wait"):
+            plgpu.wgmma_wait(0)
 
     def run(acc_ref):
         plgpu.emit_pipeline(
@@ -196,6 +204,7 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int,
         scratch_types=[plgpu.SMEM((ROWS, tile_m), out_dtype)] + (
             [plgpu.SMEM((2 * bps, ROWS, BLOCK_BYTES), jnp.bfloat16, transforms=_X_TRANSFORMS)]
             if interpret else []),
+        compiler_params=compiler_params(tuning.profile_dir),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )
     out = call(codes, xe, xo, scales_t)
