@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One GPU session's checks and timings, in order of value, each under its own time limit, so one
+# call of the device tool measures everything a change touched.
+#
+# Usage (repository root, on the GPU machine):
+#   bash benchmarks/device_check.sh OUT_DIR COMMIT [STAGE ...]
+# STAGE (default: all, in this order):
+#   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
+#   profile-nf4   in-kernel profile + GPU time of the NF4 decode kernels (M = 1 and 16)
+#   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
+#   tests-nf4     tests/gpu/test_nf4_matmul.py
+#   bench-attn    benchmarks/attention.py, causal cases, default vs the opt-in schedules
+# Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
+# JSON (the device's own checkout reports a stale HEAD).
+set -u
+out=${1:?OUT_DIR}
+commit=${2:?COMMIT}
+shift 2
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(profile-attn profile-nf4 tests-attn tests-nf4 bench-attn)
+mkdir -p "$out"
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile . || exit 1
+# Tests run from a copy: the installed package, not the checkout, is what they import.
+tests_copy=$(mktemp -d)
+cp -r tests "$tests_copy/"
+
+run() {  # run STAGE SECONDS COMMAND...
+  local stage=$1 limit=$2
+  shift 2
+  echo "== $stage (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$stage.log" 2>&1
+  echo "   rc=$? in $((SECONDS - t0))s"
+  grep -v "Warning\|warnings.warn\|^  *$" "$out/$stage.log" | tail -n 60
+}
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    profile-attn)
+      run "$stage" 150 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
+        --cases s4096,s16384 --backends mosaic_gpu,mosaic_gpu+fused+pair \
+        --profile "$out/traces-attn" ;;
+    profile-nf4)
+      MOSAIC_GPU_DUMP_PTXAS=1 run "$stage" 150 python3 benchmarks/nf4_matmul.py --out "$out" \
+        --commit "$commit" --kinds nf4 --shapes 1x4096x14336,16x4096x14336 --directions fwd \
+        --mgpu --quick --no-fused --dequant-shapes '' --tag decode \
+        --profile "$out/traces-nf4" ;;
+    tests-attn)
+      run "$stage" 240 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_flash_attention.py" ;;
+    tests-nf4)
+      run "$stage" 150 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_nf4_matmul.py" ;;
+    bench-attn)
+      run "$stage" 240 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
+        --cases causal --backends mosaic_gpu,mosaic_gpu+st ;;
+    *)
+      echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
