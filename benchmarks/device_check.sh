@@ -6,7 +6,7 @@
 #   bash benchmarks/device_check.sh OUT_DIR COMMIT [STAGE ...]
 # STAGE (default: all, in this order):
 #   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
-#   profile-nf4   in-kernel profile + GPU time of the NF4 decode kernels (M = 1 and 16)
+#   profile-nf4   in-kernel profile + GPU time of the NF4 and int8 decode kernels (M = 1, 16)
 #   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
 #   tests-nf4     tests/gpu/test_nf4_matmul.py
 #   bench-attn    benchmarks/attention.py, causal cases, default vs the opt-in schedules
@@ -42,7 +42,7 @@ for stage in "${stages[@]}"; do
         --profile "$out/traces-attn" ;;
     profile-nf4)
       MOSAIC_GPU_DUMP_PTXAS=1 run "$stage" 150 python3 benchmarks/nf4_matmul.py --out "$out" \
-        --commit "$commit" --kinds nf4 --shapes 1x4096x14336,16x4096x14336 --directions fwd \
+        --commit "$commit" --kinds nf4,int8 --shapes 1x4096x14336,16x4096x14336 --directions fwd \
         --mgpu --quick --no-fused --dequant-shapes '' --tag decode \
         --profile "$out/traces-nf4" ;;
     tests-attn)

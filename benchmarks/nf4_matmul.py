@@ -288,6 +288,44 @@ def dequant_dot_rows(case: str, direction: str, inp, ws, layers: int, reps: int,
                  baseline=tf(t_bf16), ratio=t_bf16 / sec, target="ceiling: ~1.0x", **extra)]
 
 
+def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: int, reps: int,
+                        make: Callable, triton: MatmulTuning, bf_op: Callable, xla_op: Callable,
+                        wbytes_q: int, interpret: bool, log: list[str]) -> None:
+    """Log the GPU time (profiler trace, `device_us_per_layer`) of every Mosaic GPU decode tuning
+    next to the bf16 GEMM, XLA's dequantize-then-dot and the first Triton tuning; for NF4 also
+    the XLA pre-work alone, the kernel alone and (--profile) an in-kernel profile."""
+    timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws),
+             (f"triton {triton}", scanned(make(triton)), ws)]
+    tunings = [t for t in mgpu_sweep(m, True) if k // 64 % t.blocks_per_step == 0]
+    timed += [(f"mgpu {t}", scanned(make(t)), ws) for t in tunings]
+    if kind == "nf4":
+        t_pre = time_per_layer(scanned(mgpu_prework), inp, ws, layers, reps)
+        log.append(f"  Mosaic GPU pre-work alone (XLA, wall clock): {t_pre * 1e6:.1f} us")
+        ops = [jax.block_until_ready(jax.jit(nf4.nf4_operands)(w)) for w in ws]
+        timed += [("pre-work", scanned(mgpu_prework), ws),
+                  (f"mgpu kernel alone {tunings[0]}", scanned(
+                      lambda a, op: nf4_matmul_mgpu(a, *op, n, tunings[0], interpret)), ops)]
+    if PROFILE is not None:
+        out = PROFILE / f"{kind}_M{m}_K{k}_N{n}"
+        out.mkdir(parents=True, exist_ok=True)
+        t = dataclasses.replace(tunings[0], profile_dir=str(out))
+        try:
+            jax.block_until_ready(jax.jit(make(t))(inp, ws[0]))
+            jax.effects_barrier()  # the profiler writes its trace from a host callback
+            log.append(f"  in-kernel profile of {t}:\n{mgpu_trace.format_summary(out)}")
+        except Exception as e:  # noqa: BLE001 -- reported, the benchmark goes on
+            log.append(f"  in-kernel profile failed: {type(e).__name__}: {str(e)[:300]}")
+    for label, fn, weights in timed:
+        try:
+            us, per = device_us_per_layer(fn, inp, weights, layers)
+        except Exception as e:  # noqa: BLE001 -- reported, the sweep goes on
+            log.append(f"  device time {label}: failed {type(e).__name__}: {str(e)[:300]}")
+            continue
+        log.append(f"  device time {label}: {us:.1f} us/layer, "
+                   f"{wbytes_q / us / 1e3:.0f} GB/s of {kind} bytes; "
+                   + "; ".join(f"{name} {v:.1f}" for name, v in per.items()))
+
+
 def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
                log: list[str]) -> list[dict]:
     decode = m <= 64
@@ -324,39 +362,9 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
             sweep = sweep + mgpu_sweep(m, decode)
         t_xla = time_per_layer(scanned(xla_op), inp, ws, layers, reps)
         t_bf16 = time_per_layer(scanned(bf_op), inp, wb, layers, reps)
-        if direction == "fwd" and MGPU and decode and kind == "nf4":
-            t_pre = time_per_layer(scanned(mgpu_prework), inp, ws, layers, reps)
-            log.append(f"  Mosaic GPU pre-work alone (XLA): {t_pre * 1e6:.1f} us")
-            if PROFILE is not None:
-                out = PROFILE / f"nf4_M{m}_K{k}_N{n}"
-                out.mkdir(parents=True, exist_ok=True)
-                t = dataclasses.replace(mgpu_sweep(m, decode)[0], profile_dir=str(out))
-                try:
-                    jax.block_until_ready(jax.jit(make(t))(inp, ws[0]))
-                    jax.effects_barrier()  # the profiler writes its trace from a host callback
-                    log.append(f"  in-kernel profile of {t}:\n{mgpu_trace.format_summary(out)}")
-                except Exception as e:  # noqa: BLE001 -- reported, the benchmark goes on
-                    log.append(f"  in-kernel profile failed: {type(e).__name__}: {str(e)[:300]}")
-            ops = [jax.block_until_ready(jax.jit(nf4.nf4_operands)(w)) for w in ws]
-            timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws),
-                     ("pre-work", scanned(mgpu_prework), ws),
-                     (f"triton {sweep[0]}", scanned(make(sweep[0])), ws)]
-            for i, t in enumerate(mgpu_sweep(m, decode)):
-                if k // 64 % t.blocks_per_step:
-                    continue
-                timed.append((f"mgpu {t}", scanned(make(t)), ws))
-                if i == 0:
-                    timed.append((f"mgpu kernel alone {t}", scanned(
-                        lambda a, op, t=t: nf4_matmul_mgpu(a, *op, n, t, interpret)), ops))
-            for label, fn, weights in timed:
-                try:
-                    us, per = device_us_per_layer(fn, inp, weights, layers)
-                except Exception as e:  # noqa: BLE001 -- reported, the sweep goes on
-                    log.append(f"  device time {label}: failed {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                log.append(f"  device time {label}: {us:.1f} us/layer, "
-                           f"{wbytes_q / us / 1e3:.0f} GB/s of NF4 bytes; "
-                           + "; ".join(f"{name} {v:.1f}" for name, v in per.items()))
+        if direction == "fwd" and MGPU and decode:
+            decode_device_times(kind, m, k, n, inp, ws, wb, layers, reps, make, sweep[0],
+                                bf_op, xla_op, wbytes_q, interpret, log)
         case = f"{name} {direction}"
         tf = lambda t: flops / t / 1e12  # noqa: E731
         best_base = min(t_xla, t_bf16)

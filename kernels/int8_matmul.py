@@ -3,7 +3,8 @@
 x [M, K] (bf16) -> y [M, N] in x's dtype, float32 accumulation. Codes are converted to x's dtype
 in-kernel (exact for |c| <= 127) and the per-output-channel scale is applied to the float32
 accumulator: y = (x @ codes.T) * scale. The backward computes dx = (dy * scale) @ codes with the
-same kernel shape (no gradient for w). Pallas, Triton backend on GPU, interpreted on CPU.
+same kernel shape (no gradient for w). Pallas, Triton backend on GPU, interpreted on CPU; a
+`MgpuTuning` runs the Hopper Mosaic GPU forward instead (`int8_matmul_mgpu.py`, K % 64 == 0).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels.int8_matmul_mgpu import int8_matmul_mgpu
 from fastlora_jax.kernels.nf4_matmul_common import (MatmulTuning, check_dy, check_x,
                                                     default_interpret, pad_axis, zero_cotangent)
+from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
 
 TRAIN_TUNING = MatmulTuning(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -69,10 +72,13 @@ def _operands(w: QTensor) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(w.codes), jnp.asarray(w.scale, jnp.float32).reshape(1, -1)
 
 
-def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) -> jax.Array:
+def _forward(x: jax.Array, w: QTensor, tuning: MatmulTuning | MgpuTuning,
+             interpret: bool) -> jax.Array:
     m, k = x.shape
     n = w.shape[0]
     codes, scale = _operands(w)
+    if isinstance(tuning, MgpuTuning):
+        return int8_matmul_mgpu(x, codes, scale.reshape(-1), n, tuning, interpret=interpret)
     bm = min(tuning.block_m, max(16, pl.next_power_of_2(m)))
     bn, bk = tuning.block_n, tuning.k_step(k, quantum=16)
     xp = pad_axis(x, 0, bm)
@@ -120,7 +126,8 @@ def _backward(dy: jax.Array, w: QTensor, tuning: MatmulTuning, interpret: bool) 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _int8_matmul(x: jax.Array, w: QTensor, tuning: MatmulTuning, bwd_tuning: MatmulTuning,
+def _int8_matmul(x: jax.Array, w: QTensor, tuning: MatmulTuning | MgpuTuning,
+                 bwd_tuning: MatmulTuning,
                  bwd_xla: bool, interpret: bool) -> jax.Array:
     return _forward(x, w, tuning, interpret)
 
@@ -139,12 +146,13 @@ def _int8_matmul_bwd(tuning, bwd_tuning, bwd_xla, interpret, w, dy):
 _int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
 
 
-def int8_matmul(x: jax.Array, w: QTensor, *, tuning: MatmulTuning | None = None,
+def int8_matmul(x: jax.Array, w: QTensor, *, tuning: MatmulTuning | MgpuTuning | None = None,
                 bwd_tuning: MatmulTuning | None = None, bwd_xla: bool = False,
                 interpret: bool | None = None) -> jax.Array:
     """Fused y = x [M, K] @ dequantize(w [N, K]).T -> [M, N] in x.dtype; differentiable in x.
 
-    K must be a multiple of 16. `tuning` defaults to DECODE_TUNING for M <= DECODE_MAX_M. The
+    K must be a multiple of 16. `tuning` defaults to DECODE_TUNING for M <= DECODE_MAX_M; a
+    `MgpuTuning` runs the Hopper Mosaic GPU forward (sm_90, bf16 x, K % 64 == 0). The
     backward is the fused dx kernel, or XLA's dequantize-then-dot when `bwd_xla`.
     """
     check_x(x, w, "int8_matmul")

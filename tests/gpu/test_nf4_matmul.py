@@ -93,6 +93,30 @@ def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits, bps: i
     assert _rel(y, nf4_matmul_reference(x, w)) <= 1e-2
 
 
+# The Hopper int8 forward on the same skeleton (kernels/int8_matmul_mgpu.py): decode and larger M,
+# odd N, split-K, several blocks per step, and its gradient (the Triton dx kernel).
+@pytest.mark.skipif(jax.default_backend() == "gpu"
+                    and "H100" not in jax.devices()[0].device_kind
+                    and "H200" not in jax.devices()[0].device_kind, reason="needs sm_90")
+@pytest.mark.parametrize("m,k,n,tile_m,splits,bps", [(1, 4096, 1024, 8, None, 2),
+                                                     (16, 4224, 520, 16, None, 1),
+                                                     (37, 320, 200, 40, 1, 1),
+                                                     (300, 1024, 96, 128, 2, 4)])
+def test_int8_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits, bps: int) -> None:
+    from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
+    rng = np.random.default_rng(m * 7 + n)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
+    w = jax.tree_util.tree_map(jnp.asarray, quantize_int8(
+        rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
+    t = MgpuTuning(tile_m=tile_m, splits=splits, blocks_per_step=bps)
+    y = jax.jit(lambda x: int8_matmul(x, w, tuning=t))(x)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert _rel(y, int8_matmul_reference(x, w)) <= 1e-2
+    g = jax.grad(lambda x: jnp.sum(int8_matmul(x, w, tuning=t).astype(jnp.float32) ** 2))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(int8_matmul_reference(x, w).astype(jnp.float32) ** 2))(x)
+    assert _rel(g, g_ref) <= 1e-2
+
+
 # The bandwidth-bound dequantization kernel (kernels/nf4_dequant.py): odd N, a ragged
 # N*K % 64 != 0 weight, a masked last tile, bf16 and fp16. With the absmax decoded in the kernel
 # it must equal the reference bit for bit (evaluated eagerly on the CPU: no FMA contraction);
