@@ -39,13 +39,22 @@ def supported(head_dim: int, dtype: jnp.dtype) -> bool:
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
-def _scores2(s: jax.Array, scale: float, softcap: float | None
-             ) -> tuple[jax.Array, jax.Array | None]:
+def scores2(s: jax.Array, scale: float, softcap: float | None
+            ) -> tuple[jax.Array, jax.Array | None]:
     """log2(e) * (scaled, soft-capped) scores, and tanh for the softcap gradient."""
     if softcap is None:
         return s * (scale * _LOG2E), None
     t = jnp.tanh(s * (scale / softcap))
     return t * (softcap * _LOG2E), t
+
+
+@jax.named_scope("ds")
+def score_grads(p: jax.Array, dp: jax.Array, delta: jax.Array, th: jax.Array | None,
+                query_axis: int) -> jax.Array:
+    """ds = p (dp - delta), times 1 - tanh^2 under a softcap; delta (one per query) broadcast
+    along the scores' query axis (0 for [queries, keys], 1 for transposed scores)."""
+    ds = p * (dp - lax.broadcast_in_dim(delta, p.shape, [query_axis]))
+    return ds if th is None else ds * (1.0 - th * th)
 
 
 def _smem_specs(dtype, shapes: list[tuple[int, ...]]) -> tuple:
@@ -196,7 +205,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                 s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
 
             def probs():
-                s2, th = _scores2(s, scale, softcap)
+                s2, th = scores2(s, scale, softcap)
                 if masked:
                     s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
                 return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0])), th
@@ -219,10 +228,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
                 else:
                     dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(v_free.at[slot])
-            with jax.named_scope("ds"):
-                ds = p * (dp - lax.broadcast_in_dim(delta, shape, [0]))
-                if th is not None:
-                    ds = ds * (1.0 - th * th)
+            ds = score_grads(p, dp, delta, th, query_axis=0)
             with jax.named_scope("dq"):
                 dq = mma_accumulate(dq, ds.astype(dtype), k_ring.at[slot], ds_smem)
             plgpu.barrier_arrive(k_free.at[slot])
@@ -343,7 +349,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                 s = pl.run_scoped(kq, plgpu.ACC(shape, jnp.float32))
 
             def probs():
-                s2, th = _scores2(s, scale, softcap)
+                s2, th = scores2(s, scale, softcap)
                 if masked:
                     s2 = mask_scores(spec, s2, q0, key0, transposed=True, segments=segments)
                 return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1])), th
@@ -371,10 +377,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                 with jax.named_scope("vdo"):
                     dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(do_free.at[slot])
-            with jax.named_scope("ds"):
-                ds = p * (dp - lax.broadcast_in_dim(delta, shape, [1]))
-                if th is not None:
-                    ds = ds * (1.0 - th * th)
+            ds = score_grads(p, dp, delta, th, query_axis=1)
             with jax.named_scope("dk"):
                 dk = mma_accumulate(dk, ds.astype(dtype), q_ring.at[slot], p_smem)
             plgpu.barrier_arrive(q_free.at[slot])

@@ -38,7 +38,6 @@ int32 or None.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +48,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.flash_attention_mgpu import mask_scores
 from fastlora_jax.kernels.flash_attention_mgpu_bwd import (load_key_block, query_block_inputs,
-                                                           stats_scratch, stats_stream_sources,
+                                                           score_grads, scores2, stats_scratch,
+                                                           stats_stream_sources,
                                                            stream_query_blocks)
 from fastlora_jax.kernels.flash_attention_portable import MaskSpec
 from fastlora_jax.kernels.mgpu_profile import compiler_params
 
-_LOG2E = math.log2(math.e)
 _WGS = 2  # compute warpgroups per CTA
 SMEM_LIMIT = 227 * 1024  # bytes of shared memory a Hopper CTA may use
 
@@ -210,11 +209,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                              interpret=interpret)
 
                 def probs():
-                    if softcap is None:
-                        s2, th = s * (scale * _LOG2E), None
-                    else:
-                        th = jnp.tanh(s * (scale / softcap))
-                        s2 = th * (softcap * _LOG2E)
+                    s2, th = scores2(s, scale, softcap)
                     if masked:
                         s2 = mask_scores(spec, s2, q0, key0, transposed=True, segments=segments)
                     return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1])), th
@@ -244,10 +239,8 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                         dp = _mma(None, v_smem, do_ring.at[slot].transpose((1, 0)),
                                   interpret=interpret)
                 plgpu.barrier_arrive(do_free.at[slot])
-                with jax.named_scope("ds"):
-                    ds = p * (dp - lax.broadcast_in_dim(dlt, shape, [1]))
-                    if th is not None:
-                        ds = ds * (1.0 - th * th)
+                ds = score_grads(p, dp, dlt, th, query_axis=1)
+                with jax.named_scope("ds_store"):
                     ds_smem[...] = ds.astype(dtype)
                     plgpu.commit_smem()
                 if pair_dq:

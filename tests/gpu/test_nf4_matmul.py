@@ -82,15 +82,26 @@ def test_linear_default_and_pallas_on_gpu(kind: str) -> None:
                                                      (5, 2048, 200, 8, 2, 4),
                                                      (9, 4096, 136, 16, None, 8)])
 def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits, bps: int) -> None:
-    from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
-    rng = np.random.default_rng(m * 5 + n)
+    _check_mgpu("nf4", m, k, n, tile_m, splits, bps, grad=False)
+
+
+def _check_mgpu(kind: str, m: int, k: int, n: int, tile_m: int, splits, bps: int,
+                grad: bool) -> None:
+    """A Mosaic GPU forward (MgpuTuning) against its reference; with `grad`, also jax.grad."""
+    from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
+    quantize, op, ref = KINDS[kind]
+    rng = np.random.default_rng(m * 5 + n + len(kind))
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
-    w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(
+    w = jax.tree_util.tree_map(jnp.asarray, quantize(
         rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
     t = MgpuTuning(tile_m=tile_m, splits=splits, blocks_per_step=bps)
-    y = jax.jit(lambda x, w: nf4_matmul(x, w, tuning=t))(x, w)
+    y = jax.jit(lambda x: op(x, w, tuning=t))(x)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-    assert _rel(y, nf4_matmul_reference(x, w)) <= 1e-2
+    assert _rel(y, ref(x, w)) <= 1e-2
+    if grad:
+        g = jax.grad(lambda x: jnp.sum(op(x, w, tuning=t).astype(jnp.float32) ** 2))(x)
+        g_ref = jax.grad(lambda x: jnp.sum(ref(x, w).astype(jnp.float32) ** 2))(x)
+        assert _rel(g, g_ref) <= 1e-2
 
 
 # The Hopper int8 forward on the same skeleton (kernels/int8_matmul_mgpu.py): decode and larger M,
@@ -103,18 +114,7 @@ def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits, bps: i
                                                      (37, 320, 200, 40, 1, 1),
                                                      (300, 1024, 96, 128, 2, 4)])
 def test_int8_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits, bps: int) -> None:
-    from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
-    rng = np.random.default_rng(m * 7 + n)
-    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
-    w = jax.tree_util.tree_map(jnp.asarray, quantize_int8(
-        rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
-    t = MgpuTuning(tile_m=tile_m, splits=splits, blocks_per_step=bps)
-    y = jax.jit(lambda x: int8_matmul(x, w, tuning=t))(x)
-    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-    assert _rel(y, int8_matmul_reference(x, w)) <= 1e-2
-    g = jax.grad(lambda x: jnp.sum(int8_matmul(x, w, tuning=t).astype(jnp.float32) ** 2))(x)
-    g_ref = jax.grad(lambda x: jnp.sum(int8_matmul_reference(x, w).astype(jnp.float32) ** 2))(x)
-    assert _rel(g, g_ref) <= 1e-2
+    _check_mgpu("int8", m, k, n, tile_m, splits, bps, grad=True)
 
 
 # The bandwidth-bound dequantization kernel (kernels/nf4_dequant.py): odd N, a ragged
