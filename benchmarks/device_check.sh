@@ -4,11 +4,11 @@
 #
 # Usage (repository root, on the GPU machine):
 #   bash benchmarks/device_check.sh OUT_DIR COMMIT [STAGE ...]
-# STAGE (default: all, in this order):
-#   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
+# STAGE (default: all, in this order; correctness first, since the NF4 one is a GPU default):
+#   tests-nf4     tests/gpu/test_nf4_matmul.py (NF4 and int8, Triton and Mosaic GPU kernels)
 #   profile-nf4   in-kernel profile + GPU time of the NF4 and int8 decode kernels (M = 1, 16)
+#   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
 #   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
-#   tests-nf4     tests/gpu/test_nf4_matmul.py
 #   bench-attn    benchmarks/attention.py, causal cases, default vs the opt-in schedules
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
@@ -17,7 +17,7 @@ out=${1:?OUT_DIR}
 commit=${2:?COMMIT}
 shift 2
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(profile-attn profile-nf4 tests-attn tests-nf4 bench-attn)
+[ ${#stages[@]} -eq 0 ] && stages=(tests-nf4 profile-nf4 profile-attn tests-attn bench-attn)
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile . || exit 1
 # Tests run from a copy: the installed package, not the checkout, is what they import.
