@@ -39,6 +39,7 @@ from fastlora_jax.kernels import nf4_dequant as dq
 from fastlora_jax.kernels import nf4_matmul as nf4
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
 from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning, nf4_matmul_mgpu
+from fastlora_jax.kernels.weight_stream_mgpu import tile_for
 from fastlora_jax.quant import QTensor, QuantKind, dequantize, nf4_block_scales
 from fastlora_jax.quant.qtensor import nbytes
 
@@ -188,7 +189,7 @@ def mgpu_prework(x, w):
 def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
     """Mosaic GPU (Hopper) tunings for one M: wgmma N = M rounded up to 8 for decode."""
     if decode:
-        tile = min(256, max(8, -(-m // 8) * 8))
+        tile = tile_for(m)
         return [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s)
                 for b, d, s in ((2, 4, None), (1, 4, None), (2, 4, 4), (2, 4, 8), (1, 4, 8),
                                 (4, 4, 4), (8, 4, None))]

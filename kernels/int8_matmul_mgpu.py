@@ -23,7 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.nf4_matmul_common import pad_axis
 from fastlora_jax.kernels.weight_stream_mgpu import (ROWS, MgpuTuning, Stream, finish_output,
-                                                     plan, stream_matmul)
+                                                     plan, stream_matmul, tile_for)
 
 BLOCK = 64  # columns per converted block: one wgmma's K = 4 x 16
 _X_TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -69,7 +69,7 @@ def int8_matmul_mgpu(x: jax.Array, codes: jax.Array, scale: jax.Array, n: int,
     if codes.dtype != jnp.int8 or codes.shape != (n, k):
         raise KernelError(f"int8_matmul_mgpu: codes {codes.dtype}{list(codes.shape)} must be "
                           f"int8[{n}, {k}]")
-    tuning = tuning or MgpuTuning(tile_m=min(256, max(8, -(-m // 8) * 8)))
+    tuning = tuning or MgpuTuning(tile_m=tile_for(m))
     tile_m, bps = tuning.tile_m, tuning.blocks_per_step
     xp = pad_axis(x, 0, tile_m)
     codes = pad_axis(codes, 0, ROWS)
@@ -86,6 +86,6 @@ def int8_matmul_mgpu(x: jax.Array, codes: jax.Array, scale: jax.Array, n: int,
     scratch = ((plgpu.SMEM((bps, ROWS, BLOCK), jnp.bfloat16, transforms=_X_TRANSFORMS),)
                if interpret else ())
     out = stream_matmul(streams, _body(bps, interpret), grid, tuning,
-                        jnp.float32 if grid.splits > 1 else x.dtype, scratch_types=scratch,
+                        x.dtype, scratch_types=scratch,
                         epilogue=_scale_rows, extra=(scale,), interpret=interpret)
     return finish_output(out, n, m, x.dtype)

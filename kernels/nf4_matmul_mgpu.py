@@ -35,7 +35,8 @@ from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.nf4_matmul_common import pad_axis
 from fastlora_jax.kernels.nf4_matmul_lut import ASM_PLANES_2B, nf4_lookup
 from fastlora_jax.kernels.weight_stream_mgpu import (ROWS, MgpuTuning, Stream, default_splits,
-                                                     finish_output, plan, stream_matmul)
+                                                     finish_output, plan, stream_matmul,
+                                                     tile_for)
 
 __all__ = ["MgpuTuning", "default_splits", "nf4_matmul_mgpu"]
 
@@ -109,7 +110,7 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int,
         raise KernelError(f"nf4_matmul_mgpu: K={k} must be a multiple of 64 (the NF4 block)")
     if x.dtype != jnp.bfloat16:
         raise KernelError(f"nf4_matmul_mgpu: x.dtype={x.dtype} must be bfloat16 (wgmma operand)")
-    tuning = tuning or MgpuTuning(tile_m=min(256, max(8, -(-m // 8) * 8)))
+    tuning = tuning or MgpuTuning(tile_m=tile_for(m))
     tile_m, bps = tuning.tile_m, tuning.blocks_per_step
     xp = pad_axis(x, 0, tile_m)
     xe, xo = xp[:, 0::2], xp[:, 1::2]
@@ -132,6 +133,6 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int,
     scratch = ((plgpu.SMEM((2 * bps, ROWS, BLOCK_BYTES), jnp.bfloat16,
                            transforms=_X_TRANSFORMS),) if interpret else ())
     out = stream_matmul(streams, _body(bps, use_asm=not interpret), grid, tuning,
-                        jnp.float32 if grid.splits > 1 else x.dtype, scratch_types=scratch,
+                        x.dtype, scratch_types=scratch,
                         interpret=interpret)
     return finish_output(out, n, m, x.dtype)

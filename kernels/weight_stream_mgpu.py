@@ -62,6 +62,11 @@ class MgpuTuning:
                               f"4 or 8 (a TMA box is at most 256 code bytes wide)")
 
 
+def tile_for(m: int) -> int:
+    """The tile_m for M rows of x: M rounded up to a multiple of 8, within wgmma's [8, 256]."""
+    return min(256, max(8, -(-m // 8) * 8))
+
+
 def default_splits(ctas: int, steps: int) -> int:
     """Power-of-two split of the K steps until the grid holds >= TARGET_CTAS CTAs."""
     splits = 1
@@ -106,12 +111,13 @@ def plan(name: str, n_rows: int, m_rows: int, k_blocks: int, tuning: MgpuTuning)
 
 
 def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: MgpuTuning,
-                  out_dtype: jnp.dtype, *, scratch_types: tuple = (),
+                  dtype: jnp.dtype, *, scratch_types: tuple = (),
                   epilogue: Callable | None = None, extra: tuple = (),
                   interpret: bool = False) -> jax.Array:
-    """Launch the kernel: partial y^T [splits, N_tiles * ROWS, M_tiles * tile_m] in out_dtype
-    (float32 when split). `extra`: GMEM arrays handed to the epilogue."""
+    """Launch the kernel: partial y^T [splits, N_tiles * ROWS, M_tiles * tile_m], float32 when
+    split, else in x's `dtype`. `extra`: GMEM arrays handed to the epilogue."""
     tile_m, n_streams = tuning.tile_m, len(streams)
+    out_dtype = jnp.float32 if grid.splits > 1 else dtype
 
     def kernel(*refs):
         gmem, extra_refs = refs[:n_streams], refs[n_streams:n_streams + len(extra)]

@@ -35,7 +35,7 @@ from fastlora_jax.ops.impl import Impl, platform, resolve
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
 
 if TYPE_CHECKING:
-    from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
+    from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
 
 # Largest number of rows (tokens) for which the fused Pallas forward is the GPU default, per kind.
 # Measured on the H200 (benchmarks/nf4_matmul.py): at M = 1, 16, 64 the fused forward beat XLA's
@@ -62,13 +62,13 @@ MGPU_DEFAULT_MAX_M = 16
 
 def mgpu_tuning_for(m: int, w: QTensor, dtype: jnp.dtype, device_kind: str) -> MgpuTuning | None:
     """The MgpuTuning the GPU default uses for NF4 x [m, K] (bf16) on this device, or None."""
-    from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning
+    from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning, tile_for
 
     hopper = any(name in device_kind for name in ("H100", "H200", "H800"))
     if (not hopper or w.kind is not QuantKind.NF4 or m > MGPU_DEFAULT_MAX_M
             or jnp.dtype(dtype) != jnp.bfloat16 or w.shape[1] % 64):
         return None
-    return MgpuTuning(tile_m=max(8, -(-m // 8) * 8), max_concurrent_steps=4,
+    return MgpuTuning(tile_m=tile_for(m), max_concurrent_steps=4,
                       blocks_per_step=2 if w.shape[1] % 128 == 0 else 1)
 
 
