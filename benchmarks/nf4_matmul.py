@@ -289,19 +289,17 @@ def dequant_dot_rows(case: str, direction: str, inp, ws, layers: int, reps: int,
                  baseline=tf(t_bf16), ratio=t_bf16 / sec, target="ceiling: ~1.0x", **extra)]
 
 
-def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: int, reps: int,
+def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: int,
                         make: Callable, triton: MatmulTuning, bf_op: Callable, xla_op: Callable,
                         wbytes_q: int, interpret: bool, log: list[str]) -> None:
     """Log the GPU time (profiler trace, `device_us_per_layer`) of every Mosaic GPU decode tuning
     next to the bf16 GEMM, XLA's dequantize-then-dot and the first Triton tuning; for NF4 also
-    the XLA pre-work alone, the kernel alone and (--profile) an in-kernel profile."""
+    the XLA pre-work alone and the kernel alone; with --profile, an in-kernel profile."""
     timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws),
              (f"triton {triton}", scanned(make(triton)), ws)]
     tunings = [t for t in mgpu_sweep(m, True) if k // 64 % t.blocks_per_step == 0]
     timed += [(f"mgpu {t}", scanned(make(t)), ws) for t in tunings]
     if kind == "nf4":
-        t_pre = time_per_layer(scanned(mgpu_prework), inp, ws, layers, reps)
-        log.append(f"  Mosaic GPU pre-work alone (XLA, wall clock): {t_pre * 1e6:.1f} us")
         ops = [jax.block_until_ready(jax.jit(nf4.nf4_operands)(w)) for w in ws]
         timed += [("pre-work", scanned(mgpu_prework), ws),
                   (f"mgpu kernel alone {tunings[0]}", scanned(
@@ -364,7 +362,7 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
         t_xla = time_per_layer(scanned(xla_op), inp, ws, layers, reps)
         t_bf16 = time_per_layer(scanned(bf_op), inp, wb, layers, reps)
         if direction == "fwd" and MGPU and decode:
-            decode_device_times(kind, m, k, n, inp, ws, wb, layers, reps, make, sweep[0],
+            decode_device_times(kind, m, k, n, inp, ws, wb, layers, make, sweep[0],
                                 bf_op, xla_op, wbytes_q, interpret, log)
         case = f"{name} {direction}"
         tf = lambda t: flops / t / 1e12  # noqa: E731
