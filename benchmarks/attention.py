@@ -209,10 +209,9 @@ def profile(c: Case, backend: str, directory: pathlib.Path) -> str:
     a trace per kernel launch under directory/<case>/<backend>; returns their summary."""
     out = directory / c.name.replace("/", "_") / backend
     out.mkdir(parents=True, exist_ok=True)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(c.head_dim),
-                             **variant_overrides(backend), mgpu_profile_dir=str(out))
+    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(c.head_dim), mgpu_profile_dir=str(out))
     q, k, v, do, seg = _inputs(c)
-    attn = _attn_fn("ours:mosaic_gpu", c, seg, bs)
+    attn = _attn_fn(f"ours:{backend}", c, seg, bs)  # applies the variant's flags to bs
     jax.block_until_ready(jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))(q, k, v, do))
     jax.effects_barrier()  # the profiler writes its traces from host callbacks
     return mgpu_trace.format_summary(out)
