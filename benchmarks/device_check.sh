@@ -6,6 +6,10 @@
 #   bash benchmarks/device_check.sh OUT_DIR COMMIT [STAGE ...]
 # STAGE (default: all, in this order; correctness first, since the NF4 one is a GPU default):
 #   tests-nf4     tests/gpu/test_nf4_matmul.py (NF4 and int8, Triton and Mosaic GPU kernels)
+#   tests-mgpu    the same, the Mosaic GPU (Hopper) kernels only
+#   sass-nf4      SASS of the Mosaic NF4 decode kernel (M = 1; absmax on weights / on accumulator)
+#   decode-nf4    GPU time of the NF4 decode tunings (M = 1, 16), no profile
+#   decode-int8   the same for int8
 #   profile-nf4   in-kernel profile + GPU time of the NF4 and int8 decode kernels (M = 1, 16)
 #   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
 #   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
@@ -51,6 +55,24 @@ for stage in "${stages[@]}"; do
     tests-nf4)
       run "$stage" 150 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
         tests/gpu/test_nf4_matmul.py" ;;
+    tests-mgpu)
+      run "$stage" 150 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_nf4_matmul.py -k mgpu" ;;
+    sass-nf4)
+      MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$out/sass" run "$stage" 120 python3 -c "
+import jax, jax.numpy as jnp, numpy as np
+from fastlora_jax.kernels.nf4_matmul import nf4_matmul
+from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
+from fastlora_jax.quant import quantize_nf4
+w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(np.ones((1024, 4096), np.float32), dtype='bfloat16'))
+x = jnp.ones((1, 4096), jnp.bfloat16)
+for a in (False, True):
+    jax.block_until_ready(jax.jit(lambda x: nf4_matmul(x, w, tuning=MgpuTuning(tile_m=8, blocks_per_step=2, acc_scale=a)))(x))
+" ;;
+    decode-nf4|decode-int8)
+      run "$stage" 180 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
+        --kinds "${stage#decode-}" --shapes 1x4096x14336,16x4096x14336 --directions fwd \
+        --mgpu --quick --no-fused --dequant-shapes '' --tag "$stage" ;;
     bench-attn)
       run "$stage" 240 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
         --cases causal --backends mosaic_gpu,mosaic_gpu+st ;;

@@ -190,9 +190,12 @@ def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
     """Mosaic GPU (Hopper) tunings for one M: wgmma N = M rounded up to 8 for decode."""
     if decode:
         tile = tile_for(m)
-        return [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s)
-                for b, d, s in ((2, 4, None), (1, 4, None), (2, 4, 4), (2, 4, 8), (1, 4, 8),
-                                (4, 4, 4), (8, 4, None))]
+        sweep = [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s,
+                            acc_scale=a)
+                 for b, d, s, a in ((2, 4, None, False), (2, 4, None, True), (1, 4, None, True),
+                                    (4, 4, None, True), (2, 4, 4, True), (2, 4, 16, True),
+                                    (1, 4, 8, False), (4, 4, 4, False))]
+        return [t for t in sweep if not t.acc_scale or t.tile_m * t.blocks_per_step <= 64]
     return [MgpuTuning(tile_m=t, max_concurrent_steps=4) for t in (128, 256)]
 
 
@@ -298,6 +301,8 @@ def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: 
     timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws),
              (f"triton {triton}", scanned(make(triton)), ws)]
     tunings = [t for t in mgpu_sweep(m, True) if k // 64 % t.blocks_per_step == 0]
+    if kind != "nf4":  # acc_scale is NF4's; int8 always scales its accumulator
+        tunings = list(dict.fromkeys(dataclasses.replace(t, acc_scale=False) for t in tunings))
     timed += [(f"mgpu {t}", scanned(make(t)), ws) for t in tunings]
     if kind == "nf4":
         ops = [jax.block_until_ready(jax.jit(nf4.nf4_operands)(w)) for w in ws]

@@ -71,30 +71,66 @@ def _decode_planes_jnp(codes: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (nf4_lookup(q >> 4).astype(jnp.bfloat16), nf4_lookup(q & 0xF).astype(jnp.bfloat16))
 
 
+def _decoded(c_smem, b: int, use_asm: bool) -> tuple[jax.Array, jax.Array]:
+    """Block b of the step's codes, decoded into the (hi, lo) bf16 planes."""
+    with jax.named_scope("decode"):
+        codes = plgpu.load(c_smem.at[:, pl.ds(b * BLOCK_BYTES, BLOCK_BYTES)],
+                           layout=plgpu.Layout.WGMMA, optimized=False)
+        return _decode_planes(codes) if use_asm else _decode_planes_jnp(codes)
+
+
+def _issue(acc_ref, a_hi, a_lo, xe_smem, xo_smem, b: int, a_smem) -> None:
+    """The block's two wgmmas: hi plane x even columns, lo plane x odd columns."""
+    if a_smem is not None:  # the interpreter's wgmma takes A from shared memory only
+        a_smem[2 * b], a_smem[2 * b + 1] = a_hi, a_lo
+        plgpu.commit_smem()
+        a_hi, a_lo = a_smem.at[2 * b], a_smem.at[2 * b + 1]
+    blk = pl.ds(b * BLOCK_BYTES, BLOCK_BYTES)
+    plgpu.wgmma(acc_ref, a_hi, xe_smem.at[:, blk].transpose((1, 0)))
+    plgpu.wgmma(acc_ref, a_lo, xo_smem.at[:, blk].transpose((1, 0)))
+
+
+def _row_scales(s_smem, b: int, cols: int) -> jax.Array:
+    """Block b's 64 absmax values (one per weight row) broadcast over `cols` in WGMMA layout."""
+    s = plgpu.load(s_smem.at[b], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+    return lax.broadcast_in_dim(s, (ROWS, cols), (0,))
+
+
 def _body(bps: int, use_asm: bool):
-    """One pipeline step: codes [64, bps*32] u8, xe/xo [tile_m, bps*32], scales^T [bps, 64]."""
+    """One pipeline step (absmax on the weights): codes [64, bps*32] u8, xe/xo [tile_m, bps*32],
+    scales^T [bps, 64]; accumulates into the K loop's wgmma accumulator."""
     def body(c_smem, xe_smem, xo_smem, s_smem, acc_ref, a_smem=None):
         for b in range(bps):
-            blk = pl.ds(b * BLOCK_BYTES, BLOCK_BYTES)
-            with jax.named_scope("decode"):
-                codes = plgpu.load(c_smem.at[:, blk], layout=plgpu.Layout.WGMMA,
-                                   optimized=False)
-                hi, lo = _decode_planes(codes) if use_asm else _decode_planes_jnp(codes)
+            hi, lo = _decoded(c_smem, b, use_asm)
             with jax.named_scope("scale"):
-                s = plgpu.load(s_smem.at[b], layout=plgpu.Layout.WGMMA.reduce(1),
-                               optimized=False)
-                s = plgpu.layout_cast(lax.broadcast_in_dim(s.astype(jnp.bfloat16),
-                                                           (ROWS, BLOCK_BYTES), (0,)),
+                s = plgpu.layout_cast(_row_scales(s_smem, b, BLOCK_BYTES).astype(jnp.bfloat16),
                                       plgpu.Layout.WGMMA)
                 a_hi, a_lo = hi * s, lo * s
-            if not use_asm:  # the interpreter's wgmma takes A from shared memory only
-                a_smem[2 * b], a_smem[2 * b + 1] = a_hi, a_lo
-                plgpu.commit_smem()
-                a_hi, a_lo = a_smem.at[2 * b], a_smem.at[2 * b + 1]
-            plgpu.wgmma(acc_ref, a_hi, xe_smem.at[:, blk].transpose((1, 0)))
-            plgpu.wgmma(acc_ref, a_lo, xo_smem.at[:, blk].transpose((1, 0)))
+            _issue(acc_ref, a_hi, a_lo, xe_smem, xo_smem, b, a_smem)
         with jax.named_scope("wgmma_wait"):
             plgpu.wgmma_wait(0)
+
+    return body
+
+
+def _body_acc_scale(bps: int, tile_m: int, use_asm: bool):
+    """One pipeline step (absmax on the accumulator): each block's unscaled wgmmas go to their own
+    zeroed accumulator; after the wait, total += absmax * partial (float32)."""
+    def body(c_smem, xe_smem, xo_smem, s_smem, total, a_smem=None):
+        def step(*partials):
+            for b in range(bps):
+                hi, lo = _decoded(c_smem, b, use_asm)
+                _issue(partials[b], hi, lo, xe_smem, xo_smem, b, a_smem)
+            with jax.named_scope("wgmma_wait"):
+                plgpu.wgmma_wait(0)
+            with jax.named_scope("scale"):
+                out = total
+                for b in range(bps):
+                    out = out + partials[b][...] * _row_scales(s_smem, b, tile_m)
+                return out
+
+        return pl.run_scoped(step, *(plgpu.ACC((ROWS, tile_m), jnp.float32)
+                                     for _ in range(bps)))
 
     return body
 
@@ -132,7 +168,8 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int,
     ]
     scratch = ((plgpu.SMEM((2 * bps, ROWS, BLOCK_BYTES), jnp.bfloat16,
                            transforms=_X_TRANSFORMS),) if interpret else ())
-    out = stream_matmul(streams, _body(bps, use_asm=not interpret), grid, tuning,
-                        x.dtype, scratch_types=scratch,
-                        interpret=interpret)
+    body = (_body_acc_scale(bps, tile_m, not interpret) if tuning.acc_scale
+            else _body(bps, not interpret))
+    out = stream_matmul(streams, body, grid, tuning, x.dtype, scratch_types=scratch,
+                        register_acc=tuning.acc_scale, interpret=interpret)
     return finish_output(out, n, m, x.dtype)

@@ -8,14 +8,18 @@ share of K (K / splits) through a TMA pipeline `depth` steps deep and leaves a f
 y^T tile; XLA sums the split-K partials, transposes and casts (`finish_output`).
 
 A kernel supplies its `Stream`s (the arrays to pipeline, each with the CTA's view of it and the
-per-step block), a `body(*step_smem_refs, acc_ref, *scratch)` that converts the step's weights
-and issues its wgmmas into acc_ref (and waits for them), and optionally an `epilogue(acc, rows,
-*extra_gmem_refs)` applied to the CTA's accumulator before it is stored (int8's per-row scale).
+per-step block), a `body(*step_smem_refs, acc, *scratch)` that converts the step's weights and
+issues its wgmmas, and optionally an `epilogue(acc, rows, *extra_gmem_refs)` applied to the CTA's
+accumulator before it is stored (int8's per-row scale). The accumulator `acc` is either one wgmma
+accumulator ref for the whole K loop (the body issues into it and waits), or, with
+`register_acc=True`, a float32 [64, tile_m] value in registers carried across the steps (the body
+returns the next one: NF4's decode scales each block's partial product there).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -41,6 +45,9 @@ class MgpuTuning:
     pipeline depth; splits: split-K factor (None: `default_splits`, 8 CTAs per SM of 132);
     blocks_per_step: 64-column weight blocks per pipeline step (1, 2, 4 or 8; for NF4 one block
     is one quantization block; K/64 must be a multiple of blocks_per_step * splits);
+    acc_scale: NF4 only: multiply each block's float32 partial product by its absmax (one FMA
+    per accumulator element) instead of multiplying the decoded weights (one per weight pair);
+    needs blocks_per_step partial accumulators of 64 x tile_m, so it is for decode tiles;
     profile_dir: Mosaic GPU's in-kernel profiler writes a trace of the named regions per launch
     there ("" = off)."""
 
@@ -48,6 +55,7 @@ class MgpuTuning:
     max_concurrent_steps: int = 4
     splits: int | None = None
     blocks_per_step: int = 1
+    acc_scale: bool = False
     profile_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -60,6 +68,10 @@ class MgpuTuning:
         if self.blocks_per_step not in (1, 2, 4, 8):
             raise KernelError(f"MgpuTuning.blocks_per_step={self.blocks_per_step} must be 1, 2, "
                               f"4 or 8 (a TMA box is at most 256 code bytes wide)")
+        if self.acc_scale and self.tile_m * self.blocks_per_step > 64:
+            raise KernelError(f"MgpuTuning.acc_scale needs tile_m * blocks_per_step <= 64 "
+                              f"(registers of the partial accumulators), got {self.tile_m} * "
+                              f"{self.blocks_per_step}")
 
 
 def tile_for(m: int) -> int:
@@ -113,9 +125,10 @@ def plan(name: str, n_rows: int, m_rows: int, k_blocks: int, tuning: MgpuTuning)
 def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: MgpuTuning,
                   dtype: jnp.dtype, *, scratch_types: tuple = (),
                   epilogue: Callable | None = None, extra: tuple = (),
-                  interpret: bool = False) -> jax.Array:
+                  register_acc: bool = False, interpret: bool = False) -> jax.Array:
     """Launch the kernel: partial y^T [splits, N_tiles * ROWS, M_tiles * tile_m], float32 when
-    split, else in x's `dtype`. `extra`: GMEM arrays handed to the epilogue."""
+    split, else in x's `dtype`. `extra`: GMEM arrays handed to the epilogue. `register_acc`: the
+    body gets and returns a register accumulator instead of a wgmma accumulator ref."""
     tile_m, n_streams = tuning.tile_m, len(streams)
     out_dtype = jnp.float32 if grid.splits > 1 else dtype
 
@@ -127,16 +140,20 @@ def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: Mgp
         rows = pl.ds(lax.axis_index("n") * ROWS, ROWS)
         cols = pl.ds(m_idx * tile_m, tile_m)
 
-        def run(acc_ref):
-            plgpu.emit_pipeline(
-                lambda _, *step_refs: body(*step_refs, acc_ref, *scratch),
-                grid=(grid.steps,),
-                in_specs=[s.spec for s in streams],
-                max_concurrent_steps=tuning.max_concurrent_steps,
-            )(*(s.view(g, rows, cols, s_idx) for s, g in zip(streams, gmem)))
-            return acc_ref[...]
+        views = [s.view(g, rows, cols, s_idx) for s, g in zip(streams, gmem)]
+        pipeline = functools.partial(plgpu.emit_pipeline, grid=(grid.steps,),
+                                     in_specs=[s.spec for s in streams],
+                                     max_concurrent_steps=tuning.max_concurrent_steps)
+        if register_acc:
+            zeros = plgpu.layout_cast(jnp.zeros((ROWS, tile_m), jnp.float32), plgpu.Layout.WGMMA)
+            acc = pipeline(lambda _, *refs: body(*refs[:-1], refs[-1], *scratch),
+                           init_carry=zeros)(*views)
+        else:
+            def run(acc_ref):
+                pipeline(lambda _, *step_refs: body(*step_refs, acc_ref, *scratch))(*views)
+                return acc_ref[...]
 
-        acc = pl.run_scoped(run, plgpu.ACC((ROWS, tile_m), jnp.float32))
+            acc = pl.run_scoped(run, plgpu.ACC((ROWS, tile_m), jnp.float32))
         if epilogue is not None:
             acc = epilogue(acc, rows, *extra_refs)
         o_smem[...] = acc.astype(o_smem.dtype)

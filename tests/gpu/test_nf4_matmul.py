@@ -85,8 +85,21 @@ def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits, bps: i
     _check_mgpu("nf4", m, k, n, tile_m, splits, bps, grad=False)
 
 
+# The same with each block's absmax applied to its float32 partial product (MgpuTuning.acc_scale).
+@pytest.mark.skipif(jax.default_backend() == "gpu"
+                    and "H100" not in jax.devices()[0].device_kind
+                    and "H200" not in jax.devices()[0].device_kind, reason="needs sm_90")
+@pytest.mark.parametrize("m,k,n,tile_m,splits,bps", [(1, 4096, 1024, 8, None, 2),
+                                                     (16, 4160, 520, 16, None, 1),
+                                                     (37, 320, 200, 40, 1, 1),
+                                                     (5, 2048, 200, 8, 2, 4)])
+def test_mgpu_acc_scale_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits,
+                                       bps: int) -> None:
+    _check_mgpu("nf4", m, k, n, tile_m, splits, bps, grad=False, acc_scale=True)
+
+
 def _check_mgpu(kind: str, m: int, k: int, n: int, tile_m: int, splits, bps: int,
-                grad: bool) -> None:
+                grad: bool, acc_scale: bool = False) -> None:
     """A Mosaic GPU forward (MgpuTuning) against its reference; with `grad`, also jax.grad."""
     from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
     quantize, op, ref = KINDS[kind]
@@ -94,7 +107,7 @@ def _check_mgpu(kind: str, m: int, k: int, n: int, tile_m: int, splits, bps: int
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
     w = jax.tree_util.tree_map(jnp.asarray, quantize(
         rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
-    t = MgpuTuning(tile_m=tile_m, splits=splits, blocks_per_step=bps)
+    t = MgpuTuning(tile_m=tile_m, splits=splits, blocks_per_step=bps, acc_scale=acc_scale)
     y = jax.jit(lambda x: op(x, w, tuning=t))(x)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     assert _rel(y, ref(x, w)) <= 1e-2

@@ -93,7 +93,11 @@ def test_prmt_planes_replay_all_byte_pairs() -> None:
                                                                    max_concurrent_steps=2)),
                                           (20, 512, 130, MgpuTuning(tile_m=8, blocks_per_step=4)),
                                           (3, 256, 72, MgpuTuning(tile_m=8, blocks_per_step=2,
-                                                                  splits=2))])
+                                                                  splits=2)),
+                                          (20, 512, 130, MgpuTuning(tile_m=8, blocks_per_step=2,
+                                                                    acc_scale=True)),
+                                          (17, 384, 72, MgpuTuning(tile_m=24, splits=3,
+                                                                   acc_scale=True))])
 def test_mgpu_kernel_interpreted_matches_reference(m, k, n, tuning) -> None:
     rng = np.random.default_rng(m + n)
     w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(

@@ -76,11 +76,13 @@ def test_plan_checks_blocks_and_splits() -> None:
         plan("k", 64, 8, 6, MgpuTuning(tile_m=8, blocks_per_step=4))
     with pytest.raises(KernelError, match="splits=4 must divide"):
         plan("k", 64, 8, 6, MgpuTuning(tile_m=8, splits=4))
+    with pytest.raises(KernelError, match="acc_scale needs tile_m \\* blocks_per_step <= 64"):
+        MgpuTuning(tile_m=16, blocks_per_step=8, acc_scale=True)
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind,acc_scale", [("nf4", False), ("nf4", True), ("int8", False)])
 @pytest.mark.parametrize("bps", [1, 2, 4])
-def test_mgpu_kernels_lower_for_cuda(kind: str, bps: int) -> None:
+def test_mgpu_kernels_lower_for_cuda(kind: str, acc_scale: bool, bps: int) -> None:
     """The GPU path (inline-PTX NF4 decode or the int8 conversion, A in registers) lowers."""
     rng = np.random.default_rng(bps)
     quantize = quantize_nf4 if kind == "nf4" else quantize_int8
@@ -88,7 +90,7 @@ def test_mgpu_kernels_lower_for_cuda(kind: str, bps: int) -> None:
     w = jax.tree_util.tree_map(jnp.asarray, quantize(
         rng.standard_normal((256, 1024), dtype=np.float32) * 0.05, dtype="bfloat16"))
     x = jax.ShapeDtypeStruct((16, 1024), jnp.bfloat16)
-    t = MgpuTuning(tile_m=16, blocks_per_step=bps)
+    t = MgpuTuning(tile_m=16, blocks_per_step=bps, acc_scale=acc_scale)
     text = jax.jit(lambda x, w: op(x, w, tuning=t, interpret=False)).trace(x, w).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
