@@ -190,12 +190,12 @@ def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
     """Mosaic GPU (Hopper) tunings for one M: wgmma N = M rounded up to 8 for decode."""
     if decode:
         tile = tile_for(m)
-        sweep = [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s,
-                            acc_scale=a)
-                 for b, d, s, a in ((2, 4, None, False), (2, 4, None, True), (1, 4, None, True),
-                                    (4, 4, None, True), (2, 4, 4, True), (2, 4, 16, True),
-                                    (1, 4, 8, False), (4, 4, 4, False))]
-        return [t for t in sweep if not t.acc_scale or t.tile_m * t.blocks_per_step <= 64]
+        return [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s,
+                           acc_scale=a)
+                for b, d, s, a in ((2, 4, None, False), (2, 4, None, True), (1, 4, None, True),
+                                   (4, 4, None, True), (2, 4, 4, True), (2, 4, 16, True),
+                                   (1, 4, 8, False), (4, 4, 4, False))
+                if not a or tile * b <= 64]
     return [MgpuTuning(tile_m=t, max_concurrent_steps=4) for t in (128, 256)]
 
 
