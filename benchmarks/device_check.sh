@@ -24,7 +24,8 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests-nf4 profile-nf4 profile-attn tests-attn bench-attn)
 mkdir -p "$out"
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile . || exit 1
-# Tests run from a copy: the installed package, not the checkout, is what they import.
+# Tests (and inline snippets) run from a copy: the installed package, not the checkout, is what
+# they import.
 tests_copy=$(mktemp -d)
 cp -r tests "$tests_copy/"
 
@@ -59,7 +60,8 @@ for stage in "${stages[@]}"; do
       run "$stage" 150 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
         tests/gpu/test_nf4_matmul.py -k mgpu" ;;
     sass-nf4)
-      MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$out/sass" run "$stage" 120 python3 -c "
+      MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$out/sass" run "$stage" 120 \
+        env -C "$tests_copy" python3 -c "
 import jax, jax.numpy as jnp, numpy as np
 from fastlora_jax.kernels.nf4_matmul import nf4_matmul
 from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
