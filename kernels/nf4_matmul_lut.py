@@ -95,6 +95,30 @@ ASM_PLANES_2B = ("""{
                  .replace(f"0x{PAIR_SEL[1]:04x};", f"0x{PLANE_SEL[1]:04x};") + "\n}")
 
 
+# Eight code bytes of one weight row, loaded by the asm itself from the shared-memory address $8
+# (one 8-byte load) -> the planes of its four byte pairs: $0/$1 = (hi, lo) planes of bytes 0-1,
+# $2/$3 of bytes 2-3, $4/$5 of bytes 4-5, $6/$7 of bytes 6-7 (as ASM_PLANES_2B per pair).
+def _row_word(word: str, outs: tuple[str, str, str, str]) -> str:
+    body = f"""
+    and.b32 idx, {word}, 0x77777777;
+    shr.u32 sel, {word}, 1;
+    and.b32 sel, sel, 0x44444444;
+    or.b32 sel, sel, 0x32103210;
+    shr.u32 idx2, idx, 16;
+    shr.u32 sel2, sel, 16;"""
+    for tag, (i, sl), o in (("0", ("idx", "sel"), outs[:2]), ("1", ("idx2", "sel2"), outs[2:])):
+        body += (_half(i, sl, tag, o)
+                 .replace(f"0x{PAIR_SEL[0]:04x};", f"0x{PLANE_SEL[0]:04x};")
+                 .replace(f"0x{PAIR_SEL[1]:04x};", f"0x{PLANE_SEL[1]:04x};"))
+    return body
+
+
+ASM_ROW_PLANES = ("""{
+    .reg .b32 w0, w1, idx, sel, idx2, sel2, a0, b0, lb0, hb0, a1, b1, lb1, hb1;
+    ld.shared.v2.u32 {w0, w1}, [$8];""" + _row_word("w0", ("$0", "$1", "$2", "$3"))
+                  + _row_word("w1", ("$4", "$5", "$6", "$7")) + "\n}")
+
+
 def nf4_lookup(nibble: jax.Array) -> jax.Array:
     """int32 codes in [0, 16) -> float32 NF4 values, by a 15-select tree (no gather)."""
     bits = [(nibble & (1 << b)) != 0 for b in range(4)]
@@ -183,6 +207,16 @@ def emulate_prmt_lut(word: int) -> list[int]:
         lb, hb = lookup_bytes(LO_WORDS, i, s), lookup_bytes(HI_WORDS, i, s)
         pairs += [prmt_b32(lb, hb, PAIR_SEL[0]), prmt_b32(lb, hb, PAIR_SEL[1])]
     return pairs
+
+
+def emulate_row_planes(row_bytes: bytes) -> list[int]:
+    """Replays ASM_ROW_PLANES on 8 code bytes -> [hi, lo] plane pairs of bytes 0-1, 2-3, 4-5, 6-7
+    (for CPU tests)."""
+    out = []
+    for w in (int.from_bytes(row_bytes[:4], "little"), int.from_bytes(row_bytes[4:], "little")):
+        for half in (w & 0xFFFF, w >> 16):
+            out += list(emulate_prmt_planes(half))
+    return out
 
 
 def emulate_prmt_planes(half_word: int) -> tuple[int, int]:

@@ -123,3 +123,31 @@ def test_mgpu_tuning_checks() -> None:
         MgpuTuning(tile_m=12)
     with pytest.raises(KernelError, match="blocks_per_step=3"):
         MgpuTuning(blocks_per_step=3)
+
+
+def test_row_planes_with_permuted_x_give_the_block_dot_product() -> None:
+    """ASM_ROW_PLANES (replayed) on each thread's 8 bytes, placed where _decode_rows places them
+    (thread c's pair q -> plane columns 8q + 2c, +1), against x's planes permuted by
+    permute_x_planes: the dot product of one 32-byte block equals the dequantized one."""
+    from fastlora_jax.kernels.nf4_matmul_lut import emulate_row_planes
+    from fastlora_jax.kernels.nf4_matmul_mgpu import permute_x_planes
+
+    rng = np.random.default_rng(11)
+    codes = rng.integers(0, 256, 32, dtype=np.uint8)
+    x = rng.standard_normal(64).astype(np.float32)
+    nf4 = np.asarray(NF4_MAP, np.float32)
+    want = float(nf4[codes >> 4] @ x[0::2] + nf4[codes & 0xF] @ x[1::2])
+
+    def bf16_pair(word: int) -> tuple[float, float]:
+        return tuple((np.array([word & 0xFFFF, word >> 16], np.uint32) << 16).view(np.float32))
+
+    hi, lo = np.zeros(32, np.float32), np.zeros(32, np.float32)
+    for c in range(4):
+        pairs = emulate_row_planes(codes[8 * c:8 * c + 8].tobytes())
+        for q in range(4):
+            hi[8 * q + 2 * c:8 * q + 2 * c + 2] = bf16_pair(pairs[2 * q])
+            lo[8 * q + 2 * c:8 * q + 2 * c + 2] = bf16_pair(pairs[2 * q + 1])
+    xe = np.asarray(permute_x_planes(jnp.asarray(x[0::2])[None]))[0]
+    xo = np.asarray(permute_x_planes(jnp.asarray(x[1::2])[None]))[0]
+    got = float(hi @ xe + lo @ xo)
+    assert abs(got - want) <= 1e-2 * (abs(want) + 1e-3)
