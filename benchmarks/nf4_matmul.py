@@ -192,9 +192,9 @@ def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
         tile = tile_for(m)
         return [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s,
                            acc_scale=a)
-                for b, d, s, a in ((2, 4, None, False), (2, 4, None, True), (1, 4, None, True),
-                                   (4, 4, None, True), (2, 4, 4, True), (2, 4, 16, True),
-                                   (1, 4, 8, False), (4, 4, 4, False))
+                for b, d, s, a in ((4, 4, None, True), (4, 4, None, False), (2, 4, None, False),
+                                   (2, 4, None, True), (1, 4, None, True), (4, 4, 4, True),
+                                   (8, 4, None, False))
                 if not a or tile * b <= 64]
     return [MgpuTuning(tile_m=t, max_concurrent_steps=4) for t in (128, 256)]
 

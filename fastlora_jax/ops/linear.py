@@ -53,10 +53,11 @@ def pallas_is_default(m: int, w: QTensor) -> bool:
 
 
 # NF4 forward rows up to which the Hopper Mosaic GPU kernel (kernels/nf4_matmul_mgpu.py) is the
-# default on an H100/H200, and its tuning: GPU time from a profiler trace (2026-11-29, third
-# session) at K=4096 N=14336: 25.8 / 27.1 us per kernel at M = 1 / 16 with 2 blocks per step and
-# depth 4 (1 block: 28.7 / 30.1; 4 blocks depth 8: 27.1 / 35.4), against 35.8 / 32.5 us for the
-# Triton decode kernel; at M = 64 it was slower than the Triton kernel's best tuning.
+# default on an H100/H200, and its tuning: GPU time from a profiler trace (H200, 2026-11-29,
+# fourth session) at K=4096 N=14336, kernel alone: 20.5 / 22.0 us at M = 1 / 16 with 4 blocks per
+# step and the absmax on the accumulator (2 blocks per step, absmax on the weights, the previous
+# default: 21.1 / 23.1; 8 blocks: 23.9 / 25.7), against 35.5 / 31.9 us for the Triton decode
+# kernel; at M = 64 it was slower than the Triton kernel's best tuning (third session).
 MGPU_DEFAULT_MAX_M = 16
 
 
@@ -68,8 +69,9 @@ def mgpu_tuning_for(m: int, w: QTensor, dtype: jnp.dtype, device_kind: str) -> M
     if (not hopper or w.kind is not QuantKind.NF4 or m > MGPU_DEFAULT_MAX_M
             or jnp.dtype(dtype) != jnp.bfloat16 or w.shape[1] % 64):
         return None
-    return MgpuTuning(tile_m=tile_for(m), max_concurrent_steps=4,
-                      blocks_per_step=2 if w.shape[1] % 128 == 0 else 1)
+    k_blocks = w.shape[1] // 64
+    return MgpuTuning(tile_m=tile_for(m), max_concurrent_steps=4, acc_scale=True,
+                      blocks_per_step=next(b for b in (4, 2, 1) if k_blocks % b == 0))
 
 
 class Dequant(enum.Enum):

@@ -128,7 +128,9 @@ def test_mgpu_default_only_for_small_bf16_nf4_on_hopper() -> None:
     _, w8 = _case(4, 128, 32, "int8")
     t = mgpu_tuning_for(1, w, jnp.bfloat16, "NVIDIA H200")
     assert t is not None and t.tile_m == 8 and t.max_concurrent_steps == 4
-    assert t.blocks_per_step == 2                                  # K = 128: two 64-weight blocks
+    assert t.blocks_per_step == 2 and t.acc_scale                  # K = 128: two 64-weight blocks
+    _, w4 = _case(4, 512, 32, "nf4")                               # K/64 = 8: four per step
+    assert mgpu_tuning_for(16, w4, jnp.bfloat16, "NVIDIA H200").blocks_per_step == 4
     _, w_odd = _case(4, 192, 32, "nf4")                            # K/64 = 3 is odd: one block
     assert mgpu_tuning_for(1, w_odd, jnp.bfloat16, "NVIDIA H200").blocks_per_step == 1
     assert mgpu_tuning_for(16, w, jnp.bfloat16, "NVIDIA H100 80GB HBM3").tile_m == 16
