@@ -87,5 +87,5 @@ def int8_matmul_mgpu(x: jax.Array, codes: jax.Array, scale: jax.Array, n: int,
                if interpret else ())
     out = stream_matmul(streams, _body(bps, interpret), grid, tuning,
                         x.dtype, scratch_types=scratch,
-                        epilogue=_scale_rows, extra=(scale,), interpret=interpret)
+                        epilogue=_scale_rows, extra=(scale,), m=m, interpret=interpret)
     return finish_output(out, n, m, x.dtype)

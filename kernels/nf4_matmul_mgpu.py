@@ -17,8 +17,8 @@ kernel). Per pipeline step (`blocks_per_step` 64-weight quantization blocks, TMA
 then waits for its wgmmas once per step. On the H200 two or four blocks per step beat one (fewer
 TMA waits); more CTAs per SM (split-K 8) helped again: the decode's instruction chain needs many
 warps to hide its latency.
-The launch, pipeline and output (float32 split-K partials that XLA sums, transposes and casts)
-are `weight_stream_mgpu.py`'s, shared with the int8 kernel. GPU only (sm_90): inline PTX does
+The launch, pipeline and output (float32 split-K partials, stored transposed, that XLA sums and
+casts) are `weight_stream_mgpu.py`'s, shared with the int8 kernel. GPU only (sm_90): inline PTX does
 not interpret (the interpreter runs a jnp decode instead).
 """
 
@@ -222,5 +222,5 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int,
     body = (_body_acc_scale(bps, tile_m, not interpret) if tuning.acc_scale
             else _body(bps, not interpret))
     out = stream_matmul(streams, body, grid, tuning, x.dtype, scratch_types=scratch,
-                        register_acc=tuning.acc_scale, interpret=interpret)
+                        register_acc=tuning.acc_scale, m=m, interpret=interpret)
     return finish_output(out, n, m, x.dtype)

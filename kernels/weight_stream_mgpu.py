@@ -5,7 +5,9 @@ y [M, N] = x [M, K] @ W[N, K]^T is computed transposed, y^T = W x^T, so the conv
 x^T its B operand in shared memory (wgmma's N = tile_m, 8..256: decode M = 1..16 and training
 M use the same kernel). The grid is (N / 64, M / tile_m * splits): each CTA streams its rows'
 share of K (K / splits) through a TMA pipeline `depth` steps deep and leaves a float32 partial
-y^T tile; XLA sums the split-K partials, transposes and casts (`finish_output`).
+y tile: its accumulator y^T is stored transposed into shared memory (`store_transposed`), so
+only x's real rows are copied out (at decode, M = 1 of the tile's 8: an eighth of the partials'
+bytes) and XLA sums the split-K partials and casts without a transpose (`finish_output`).
 
 A kernel supplies its `Stream`s (the arrays to pipeline, each with the CTA's view of it and the
 per-step block), a `body(*step_smem_refs, acc, *scratch)` that converts the step's weights and
@@ -26,7 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, memref, vector
 
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.mgpu_profile import compiler_params
@@ -122,15 +127,36 @@ def plan(name: str, n_rows: int, m_rows: int, k_blocks: int, tuning: MgpuTuning)
     return Grid(n_tiles, m_tiles, splits, steps // splits)
 
 
+def store_transposed(acc: jax.Array, ref, interpret: bool) -> None:
+    """ref [tile_m, 64] = acc.T for a WGMMA-layout acc [64, tile_m]: one scalar shared-memory
+    store per element (Mosaic GPU lowers no register transpose; the epilogue only)."""
+    if interpret:
+        ref[...] = acc.T
+        return
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(_, fa, ref):
+        index = ir.IndexType.get()
+        for (row, col), reg in zip(fa.layout.thread_idxs(fa.shape), fa.registers.flat):
+            for e in range(fa.layout.vector_length):
+                memref.store(vector.extract(reg, [], [e]), ref,
+                             [arith.addi(col, mgpu.utils.c(e, index)), row])
+
+    store(acc, ref)
+
+
 def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: MgpuTuning,
                   dtype: jnp.dtype, *, scratch_types: tuple = (),
                   epilogue: Callable | None = None, extra: tuple = (),
-                  register_acc: bool = False, interpret: bool = False) -> jax.Array:
-    """Launch the kernel: partial y^T [splits, N_tiles * ROWS, M_tiles * tile_m], float32 when
+                  register_acc: bool = False, m: int | None = None,
+                  interpret: bool = False) -> jax.Array:
+    """Launch the kernel: partial y [splits, M_tiles * tile_m, N_tiles * ROWS], float32 when
     split, else in x's `dtype`. `extra`: GMEM arrays handed to the epilogue. `register_acc`: the
-    body gets and returns a register accumulator instead of a wgmma accumulator ref."""
+    body gets and returns a register accumulator instead of a wgmma accumulator ref. `m`: x's
+    real rows; with one x tile only they are written (the other rows stay undefined)."""
     tile_m, n_streams = tuning.tile_m, len(streams)
     out_dtype = jnp.float32 if grid.splits > 1 else dtype
+    rows_out = min(m, tile_m) if m is not None and grid.m_tiles == 1 else tile_m
 
     def kernel(*refs):
         gmem, extra_refs = refs[:n_streams], refs[n_streams:n_streams + len(extra)]
@@ -156,18 +182,19 @@ def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: Mgp
             acc = pl.run_scoped(run, plgpu.ACC((ROWS, tile_m), jnp.float32))
         if epilogue is not None:
             acc = epilogue(acc, rows, *extra_refs)
-        o_smem[...] = acc.astype(o_smem.dtype)
+        store_transposed(acc.astype(o_smem.dtype), o_smem, interpret)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[s_idx, rows, cols])
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows_out)],
+                                out_gmem.at[s_idx, pl.ds(m_idx * tile_m, rows_out), rows])
         plgpu.wait_smem_to_gmem(0)
 
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(
-            (grid.splits, grid.n_tiles * ROWS, grid.m_tiles * tile_m), out_dtype),
+            (grid.splits, grid.m_tiles * tile_m, grid.n_tiles * ROWS), out_dtype),
         grid=(grid.n_tiles, grid.m_tiles * grid.splits),
         grid_names=("n", "mk"),
-        scratch_types=[plgpu.SMEM((ROWS, tile_m), out_dtype), *scratch_types],
+        scratch_types=[plgpu.SMEM((tile_m, ROWS), out_dtype), *scratch_types],
         compiler_params=compiler_params(tuning.profile_dir),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
     )
@@ -175,6 +202,6 @@ def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: Mgp
 
 
 def finish_output(out: jax.Array, n: int, m: int, dtype: jnp.dtype) -> jax.Array:
-    """Partial y^T [splits, Np, Mp] -> y [m, n] in dtype (split-K summed in float32)."""
-    y_t = out[0] if out.shape[0] == 1 else out.sum(axis=0)
-    return y_t[:n, :m].T.astype(dtype)
+    """Partial y [splits, Mp, Np] -> y [m, n] in dtype (split-K summed in float32)."""
+    out = out[:, :m, :n]
+    return (out[0] if out.shape[0] == 1 else out.sum(axis=0)).astype(dtype)
