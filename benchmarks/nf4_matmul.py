@@ -294,10 +294,11 @@ def dequant_dot_rows(case: str, direction: str, inp, ws, layers: int, reps: int,
 
 def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: int,
                         make: Callable, triton: MatmulTuning, bf_op: Callable, xla_op: Callable,
-                        wbytes_q: int, interpret: bool, log: list[str]) -> None:
+                        wbytes_q: int, interpret: bool, log: list[str]) -> list[dict]:
     """Log the GPU time (profiler trace, `device_us_per_layer`) of every Mosaic GPU decode tuning
     next to the bf16 GEMM, XLA's dequantize-then-dot and the first Triton tuning; for NF4 also
-    the XLA pre-work alone and the kernel alone; with --profile, an in-kernel profile."""
+    the XLA pre-work alone and the kernel alone; with --profile, an in-kernel profile. Returns
+    the rows of the first (default) Mosaic tuning against each baseline and the decode target."""
     timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws),
              (f"triton {triton}", scanned(make(triton)), ws)]
     tunings = [t for t in mgpu_sweep(m, True) if k // 64 % t.blocks_per_step == 0]
@@ -319,15 +320,44 @@ def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: 
             log.append(f"  in-kernel profile of {t}:\n{mgpu_trace.format_summary(out)}")
         except Exception as e:  # noqa: BLE001 -- reported, the benchmark goes on
             log.append(f"  in-kernel profile failed: {type(e).__name__}: {str(e)[:300]}")
+    us_of = {}
     for label, fn, weights in timed:
         try:
             us, per = device_us_per_layer(fn, inp, weights, layers)
         except Exception as e:  # noqa: BLE001 -- reported, the sweep goes on
             log.append(f"  device time {label}: failed {type(e).__name__}: {str(e)[:300]}")
             continue
+        us_of[label] = us
         log.append(f"  device time {label}: {us:.1f} us/layer, "
                    f"{wbytes_q / us / 1e3:.0f} GB/s of {kind} bytes; "
                    + "; ".join(f"{name} {v:.1f}" for name, v in per.items()))
+    return decode_rows(f"{kind} M={m} K={k} N={n} fwd, GPU time", us_of, f"mgpu {tunings[0]}",
+                       f"triton {triton}", wbytes_q, str(tunings[0]))
+
+
+def decode_rows(case: str, us_of: dict[str, float], ours_label: str, triton_label: str,
+                wbytes_q: int, tuning: str) -> list[dict]:
+    """Result rows of a decode case from GPU times per label (us per layer): ours against the
+    bf16 GEMM, XLA's dequantize-then-dot and the Triton kernel, and ours against the decode
+    bandwidth target. No rows when ours was not timed; a baseline that was not timed is left
+    out."""
+    ours = us_of.get(ours_label)
+    if ours is None:
+        return []
+    extra = {"tuning": tuning, "us_ours": ours}
+    rows = [dict(case=case, metric="us/layer (ratio = baseline / ours)", ours=ours,
+                 baseline_name=name, baseline=us_of[label], ratio=us_of[label] / ours,
+                 target=target, **extra)
+            for name, label, target in (
+                ("bf16 GEMM (bf16 weights)", "bf16 GEMM", ">=1.0x"),
+                ("XLA dequant+dot", "XLA dequant+dot", "~10x (issue: an order of magnitude)"),
+                ("Triton kernel (first tuning)", triton_label, "rule: >=1.0x to be default"))
+            if label in us_of]
+    gbs = wbytes_q / ours / 1e3
+    rows.append(dict(case=case, metric="weight GB/s", ours=gbs, baseline_name="decode target",
+                     baseline=DECODE_GBS_TARGET, ratio=gbs / DECODE_GBS_TARGET,
+                     target=f">={DECODE_GBS_TARGET:.0f} GB/s (ratio = ours / target)", **extra))
+    return rows
 
 
 def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
@@ -367,8 +397,8 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
         t_xla = time_per_layer(scanned(xla_op), inp, ws, layers, reps)
         t_bf16 = time_per_layer(scanned(bf_op), inp, wb, layers, reps)
         if direction == "fwd" and MGPU and decode:
-            decode_device_times(kind, m, k, n, inp, ws, wb, layers, make, sweep[0],
-                                bf_op, xla_op, wbytes_q, interpret, log)
+            rows += decode_device_times(kind, m, k, n, inp, ws, wb, layers, make, sweep[0],
+                                        bf_op, xla_op, wbytes_q, interpret, log)
         case = f"{name} {direction}"
         tf = lambda t: flops / t / 1e12  # noqa: E731
         best_base = min(t_xla, t_bf16)
