@@ -42,11 +42,11 @@ run() {  # run STAGE SECONDS COMMAND...
 for stage in "${stages[@]}"; do
   case $stage in
     profile-attn)
-      run "$stage" 150 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
+      run "$stage" 240 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
         --cases s4096,s16384 --backends mosaic_gpu,mosaic_gpu+fused+pair \
         --profile "$out/traces-attn" ;;
     profile-nf4)
-      MOSAIC_GPU_DUMP_PTXAS=1 run "$stage" 150 python3 benchmarks/nf4_matmul.py --out "$out" \
+      MOSAIC_GPU_DUMP_PTXAS=1 run "$stage" 240 python3 benchmarks/nf4_matmul.py --out "$out" \
         --commit "$commit" --kinds nf4,int8 --shapes 1x4096x14336,16x4096x14336 --directions fwd \
         --mgpu --quick --no-fused --dequant-shapes '' --tag decode \
         --profile "$out/traces-nf4" ;;
