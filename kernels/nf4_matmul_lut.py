@@ -82,22 +82,15 @@ def _asm(scaled: bool) -> str:
 ASM_PLAIN = _asm(scaled=False)
 ASM_SCALED = _asm(scaled=True)
 
-# Two code bytes (bits 0-15 of $2) -> the two bf16 planes as pairs: $0 = [hi(b0), hi(b1)],
-# $1 = [lo(b0), lo(b1)] (for register layouts that hold two adjacent bytes, e.g. wgmma's).
+# Byte selectors assembling the two bf16 planes of two code bytes b0, b1 as pairs:
+# [hi(b0), hi(b1)] and [lo(b0), lo(b1)] (for register layouts holding two adjacent bytes' weights,
+# e.g. wgmma's A operand).
 PLANE_SEL = (0x7351, 0x6240)
-ASM_PLANES_2B = ("""{
-    .reg .b32 idx, sel, a0, b0, lb0, hb0;
-    and.b32 idx, $2, 0x7777;
-    shr.u32 sel, $2, 1;
-    and.b32 sel, sel, 0x4444;
-    or.b32 sel, sel, 0x3210;""" + _half("idx", "sel", "0", ("$0", "$1"))
-                 .replace(f"0x{PAIR_SEL[0]:04x};", f"0x{PLANE_SEL[0]:04x};")
-                 .replace(f"0x{PAIR_SEL[1]:04x};", f"0x{PLANE_SEL[1]:04x};") + "\n}")
 
 
 # Eight code bytes of one weight row, loaded by the asm itself from the shared-memory address $8
 # (one 8-byte load) -> the planes of its four byte pairs: $0/$1 = (hi, lo) planes of bytes 0-1,
-# $2/$3 of bytes 2-3, $4/$5 of bytes 4-5, $6/$7 of bytes 6-7 (as ASM_PLANES_2B per pair).
+# $2/$3 of bytes 2-3, $4/$5 of bytes 4-5, $6/$7 of bytes 6-7.
 def _row_word(word: str, outs: tuple[str, str, str, str]) -> str:
     body = f"""
     and.b32 idx, {word}, 0x77777777;
@@ -220,7 +213,8 @@ def emulate_row_planes(row_bytes: bytes) -> list[int]:
 
 
 def emulate_prmt_planes(half_word: int) -> tuple[int, int]:
-    """Replays ASM_PLANES_2B on two code bytes -> (hi pair, lo pair) (for CPU tests)."""
+    """Replays ASM_ROW_PLANES' per-pair step on two code bytes (bits 0-15) -> (hi pair, lo
+    pair) (for CPU tests)."""
     idx = half_word & 0x7777
     sel = ((half_word >> 1) & 0x4444) | 0x3210
     lb, hb = lookup_bytes(LO_WORDS, idx, sel), lookup_bytes(HI_WORDS, idx, sel)

@@ -136,6 +136,7 @@ def _body(bps: int, use_asm: bool):
     """One pipeline step (absmax on the weights): the codes (`_decoded`), xe/xo
     [tile_m, bps*32], scales^T [bps, 64]; accumulates into the K loop's wgmma accumulator."""
     n_refs = (bps if use_asm else 1) + 4
+
     def body(*refs):
         *codes, xe_smem, xo_smem, s_smem, acc_ref = refs[:n_refs]
         a_smem = refs[n_refs] if len(refs) > n_refs else None
@@ -156,6 +157,7 @@ def _body_acc_scale(bps: int, tile_m: int, use_asm: bool):
     """One pipeline step (absmax on the accumulator): each block's unscaled wgmmas go to their own
     zeroed accumulator; after the wait, total += absmax * partial (float32)."""
     n_refs = (bps if use_asm else 1) + 4
+
     def body(*refs):
         *codes, xe_smem, xo_smem, s_smem, total = refs[:n_refs]
         a_smem = refs[n_refs] if len(refs) > n_refs else None
