@@ -15,6 +15,12 @@ from fastlora_jax.quant import quantize_int8, quantize_nf4
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
 
+# The Hopper (Mosaic GPU, wgmma) kernels.
+NEEDS_SM90 = pytest.mark.skipif(jax.default_backend() == "gpu"
+                                and "H100" not in jax.devices()[0].device_kind
+                                and "H200" not in jax.devices()[0].device_kind,
+                                reason="needs sm_90")
+
 KINDS = {"nf4": (quantize_nf4, nf4_matmul, nf4_matmul_reference),
          "int8": (quantize_int8, int8_matmul, int8_matmul_reference)}
 
@@ -70,9 +76,7 @@ def test_linear_default_and_pallas_on_gpu(kind: str) -> None:
 
 # The Hopper Mosaic GPU forward (wgmma with the decoded weight in registers, inline-PTX lookup):
 # decode and training-like M, odd N (pads to 64 rows), K not a multiple of 128, split-K.
-@pytest.mark.skipif(jax.default_backend() == "gpu"
-                    and "H100" not in jax.devices()[0].device_kind
-                    and "H200" not in jax.devices()[0].device_kind, reason="needs sm_90")
+@NEEDS_SM90
 @pytest.mark.parametrize("m,k,n,tile_m,splits,bps", [(1, 4096, 1024, 8, None, 1),
                                                      (16, 4160, 520, 16, None, 1),
                                                      (37, 320, 200, 40, 1, 1),
@@ -86,9 +90,7 @@ def test_mgpu_forward_on_gpu(m: int, k: int, n: int, tile_m: int, splits, bps: i
 
 
 # The same with each block's absmax applied to its float32 partial product (MgpuTuning.acc_scale).
-@pytest.mark.skipif(jax.default_backend() == "gpu"
-                    and "H100" not in jax.devices()[0].device_kind
-                    and "H200" not in jax.devices()[0].device_kind, reason="needs sm_90")
+@NEEDS_SM90
 @pytest.mark.parametrize("m,k,n,tile_m,splits,bps", [(1, 4096, 1024, 8, None, 2),
                                                      (16, 4160, 520, 16, None, 1),
                                                      (37, 320, 200, 40, 1, 1),
@@ -119,9 +121,7 @@ def _check_mgpu(kind: str, m: int, k: int, n: int, tile_m: int, splits, bps: int
 
 # The Hopper int8 forward on the same skeleton (kernels/int8_matmul_mgpu.py): decode and larger M,
 # odd N, split-K, several blocks per step, and its gradient (the Triton dx kernel).
-@pytest.mark.skipif(jax.default_backend() == "gpu"
-                    and "H100" not in jax.devices()[0].device_kind
-                    and "H200" not in jax.devices()[0].device_kind, reason="needs sm_90")
+@NEEDS_SM90
 @pytest.mark.parametrize("m,k,n,tile_m,splits,bps", [(1, 4096, 1024, 8, None, 2),
                                                      (16, 4224, 520, 16, None, 1),
                                                      (37, 320, 200, 40, 1, 1),
