@@ -7,7 +7,8 @@
 # STAGE (default: all, in this order; correctness first, since the NF4 one is a GPU default):
 #   tests-nf4     tests/gpu/test_nf4_matmul.py (NF4 and int8, Triton and Mosaic GPU kernels)
 #   tests-mgpu    the same, the Mosaic GPU (Hopper) kernels only
-#   sass-nf4      SASS of the Mosaic NF4 decode kernel (M = 1; absmax on weights / on accumulator)
+#   ptx-nf4       PTX of the Mosaic NF4 decode kernel, under OUT/ptx (M = 1; absmax on the weights
+#                 / on the accumulator; the image has no nvdisasm, so no SASS)
 #   decode-nf4    GPU time of the NF4 decode tunings (M = 1, 16), no profile
 #   decode-int8   the same for int8
 #   profile-nf4   in-kernel profile + GPU time of the NF4 and int8 decode kernels (M = 1, 16)
@@ -59,8 +60,9 @@ for stage in "${stages[@]}"; do
     tests-mgpu)
       run "$stage" 150 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
         tests/gpu/test_nf4_matmul.py -k mgpu" ;;
-    sass-nf4)
-      MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$out/sass" run "$stage" 120 \
+    ptx-nf4)
+      mkdir -p "$out/ptx"
+      MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO="$out/ptx" run "$stage" 120 \
         env -C "$tests_copy" python3 -c "
 import jax, jax.numpy as jnp, numpy as np
 from fastlora_jax.kernels.nf4_matmul import nf4_matmul
@@ -69,7 +71,7 @@ from fastlora_jax.quant import quantize_nf4
 w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(np.ones((1024, 4096), np.float32), dtype='bfloat16'))
 x = jnp.ones((1, 4096), jnp.bfloat16)
 for a in (False, True):
-    jax.block_until_ready(jax.jit(lambda x: nf4_matmul(x, w, tuning=MgpuTuning(tile_m=8, blocks_per_step=2, acc_scale=a)))(x))
+    jax.block_until_ready(jax.jit(lambda x: nf4_matmul(x, w, tuning=MgpuTuning(tile_m=8, blocks_per_step=4, acc_scale=a)))(x))
 " ;;
     decode-nf4|decode-int8)
       run "$stage" 180 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
