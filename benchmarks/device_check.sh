@@ -11,6 +11,7 @@
 #                 / on the accumulator; the image has no nvdisasm, so no SASS)
 #   decode-nf4    GPU time of the NF4 decode tunings (M = 1, 16), no profile
 #   decode-int8   the same for int8
+#   decode-dx     GPU time of the decode backward (dx, M = 1, 16), NF4 and int8 dx kernels
 #   profile-nf4   in-kernel profile + GPU time of the NF4 and int8 decode kernels (M = 1, 16)
 #   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
 #   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
@@ -76,6 +77,10 @@ for a in (False, True):
     decode-nf4|decode-int8)
       run "$stage" 180 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
         --kinds "${stage#decode-}" --shapes 1x4096x14336,16x4096x14336 --directions fwd \
+        --mgpu --quick --no-fused --dequant-shapes '' --tag "$stage" ;;
+    decode-dx)
+      run "$stage" 180 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
+        --kinds nf4,int8 --shapes 1x4096x14336,16x4096x14336 --directions bwd \
         --mgpu --quick --no-fused --dequant-shapes '' --tag "$stage" ;;
     bench-attn)
       run "$stage" 240 python3 benchmarks/attention.py --out "$out" --commit "$commit" \

@@ -320,6 +320,27 @@ def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: 
             log.append(f"  in-kernel profile of {t}:\n{mgpu_trace.format_summary(out)}")
         except Exception as e:  # noqa: BLE001 -- reported, the benchmark goes on
             log.append(f"  in-kernel profile failed: {type(e).__name__}: {str(e)[:300]}")
+    us_of = device_times(timed, inp, layers, kind, wbytes_q, log)
+    return decode_rows(f"{kind} M={m} K={k} N={n} fwd, GPU time", us_of, f"mgpu {tunings[0]}",
+                       f"triton {triton}", wbytes_q, str(tunings[0]))
+
+
+def decode_dx_device_times(kind: str, m: int, k: int, n: int, dy, ws, wb, layers: int,
+                           make: Callable, sweep: list[MatmulTuning], bf_op: Callable,
+                           xla_op: Callable, wbytes_q: int, log: list[str]) -> list[dict]:
+    """The decode backward (dx = dy @ W) by GPU time: every dx tuning next to the bf16 GEMM and
+    XLA's dequantize-then-dot; rows for the first (default) tuning. Wall-clock timing of these
+    ~20-40 us calls measures the host, so the ratios of the wall-clock rows are not the GPU's."""
+    timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws)]
+    timed += [(f"triton {t}", scanned(make(t)), ws) for t in sweep]
+    us_of = device_times(timed, dy, layers, kind, wbytes_q, log)
+    return decode_rows(f"{kind} M={m} K={k} N={n} bwd, GPU time", us_of, f"triton {sweep[0]}",
+                       None, wbytes_q, str(sweep[0]))
+
+
+def device_times(timed: list, inp, layers: int, kind: str, wbytes_q: int,
+                 log: list[str]) -> dict[str, float]:
+    """GPU time per layer (us) of each (label, fn, weights) that runs; failures are logged."""
     us_of = {}
     for label, fn, weights in timed:
         try:
@@ -331,16 +352,15 @@ def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: 
         log.append(f"  device time {label}: {us:.1f} us/layer, "
                    f"{wbytes_q / us / 1e3:.0f} GB/s of {kind} bytes; "
                    + "; ".join(f"{name} {v:.1f}" for name, v in per.items()))
-    return decode_rows(f"{kind} M={m} K={k} N={n} fwd, GPU time", us_of, f"mgpu {tunings[0]}",
-                       f"triton {triton}", wbytes_q, str(tunings[0]))
+    return us_of
 
 
-def decode_rows(case: str, us_of: dict[str, float], ours_label: str, triton_label: str,
+def decode_rows(case: str, us_of: dict[str, float], ours_label: str, triton_label: str | None,
                 wbytes_q: int, tuning: str) -> list[dict]:
     """Result rows of a decode case from GPU times per label (us per layer): ours against the
-    bf16 GEMM, XLA's dequantize-then-dot and the Triton kernel, and ours against the decode
-    bandwidth target. No rows when ours was not timed; a baseline that was not timed is left
-    out."""
+    bf16 GEMM, XLA's dequantize-then-dot and the Triton kernel (None: ours is the Triton
+    kernel), and ours against the decode bandwidth target. No rows when ours was not timed; a
+    baseline that was not timed is left out."""
     ours = us_of.get(ours_label)
     if ours is None:
         return []
@@ -399,6 +419,9 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
         if direction == "fwd" and MGPU and decode:
             rows += decode_device_times(kind, m, k, n, inp, ws, wb, layers, make, sweep[0],
                                         bf_op, xla_op, wbytes_q, interpret, log)
+        if direction == "bwd" and MGPU and decode and m <= 16:
+            rows += decode_dx_device_times(kind, m, k, n, inp, ws, wb, layers, make, sweep,
+                                           bf_op, xla_op, wbytes_q, log)
         case = f"{name} {direction}"
         tf = lambda t: flops / t / 1e12  # noqa: E731
         best_base = min(t_xla, t_bf16)

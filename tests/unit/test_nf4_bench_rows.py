@@ -26,3 +26,12 @@ def test_decode_rows_ratios_and_target() -> None:
 
 def test_decode_rows_empty_without_our_time() -> None:
     assert bench.decode_rows("c", {"bf16 GEMM": 40.0}, "mgpu T", "triton X", 1, "T") == []
+
+
+def test_decode_rows_without_a_triton_baseline() -> None:
+    """The dx rows: ours is the Triton kernel, so no row compares it with itself."""
+    us = {"triton T": 30.0, "bf16 GEMM": 45.0, "XLA dequant+dot": 120.0}
+    rows = bench.decode_rows("nf4 M=1 bwd, GPU time", us, "triton T", None, 30_000_000, "T")
+    assert [r["baseline_name"] for r in rows] == ["bf16 GEMM (bf16 weights)", "XLA dequant+dot",
+                                                  "decode target"]
+    assert rows[0]["ratio"] == pytest.approx(1.5)
