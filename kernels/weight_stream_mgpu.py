@@ -177,80 +177,59 @@ def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: Mgp
     out_dtype = jnp.float32 if grid.splits > 1 else dtype
     rows_out = min(m, tile_m) if m is not None and grid.m_tiles == 1 else tile_m
     items = grid.n_tiles * grid.m_tiles * grid.splits
-    if 0 < tuning.ctas < items:
-        return _stream_persistent(streams, body, grid, tuning, dtype, out_dtype, rows_out,
-                                  tuning.ctas, scratch_types, epilogue, extra, register_acc,
-                                  interpret)
+    persistent = 0 < tuning.ctas < items
+    if persistent and any(s.at is None for s in streams):
+        raise KernelError("a persistent launch (MgpuTuning.ctas > 0) needs every Stream's `at`")
 
-    def kernel(*refs):
+    def zeros():
+        return plgpu.layout_cast(jnp.zeros((ROWS, tile_m), jnp.float32), plgpu.Layout.WGMMA)
+
+    def split_refs(refs):  # -> stream GMEM refs, epilogue refs, output, its SMEM, scratch
         gmem, extra_refs = refs[:n_streams], refs[n_streams:n_streams + len(extra)]
         out_gmem, o_smem, *scratch = refs[n_streams + len(extra):]
-        j = lax.axis_index("mk")
-        m_idx, s_idx = j // grid.splits, j % grid.splits
-        rows = pl.ds(lax.axis_index("n") * ROWS, ROWS)
-        cols = pl.ds(m_idx * tile_m, tile_m)
+        return gmem, extra_refs, out_gmem, o_smem, scratch
 
-        views = [s.view(g, rows, cols, s_idx) for s, g in zip(streams, gmem)]
-        pipeline = functools.partial(plgpu.emit_pipeline, grid=(grid.steps,),
-                                     in_specs=[s.spec for s in streams],
-                                     max_concurrent_steps=tuning.max_concurrent_steps)
-        if register_acc:
-            zeros = plgpu.layout_cast(jnp.zeros((ROWS, tile_m), jnp.float32), plgpu.Layout.WGMMA)
-            acc = pipeline(lambda _, *refs: body(*refs[:-1], refs[-1], *scratch),
-                           init_carry=zeros)(*views)
-        else:
-            def run(acc_ref):
-                pipeline(lambda _, *step_refs: body(*step_refs, acc_ref, *scratch))(*views)
-                return acc_ref[...]
-
-            acc = pl.run_scoped(run, plgpu.ACC((ROWS, tile_m), jnp.float32))
+    def store_item(acc, n_idx, m_idx, s_idx, extra_refs, out_gmem, o_smem) -> None:
+        """Epilogue, then the item's partial y^T -> out[s_idx, x rows, weight rows] (TMA)."""
+        rows = pl.ds(n_idx * ROWS, ROWS)
         if epilogue is not None:
             acc = epilogue(acc, rows, *extra_refs)
         store_transposed(acc.astype(o_smem.dtype), o_smem, interpret)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows_out)],
                                 out_gmem.at[s_idx, pl.ds(m_idx * tile_m, rows_out), rows])
+
+    def one_item_kernel(*refs):  # grid (weight-row tiles, x-row tiles * splits)
+        gmem, extra_refs, out_gmem, o_smem, scratch = split_refs(refs)
+        j, n_idx = lax.axis_index("mk"), lax.axis_index("n")
+        m_idx, s_idx = j // grid.splits, j % grid.splits
+        views = [s.view(g, pl.ds(n_idx * ROWS, ROWS), pl.ds(m_idx * tile_m, tile_m), s_idx)
+                 for s, g in zip(streams, gmem)]
+        pipeline = functools.partial(plgpu.emit_pipeline, grid=(grid.steps,),
+                                     in_specs=[s.spec for s in streams],
+                                     max_concurrent_steps=tuning.max_concurrent_steps)
+        if register_acc:
+            acc = pipeline(lambda _, *refs: body(*refs[:-1], refs[-1], *scratch),
+                           init_carry=zeros())(*views)
+        else:
+            def run(acc_ref):
+                pipeline(lambda _, *step_refs: body(*step_refs, acc_ref, *scratch))(*views)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(run, plgpu.ACC((ROWS, tile_m), jnp.float32))
+        store_item(acc, n_idx, m_idx, s_idx, extra_refs, out_gmem, o_smem)
         plgpu.wait_smem_to_gmem(0)
 
-    call = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct(
-            (grid.splits, grid.m_tiles * tile_m, grid.n_tiles * ROWS), out_dtype),
-        grid=(grid.n_tiles, grid.m_tiles * grid.splits),
-        grid_names=("n", "mk"),
-        scratch_types=[plgpu.SMEM((tile_m, ROWS), out_dtype), *scratch_types],
-        compiler_params=compiler_params(tuning.profile_dir),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
-    )
-    return call(*(s.array for s in streams), *extra)
-
-
-def _stream_persistent(streams: list[Stream], body: Callable, grid: Grid, tuning: MgpuTuning,
-                       dtype: jnp.dtype, out_dtype: jnp.dtype, rows_out: int, ctas: int,
-                       scratch_types: tuple, epilogue: Callable | None, extra: tuple,
-                       register_acc: bool, interpret: bool) -> jax.Array:
-    """`stream_matmul` with `ctas` persistent CTAs (module docstring), same output."""
-    tile_m, n_streams = tuning.tile_m, len(streams)
-    if any(s.at is None for s in streams):
-        raise KernelError("a persistent launch (MgpuTuning.ctas > 0) needs every Stream's `at`")
-    items = grid.n_tiles * grid.m_tiles * grid.splits
-    per_n = grid.m_tiles * grid.splits
-
-    def zeros():
-        return plgpu.layout_cast(jnp.zeros((ROWS, tile_m), jnp.float32), plgpu.Layout.WGMMA)
-
-    def kernel(*refs):
-        gmem, extra_refs = refs[:n_streams], refs[n_streams:n_streams + len(extra)]
-        out_gmem, o_smem, *scratch = refs[n_streams + len(extra):]
-        cta = lax.axis_index("cta")
+    def persistent_kernel(*refs):  # grid (ctas,): one pipeline over (own items, steps)
+        gmem, extra_refs, out_gmem, o_smem, scratch = split_refs(refs)
+        cta, ctas, per_n = lax.axis_index("cta"), tuning.ctas, grid.m_tiles * grid.splits
 
         def item(i):  # this CTA's i-th work item: (weight-row tile, x-row tile, split index)
             j = cta + i * ctas
-            return lax.div(j, per_n), lax.div(lax.rem(j, per_n), grid.splits), lax.rem(
-                j, grid.splits)
+            return (lax.div(j, per_n), lax.div(lax.rem(j, per_n), grid.splits),
+                    lax.rem(j, grid.splits))
 
-        specs = [plgpu.BlockSpec(s.spec.block_shape,
-                                 lambda i, t, s=s: s.at(*item(i), t),
+        specs = [plgpu.BlockSpec(s.spec.block_shape, lambda i, t, s=s: s.at(*item(i), t),
                                  transforms=s.spec.transforms) for s in streams]
 
         def step(idx, *refs):
@@ -258,7 +237,7 @@ def _stream_persistent(streams: list[Stream], body: Callable, grid: Grid, tuning
             *step_refs, acc = refs
             if register_acc:
                 acc = body(*step_refs, acc, *scratch)
-            else:
+            else:  # a fresh wgmma accumulator per step, added to the carried one
                 def fresh(acc_ref):
                     body(*step_refs, acc_ref, *scratch)
                     return acc_ref[...]
@@ -268,15 +247,8 @@ def _stream_persistent(streams: list[Stream], body: Callable, grid: Grid, tuning
 
             @pl.when(last)
             def _store():
-                n_idx, m_idx, s_idx = item(i)
-                rows = pl.ds(n_idx * ROWS, ROWS)
-                out = acc if epilogue is None else epilogue(acc, rows, *extra_refs)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store read o_smem
-                store_transposed(out.astype(o_smem.dtype), o_smem, interpret)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows_out)],
-                                        out_gmem.at[s_idx, pl.ds(m_idx * tile_m, rows_out),
-                                                    rows])
+                store_item(acc, *item(i), extra_refs, out_gmem, o_smem)
 
             return lax.cond(last, lambda a: zeros(), lambda a: a, acc)
 
@@ -287,10 +259,11 @@ def _stream_persistent(streams: list[Stream], body: Callable, grid: Grid, tuning
         plgpu.wait_smem_to_gmem(0)
 
     call = plgpu.kernel(
-        kernel,
+        persistent_kernel if persistent else one_item_kernel,
         out_type=jax.ShapeDtypeStruct(
             (grid.splits, grid.m_tiles * tile_m, grid.n_tiles * ROWS), out_dtype),
-        grid=(ctas,), grid_names=("cta",),
+        grid=(tuning.ctas,) if persistent else (grid.n_tiles, grid.m_tiles * grid.splits),
+        grid_names=("cta",) if persistent else ("n", "mk"),
         scratch_types=[plgpu.SMEM((tile_m, ROWS), out_dtype), *scratch_types],
         compiler_params=compiler_params(tuning.profile_dir),
         interpret=plgpu.InterpretGPUParams() if interpret else False,
