@@ -15,6 +15,7 @@
 #   decode-dx     GPU time of the decode backward (dx, M = 1, 16), NF4 and int8 dx kernels
 #   profile-nf4   in-kernel profile + GPU time of the NF4 and int8 decode kernels (M = 1, 16)
 #   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
+#   profile-attn16  the same at 16K only (the 16K case alone did not fit profile-attn's limit)
 #   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
 #   bench-attn    benchmarks/attention.py, causal cases, default vs the opt-in schedules
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
@@ -48,6 +49,10 @@ for stage in "${stages[@]}"; do
       run "$stage" 240 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
         --cases s4096,s16384 --backends mosaic_gpu,mosaic_gpu+fused+pair \
         --profile "$out/traces-attn" ;;
+    profile-attn16)
+      run "$stage" 240 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
+        --cases s16384 --backends mosaic_gpu,mosaic_gpu+fused+pair \
+        --profile "$out/traces-attn16" ;;
     profile-nf4)
       MOSAIC_GPU_DUMP_PTXAS=1 run "$stage" 240 python3 benchmarks/nf4_matmul.py --out "$out" \
         --commit "$commit" --kinds nf4,int8 --shapes 1x4096x14336,16x4096x14336 --directions fwd \
