@@ -18,6 +18,9 @@
 #   profile-attn16  the same at 16K only (the 16K case alone did not fit profile-attn's limit)
 #   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
 #   bench-attn    benchmarks/attention.py, causal cases, default vs the opt-in schedules
+#   tests-defer   the fused backward's GPU tests with mgpu_fused_defer_dq (deferred paired dq)
+#   bench-defer   causal cases: default vs the fused backward with paired dq, with and without
+#                 deferring it (mgpu_fused_defer_dq)
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
 set -u
@@ -92,6 +95,12 @@ for a in (False, True):
       run "$stage" 180 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
         --kinds nf4,int8 --shapes 1x4096x14336,16x4096x14336 --directions bwd \
         --mgpu --quick --no-fused --dequant-shapes '' --tag "$stage" ;;
+    tests-defer)
+      run "$stage" 200 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_flash_attention.py -k defer" ;;
+    bench-defer)
+      run "$stage" 300 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
+        --cases causal --backends mosaic_gpu,mosaic_gpu+fused+pair,mosaic_gpu+fused+pair+defer ;;
     bench-attn)
       run "$stage" 240 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
         --cases causal --backends mosaic_gpu,mosaic_gpu+st ;;
