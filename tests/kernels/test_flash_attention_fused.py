@@ -112,6 +112,44 @@ def test_deferred_paired_dq_d128(stages: int):
         causal=True)
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_paired_dq_barriers_leave_no_shared_memory_race(defer: bool):
+    """The paired dq's ds^T hand-over between the two warpgroups (one buffer and two barriers per
+    step, or two buffers with deferral), run directly with the interpreter's race detector on;
+    GQA group of 2, causal, 4 query blocks per key CTA. The detector (its verdict is only
+    reachable through JAX's private interpreter state) does not see wgmma's operand reads, so
+    the dq check carries the weight: the interpreter runs the warpgroups concurrently, and with
+    the deferred variant's read-release wait moved after the ds^T write, dq was off by 0.32."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    seq, heads, kv_heads, d = 256, 4, 2, 128
+    q, k, v, do = attention_inputs(10, 1, seq, seq, heads, kv_heads, d)
+    scale = d ** -0.5
+    kr = jnp.repeat(k.astype(jnp.float32), heads // kv_heads, axis=2)
+    vr = jnp.repeat(v.astype(jnp.float32), heads // kv_heads, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kr) * scale
+    s = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), s, -jnp.inf)
+    lse = jax.nn.logsumexp(s, axis=-1)                                  # [B, H, T]
+    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vr)
+    delta = jnp.einsum("bqhd,bqhd->bhq", o, do)
+    spec = fa.portable.MaskSpec(seq_q=seq, seq_kv=seq, causal=True, sliding_window=None,
+                                has_segments=False, kv_padded=False)
+    vis = fa._block_visibility(spec, 64, 128, seq, seq, None, None)
+    ranges = fa._ranges(*(jnp.swapaxes(x, 1, 2) for x in vis))
+    interp.reset_gpu_interpret_mode_state()
+    dq, dk, dv = fused.backward_fused(
+        q, k, v, do.astype(q.dtype), lse, delta, ranges, None, None, spec=spec, scale=scale,
+        softcap=None, block_q=64, block_kv=64, num_stages=2, pair_dq=True, defer_dq=defer,
+        interpret=plgpu.InterpretGPUParams(detect_races=True))
+    jax.block_until_ready((dq, dk, dv))
+    assert not interp.get_races().races_found
+    _, vjp = jax.vjp(lambda q: flash_attention_reference(q, k.astype(jnp.float32),
+                                                         v.astype(jnp.float32), causal=True),
+                     q.astype(jnp.float32))
+    assert max_rel_error(dq, vjp(do)[0]) <= 1e-2
+
+
 def test_deferred_dq_needs_pair_dq():
     q, k, v, do = attention_inputs(9, 1, 128, 128, 2, 1, 128)
     with pytest.raises(KernelError, match="mgpu_fused_defer_dq defers the paired dq"):
