@@ -201,7 +201,8 @@ def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
         return sweep + [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b,
                                    splits=s, acc_scale=tile * b <= 64, ctas=c)
                         for c in MGPU_CTAS
-                        for b, d, s in ((4, 4, None), (4, 8, None), (2, 8, None), (4, 6, 4))]
+                        for b, d, s in ((4, 4, None), (4, 8, None), (2, 8, None), (4, 6, 4),
+                                        (4, 8, 2))]
     return [MgpuTuning(tile_m=t, max_concurrent_steps=4) for t in (128, 256)]
 
 
