@@ -333,16 +333,19 @@ def decode_device_times(kind: str, m: int, k: int, n: int, inp, ws, wb, layers: 
 
 
 def decode_dx_device_times(kind: str, m: int, k: int, n: int, dy, ws, wb, layers: int,
-                           make: Callable, sweep: list[MatmulTuning], bf_op: Callable,
-                           xla_op: Callable, wbytes_q: int, log: list[str]) -> list[dict]:
-    """The decode backward (dx = dy @ W) by GPU time: every dx tuning next to the bf16 GEMM and
-    XLA's dequantize-then-dot; rows for the first (default) tuning. Wall-clock timing of these
-    ~20-40 us calls measures the host, so the ratios of the wall-clock rows are not the GPU's."""
+                           make: Callable, sweep: list[MatmulTuning], default: MatmulTuning,
+                           bf_op: Callable, xla_op: Callable, wbytes_q: int,
+                           log: list[str]) -> list[dict]:
+    """The decode backward (dx = dy @ W) by GPU time: the dx kernel's default tuning (what the
+    model's backward runs) and the sweep's next to the bf16 GEMM and XLA's dequantize-then-dot;
+    rows for the default. Wall-clock timing of these ~20-40 us calls measures the host, so the
+    ratios of the wall-clock rows are not the GPU's."""
     timed = [("bf16 GEMM", scanned(bf_op), wb), ("XLA dequant+dot", scanned(xla_op), ws)]
-    timed += [(f"triton {t}", scanned(make(t)), ws) for t in sweep]
+    timed += [(f"triton {t}", scanned(make(t)), ws)
+              for t in dict.fromkeys([default, *sweep])]
     us_of = device_times(timed, dy, layers, kind, wbytes_q, log)
-    return decode_rows(f"{kind} M={m} K={k} N={n} bwd, GPU time", us_of, f"triton {sweep[0]}",
-                       None, wbytes_q, str(sweep[0]))
+    return decode_rows(f"{kind} M={m} K={k} N={n} bwd, GPU time", us_of, f"triton {default}",
+                       None, wbytes_q, str(default))
 
 
 def device_times(timed: list, inp, layers: int, kind: str, wbytes_q: int,
@@ -428,7 +431,7 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
                                         bf_op, xla_op, wbytes_q, interpret, log)
         if direction == "bwd" and MGPU and decode and m <= 16:
             rows += decode_dx_device_times(kind, m, k, n, inp, ws, wb, layers, make, sweep,
-                                           bf_op, xla_op, wbytes_q, log)
+                                           mod.BWD_TUNING, bf_op, xla_op, wbytes_q, log)
         case = f"{name} {direction}"
         tf = lambda t: flops / t / 1e12  # noqa: E731
         best_base = min(t_xla, t_bf16)
