@@ -20,7 +20,7 @@ import pytest
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels import flash_attention_mgpu_fused as fused
-from fastlora_jax.kernels.attention_reference import flash_attention_reference
+from fastlora_jax.kernels.attention_reference import attention_mask, flash_attention_reference
 from tests.attention_inputs import attention_inputs, max_rel_error
 
 FUSED_NAME = "flash_bwd_fused"  # the kernel's name, visible in jaxprs and lowered modules
@@ -126,12 +126,12 @@ def test_paired_dq_barriers_leave_no_shared_memory_race(defer: bool):
     seq, heads, kv_heads, d = 256, 4, 2, 128
     q, k, v, do = attention_inputs(10, 1, seq, seq, heads, kv_heads, d)
     scale = d ** -0.5
-    kr = jnp.repeat(k.astype(jnp.float32), heads // kv_heads, axis=2)
-    vr = jnp.repeat(v.astype(jnp.float32), heads // kv_heads, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kr) * scale
-    s = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)                                  # [B, H, T]
-    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), vr)
+    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+    o, vjp = jax.vjp(lambda q: flash_attention_reference(q, kf, vf, causal=True), qf)
+    s = jnp.einsum("bqhd,bkhd->bhqk", qf, jnp.repeat(kf, heads // kv_heads, axis=2)) * scale
+    mask = attention_mask(seq, seq, causal=True, sliding_window=None, q_segment_ids=None,
+                          kv_segment_ids=None)
+    lse = jax.nn.logsumexp(jnp.where(mask, s, -jnp.inf), axis=-1)      # [B, H, T]
     delta = jnp.einsum("bqhd,bqhd->bhq", o, do)
     spec = fa.portable.MaskSpec(seq_q=seq, seq_kv=seq, causal=True, sliding_window=None,
                                 has_segments=False, kv_padded=False)
@@ -144,9 +144,6 @@ def test_paired_dq_barriers_leave_no_shared_memory_race(defer: bool):
         interpret=plgpu.InterpretGPUParams(detect_races=True))
     jax.block_until_ready((dq, dk, dv))
     assert not interp.get_races().races_found
-    _, vjp = jax.vjp(lambda q: flash_attention_reference(q, k.astype(jnp.float32),
-                                                         v.astype(jnp.float32), causal=True),
-                     q.astype(jnp.float32))
     assert max_rel_error(dq, vjp(do)[0]) <= 1e-2
 
 
