@@ -21,6 +21,9 @@
 #   tests-defer   the fused backward's GPU tests with mgpu_fused_defer_dq (deferred paired dq)
 #   bench-defer   causal cases: default vs the fused backward with paired dq, with and without
 #                 deferring it (mgpu_fused_defer_dq)
+#   bench-dispatch  benchmarks/nf4_matmul.py --dispatch: what the model runs (ops.linear's GPU
+#                 default), forward and forward + dx, on every shape of issue #6, NF4 and int8
+#   bench-attn-all  benchmarks/attention.py, every case of issue #5, the default backend only
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
 set -u
@@ -101,6 +104,12 @@ for a in (False, True):
     bench-defer)
       run "$stage" 300 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
         --cases causal --backends mosaic_gpu,mosaic_gpu+fused+pair,mosaic_gpu+fused+pair+defer ;;
+    bench-dispatch)
+      run "$stage" 360 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
+        --dispatch --dequant-shapes '' --tag dispatch ;;
+    bench-attn-all)
+      run "$stage" 300 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
+        --backends mosaic_gpu ;;
     bench-attn)
       run "$stage" 240 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
         --cases causal --backends mosaic_gpu,mosaic_gpu+st ;;

@@ -14,6 +14,10 @@ NF4 also times "ours_dequant+dot" (kernels/nf4_dequant.py, then XLA's GEMM; forw
 M > 64 next to XLA's dequantize-then-dot and the bf16 GEMM, and the dequantization kernel alone
 (`--dequant-shapes`, default K=4096 N=14336: a small tuning sweep, µs and GB/s of bytes read +
 written) against XLA's dequantize. `--no-fused` skips the fused kernels' sweeps.
+
+`--dispatch` times instead what the model runs: `ops.linear` with its GPU default rule, forward
+and forward + dx (`jax.vjp`), on every shape, against the same two baselines (wall clock for
+M > 64, GPU time from a profiler trace for the decode shapes, whose calls are host-bound).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from fastlora_jax.kernels import nf4_matmul as nf4
 from fastlora_jax.kernels.nf4_matmul_common import MatmulTuning
 from fastlora_jax.kernels.nf4_matmul_mgpu import MgpuTuning, nf4_matmul_mgpu
 from fastlora_jax.kernels.weight_stream_mgpu import tile_for
+from fastlora_jax.ops.linear import linear
 from fastlora_jax.quant import QTensor, QuantKind, dequantize, nf4_block_scales
 from fastlora_jax.quant.qtensor import nbytes
 
@@ -465,6 +470,85 @@ def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
     return rows
 
 
+def with_dx(op: Callable) -> Callable:
+    """(x, dy), w -> (op(x, w), dx): the forward and the input gradient, as a training step runs
+    them (no gradient for the frozen weight)."""
+    def fwd_dx(inp, w):
+        x, dy = inp
+        y, pull = jax.vjp(lambda a: op(a, w), x)
+        return y, pull(dy)[0]
+    return fwd_dx
+
+
+def dispatch_rows(case: str, flops: float, secs: dict[str, float], wbytes_q: int | None,
+                  extra: dict) -> list[dict]:
+    """Rows of one `--dispatch` case from seconds per layer of "ours", "xla" and "bf16": ours
+    against the faster baseline (the issue's TF/s target too at M = 8192, extra["m"]) and
+    against XLA's dequantize-then-dot; with wbytes_q (decode forward), ours' weight GB/s
+    against the decode target."""
+    ours, xla, bf = secs["ours"], secs["xla"], secs["bf16"]
+    tf = lambda s: flops / s / 1e12  # noqa: E731
+    extra = {**extra, "us_ours": ours * 1e6, "us_xla_dq": xla * 1e6, "us_bf16": bf * 1e6}
+    rows = [dict(case=case, metric="TF/s", ours=tf(ours),
+                 baseline_name="faster of bf16 GEMM and XLA dequant+dot",
+                 baseline=tf(min(xla, bf)), ratio=min(xla, bf) / ours,
+                 target=(f">=1.0x and >={TRAIN_TFLOPS_TARGET:.0f} TF/s"
+                         if extra.get("m", 0) >= 8192 else ">=1.0x"),
+                 **extra),
+            dict(case=case, metric="TF/s", ours=tf(ours), baseline_name="XLA dequant+dot",
+                 baseline=tf(xla), ratio=xla / ours, target=">=1.0x", **extra)]
+    if wbytes_q is not None:
+        gbs = wbytes_q / ours / 1e9
+        rows.append(dict(case=case, metric="weight GB/s", ours=gbs, baseline_name="decode target",
+                         baseline=DECODE_GBS_TARGET, ratio=gbs / DECODE_GBS_TARGET,
+                         target=f">={DECODE_GBS_TARGET:.0f} GB/s (ratio = ours / target)",
+                         **extra))
+    return rows
+
+
+def dispatch_case(kind: str, m: int, k: int, n: int, reps: int, log: list[str]) -> list[dict]:
+    """`ops.linear` as the model calls it (GPU default rule), forward and forward + dx, against
+    the bf16 GEMM on bf16 weights and XLA's dequantize-then-dot on the same quantized weights."""
+    decode = m <= 64
+    gpu_time = decode and jax.default_backend() == "gpu"  # --smoke on the CPU: wall clock
+    layers = 8 if decode else 2
+    kx, kw = jax.random.split(jax.random.PRNGKey(m + k + n))
+    stacked = (random_nf4 if kind == "nf4" else random_int8)(kw, layers, n, k)
+    wb = unstack(dequantize(stacked, "bfloat16"), layers)
+    ws = unstack(stacked, layers)
+    del stacked
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    dy = jax.random.normal(kx, (m, n), jnp.bfloat16)
+    name = f"{kind} M={m} K={k} N={n}"
+    log.append(f"{name} (model default: ops.linear)")
+    rows = []
+    for direction in DIRECTIONS:
+        if direction == "fwd":
+            ops, inp, flops = {"ours": linear, "xla": xla_fwd, "bf16": bf16_fwd}, x, 2.0 * m * n * k
+        else:
+            ops = {"ours": with_dx(linear), "xla": with_dx(xla_fwd), "bf16": with_dx(bf16_fwd)}
+            inp, flops, direction = (x, dy), 4.0 * m * n * k, "fwd+dx"
+        secs = {}
+        for label, op in ops.items():
+            weights = wb if label == "bf16" else ws
+            if gpu_time:
+                secs[label] = device_us_per_layer(scanned(op), inp, weights, layers)[0] / 1e6
+            else:
+                secs[label] = time_per_layer(scanned(op), inp, weights, layers, reps)
+        got, ref = scanned(ops["ours"])(inp, ws)[0], scanned(ops["xla"])(inp, ws)[0]
+        errs = [rel_err(a, b) for a, b in zip(jax.tree_util.tree_leaves(got),
+                                               jax.tree_util.tree_leaves(ref))]
+        log.append(f"  {direction}: ours {secs['ours'] * 1e6:.1f} us, xla-dq "
+                   f"{secs['xla'] * 1e6:.1f} us, bf16 {secs['bf16'] * 1e6:.1f} us"
+                   f"{' (GPU time)' if gpu_time else ''}, rel err vs xla-dq "
+                   + " / ".join(f"{e:.2e}" for e in errs))
+        extra = {"m": m, "timing": "GPU time (profiler trace)" if gpu_time else "wall clock",
+                 "rel_err_vs_xla_dq": max(errs)}
+        rows += dispatch_rows(f"{name} {direction}, model default", flops, secs,
+                              nbytes(ws[0]) if m <= 16 and direction == "fwd" else None, extra)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -485,6 +569,8 @@ def main() -> None:
     ap.add_argument("--dequant-shapes", default="4096x14336",
                     help="KxN,... for the dequantization kernel alone ('' to skip)")
     ap.add_argument("--tag", default="", help="suffix of the JSON name: nf4_matmul-<date>-<tag>")
+    ap.add_argument("--dispatch", action="store_true",
+                    help="time ops.linear's GPU default (what the model runs) instead of sweeps")
     ap.add_argument("--dequant-sweep", default=None,
                     help="rows/warps/exact|fast/kernel|xla,... (default: DEQUANT_SWEEP)")
     args = ap.parse_args()
@@ -531,7 +617,9 @@ def main() -> None:
             if kind == "int8" and not args.shapes and (m, k, n) not in shapes[:2] + shapes[-3:]:
                 continue  # int8: two training shapes and the decode shapes
             try:
-                rows += bench_case(kind, m, k, n, interpret, 2 if args.smoke else 5, log)
+                reps = 2 if args.smoke else 5
+                rows += (dispatch_case(kind, m, k, n, reps, log) if args.dispatch
+                         else bench_case(kind, m, k, n, interpret, reps, log))
             except Exception as e:
                 log.append(f"{kind} {(m, k, n)} failed: {type(e).__name__}: {str(e)[:500]}")
             write()

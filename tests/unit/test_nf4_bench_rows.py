@@ -35,3 +35,30 @@ def test_decode_rows_without_a_triton_baseline() -> None:
     assert [r["baseline_name"] for r in rows] == ["bf16 GEMM (bf16 weights)", "XLA dequant+dot",
                                                   "decode target"]
     assert rows[0]["ratio"] == pytest.approx(1.5)
+
+
+def test_dispatch_rows_ratios_and_targets() -> None:
+    secs = {"ours": 2e-3, "xla": 2.5e-3, "bf16": 1.6e-3}
+    rows = bench.dispatch_rows("nf4 M=8192 fwd, model default", 8e12, secs, None, {"m": 8192})
+    faster, xla = rows
+    assert faster["baseline"] == pytest.approx(5000.0)        # the bf16 GEMM: 8 TFLOP in 1.6 ms
+    assert faster["ratio"] == pytest.approx(0.8)
+    assert "600 TF/s" in faster["target"]
+    assert xla["ratio"] == pytest.approx(1.25)
+    assert faster["us_ours"] == pytest.approx(2000.0)
+    decode = bench.dispatch_rows("nf4 M=1 fwd", 1.0, {"ours": 20e-6, "xla": 1e-4, "bf16": 4e-5},
+                                 30_000_000, {"m": 1})
+    assert "600" not in decode[0]["target"]
+    assert decode[2]["ours"] == pytest.approx(1500.0)           # 30 MB in 20 us
+    assert decode[2]["ratio"] == pytest.approx(0.5)
+
+
+def test_with_dx_is_the_input_gradient() -> None:
+    import jax
+    import jax.numpy as jnp
+
+    kx, kg, kw = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, dy = jax.random.normal(kx, (3, 5)), jax.random.normal(kg, (3, 4))
+    w = jax.random.normal(kw, (4, 5))
+    y, dx = bench.with_dx(lambda a, w: a @ w.T)((x, dy), w)
+    assert jnp.allclose(y, x @ w.T) and jnp.allclose(dx, dy @ w, atol=1e-5)
