@@ -23,6 +23,7 @@
 #                 deferring it (mgpu_fused_defer_dq)
 #   bench-dispatch  benchmarks/nf4_matmul.py --dispatch: what the model runs (ops.linear's GPU
 #                 default), forward and forward + dx, on every shape of issue #6, NF4 and int8
+#   bench-dispatch-dx  the same, forward + dx only
 #   bench-attn-all  benchmarks/attention.py, every case of issue #5, the default backend only
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
@@ -107,6 +108,9 @@ for a in (False, True):
     bench-dispatch)
       run "$stage" 360 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
         --dispatch --dequant-shapes '' --tag dispatch ;;
+    bench-dispatch-dx)
+      run "$stage" 200 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
+        --dispatch --dequant-shapes '' --directions bwd --tag dispatch-dx ;;
     bench-attn-all)
       run "$stage" 300 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
         --backends mosaic_gpu ;;
