@@ -25,7 +25,8 @@ decode with split-K 8 an item is two pipeline steps, loaded up front and then co
 nothing in flight). The accumulator is a register value there for every body (a wgmma-ref
 body gets a fresh accumulator per step, added); the store of an item's partial y happens inside
 the pipeline, after the previous store has read the shared buffer. A stream then also needs
-`at`: its block index in the whole array for (item, step).
+`at`: its block index in the whole array for (item, step). Measured on the H200 (NF4 decode,
+M=1): 22.5-27.6 µs against 20.0 for one CTA per item, so it stays opt-in.
 """
 
 from __future__ import annotations
