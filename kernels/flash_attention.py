@@ -76,7 +76,7 @@ class BlockSizes:
     portable kernels; True measured 1.4-1.6x faster on the H200's packed benchmark);
     mgpu_fused_bwd=True runs the Mosaic backward as one kernel (dk/dv per key block, dq
     reduce-added in float32 by TMA: 5 matmuls per block pair instead of 7; correct on the H200
-    but slower than the two-kernel backward, 0.77-0.90x fwd+bwd: off by default);
+    but slower than the two-kernel backward, 0.78-0.90x fwd+bwd: off by default);
     mgpu_fused_pair_dq=True (with it, head_dim 128) has its two compute warpgroups form one dq
     product over both key blocks, each taking half the columns: half the reduce-add traffic.
     mgpu_fused_defer_dq=True (with mgpu_fused_pair_dq) forms each step's paired dq during the next
