@@ -134,8 +134,12 @@ def time_per_layer(fn: Callable, x: jax.Array, ws, layers: int, reps: int) -> fl
     return statistics.median(times) / layers
 
 
+# The forward baselines as a user writes them: a bf16 product straight from the GEMM (float32
+# accumulation on the GPU). A float32 product cast to bf16 times the same forward, but under
+# jax.vjp (--dispatch) it makes the dx GEMM take a float32 cotangent and run in float32, 1.6-1.9x
+# slower at M = 8192 (measured, dc64a10).
 def xla_fwd(x, w):
-    return jnp.dot(x, dequantize(w, x.dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.dot(x, dequantize(w, x.dtype).T)
 
 
 def xla_bwd(dy, w):
@@ -143,7 +147,7 @@ def xla_bwd(dy, w):
 
 
 def bf16_fwd(x, w):
-    return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.dot(x, w.T)
 
 
 def bf16_bwd(dy, w):
@@ -395,18 +399,24 @@ def decode_rows(case: str, us_of: dict[str, float], ours_label: str, triton_labe
     return rows
 
 
+def case_inputs(kind: str, m: int, k: int, n: int) -> tuple[int, list, list, jax.Array,
+                                                              jax.Array]:
+    """(layers, quantized weights, their bf16 copies for the GEMM baseline, x [m, k],
+    dy [m, n]) of one case: 8 distinct weights at decode sizes (M <= 64), else 2."""
+    layers = 8 if m <= 64 else 2
+    kx, kw = jax.random.split(jax.random.PRNGKey(m + k + n))
+    stacked = (random_nf4 if kind == "nf4" else random_int8)(kw, layers, n, k)
+    wb = unstack(dequantize(stacked, "bfloat16"), layers)
+    ws = unstack(stacked, layers)
+    del stacked
+    return (layers, ws, wb, jax.random.normal(kx, (m, k), jnp.bfloat16),
+            jax.random.normal(kx, (m, n), jnp.bfloat16))
+
+
 def bench_case(kind: str, m: int, k: int, n: int, interpret: bool, reps: int,
                log: list[str]) -> list[dict]:
     decode = m <= 64
-    layers = 8 if decode else 2
-    key = jax.random.PRNGKey(m + k + n)
-    kx, kw = jax.random.split(key)
-    stacked = (random_nf4 if kind == "nf4" else random_int8)(kw, layers, n, k)
-    wb = unstack(dequantize(stacked, "bfloat16"), layers)  # bf16 weights for the GEMM baseline
-    ws = unstack(stacked, layers)
-    del stacked
-    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
-    dy = jax.random.normal(kx, (m, n), jnp.bfloat16)
+    layers, ws, wb, x, dy = case_inputs(kind, m, k, n)
     mod = nf4 if kind == "nf4" else i8
     fused, fused_dx = ((mod.nf4_matmul, mod.nf4_matmul_dx) if kind == "nf4"
                        else (mod.int8_matmul, mod.int8_matmul_dx))
@@ -509,29 +519,16 @@ def dispatch_rows(case: str, flops: float, secs: dict[str, float], wbytes_q: int
 def dispatch_case(kind: str, m: int, k: int, n: int, reps: int, log: list[str]) -> list[dict]:
     """`ops.linear` as the model calls it (GPU default rule), forward and forward + dx, against
     the bf16 GEMM on bf16 weights and XLA's dequantize-then-dot on the same quantized weights."""
-    decode = m <= 64
-    gpu_time = decode and jax.default_backend() == "gpu"  # --smoke on the CPU: wall clock
-    layers = 8 if decode else 2
-    kx, kw = jax.random.split(jax.random.PRNGKey(m + k + n))
-    stacked = (random_nf4 if kind == "nf4" else random_int8)(kw, layers, n, k)
-    wb = unstack(dequantize(stacked, "bfloat16"), layers)
-    ws = unstack(stacked, layers)
-    del stacked
-    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
-    dy = jax.random.normal(kx, (m, n), jnp.bfloat16)
+    gpu_time = m <= 64 and jax.default_backend() == "gpu"  # --smoke on the CPU: wall clock
+    layers, ws, wb, x, dy = case_inputs(kind, m, k, n)
     name = f"{kind} M={m} K={k} N={n}"
     log.append(f"{name} (model default: ops.linear)")
     rows = []
     for direction in DIRECTIONS:
-        # The baselines as a user writes them: a bf16 product straight from the GEMM. With a
-        # float32 product cast to bf16 (xla_fwd, bf16_fwd), the vjp's dx GEMM takes a float32
-        # cotangent and runs in float32: 1.6-1.9x slower at M = 8192 (first run, dc64a10).
-        xla_op = lambda a, w: jnp.dot(a, dequantize(w, a.dtype).T)  # noqa: E731
-        bf_op = lambda a, w: jnp.dot(a, w.T)  # noqa: E731
         if direction == "fwd":
-            ops, inp, flops = {"ours": linear, "xla": xla_op, "bf16": bf_op}, x, 2.0 * m * n * k
+            ops, inp, flops = {"ours": linear, "xla": xla_fwd, "bf16": bf16_fwd}, x, 2.0 * m * n * k
         else:
-            ops = {"ours": with_dx(linear), "xla": with_dx(xla_op), "bf16": with_dx(bf_op)}
+            ops = {"ours": with_dx(linear), "xla": with_dx(xla_fwd), "bf16": with_dx(bf16_fwd)}
             inp, flops, direction = (x, dy), 4.0 * m * n * k, "fwd+dx"
         secs = {}
         for label, op in ops.items():
