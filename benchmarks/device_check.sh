@@ -11,7 +11,6 @@
 #                 / on the accumulator; the image has no nvdisasm, so no SASS)
 #   decode-nf4    GPU time of the NF4 decode tunings (M = 1, 16), no profile
 #   decode-int8   the same for int8
-#   decode-persist  decode-nf4 and decode-int8 plus persistent launches (MgpuTuning.ctas 264, 528)
 #   decode-dx     GPU time of the decode backward (dx, M = 1, 16), NF4 and int8 dx kernels
 #   profile-nf4   in-kernel profile + GPU time of the NF4 and int8 decode kernels (M = 1, 16)
 #   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
@@ -91,10 +90,6 @@ for a in (False, True):
       run "$stage" 180 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
         --kinds "${stage#decode-}" --shapes 1x4096x14336,16x4096x14336 --directions fwd \
         --mgpu --quick --no-fused --dequant-shapes '' --tag "$stage" ;;
-    decode-persist)
-      run "$stage" 300 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
-        --kinds nf4,int8 --shapes 1x4096x14336,16x4096x14336 --directions fwd \
-        --mgpu --mgpu-ctas 264,528 --quick --no-fused --dequant-shapes '' --tag "$stage" ;;
     decode-dx)
       run "$stage" 180 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
         --kinds nf4,int8 --shapes 1x4096x14336,16x4096x14336 --directions bwd \

@@ -80,7 +80,6 @@ def dequant_spec(spec: str) -> dq.DequantTuning:
 DEQUANT_TUNING = dq.DEFAULT_TUNING  # the dequant+dot rows use the fastest exact tuning measured
 FUSED = True  # --no-fused: skip the fused kernels' sweeps (baselines and dequant+dot only)
 MGPU = False  # --mgpu: add the Hopper Mosaic GPU forward to the forward sweeps (sm_90 only)
-MGPU_CTAS: tuple[int, ...] = ()  # --mgpu-ctas: persistent decode launches to add to the sweep
 PROFILE = None  # --profile DIR: one Mosaic GPU decode launch with the in-kernel profiler
 DIRECTIONS = ("fwd", "bwd")
 TRAIN_TFLOPS_TARGET = 600.0
@@ -197,21 +196,15 @@ def mgpu_prework(x, w):
 
 
 def mgpu_sweep(m: int, decode: bool) -> list[MgpuTuning]:
-    """Mosaic GPU (Hopper) tunings for one M: wgmma N = M rounded up to 8 for decode; with
-    --mgpu-ctas, persistent launches of the default-like tunings (decode only) after them."""
+    """Mosaic GPU (Hopper) tunings for one M: wgmma N = M rounded up to 8 for decode."""
     if decode:
         tile = tile_for(m)
-        sweep = [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s,
-                            acc_scale=a)
-                 for b, d, s, a in ((4, 4, None, True), (4, 4, None, False), (2, 4, None, False),
-                                    (2, 4, None, True), (1, 4, None, True), (4, 4, 4, True),
-                                    (8, 4, None, False))
-                 if not a or tile * b <= 64]
-        return sweep + [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b,
-                                   splits=s, acc_scale=tile * b <= 64, ctas=c)
-                        for c in MGPU_CTAS
-                        for b, d, s in ((4, 4, None), (4, 8, None), (2, 8, None), (4, 6, 4),
-                                        (4, 8, 2))]
+        return [MgpuTuning(tile_m=tile, max_concurrent_steps=d, blocks_per_step=b, splits=s,
+                           acc_scale=a)
+                for b, d, s, a in ((4, 4, None, True), (4, 4, None, False), (2, 4, None, False),
+                                   (2, 4, None, True), (1, 4, None, True), (4, 4, 4, True),
+                                   (8, 4, None, False))
+                if not a or tile * b <= 64]
     return [MgpuTuning(tile_m=t, max_concurrent_steps=4) for t in (128, 256)]
 
 
@@ -563,9 +556,6 @@ def main() -> None:
     ap.add_argument("--profile", type=pathlib.Path, default=None,
                     help="with --mgpu: also profile one Mosaic decode launch in-kernel, traces "
                          "under this folder (benchmarks/mgpu_trace.py summarises them)")
-    ap.add_argument("--mgpu-ctas", default="",
-                    help="with --mgpu: CTA counts of persistent decode launches to add, e.g. "
-                         "264,528 (2 and 4 per SM of an H200)")
     ap.add_argument("--directions", default="fwd,bwd")
     ap.add_argument("--no-fused", action="store_true", help="skip the fused kernels' sweeps")
     ap.add_argument("--dequant-shapes", default="4096x14336",
@@ -576,8 +566,7 @@ def main() -> None:
     ap.add_argument("--dequant-sweep", default=None,
                     help="rows/warps/exact|fast/kernel|xla,... (default: DEQUANT_SWEEP)")
     args = ap.parse_args()
-    global MGPU, MGPU_CTAS, DIRECTIONS, FUSED, DEQUANT_SWEEP, PROFILE
-    MGPU_CTAS = tuple(int(v) for v in args.mgpu_ctas.split(",") if v)
+    global MGPU, DIRECTIONS, FUSED, DEQUANT_SWEEP, PROFILE
     if args.dequant_sweep:
         DEQUANT_SWEEP = [dequant_spec(v) for v in args.dequant_sweep.split(",")]
     MGPU, DIRECTIONS = args.mgpu, tuple(args.directions.split(","))

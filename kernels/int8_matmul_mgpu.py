@@ -78,12 +78,10 @@ def int8_matmul_mgpu(x: jax.Array, codes: jax.Array, scale: jax.Array, n: int,
     kb = grid.steps * bps * BLOCK                                  # columns per CTA
     streams = [
         Stream(codes, lambda ref, rows, cols, s: ref.at[rows, pl.ds(s * kb, kb)],
-               plgpu.BlockSpec((ROWS, bps * BLOCK), lambda t: (0, t)),
-               at=lambda n_idx, m_idx, s, t: (n_idx, s * grid.steps + t)),
+               plgpu.BlockSpec((ROWS, bps * BLOCK), lambda t: (0, t))),
         Stream(xp, lambda ref, rows, cols, s: ref.at[cols, pl.ds(s * kb, kb)],
                plgpu.BlockSpec((tile_m, bps * BLOCK), lambda t: (0, t),
-                               transforms=_X_TRANSFORMS),
-               at=lambda n_idx, m_idx, s, t: (m_idx, s * grid.steps + t)),
+                               transforms=_X_TRANSFORMS)),
     ]
     scratch = ((plgpu.SMEM((bps, ROWS, BLOCK), jnp.bfloat16, transforms=_X_TRANSFORMS),)
                if interpret else ())

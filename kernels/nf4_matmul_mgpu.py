@@ -205,25 +205,19 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int,
     x_spec = plgpu.BlockSpec((tile_m, step_bytes), lambda t: (0, t), transforms=_X_TRANSFORMS)
     x_view = lambda ref, rows, cols, s: ref.at[cols, pl.ds(s * kb, kb)]  # noqa: E731
     c_view = lambda ref, rows, cols, s: ref.at[rows, pl.ds(s * kb, kb)]  # noqa: E731
-    step_of = lambda s, t: s * grid.steps + t  # noqa: E731 -- a step's index along all of K
-    x_at = lambda n_idx, m_idx, s, t: (m_idx, step_of(s, t))  # noqa: E731
     if interpret:  # one [64, bps * 32] code block per step
         code_streams = [Stream(codes, c_view, plgpu.BlockSpec((ROWS, step_bytes),
-                                                              lambda t: (0, t)),
-                               at=lambda n_idx, m_idx, s, t: (n_idx, step_of(s, t)))]
+                                                              lambda t: (0, t)))]
     else:  # one [64, 32] copy per block, rows contiguous for `_decode_rows`' 8-byte loads
         code_streams = [Stream(codes, c_view, plgpu.BlockSpec(
-            (ROWS, BLOCK_BYTES), lambda t, b=b: (0, t * bps + b)),
-            at=lambda n_idx, m_idx, s, t, b=b: (n_idx, step_of(s, t) * bps + b))
-            for b in range(bps)]
+            (ROWS, BLOCK_BYTES), lambda t, b=b: (0, t * bps + b))) for b in range(bps)]
     streams = [
         *code_streams,
-        Stream(xe, x_view, x_spec, at=x_at),
-        Stream(xo, x_view, x_spec, at=x_at),
+        Stream(xe, x_view, x_spec),
+        Stream(xo, x_view, x_spec),
         Stream(scales_t, lambda ref, rows, cols, s: ref.at[pl.ds(s * grid.steps * bps,
                                                                   grid.steps * bps), rows],
-               plgpu.BlockSpec((bps, ROWS), lambda t: (t, 0)),
-               at=lambda n_idx, m_idx, s, t: (step_of(s, t), n_idx)),
+               plgpu.BlockSpec((bps, ROWS), lambda t: (t, 0))),
     ]
     scratch = ((plgpu.SMEM((2 * bps, ROWS, BLOCK_BYTES), jnp.bfloat16,
                            transforms=_X_TRANSFORMS),) if interpret else ())

@@ -17,16 +17,9 @@ accumulator ref for the whole K loop (the body issues into it and waits), or, wi
 `register_acc=True`, a float32 [64, tile_m] value in registers carried across the steps (the body
 returns the next one: NF4's decode scales each block's partial product there).
 
-Persistent launch (`MgpuTuning.ctas` > 0): instead of one CTA per work item (weight-row tile,
-x-row tile, split-K index), `ctas` CTAs each take items c, c + ctas, c + 2 ctas, ... in ONE
-pipeline that runs across item boundaries, so the TMA loads of the next item are in flight while
-the current one computes and its partial y is stored (a short item is otherwise a latency: at
-decode with split-K 8 an item is two pipeline steps, loaded up front and then computed with
-nothing in flight). The accumulator is a register value there for every body (a wgmma-ref
-body gets a fresh accumulator per step, added); the store of an item's partial y happens inside
-the pipeline, after the previous store has read the shared buffer. A stream then also needs
-`at`: its block index in the whole array for (item, step). Measured on the H200 (NF4 decode,
-M=1): 22.5-27.6 µs against 20.0 for one CTA per item, so it stays opt-in.
+A persistent launch (a few hundred CTAs, each one pipeline across several work items) was tried
+and measured slower on the H200 (NF4 decode M=1: 22.5-27.6 µs against 20.0 for one CTA per item;
+benchmarks/RESULTS.md, sixth session), so each work item has its own CTA.
 """
 
 from __future__ import annotations
@@ -64,8 +57,6 @@ class MgpuTuning:
     acc_scale: NF4 only: multiply each block's float32 partial product by its absmax (one FMA
     per accumulator element) instead of multiplying the decoded weights (one per weight pair);
     needs blocks_per_step partial accumulators of 64 x tile_m, so it is for decode tiles;
-    ctas: persistent launch with this many CTAs (0: one CTA per work item; see the module
-    docstring; more than the work items launches one per item);
     profile_dir: Mosaic GPU's in-kernel profiler writes a trace of the named regions per launch
     there ("" = off)."""
 
@@ -74,7 +65,6 @@ class MgpuTuning:
     splits: int | None = None
     blocks_per_step: int = 1
     acc_scale: bool = False
-    ctas: int = 0
     profile_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -87,9 +77,6 @@ class MgpuTuning:
         if self.blocks_per_step not in (1, 2, 4, 8):
             raise KernelError(f"MgpuTuning.blocks_per_step={self.blocks_per_step} must be 1, 2, "
                               f"4 or 8 (a TMA box is at most 256 code bytes wide)")
-        if self.ctas < 0:
-            raise KernelError(f"MgpuTuning.ctas={self.ctas} must be >= 0 (0: one CTA per work "
-                              f"item)")
         if self.acc_scale and self.tile_m * self.blocks_per_step > 64:
             raise KernelError(f"MgpuTuning.acc_scale needs tile_m * blocks_per_step <= 64 "
                               f"(registers of the partial accumulators), got {self.tile_m} * "
@@ -112,15 +99,12 @@ def default_splits(ctas: int, steps: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Stream:
     """One pipelined operand: its GMEM array, `view(ref, rows, cols, split)` -> the CTA's part
-    of it (rows: its weight rows, cols: its x rows, split: its split-K index), the block one
-    pipeline step copies (a BlockSpec over that part, indexed by the step), and for persistent
-    launches `at(n_idx, m_idx, s_idx, t)` -> the same block's index in the whole array (item:
-    weight-row tile, x-row tile, split-K index; t: the step within the item)."""
+    of it (rows: its weight rows, cols: its x rows, split: its split-K index), and the block one
+    pipeline step copies (a BlockSpec over that part, indexed by the step)."""
 
     array: jax.Array
     view: Callable
     spec: plgpu.BlockSpec
-    at: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,31 +161,10 @@ def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: Mgp
     tile_m, n_streams = tuning.tile_m, len(streams)
     out_dtype = jnp.float32 if grid.splits > 1 else dtype
     rows_out = min(m, tile_m) if m is not None and grid.m_tiles == 1 else tile_m
-    items = grid.n_tiles * grid.m_tiles * grid.splits
-    persistent = 0 < tuning.ctas < items
-    if persistent and any(s.at is None for s in streams):
-        raise KernelError("a persistent launch (MgpuTuning.ctas > 0) needs every Stream's `at`")
 
-    def zeros():
-        return plgpu.layout_cast(jnp.zeros((ROWS, tile_m), jnp.float32), plgpu.Layout.WGMMA)
-
-    def split_refs(refs):  # -> stream GMEM refs, epilogue refs, output, its SMEM, scratch
+    def kernel(*refs):  # grid (weight-row tiles, x-row tiles * splits)
         gmem, extra_refs = refs[:n_streams], refs[n_streams:n_streams + len(extra)]
         out_gmem, o_smem, *scratch = refs[n_streams + len(extra):]
-        return gmem, extra_refs, out_gmem, o_smem, scratch
-
-    def store_item(acc, n_idx, m_idx, s_idx, extra_refs, out_gmem, o_smem) -> None:
-        """Epilogue, then the item's partial y^T -> out[s_idx, x rows, weight rows] (TMA)."""
-        rows = pl.ds(n_idx * ROWS, ROWS)
-        if epilogue is not None:
-            acc = epilogue(acc, rows, *extra_refs)
-        store_transposed(acc.astype(o_smem.dtype), o_smem, interpret)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows_out)],
-                                out_gmem.at[s_idx, pl.ds(m_idx * tile_m, rows_out), rows])
-
-    def one_item_kernel(*refs):  # grid (weight-row tiles, x-row tiles * splits)
-        gmem, extra_refs, out_gmem, o_smem, scratch = split_refs(refs)
         j, n_idx = lax.axis_index("mk"), lax.axis_index("n")
         m_idx, s_idx = j // grid.splits, j % grid.splits
         views = [s.view(g, pl.ds(n_idx * ROWS, ROWS), pl.ds(m_idx * tile_m, tile_m), s_idx)
@@ -210,61 +173,32 @@ def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: Mgp
                                      in_specs=[s.spec for s in streams],
                                      max_concurrent_steps=tuning.max_concurrent_steps)
         if register_acc:
+            zeros = plgpu.layout_cast(jnp.zeros((ROWS, tile_m), jnp.float32),
+                                      plgpu.Layout.WGMMA)
             acc = pipeline(lambda _, *refs: body(*refs[:-1], refs[-1], *scratch),
-                           init_carry=zeros())(*views)
+                           init_carry=zeros)(*views)
         else:
             def run(acc_ref):
                 pipeline(lambda _, *step_refs: body(*step_refs, acc_ref, *scratch))(*views)
                 return acc_ref[...]
 
             acc = pl.run_scoped(run, plgpu.ACC((ROWS, tile_m), jnp.float32))
-        store_item(acc, n_idx, m_idx, s_idx, extra_refs, out_gmem, o_smem)
-        plgpu.wait_smem_to_gmem(0)
-
-    def persistent_kernel(*refs):  # grid (ctas,): one pipeline over (own items, steps)
-        gmem, extra_refs, out_gmem, o_smem, scratch = split_refs(refs)
-        cta, ctas, per_n = lax.axis_index("cta"), tuning.ctas, grid.m_tiles * grid.splits
-
-        def item(i):  # this CTA's i-th work item: (weight-row tile, x-row tile, split index)
-            j = cta + i * ctas
-            return (lax.div(j, per_n), lax.div(lax.rem(j, per_n), grid.splits),
-                    lax.rem(j, grid.splits))
-
-        specs = [plgpu.BlockSpec(s.spec.block_shape, lambda i, t, s=s: s.at(*item(i), t),
-                                 transforms=s.spec.transforms) for s in streams]
-
-        def step(idx, *refs):
-            i, t = idx
-            *step_refs, acc = refs
-            if register_acc:
-                acc = body(*step_refs, acc, *scratch)
-            else:  # a fresh wgmma accumulator per step, added to the carried one
-                def fresh(acc_ref):
-                    body(*step_refs, acc_ref, *scratch)
-                    return acc_ref[...]
-
-                acc = acc + pl.run_scoped(fresh, plgpu.ACC((ROWS, tile_m), jnp.float32))
-            last = t == grid.steps - 1
-
-            @pl.when(last)
-            def _store():
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store read o_smem
-                store_item(acc, *item(i), extra_refs, out_gmem, o_smem)
-
-            return lax.cond(last, lambda a: zeros(), lambda a: a, acc)
-
-        count = lax.div(items - cta + ctas - 1, ctas)  # items c, c + ctas, ... below `items`
-        plgpu.emit_pipeline(step, grid=(count, grid.steps), in_specs=specs,
-                            max_concurrent_steps=tuning.max_concurrent_steps,
-                            init_carry=zeros())(*gmem)
+        # Epilogue, then the partial y^T -> out[s_idx, x rows, weight rows] (TMA).
+        rows = pl.ds(n_idx * ROWS, ROWS)
+        if epilogue is not None:
+            acc = epilogue(acc, rows, *extra_refs)
+        store_transposed(acc.astype(o_smem.dtype), o_smem, interpret)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows_out)],
+                                out_gmem.at[s_idx, pl.ds(m_idx * tile_m, rows_out), rows])
         plgpu.wait_smem_to_gmem(0)
 
     call = plgpu.kernel(
-        persistent_kernel if persistent else one_item_kernel,
+        kernel,
         out_type=jax.ShapeDtypeStruct(
             (grid.splits, grid.m_tiles * tile_m, grid.n_tiles * ROWS), out_dtype),
-        grid=(tuning.ctas,) if persistent else (grid.n_tiles, grid.m_tiles * grid.splits),
-        grid_names=("cta",) if persistent else ("n", "mk"),
+        grid=(grid.n_tiles, grid.m_tiles * grid.splits),
+        grid_names=("n", "mk"),
         scratch_types=[plgpu.SMEM((tile_m, ROWS), out_dtype), *scratch_types],
         compiler_params=compiler_params(tuning.profile_dir),
         interpret=plgpu.InterpretGPUParams() if interpret else False,

@@ -100,23 +100,8 @@ def test_mgpu_acc_scale_forward_on_gpu(m: int, k: int, n: int, tile_m: int, spli
     _check_mgpu("nf4", m, k, n, tile_m, splits, bps, grad=False, acc_scale=True)
 
 
-# Persistent launches (MgpuTuning.ctas): fewer CTAs than work items, each running one pipeline
-# across its items, uneven item counts per CTA, NF4 (absmax on the weights and on the
-# accumulator) and int8 (its per-row scale epilogue inside the pipeline).
-@NEEDS_SM90
-@pytest.mark.parametrize("kind,m,k,n,tile_m,splits,bps,acc_scale,ctas", [
-    ("nf4", 1, 4096, 1024, 8, 8, 4, True, 40),
-    ("nf4", 16, 4160, 520, 16, None, 1, False, 7),
-    ("nf4", 5, 2048, 200, 8, 2, 4, True, 3),
-    ("int8", 1, 4096, 1024, 8, 8, 4, False, 40),
-    ("int8", 37, 320, 200, 40, 1, 1, False, 3)])
-def test_mgpu_persistent_forward_on_gpu(kind: str, m: int, k: int, n: int, tile_m: int, splits,
-                                        bps: int, acc_scale: bool, ctas: int) -> None:
-    _check_mgpu(kind, m, k, n, tile_m, splits, bps, grad=False, acc_scale=acc_scale, ctas=ctas)
-
-
 def _check_mgpu(kind: str, m: int, k: int, n: int, tile_m: int, splits, bps: int,
-                grad: bool, acc_scale: bool = False, ctas: int = 0) -> None:
+                grad: bool, acc_scale: bool = False) -> None:
     """A Mosaic GPU forward (MgpuTuning) against its reference; with `grad`, also jax.grad."""
     from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
     quantize, op, ref = KINDS[kind]
@@ -124,8 +109,7 @@ def _check_mgpu(kind: str, m: int, k: int, n: int, tile_m: int, splits, bps: int
     x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32), jnp.bfloat16)
     w = jax.tree_util.tree_map(jnp.asarray, quantize(
         rng.standard_normal((n, k), dtype=np.float32) * 0.05, dtype="bfloat16"))
-    t = MgpuTuning(tile_m=tile_m, splits=splits, blocks_per_step=bps, acc_scale=acc_scale,
-                   ctas=ctas)
+    t = MgpuTuning(tile_m=tile_m, splits=splits, blocks_per_step=bps, acc_scale=acc_scale)
     y = jax.jit(lambda x: op(x, w, tuning=t))(x)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     assert _rel(y, ref(x, w)) <= 1e-2
