@@ -98,7 +98,6 @@ def _inputs(c: Case):
 # Mosaic GPU variants: "mosaic_gpu+<flag>+<flag>..." sets these BlockSizes fields.
 FLAGS = {"fwd": ("mgpu_backward", False), "seg": ("mgpu_segments", True),
          "fused": ("mgpu_fused_bwd", True), "pair": ("mgpu_fused_pair_dq", True),
-         "defer": ("mgpu_fused_defer_dq", True),
          "pp": ("mgpu_pingpong", True), "grp": ("mgpu_dkv_group", True),
          "nopp": ("mgpu_pingpong", False), "nogrp": ("mgpu_dkv_group", False),
          "noseg": ("mgpu_segments", False), "s3": ("mgpu_num_stages_bwd", 3),

@@ -17,9 +17,6 @@
 #   profile-attn16  the same at 16K only (the 16K case alone did not fit profile-attn's limit)
 #   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
 #   bench-attn    benchmarks/attention.py, causal cases, default vs the opt-in schedules
-#   tests-defer   the fused backward's GPU tests with mgpu_fused_defer_dq (deferred paired dq)
-#   bench-defer   causal cases: default vs the fused backward with paired dq, with and without
-#                 deferring it (mgpu_fused_defer_dq)
 #   bench-dispatch  benchmarks/nf4_matmul.py --dispatch: what the model runs (ops.linear's GPU
 #                 default), forward and forward + dx, on every shape of issue #6, NF4 and int8
 #   bench-dispatch-dx  the same, forward + dx only
@@ -94,12 +91,6 @@ for a in (False, True):
       run "$stage" 180 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
         --kinds nf4,int8 --shapes 1x4096x14336,16x4096x14336 --directions bwd \
         --mgpu --quick --no-fused --dequant-shapes '' --tag "$stage" ;;
-    tests-defer)
-      run "$stage" 200 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
-        tests/gpu/test_flash_attention.py -k defer" ;;
-    bench-defer)
-      run "$stage" 300 python3 benchmarks/attention.py --out "$out" --commit "$commit" \
-        --cases causal --backends mosaic_gpu,mosaic_gpu+fused+pair,mosaic_gpu+fused+pair+defer ;;
     bench-dispatch)
       run "$stage" 360 python3 benchmarks/nf4_matmul.py --out "$out" --commit "$commit" \
         --dispatch --dequant-shapes '' --tag dispatch ;;

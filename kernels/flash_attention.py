@@ -79,9 +79,6 @@ class BlockSizes:
     but slower than the two-kernel backward, 0.78-0.90x fwd+bwd: off by default);
     mgpu_fused_pair_dq=True (with it, head_dim 128) has its two compute warpgroups form one dq
     product over both key blocks, each taking half the columns: half the reduce-add traffic.
-    mgpu_fused_defer_dq=True (with mgpu_fused_pair_dq) forms each step's paired dq during the next
-    step from a second ds buffer, so the two warpgroups need not run in lockstep (correct on the
-    H200, but no faster: 287-408 TF/s fwd+bwd against 302-404 without it; off by default);
     mgpu_pingpong=True has the forward's two compute warpgroups take turns on the tensor cores
     (FA3's schedule: one's softmax overlaps the other's matmuls; +7-11% forward on the H200);
     mgpu_dkv_group=True has the dk/dv kernel sum over each kv head's group of query heads in
@@ -122,7 +119,6 @@ class BlockSizes:
     mgpu_segments: bool = True
     mgpu_fused_bwd: bool = False
     mgpu_fused_pair_dq: bool = False
-    mgpu_fused_defer_dq: bool = False
     mgpu_pingpong: bool = True
     mgpu_dkv_group: bool = True
     mgpu_reverse_tiles: bool = True
@@ -132,7 +128,6 @@ class BlockSizes:
 
     def __post_init__(self) -> None:
         for name in ("mgpu_backward", "mgpu_segments", "mgpu_fused_bwd", "mgpu_fused_pair_dq",
-                     "mgpu_fused_defer_dq",
                      "mgpu_pingpong", "mgpu_dkv_group", "mgpu_reverse_tiles",
                      "mgpu_bwd_overlap", "mgpu_bwd_stats_tma"):
             if not isinstance(getattr(self, name), bool):
@@ -340,7 +335,6 @@ def _flash_bwd(cfg: _Config, res, do):
         if bs.mgpu_fused_bwd:
             dq, dk, dv = mgpu_fused.backward_fused(q, k, v, do, lse, delta, r_dkv, q_seg, kv_seg,
                                                    pair_dq=bs.mgpu_fused_pair_dq,
-                                                   defer_dq=bs.mgpu_fused_defer_dq,
                                                    overlap=bs.mgpu_bwd_overlap,
                                                    stats_tma=bs.mgpu_bwd_stats_tma, **common)
             return dq, dk, dv, None, None, None, None, None

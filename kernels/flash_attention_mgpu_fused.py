@@ -17,11 +17,7 @@ dk/dv accumulate over the whole group in registers and are written once, per kv 
 per-query-head buffer, no group sum afterwards). Whole dq (D columns) per product when shared
 memory allows, else two 64-column halves (head_dim 128 with a 3-stage ring). pair_dq (head_dim
 128): the two warpgroups sync on two barriers per pair and form one product over both key blocks
-(K = 2 * block_kv), each adding half the columns -- half the reduce-add traffic. defer_dq (with
-pair_dq): each warpgroup forms the paired dq of step i during step i + 1, from a second ds^T
-buffer, so neither waits for the other's ds^T of the current step: the two warpgroups may drift
-apart by up to a step instead of running in lockstep (their exponentials then overlap the other's
-matmuls, as between two independent warpgroups).
+(K = 2 * block_kv), each adding half the columns -- half the reduce-add traffic.
 
 Interpreter (CPU tests): Mosaic GPU's interpreter raises NotImplementedError for a reduce-add
 copy, so under `interpret` -- and only there -- that single step is emulated: the same TMA store
@@ -69,11 +65,11 @@ def supported(head_dim: int, dtype: jnp.dtype) -> bool:
 
 
 def smem_bytes(head_dim: int, block_q: int, block_kv: int, num_stages: int,
-               dq_cols: int | None = None, itemsize: int = 2, ds_buffers: int = 1) -> int:
+               dq_cols: int | None = None, itemsize: int = 2) -> int:
     """Shared memory one CTA needs on the GPU (Hopper allows 227 KiB per CTA)."""
     resident = 2 * _WGS * block_kv * head_dim * itemsize      # k, v per warpgroup
     ring = 2 * num_stages * block_q * head_dim * itemsize      # q, do slots
-    ds = ds_buffers * _WGS * block_kv * block_q * itemsize     # ds^T staging
+    ds = _WGS * block_kv * block_q * itemsize                  # ds^T staging
     dq = _WGS * block_q * (dq_cols or head_dim) * 4            # float32 dq staging
     stats = 2 * num_stages * block_q * 4                       # lse / delta ring (stats_tma)
     return resident + ring + ds + dq + stats
@@ -123,8 +119,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                    delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
                    kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
                    softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                   pair_dq: bool = False, defer_dq: bool = False, overlap: bool = False,
-                   stats_tma: bool = False,
+                   pair_dq: bool = False, overlap: bool = False, stats_tma: bool = False,
                    interpret: bool | plgpu.InterpretGPUParams = False, profile_dir: str = ""
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq [B, Tq, H, D] in q's dtype, dk, dv [B, Tk, Hkv, D] in k's dtype).
@@ -132,8 +127,6 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
     pair_dq: the two compute warpgroups form one dq product per query block over both key blocks
     (K = 2 * block_kv), each taking half of D's columns: half the reduce-add traffic, for two
     warpgroup barriers per block pair. head_dim 128 only (the halves must be 64-column tiles).
-    defer_dq (needs pair_dq): the paired dq of each step is formed during the next one, from a
-    second ds^T buffer (module docstring).
     overlap: issue v do^T before computing p^T (the exponentials run while the tensor cores form
     dp^T), then dv's product, and wait for both at once.
     stats_tma: lse and delta of each query block come through the producer's TMA ring instead
@@ -155,12 +148,8 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
     if pair_dq and d != 128:
         raise KernelError(f"fused Mosaic backward: mgpu_fused_pair_dq needs head_dim 128, got "
                           f"head_dim={d}; leave it False")
-    if defer_dq and not pair_dq:
-        raise KernelError("fused Mosaic backward: mgpu_fused_defer_dq defers the paired dq; set "
-                          "mgpu_fused_pair_dq=True with it")
-    ds_buffers = 2 if defer_dq else 1
     dq_cols = d // 2 if pair_dq else dq_columns(d, block_q, block_kv, num_stages)
-    need = smem_bytes(d, block_q, block_kv, num_stages, dq_cols, ds_buffers=ds_buffers)
+    need = smem_bytes(d, block_q, block_kv, num_stages, dq_cols)
     if not interpret and need > SMEM_LIMIT:
         raise KernelError(
             f"fused Mosaic backward needs {need} bytes of shared memory (> {SMEM_LIMIT}) at "
@@ -170,7 +159,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
     def compute(k_ref, v_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, ranges_ref, seg_refs,
                 k_all, ds_all, v_smem, q_ring, do_ring, dq_smem, k_bar, v_bar, q_bar,
                 do_bar, q_free, do_free, ds_ready, ds_read, stats, wg, b, kv_head, tile):
-        k_smem = k_all.at[wg]  # this warpgroup's keys
+        k_smem, ds_smem = k_all.at[wg], ds_all.at[wg]  # this warpgroup's keys, its ds^T
         plgpu.set_max_registers(232, action="increase")
         key0 = tile * cta_keys + wg * block_kv
         keys = (b, pl.ds(key0, block_kv), kv_head)
@@ -194,44 +183,22 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                 plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[(tile, wg) + rows])
 
         @jax.named_scope("dq_pair")
-        def paired_dq(h: jax.Array, q0: jax.Array, cols, par) -> None:
+        def paired_dq(h: jax.Array, q0: jax.Array, cols) -> None:
             def product(acc_ref):
                 for w in range(_WGS):
-                    plgpu.wgmma(acc_ref, ds_all.at[par * _WGS + w].transpose((1, 0)),
-                                k_all.at[w, :, cols])
+                    plgpu.wgmma(acc_ref, ds_all.at[w].transpose((1, 0)), k_all.at[w, :, cols])
                 return acc_ref[...]
 
             add_dq(pl.run_scoped(product, plgpu.ACC((block_q, dq_cols), jnp.float32)), h, q0,
                    cols)
 
-        def both_halves(h: jax.Array, q0: jax.Array, par) -> None:
-            """Warpgroup w: dq[:, w-th half] = the sum over both key blocks (ds^T buffer par)."""
-            for w in range(_WGS):
-                pl.when(wg == w)(functools.partial(paired_dq, h, q0,
-                                                   pl.ds(w * dq_cols, dq_cols), par))
-
-        def deferred_dq(h: jax.Array, q_block: jax.Array, par: jax.Array) -> None:
-            """defer_dq: the paired dq of the step whose ds^T are in buffer `par` (query block
-            `q_block` of head h; its first row is formed here, as a product with block_q, so
-            that Mosaic can prove the TMA offset a multiple of the tile)."""
-            with jax.named_scope("wait_ds_ready"):
-                plgpu.barrier_wait(ds_ready.at[par])  # the other warpgroup's ds^T is in smem
-            both_halves(h, q_block * block_q, par)
-            plgpu.barrier_arrive(ds_read.at[par])  # this warpgroup is done reading buffer par
-
         def head(g, carry):
             h = kv_head * group + g
 
             def step(t, carry, masked: bool):
-                dk, dv, *prev = carry
-                gs = g * n + t  # the step count runs on across heads (ring slots, ds^T buffers)
-                slot = lax.rem(gs, num_stages)
+                dk, dv = carry
+                slot = lax.rem(g * n + t, num_stages)  # the ring runs on across heads
                 q0 = (lo + t) * block_q
-                par = lax.rem(gs, 2) if defer_dq else 0  # the ds^T buffer of this step
-                if defer_dq:
-                    with jax.named_scope("wait_ds_read"):  # both read its ds^T of step gs - 2
-                        pl.when(gs >= 2)(lambda: plgpu.barrier_wait(ds_read.at[par]))
-                ds_smem = ds_all.at[par * _WGS + wg]  # this warpgroup's ds^T
                 lse2, dlt, segments = query_block_inputs(
                     stats, slot, lse_ref, delta_ref, seg_refs, k_seg_vec, b, h, q0, block_q,
                     col_layout, masked)
@@ -276,20 +243,17 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
                 with jax.named_scope("ds_store"):
                     ds_smem[...] = ds.astype(dtype)
                     plgpu.commit_smem()
-                if defer_dq:
-                    plgpu.barrier_arrive(ds_ready.at[par])  # this warpgroup's ds^T is in smem
-                elif pair_dq:
+                if pair_dq:
                     with jax.named_scope("wait_ds_ready"):
                         plgpu.barrier_arrive(ds_ready)  # both warpgroups' ds^T are in smem
                         plgpu.barrier_wait(ds_ready)
                 with jax.named_scope("dk"):
                     dk = _mma(dk, ds_smem, q_ring.at[slot], interpret=interpret)
                 plgpu.barrier_arrive(q_free.at[slot])
-                if defer_dq:  # the previous step's paired dq
-                    pl.when(gs >= 1)(functools.partial(deferred_dq, *prev, 1 - par))
-                    return dk, dv, h, lo + t
-                if pair_dq:
-                    both_halves(h, q0, 0)
+                if pair_dq:  # warpgroup w: dq[:, w-th half] = sum over both key blocks
+                    for w in range(_WGS):
+                        pl.when(wg == w)(functools.partial(paired_dq, h, q0,
+                                                           pl.ds(w * dq_cols, dq_cols)))
                     with jax.named_scope("wait_ds_read"):
                         plgpu.barrier_arrive(ds_read)  # neither ds^T is overwritten before
                         plgpu.barrier_wait(ds_read)    # both warpgroups read it
@@ -309,16 +273,7 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
             return lax.fori_loop(full_hi - lo, n, functools.partial(step, masked=True), carry)
 
         zeros = plgpu.layout_cast(jnp.zeros((block_kv, d), jnp.float32), plgpu.Layout.WGMMA)
-        prev = (jnp.int32(0), jnp.int32(0)) if defer_dq else ()  # last step's head, query block
-        dk, dv, *prev = lax.fori_loop(0, group, head, (zeros, zeros, *prev))
-        if defer_dq:  # the last step's paired dq
-            total = group * n
-            pl.when(total >= 1)(lambda: deferred_dq(*prev, lax.rem(total - 1, 2)))
-            # Observe each buffer's last read-release, which no later step waited for (every
-            # thread sees every phase of a barrier; the interpreter checks it).
-            for back in (1, 2):
-                pl.when(total >= back)(
-                    lambda back=back: plgpu.barrier_wait(ds_read.at[lax.rem(total - back, 2)]))
+        dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
         k_smem[...] = (dk * scale).astype(dtype)
         v_smem[...] = dv.astype(dtype)
         plgpu.commit_smem()
@@ -359,13 +314,12 @@ def backward_fused(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse:
         *seg_refs, dq_ref, dk_ref, dv_ref = refs  # inputs (dq: the Ref), outputs
         smem16 = tuple(plgpu.SMEM(s, dtype, transforms=bf16_tiles) for s in
                        [(_WGS, block_kv, d)] * 2 + [(num_stages, block_q, d)] * 2
-                       + [(ds_buffers * _WGS, block_kv, block_q)])
+                       + [(_WGS, block_kv, block_q)])
         smem32 = (plgpu.SMEM((_WGS, block_q, dq_cols), jnp.float32, transforms=f32_tiles),)
         loaded = tuple(plgpu.Barrier(num_barriers=n) for n in (_WGS, _WGS, num_stages,
                                                                num_stages))
         freed = ((plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
-                 + (plgpu.Barrier(num_arrivals=_WGS, num_barriers=ds_buffers),) * 2)
-        # + ds_ready, ds_read (pair_dq; one per ds^T buffer)
+                 + (plgpu.Barrier(num_arrivals=_WGS),) * 2)  # + ds_ready, ds_read (pair_dq)
         stats = stats_scratch(num_stages, block_q) if stats_tma else ()
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,

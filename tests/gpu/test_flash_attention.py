@@ -165,19 +165,16 @@ def test_memory_is_linear_in_seq():
 FUSED_CASES = ["causal_gqa_d128", "noncausal_mqa_d64", "ragged_d128", "window_d128"]
 
 
-@pytest.mark.parametrize("stages, pair", [(2, False), (3, False), (2, True), (3, True),
-                                          (2, "defer"), (3, "defer")])
+@pytest.mark.parametrize("stages, pair", [(2, False), (3, False), (2, True), (3, True)])
 @pytest.mark.parametrize("case", FUSED_CASES)
-def test_fused_backward_matches_reference(case: str, stages: int, pair):
+def test_fused_backward_matches_reference(case: str, stages: int, pair: bool):
     """The fused Mosaic backward (one kernel, dq by TMA reduce-add; BlockSizes.mgpu_fused_bwd);
-    3 stages at head_dim 128 computes dq in 64-column halves; pair: mgpu_fused_pair_dq; defer:
-    with mgpu_fused_defer_dq too."""
+    3 stages at head_dim 128 computes dq in 64-column halves; pair: mgpu_fused_pair_dq."""
     shape, kw = CASES[case]
     if pair and shape["head_dim"] != 128:
         pytest.skip("mgpu_fused_pair_dq needs head_dim 128")
     bs = dataclasses.replace(fa.BlockSizes.for_head_dim(shape["head_dim"]), mgpu_fused_bwd=True,
-                             mgpu_num_stages_bwd=stages, mgpu_fused_pair_dq=bool(pair),
-                             mgpu_fused_defer_dq=pair == "defer")
+                             mgpu_num_stages_bwd=stages, mgpu_fused_pair_dq=pair)
     _compare(fa.Backend.MOSAIC_GPU, *attention_inputs(0, **shape), block_sizes=bs, **kw)
 
 

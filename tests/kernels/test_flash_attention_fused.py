@@ -102,24 +102,13 @@ def test_paired_dq_d128():
         128, mgpu_fused_pair_dq=True), causal=True)
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_deferred_paired_dq_d128(stages: int):
-    """mgpu_fused_defer_dq: each step's paired dq is formed during the next one from a second ds^T
-    buffer (two barriers of each kind); the last one after the loops. GQA group of 2 (the step
-    count and the buffers run on across heads), causal, several query blocks per key CTA."""
-    _compare(*attention_inputs(9, 1, 320, 256, 4, 2, 128), block_sizes=_blocks(
-        128, mgpu_fused_pair_dq=True, mgpu_fused_defer_dq=True, mgpu_num_stages_bwd=stages),
-        causal=True)
-
-
-@pytest.mark.parametrize("defer", [False, True])
-def test_paired_dq_barriers_leave_no_shared_memory_race(defer: bool):
+def test_paired_dq_barriers_leave_no_shared_memory_race():
     """The paired dq's ds^T hand-over between the two warpgroups (one buffer and two barriers per
-    step, or two buffers with deferral), run directly with the interpreter's race detector on;
-    GQA group of 2, causal, 4 query blocks per key CTA. The detector (its verdict is only
-    reachable through JAX's private interpreter state) does not see wgmma's operand reads, so
-    the dq check carries the weight: the interpreter runs the warpgroups concurrently, and with
-    the deferred variant's read-release wait moved after the ds^T write, dq was off by 0.32."""
+    step), run directly with the interpreter's race detector on; GQA group of 2, causal, 4 query
+    blocks per key CTA. The detector (its verdict is only reachable through JAX's private
+    interpreter state) does not see wgmma's operand reads, so the dq check carries the weight:
+    the interpreter runs the warpgroups concurrently (a hand-over with a read-release wait
+    moved after the ds^T write gave dq off by 0.32)."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as interp
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -140,21 +129,15 @@ def test_paired_dq_barriers_leave_no_shared_memory_race(defer: bool):
     interp.reset_gpu_interpret_mode_state()
     dq, dk, dv = fused.backward_fused(
         q, k, v, do.astype(q.dtype), lse, delta, ranges, None, None, spec=spec, scale=scale,
-        softcap=None, block_q=64, block_kv=64, num_stages=2, pair_dq=True, defer_dq=defer,
+        softcap=None, block_q=64, block_kv=64, num_stages=2, pair_dq=True,
         interpret=plgpu.InterpretGPUParams(detect_races=True))
     jax.block_until_ready((dq, dk, dv))
     assert not interp.get_races().races_found
     assert max_rel_error(dq, vjp(do)[0]) <= 1e-2
 
 
-def test_deferred_dq_needs_pair_dq():
-    q, k, v, do = attention_inputs(9, 1, 128, 128, 2, 1, 128)
-    with pytest.raises(KernelError, match="mgpu_fused_defer_dq defers the paired dq"):
-        _grads(q, k, v, do, _blocks(128, mgpu_fused_defer_dq=True), causal=True)
-
-
-@pytest.mark.parametrize("pair", [False, True, "defer"])
-def test_overlap_and_stats_tma(pair):
+@pytest.mark.parametrize("pair", [False, True])
+def test_overlap_and_stats_tma(pair: bool):
     """mgpu_bwd_overlap (dp^T issued before p^T, one wait with dv's product) and
     mgpu_bwd_stats_tma (lse / delta through the TMA ring) in the fused backward; GQA, softcap,
     segments; plain and paired dq."""
@@ -162,8 +145,7 @@ def test_overlap_and_stats_tma(pair):
     seg = jnp.asarray([[0] * 100 + [1] * 156], jnp.int32)
     _compare(q, k, v, do, block_sizes=_blocks(128, mgpu_bwd_overlap=True,
                                               mgpu_bwd_stats_tma=True,
-                                              mgpu_fused_pair_dq=bool(pair),
-                                              mgpu_fused_defer_dq=pair == "defer"),
+                                              mgpu_fused_pair_dq=pair),
              causal=True, softcap=5.0, segment_ids=seg)
 
 
@@ -195,17 +177,15 @@ def test_block_skipping_keeps_hidden_blocks_zero_cost():
 
 def test_lowers_for_gpu_with_tma_reduce_add():
     """The GPU version (not interpreted) lowers for CUDA with the TMA reduce-add in the kernel,
-    at head_dim 64 and 128 (whole, halved, paired and deferred paired dq) with every feature on.
+    at head_dim 64 and 128 (whole, halved and paired dq) with every feature on.
     Mosaic checks the shared memory budget while lowering, so this also proves it fits in
     227 KiB."""
-    for d, stages, pair in ((64, 2, False), (128, 2, False), (128, 3, False), (128, 3, True),
-                            (128, 3, "defer")):
+    for d, stages, pair in ((64, 2, False), (128, 2, False), (128, 3, False), (128, 3, True)):
         q = jax.ShapeDtypeStruct((2, 1000, 8, d), jnp.bfloat16)
         k = jax.ShapeDtypeStruct((2, 1000, 2, d), jnp.bfloat16)
         seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
         bs = _blocks(d, mgpu_segments=True, mgpu_num_stages_bwd=stages,
-                     mgpu_fused_pair_dq=bool(pair), mgpu_fused_defer_dq=pair == "defer",
-                     mgpu_bwd_overlap=bool(pair), mgpu_bwd_stats_tma=bool(pair))
+                     mgpu_fused_pair_dq=pair, mgpu_bwd_overlap=pair, mgpu_bwd_stats_tma=pair)
 
         def step(q, k, v, seg, bs=bs):
             o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(
