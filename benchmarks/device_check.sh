@@ -15,7 +15,9 @@
 #   profile-nf4   in-kernel profile + GPU time of the NF4 and int8 decode kernels (M = 1, 16)
 #   profile-attn  in-kernel profile of the attention kernels (causal 4K and 16K, default and fused)
 #   profile-attn16  the same at 16K only (the 16K case alone did not fit profile-attn's limit)
-#   tests-attn    tests/gpu/test_flash_attention.py (the Mosaic variants)
+#   tests-attn    tests/gpu/test_flash_attention.py without the fused backward's tests (the whole
+#                 file took over 480 s on the H200, more than one stage should hold)
+#   tests-fused   the fused backward's GPU tests (opt-in variants)
 #   bench-attn    benchmarks/attention.py, causal cases, default vs the opt-in schedules
 #   bench-dispatch  benchmarks/nf4_matmul.py --dispatch: what the model runs (ops.linear's GPU
 #                 default), forward and forward + dx, on every shape of issue #6, NF4 and int8
@@ -62,8 +64,11 @@ for stage in "${stages[@]}"; do
         --mgpu --quick --no-fused --dequant-shapes '' --tag decode \
         --profile "$out/traces-nf4" ;;
     tests-attn)
-      run "$stage" 240 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
-        tests/gpu/test_flash_attention.py" ;;
+      run "$stage" 360 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_flash_attention.py -k 'not fused'" ;;
+    tests-fused)
+      run "$stage" 300 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
+        tests/gpu/test_flash_attention.py -k fused" ;;
     tests-nf4)
       run "$stage" 150 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
         tests/gpu/test_nf4_matmul.py" ;;
