@@ -162,19 +162,20 @@ def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: Mgp
     out_dtype = jnp.float32 if grid.splits > 1 else dtype
     rows_out = min(m, tile_m) if m is not None and grid.m_tiles == 1 else tile_m
 
-    def kernel(*refs):  # grid (weight-row tiles, x-row tiles * splits)
+    def kernel(*refs):
         gmem, extra_refs = refs[:n_streams], refs[n_streams:n_streams + len(extra)]
         out_gmem, o_smem, *scratch = refs[n_streams + len(extra):]
-        j, n_idx = lax.axis_index("mk"), lax.axis_index("n")
+        j = lax.axis_index("mk")
         m_idx, s_idx = j // grid.splits, j % grid.splits
-        views = [s.view(g, pl.ds(n_idx * ROWS, ROWS), pl.ds(m_idx * tile_m, tile_m), s_idx)
-                 for s, g in zip(streams, gmem)]
+        rows = pl.ds(lax.axis_index("n") * ROWS, ROWS)
+        cols = pl.ds(m_idx * tile_m, tile_m)
+
+        views = [s.view(g, rows, cols, s_idx) for s, g in zip(streams, gmem)]
         pipeline = functools.partial(plgpu.emit_pipeline, grid=(grid.steps,),
                                      in_specs=[s.spec for s in streams],
                                      max_concurrent_steps=tuning.max_concurrent_steps)
         if register_acc:
-            zeros = plgpu.layout_cast(jnp.zeros((ROWS, tile_m), jnp.float32),
-                                      plgpu.Layout.WGMMA)
+            zeros = plgpu.layout_cast(jnp.zeros((ROWS, tile_m), jnp.float32), plgpu.Layout.WGMMA)
             acc = pipeline(lambda _, *refs: body(*refs[:-1], refs[-1], *scratch),
                            init_carry=zeros)(*views)
         else:
@@ -183,8 +184,6 @@ def stream_matmul(streams: list[Stream], body: Callable, grid: Grid, tuning: Mgp
                 return acc_ref[...]
 
             acc = pl.run_scoped(run, plgpu.ACC((ROWS, tile_m), jnp.float32))
-        # Epilogue, then the partial y^T -> out[s_idx, x rows, weight rows] (TMA).
-        rows = pl.ds(n_idx * ROWS, ROWS)
         if epilogue is not None:
             acc = epilogue(acc, rows, *extra_refs)
         store_transposed(acc.astype(o_smem.dtype), o_smem, interpret)

@@ -144,8 +144,7 @@ def test_overlap_and_stats_tma(pair: bool):
     q, k, v, do = attention_inputs(8, 1, 256, 256, 4, 2, 128)
     seg = jnp.asarray([[0] * 100 + [1] * 156], jnp.int32)
     _compare(q, k, v, do, block_sizes=_blocks(128, mgpu_bwd_overlap=True,
-                                              mgpu_bwd_stats_tma=True,
-                                              mgpu_fused_pair_dq=pair),
+                                              mgpu_bwd_stats_tma=True, mgpu_fused_pair_dq=pair),
              causal=True, softcap=5.0, segment_ids=seg)
 
 
@@ -177,15 +176,14 @@ def test_block_skipping_keeps_hidden_blocks_zero_cost():
 
 def test_lowers_for_gpu_with_tma_reduce_add():
     """The GPU version (not interpreted) lowers for CUDA with the TMA reduce-add in the kernel,
-    at head_dim 64 and 128 (whole, halved and paired dq) with every feature on.
-    Mosaic checks the shared memory budget while lowering, so this also proves it fits in
-    227 KiB."""
+    at head_dim 64 and 128 (whole, halved and paired dq) with every feature on. Mosaic checks
+    the shared memory budget while lowering, so this also proves it fits in 227 KiB."""
     for d, stages, pair in ((64, 2, False), (128, 2, False), (128, 3, False), (128, 3, True)):
         q = jax.ShapeDtypeStruct((2, 1000, 8, d), jnp.bfloat16)
         k = jax.ShapeDtypeStruct((2, 1000, 2, d), jnp.bfloat16)
         seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
-        bs = _blocks(d, mgpu_segments=True, mgpu_num_stages_bwd=stages,
-                     mgpu_fused_pair_dq=pair, mgpu_bwd_overlap=pair, mgpu_bwd_stats_tma=pair)
+        bs = _blocks(d, mgpu_segments=True, mgpu_num_stages_bwd=stages, mgpu_fused_pair_dq=pair,
+                     mgpu_bwd_overlap=pair, mgpu_bwd_stats_tma=pair)
 
         def step(q, k, v, seg, bs=bs):
             o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(

@@ -13,7 +13,7 @@ import pytest
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from fastlora_jax.kernels.int8_matmul_mgpu import int8_matmul_mgpu
-from fastlora_jax.kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference
+from fastlora_jax.kernels.nf4_matmul import nf4_matmul
 from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning, plan
 from fastlora_jax.quant import quantize_int8, quantize_nf4
 
