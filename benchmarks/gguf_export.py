@@ -7,12 +7,15 @@ Cases:
   device (`--layers` to shrink), method q4_k_m; its tokenizer stands in with SmolLM2's (the
   vocabulary is padded to 128256 rows). The baseline needs llama-cpp-python; where it is missing
   (the GPU image) the row records ours only.
+- `llama3-small` (CPU): the same architecture at hidden 512 / MLP 1536 / 49152 tokens, 4 layers:
+  every matrix fills 256-blocks, so q4_k_m runs our K-quants on all of them (SmolLM2's 576-wide
+  rows send most tensors to the legacy fallbacks).
 
 Ours is timed twice per method, cold (first call in the process: JAX compiles the quantizers) and
 warm; the ratio uses warm. llama.cpp runs in the reference environment (.refenv) in a subprocess
 and times its own call. Every row: {case, metric, ours, baseline_name, baseline, ratio, target},
 ratio = baseline seconds / our seconds (> 1: we are faster); target 1.0 (at most its time).
-Usage: .venv/bin/python benchmarks/gguf_export.py --cases smollm2 [--out DIR]
+Usage: .venv/bin/python benchmarks/gguf_export.py [--cases smollm2,llama3-small] [--out DIR]
        python3 benchmarks/gguf_export.py --cases llama3-8b --layers 32   (on the GPU machine)
 """
 
@@ -34,6 +37,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
+SMALL = {"vocab_size": 49152, "hidden_size": 512, "intermediate_size": 1536,
+         "num_attention_heads": 8, "num_key_value_heads": 2}
 LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
@@ -74,13 +79,14 @@ def timed_export(model, tokenizer, folder: pathlib.Path, method: str) -> tuple[f
     return time.perf_counter() - t, path
 
 
-def llama3_model(layers: int):
-    """Llama-3-8B shapes, random bf16 weights made on the default device."""
+def llama3_model(layers: int, overrides: dict | None = None):
+    """Llama-3-8B shapes (or `overrides`), random bf16 weights made on the default device."""
     from fastlora_jax import ModelConfig
     from fastlora_jax.models.causal_lm import CausalLM
     from fastlora_jax.models.decoder import param_specs, set_path
 
-    config = ModelConfig.from_hf_config(dict(LLAMA3_8B, num_hidden_layers=layers))
+    config = ModelConfig.from_hf_config(dict(LLAMA3_8B, num_hidden_layers=layers,
+                                             **(overrides or {})))
     params: dict = {}
     key = jax.random.PRNGKey(0)
     for i, spec in enumerate(param_specs(config)):
@@ -100,6 +106,8 @@ def run_case(case: str, methods: list[str], work: pathlib.Path, layers: int) -> 
     tokenizer = AutoTokenizer.from_pretrained(str(SMOLLM2))
     if case == "smollm2":
         model, tokenizer = FastLanguageModel.from_pretrained(SMOLLM2, dtype="float32")
+    elif case == "llama3-small":
+        model = llama3_model(4, SMALL)
     else:
         model = llama3_model(layers)
     _, f16 = timed_export(model, tokenizer, work / "f16", "f16")
@@ -130,7 +138,8 @@ def run_case(case: str, methods: list[str], work: pathlib.Path, layers: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="smollm2", help="smollm2,llama3-8b")
+    parser.add_argument("--cases", default="smollm2,llama3-small",
+                        help="smollm2,llama3-small,llama3-8b")
     parser.add_argument("--methods", default=None, help="default: smollm2 q8_0,q4_k_m,q6_k; "
                                                         "llama3-8b q4_k_m")
     parser.add_argument("--layers", type=int, default=32, help="llama3-8b decoder layers")
@@ -141,7 +150,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for case in args.cases.split(","):
             methods = (args.methods.split(",") if args.methods else
-                       ["q8_0", "q4_k_m", "q6_k"] if case == "smollm2" else ["q4_k_m"])
+                       ["q8_0", "q4_k_m", "q6_k"] if case == "smollm2" else
+                       ["q4_k_m", "q6_k"] if case == "llama3-small" else ["q4_k_m"])
             rows += run_case(case, methods, pathlib.Path(tmp) / case, args.layers)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=REPO).stdout.strip()
