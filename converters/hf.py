@@ -34,6 +34,7 @@ from fastlora_jax.converters.chunks import (CHUNK_BYTES, device_zeros, read_rows
 from fastlora_jax.converters.names import hf_to_path
 from fastlora_jax.errors import CheckpointError, ConfigError
 from fastlora_jax.models.decoder import ParamSpec, Params, param_specs, set_path
+from fastlora_jax.models.registry import config_from_hf
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def read_config(path: str | pathlib.Path) -> tuple[ModelConfig, dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{str(source)!r} is not valid JSON ({err}); re-download or "
                               f"re-save the checkpoint") from None
-    return ModelConfig.from_hf_config(raw, source=str(source)), raw
+    return config_from_hf(raw, source=str(source)), raw
 
 
 def weight_files(folder: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:

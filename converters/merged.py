@@ -16,6 +16,7 @@ from fastlora_jax.config import ModelConfig
 from fastlora_jax.converters.atomic import atomic_folder
 from fastlora_jax.converters.names import path_to_hf
 from fastlora_jax.models.decoder import Params, get_path, param_specs
+from fastlora_jax.models.registry import config_to_hf
 
 SHARD_PATTERN = "model{suffix}.safetensors"
 
@@ -43,7 +44,7 @@ def save_merged(folder: str | pathlib.Path, config: ModelConfig, params: Params,
     split = split_state_dict_into_shards_factory(
         state, get_storage_size=lambda a: a.nbytes, filename_pattern=SHARD_PATTERN,
         max_shard_size=max_shard_size)
-    hf_config = config.to_hf_config()
+    hf_config = config_to_hf(config)
     dtype_name = jnp.dtype(dtype).name
     hf_config.pop("torch_dtype", None)
     hf_config.pop("quantization_config", None)  # the merged weights are dense

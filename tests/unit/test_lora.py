@@ -51,9 +51,9 @@ def test_random_state_is_reproducible(base):
 
 
 def test_peft_matching_rules():
-    from fastlora_jax import ModelConfig
+    from fastlora_jax.models.registry import config_from_hf
 
-    cfg = ModelConfig.from_hf_config(TINY_LLAMA)
+    cfg = config_from_hf(TINY_LLAMA)
     spec = resolve(LoraConfig.create(target_modules=["self_attn.q_proj", "down_proj"]), cfg, ALL)
     assert spec.targets == (("self_attn", "q_proj"), ("mlp", "down_proj"))
     spec = resolve(LoraConfig.create(target_modules=r"model\.layers\.1\.mlp\.up_proj"), cfg, ALL)
