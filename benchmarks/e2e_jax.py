@@ -26,10 +26,10 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 from fastlora_jax import ModelConfig, ops
-from fastlora_jax.api import is_projection
 from fastlora_jax.lora import LoraConfig, init_lora, resolve
 from fastlora_jax.lora.layer import lora_project, with_constants
 from fastlora_jax.models import decoder
+from fastlora_jax.models.decoder import is_projection
 from fastlora_jax.models.registry import config_from_hf, family_for
 from fastlora_jax.models.rope import apply_rope, cos_sin
 from fastlora_jax.quant import stack
