@@ -162,6 +162,16 @@ def test_save_without_adapter_is_an_error(base, tmp_path):
         model_of(base).save_pretrained(tmp_path / "x")
 
 
+def test_save_pretrained_merged_methods(base, tmp_path):
+    m = FastLanguageModel.get_peft_model(model_of(base))
+    with pytest.raises(ExportError, match="save_method='gguf' must be one of"):
+        m.save_pretrained_merged(tmp_path / "bad", save_method="gguf")
+    assert not (tmp_path / "bad").exists()
+    m.save_pretrained_merged(tmp_path / "ad", save_method="lora")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json",
+                                                                 "adapter_model.safetensors"]
+
+
 def test_nf4_and_int8_loading_quantize_only_projections(base):
     from fastlora_jax.models import decoder
     from fastlora_jax.quant import QTensor, QuantKind, dequantize
