@@ -94,7 +94,8 @@ class FastLanguageModel:
     @staticmethod
     def get_peft_model(model: CausalLM, r: int = 16, target_modules: Sequence[str] | str | None = None,
                        lora_alpha: float = 16, lora_dropout: float = 0.0, bias: str = "none",
-                       use_gradient_checkpointing: bool | str = True, random_state: int = 3407,
+                       use_gradient_checkpointing: bool | str | None = None,
+                       random_state: int = 3407,
                        use_rslora: bool = False, use_dora: bool = False,
                        rank_pattern: dict[str, int] | None = None,
                        alpha_pattern: dict[str, float] | None = None,
@@ -103,10 +104,17 @@ class FastLanguageModel:
 
         target_modules None means all seven projections (Unsloth's default). The adapters are
         float32 master weights in their own pytree (`model.lora_params()`).
+
+        Unlike Unsloth, gradient checkpointing is not set here: the model holds no training
+        state, so `use_gradient_checkpointing` belongs to `TrainingArguments`; passing it here
+        is an error that says so rather than a setting that is silently lost.
         """
-        if use_gradient_checkpointing not in (True, False, "offload", "unsloth", "dots"):
-            raise ConfigError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} must be "
-                              f"True, False, 'offload' ('unsloth' is its alias) or 'dots'")
+        if use_gradient_checkpointing is not None:
+            raise ConfigError(f"get_peft_model(use_gradient_checkpointing="
+                              f"{use_gradient_checkpointing!r}): gradient checkpointing is a "
+                              f"training setting; pass TrainingArguments(use_gradient_"
+                              f"checkpointing={use_gradient_checkpointing!r}) (CLI: "
+                              f"--use_gradient_checkpointing) instead")
         config = LoraConfig.create(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             bias=bias, use_rslora=use_rslora, use_dora=use_dora, rank_pattern=rank_pattern,
@@ -115,6 +123,4 @@ class FastLanguageModel:
         family = family_for(model.config.model_type)
         spec = resolve(config, model.config, family.default_target_modules)
         model.set_adapter(spec, init_lora(spec, model.config, model.params()))
-        model.use_gradient_checkpointing = ("offload" if use_gradient_checkpointing == "unsloth"
-                                            else use_gradient_checkpointing)
         return model

@@ -41,7 +41,6 @@ class CausalLM(nnx.Module):
         self.max_seq_length = max_seq_length
         self.name_or_path = name_or_path
         self.lora_spec: LoraSpec | None = None
-        self.use_gradient_checkpointing: bool | str = True
         self.lora: nnx.Dict | None = nnx.data(None)
         tree: dict[str, Any] = {}
         for spec in param_specs(config):

@@ -83,7 +83,7 @@ class SFTTrainer:
             adam_beta1=self.args.adam_beta1, adam_beta2=self.args.adam_beta2,
             adam_epsilon=self.args.adam_epsilon)
         self.step_config = StepConfig(model=model.config, lora=model.lora_spec,
-                                      remat=model.use_gradient_checkpointing,
+                                      remat=self.args.use_gradient_checkpointing,
                                       loss_chunk=self.args.loss_chunk_size)
 
     # -----------------------------------------------------------------------------------------

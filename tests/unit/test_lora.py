@@ -69,7 +69,8 @@ def test_peft_matching_rules():
     (dict(lora_alpha=-1.5), "lora_alpha=-1.5"), (dict(lora_dropout=1.0), "lora_dropout=1.0"),
     (dict(lora_dropout=-0.1), "lora_dropout=-0.1"), (dict(bias="all"), "bias='all'"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
-    (dict(use_gradient_checkpointing="sometimes"), "use_gradient_checkpointing"),
+    (dict(use_gradient_checkpointing="unsloth"),
+     "TrainingArguments(use_gradient_checkpointing='unsloth')"),
 ])
 def test_bad_lora_arguments(base, kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
