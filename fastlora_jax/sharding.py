@@ -89,24 +89,31 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
     return tree
 
 
-def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-    """Sharding of a [batch, seq, ...] input: batch over (data, fsdp)."""
-    axes = ("batch",) + ("seq",) * (len(shape) - 1)
+def batch_sharding(mesh: Mesh, shape: Sequence[int], *, batch_axis: int = 0) -> NamedSharding:
+    """Sharding of an input whose axis `batch_axis` is the batch: the batch over (data, fsdp),
+    the axes after it (seq, ...) and before it (e.g. the trainer's accumulation axis of
+    [A, B, T]) replicated."""
+    axes = (None,) * batch_axis + ("batch",) + ("seq",) * (len(shape) - batch_axis - 1)
     return NamedSharding(mesh, partition_spec(axes, shape, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same whole array on every device of `mesh` (adapters, optimizer state)."""
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def shard_params(params: Params, config: ModelConfig, mesh: Mesh) -> Params:
     """Place `params` on `mesh` according to the rules.
 
     A quantized weight (QTensor) is replicated for now: its packed layout has no per-axis split
-    that keeps bitsandbytes' blocks whole (see the notes in docs/).
+    that keeps bitsandbytes' blocks whole (see docs/architecture.md).
     """
     shardings = param_shardings(config, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    whole = replicated(mesh)
 
     def place(value: Any, sharding: NamedSharding) -> Any:
         if hasattr(value, "codes"):  # QTensor
-            return jax.tree.map(lambda a: jax.device_put(a, replicated), value)
+            return jax.tree.map(lambda a: jax.device_put(a, whole), value)
         return jax.device_put(value, sharding)
 
     return jax.tree.map(place, params, shardings, is_leaf=lambda v: hasattr(v, "codes"))

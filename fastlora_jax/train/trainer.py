@@ -12,11 +12,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from fastlora_jax.errors import ConfigError, TrainingError
 from fastlora_jax.models.causal_lm import CausalLM
-from fastlora_jax.sharding import shard_params
+from fastlora_jax.sharding import batch_sharding, replicated, shard_params
 from fastlora_jax.train.args import TrainingArguments
 from fastlora_jax.train.checkpoint import TrainCheckpoints
 from fastlora_jax.train.data import (DataStats, batch_at, build_rows, load_dataset_source,
@@ -90,9 +89,9 @@ class SFTTrainer:
     def _place(self, frozen: Any, lora: Any, opt_state: Any) -> tuple[Any, Any, Any]:
         if self.mesh is None:
             return frozen, lora, opt_state
-        replicated = NamedSharding(self.mesh, PartitionSpec())
+        whole = replicated(self.mesh)
         return (shard_params(frozen, self.model.config, self.mesh),
-                jax.device_put(lora, replicated), jax.device_put(opt_state, replicated))
+                jax.device_put(lora, whole), jax.device_put(opt_state, whole))
 
     def _batch(self, step: int) -> tuple[dict[str, jax.Array], int, float]:
         """(the step's batch on the devices, its epoch, its number of real tokens).
@@ -107,8 +106,8 @@ class SFTTrainer:
             batch = {k: v for k, v in batch.items() if k != "segment_ids"}
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}, epoch, tokens
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}, epoch, tokens
+        return {k: jax.device_put(v, batch_sharding(self.mesh, v.shape, batch_axis=1))
+                for k, v in batch.items()}, epoch, tokens
 
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
         """Run to `total_steps`; returns stats (steps, loss, runtime, tokens/s, data stats)."""
