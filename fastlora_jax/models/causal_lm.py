@@ -4,9 +4,8 @@ Frozen weights are `nnx.Param`s, adapters `nnx.LoRAParam`s; each variable's meta
 its logical axis names (`fastlora_jax/sharding.py` maps them to mesh axes). Pure form for jit'd
 research code:
 
-    graphdef, params = split(model)                 # no adapters
-    graphdef, frozen, lora = split(model)           # with adapters (get_peft_model)
-    logits = apply(graphdef, *states, input_ids, positions=..., segment_ids=...)
+    graphdef, frozen, lora = split(model)           # lora is an empty State without adapters
+    logits = apply(graphdef, frozen, lora, input_ids, positions=..., segment_ids=...)
 """
 
 from __future__ import annotations
@@ -147,16 +146,14 @@ def _forward_jit(config: ModelConfig, lora_spec: LoraSpec | None, frozen: Params
                    segment_ids=segment_ids, attention_impl=attention_impl)
 
 
-def split(model: CausalLM) -> tuple[Any, ...]:
-    """(graphdef, params) without adapters; (graphdef, frozen, lora) with adapters."""
-    if model.lora is None:
-        return nnx.split(model)
+def split(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, frozen, lora), whether or not the model has adapters (then `lora` is empty)."""
     return nnx.split(model, FROZEN, nnx.LoRAParam)
 
 
-def apply(graphdef: nnx.GraphDef, *args: Any, **kwargs: Any) -> jax.Array:
-    """`apply(graphdef, *states, input_ids, **kw)`: logits of the merged model; jit-friendly."""
-    *states, input_ids = args
-    model = nnx.merge(graphdef, *states)
+def apply(graphdef: nnx.GraphDef, frozen: nnx.State, lora: nnx.State, input_ids: jax.Array,
+          **kwargs: Any) -> jax.Array:
+    """Logits of the model `split` took apart (keywords as in `forward`); jit-friendly."""
+    model = nnx.merge(graphdef, frozen, lora)
     return forward(model.config, model.lora_spec, model.params(), model.lora_params(),
                    jnp.asarray(input_ids, jnp.int32), **kwargs)
