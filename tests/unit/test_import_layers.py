@@ -18,6 +18,7 @@ LAYERS = {
     "errors": ("fastlora_jax.errors",),
     "config": ("fastlora_jax.config",),
     "quant": ("fastlora_jax.quant",),
+    "dispatch_tables": ("fastlora_jax.ops.impl", "fastlora_jax.ops.defaults"),
     "kernels": ("fastlora_jax.kernels",),
     "ops": ("fastlora_jax.ops",),
     "models": ("fastlora_jax.models",),
@@ -34,14 +35,15 @@ ALLOWED = {
     "errors": set(),
     "config": {"errors"},
     "quant": {"errors"},
-    "kernels": {"errors", "quant"},
-    "ops": {"errors", "quant", "kernels"},
-    "models": {"errors", "config", "quant", "ops"},
-    "lora": {"errors", "config", "quant", "ops", "models"},
+    "dispatch_tables": {"errors", "quant"},
+    "kernels": {"errors", "quant", "dispatch_tables"},
+    "ops": {"errors", "quant", "dispatch_tables", "kernels"},
+    "models": {"errors", "config", "quant", "dispatch_tables", "ops"},
+    "lora": {"errors", "config", "quant", "dispatch_tables", "ops", "models"},
     "sharding": {"errors", "config", "models"},
     "converters": {"errors", "config", "quant", "models", "lora"},
-    "model_object": {"errors", "config", "quant", "ops", "models", "lora", "converters"},
-    "train": {"errors", "config", "quant", "ops", "models", "lora", "sharding", "model_object"},
+    "model_object": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "converters"},
+    "train": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "sharding", "model_object"},
     "entry": set(LAYERS),
 }
 
@@ -145,4 +147,6 @@ def test_the_checker_sees_a_violation(tmp_path):
                                                              "fastlora_jax.ops.linear"}
     assert layer_of("fastlora_jax.models.causal_lm") == "model_object"
     assert layer_of("fastlora_jax.models.decoder") == "models"
+    assert layer_of("fastlora_jax.ops.impl") == "dispatch_tables"
+    assert layer_of("fastlora_jax.ops.linear") == "ops"
     assert "train" not in ALLOWED[layer_of("fastlora_jax.kernels.x")]
