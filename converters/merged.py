@@ -89,6 +89,6 @@ def save_pretrained_merged(folder: str | pathlib.Path, config: ModelConfig, froz
     compute = jnp.dtype(frozen["embed_tokens"]["weight"].dtype)
     dtype = jnp.dtype(dtype) if dtype is not None else (
         compute if compute == jnp.float16 else jnp.dtype(jnp.bfloat16))
-    params = frozen if lora is None else merge(frozen, lora, spec, jnp.float32)
+    params = merge(frozen, lora, spec, jnp.float32)  # quantized weights dense, adapters folded in
     return save_merged(folder, config, params, dtype=dtype, tokenizer=tokenizer,
                        max_shard_size=max_shard_size, overwrite=overwrite)

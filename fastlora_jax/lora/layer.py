@@ -121,14 +121,15 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
     return project
 
 
-def merge(frozen: Params, lora: Params, spec: LoraSpec, dtype: Any) -> Params:
+def merge(frozen: Params, lora: Params | None, spec: LoraSpec | None, dtype: Any) -> Params:
     """Frozen params with every adapter folded in: W' = W + s B A (DoRA: g * (W + s B A)).
 
-    Quantized weights are dequantized; every returned linear weight is a dense `dtype` array.
+    Quantized weights are dequantized to `dtype`, and so are the adapted ones; without adapters
+    (`lora` / `spec` None) the result is the frozen params with their quantized weights dense.
     """
     merged = jax.tree.map(lambda x: x, frozen, is_leaf=lambda x: hasattr(x, "codes"))
     layers = merged["layers"]
-    for (group, name), _, scales in spec.modules:
+    for (group, name), _, scales in (spec.modules if lora is not None else ()):
         entry = lora["layers"][group][name]
         w = dense(frozen["layers"][group][name]["weight"])
         s = jnp.asarray(scales, jnp.float32)[:, None, None]

@@ -192,3 +192,19 @@ def test_nf4_and_int8_loading_quantize_only_projections(base):
         np.testing.assert_allclose(np.asarray(m(ids)), expected, atol=1e-5)
         full = np.asarray(model_of(base)(ids))
         assert not np.allclose(expected, full, atol=1e-3)  # quantization really happened
+
+
+def test_merged_export_of_a_quantized_model_without_adapters(base, tmp_path):
+    """With nothing to fold in, the merged export is the dequantized model (it used to hand the
+    QTensors to the writer and fail)."""
+    from fastlora_jax.quant import QTensor, dequantize
+
+    m = model_of(base, load_in_4bit=True)
+    m.save_pretrained_merged(tmp_path / "merged", dtype="float32")
+    back = model_of(tmp_path / "merged")
+    w = m.params()["layers"]["mlp"]["down_proj"]["weight"]
+    assert isinstance(w, QTensor)
+    np.testing.assert_array_equal(np.asarray(back.params()["layers"]["mlp"]["down_proj"]["weight"]),
+                                  np.asarray(dequantize(w, jnp.float32)))
+    ids = jnp.arange(8, dtype=jnp.int32)[None]
+    np.testing.assert_allclose(np.asarray(back(ids)), np.asarray(m(ids)), atol=1e-5)
