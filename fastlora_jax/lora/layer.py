@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from fastlora_jax import ops
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.lora.spec import LoraSpec
-from fastlora_jax.models.decoder import Params, Project
+from fastlora_jax.models.decoder import LINEAR_AXES, Params, Project
 
 # Keys the forward adds next to the trainable arrays (never trained, never saved).
 SCALE, DROPOUT_KEY = "scale", "dropout_key"
@@ -91,7 +91,8 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
     rate = cfg.lora_dropout if train else 0.0
 
     def project(x: jax.Array, name: str, frozen: Params, lora: Params | None) -> jax.Array:
-        base = ops.linear(x, frozen["weight"])
+        axes = LINEAR_AXES.get(name)
+        base = ops.linear(x, frozen["weight"], axes=axes)
         bias = frozen.get("bias")
         if lora is None:
             return base if bias is None else base + bias.astype(base.dtype)
@@ -111,7 +112,7 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
                                         @ lora["lora_A"].astype(jnp.float32))
             norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=-1))
             g = lora["lora_magnitude"].astype(jnp.float32) / norm             # [out]
-            base_for_dora = base if xl is x else ops.linear(xl, frozen["weight"])
+            base_for_dora = base if xl is x else ops.linear(xl, frozen["weight"], axes=axes)
             y = (base.astype(jnp.float32) + (g - 1.0) * base_for_dora.astype(jnp.float32)
                  + g * delta.astype(jnp.float32)).astype(x.dtype)
         else:
