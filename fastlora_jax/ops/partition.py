@@ -136,6 +136,8 @@ def linear(local: Callable[[jax.Array, Any], jax.Array], x: jax.Array, w: Any,
     def body(xl: jax.Array, wl: Any) -> jax.Array:
         if nf4 and wl.tiled:
             wl = _local_nf4(wl, mode, k)
+        elif quantized and wl.kind is QuantKind.INT8:
+            wl = dataclasses.replace(wl, shape=tuple(wl.codes.shape))
         y = local(xl, wl)
         return jax.lax.psum(y, "tensor") if mode == "row" else y
 
