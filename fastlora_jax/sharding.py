@@ -219,12 +219,11 @@ def shard_params(params: dict[str, Any], config: ModelConfig, mesh: Mesh, *,
         if isinstance(value, QTensor):
             view, specs, unplaced = quantized_placement(value, spec.axes, mesh.shape)
             placed = dataclasses.replace(view, **{
-                f: jax.device_put(getattr(view, f), NamedSharding(mesh, s))
-                for f, s in specs.items()})
+                f: _put(getattr(view, f), NamedSharding(mesh, s)) for f, s in specs.items()})
             shape = value.shape
         else:
             sharding = get_path(dense, spec.path)
-            placed = jax.device_put(value, sharding)
+            placed = _put(value, sharding)
             shape = spec.layer_shape
             unplaced = [] if len(shape) != 2 else _dense_unplaced(spec, mesh)
         if unplaced:
@@ -238,6 +237,14 @@ def shard_params(params: dict[str, Any], config: ModelConfig, mesh: Mesh, *,
                       f"multiple of 64): " + "; ".join(fallbacks), ShardingFallbackWarning,
                       stacklevel=2)
     return out
+
+
+def _put(value: Any, sharding: NamedSharding) -> jax.Array:
+    """device_put; with several processes each builds its own shards from its full host copy."""
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _dense_unplaced(spec: Any, mesh: Mesh) -> list[str]:
