@@ -112,9 +112,11 @@ def to_host(tree: Any) -> Any:
     from jax.experimental import multihost_utils
 
     def one(a: Any) -> Any:
-        if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
-            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-        return np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a)
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return np.asarray(a)
+        if a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
     return jax.tree.map(one, tree)
 

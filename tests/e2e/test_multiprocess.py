@@ -88,26 +88,14 @@ def losses(folder):
 
 
 def test_two_processes_equal_one_process_only_rank0_writes_and_resume(setup, tmp_path):
+    """One 4-device process as the reference; two 2-device processes killed (SIGKILL, both)
+    after checkpoint 2 and resumed: their log (steps 1-2 from before the kill, 3-5 after) and
+    adapter equal the reference, and their folder holds the reference's files, each once."""
     model, data = setup
     one = subprocess.run(command(model, data, tmp_path / "one"), capture_output=True, text=True,
                          env=env(4), timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    (out0, _), (out1, _) = finish(launch(model, data, tmp_path / "two"))
-    assert "done: 5 steps" in out0 and "data:" in out0
-    assert "done:" not in out1 and "data:" not in out1  # process 1 reports nothing
-    # the same files as the one-process run, each once: process 1 wrote none of its own
-    assert files(tmp_path / "two") == files(tmp_path / "one")
-    assert len(list((tmp_path / "two" / "runs").rglob("events.*"))) == 1
-    ref, got = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert sorted(got) == [1, 2, 3, 4, 5]
-    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in got], rtol=1e-5)
-    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    for key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
-
-    # kill both processes after checkpoint 2, resume both: the run continues to the same end
-    out = tmp_path / "killed"
+    out = tmp_path / "two"
     procs = launch(model, data, out)
     deadline = time.time() + 600
     while not (out / "checkpoints" / "2").exists():
@@ -117,11 +105,61 @@ def test_two_processes_equal_one_process_only_rank0_writes_and_resume(setup, tmp
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
     assert not (out / "checkpoints" / "5").exists(), "the run was not interrupted"
-    finish(launch(model, data, out, "--resume_from_checkpoint", "true"))
-    resumed = losses(out)
-    assert sorted(resumed) == [1, 2, 3, 4, 5]
-    np.testing.assert_allclose([resumed[s] for s in (3, 4, 5)], [got[s] for s in (3, 4, 5)],
-                               rtol=1e-6)
-    c = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    for key in b:
-        np.testing.assert_allclose(c[key], b[key], rtol=1e-6, atol=1e-8)
+    (out0, _), (out1, _) = finish(launch(model, data, out, "--resume_from_checkpoint", "true"))
+    assert "done: 5 steps" in out0 and "data:" in out0
+    assert "done:" not in out1 and "data:" not in out1  # process 1 reports nothing
+    assert files(out) == files(tmp_path / "one")
+    assert len(list((out / "runs").rglob("events.*"))) == 2  # the killed run's and the resumed
+    ref, got = losses(tmp_path / "one"), losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(got)],
+                               rtol=1e-5)
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_mesh_shape(setup, tmp_path):
+    """Checkpoints written on a 2x2x2 mesh restore onto 1x8x1 with sharded adapters and
+    optimizer state (in this process's 8 devices), values unchanged, and training goes on."""
+    import jax
+
+    from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
+    from fastlora_jax.sharding import MeshConfig
+    from fastlora_jax.train.checkpoint import TrainCheckpoints
+
+    model_dir, data = setup
+
+    def trainer(mesh, steps):
+        model, tok = FastLanguageModel.from_pretrained(model_dir, max_seq_length=64,
+                                                       load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=4)
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=steps, save_steps=2,
+                                 per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                                 learning_rate=2e-3, disable_tqdm=True, report_to="none",
+                                 mesh=mesh)
+        return SFTTrainer(model=model, tokenizer=tok, train_dataset=str(data), args=args)
+
+    first = trainer(MeshConfig(data=2, fsdp=2, tensor=2), 2)
+    first.train()
+    saved = jax.tree.map(np.asarray, first.model.lora_params())
+    second = trainer(MeshConfig(data=1, fsdp=8, tensor=1, shard_adapters=True), 4)
+    lora = jax.tree.map(jax.numpy.copy, second.model.lora_params())
+    _, s_lora, s_opt = second._place(second.model.params(), lora, second.optimizer.init(lora))
+    assert any(x.sharding.spec != () for x in jax.tree.leaves(s_lora))  # adapters split
+    ckpt = TrainCheckpoints(tmp_path / "run", max_to_keep=None)
+    restored, _, meta = ckpt.restore(2, s_lora, s_opt)
+    ckpt.close()
+    assert meta["step"] == 2
+    flat = lambda t: {jax.tree_util.keystr(k): v for k, v in
+                      jax.tree_util.tree_flatten_with_path(t)[0]}
+    want = flat(saved)
+    assert flat(restored).keys() == want.keys()
+    for key, value in flat(restored).items():
+        np.testing.assert_array_equal(np.asarray(value), want[key], err_msg=key)
+    stats = second.train(resume_from_checkpoint=True)
+    assert stats["start_step"] == 2 and stats["global_step"] == 4
+    assert np.isfinite(stats["final_loss"])
