@@ -111,8 +111,15 @@ def tile(q: QTensor) -> QTensor:
                           f"a row of this weight does not hold whole blocks")
     n, k = q.shape
     lead = q.lead
-    return dataclasses.replace(q, codes=q.codes.reshape(*lead, n, k // 2),
-                               absmax=q.absmax.reshape(*lead, n, k // q.blocksize), tiled=True)
+    return dataclasses.replace(q, codes=_reshape(q.codes, (*lead, n, k // 2)),
+                               absmax=_reshape(q.absmax, (*lead, n, k // q.blocksize)), tiled=True)
+
+
+def _reshape(a: Array | jax.ShapeDtypeStruct, shape: tuple[int, ...]) -> Array | jax.ShapeDtypeStruct:
+    """a.reshape(shape), also for abstract arrays (compile-only planning uses those)."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, a.dtype)
+    return a.reshape(shape)
 
 
 def untile(q: QTensor) -> QTensor:
