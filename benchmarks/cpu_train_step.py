@@ -55,8 +55,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int) -> list[float]:
     model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16,
-                                             use_gradient_checkpointing=False)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
     cfg = StepConfig(model=model.config, lora=model.lora_spec, remat=False)
     opt = make_optimizer(learning_rate=1e-4, warmup_steps=0, total_steps=1000, max_grad_norm=None)
     lora = jax.tree.map(jnp.copy, model.lora_params())

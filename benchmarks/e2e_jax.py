@@ -26,11 +26,11 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 from fastlora_jax import ModelConfig, ops
-from fastlora_jax.api import is_projection
 from fastlora_jax.lora import LoraConfig, init_lora, resolve
 from fastlora_jax.lora.layer import lora_project, with_constants
 from fastlora_jax.models import decoder
-from fastlora_jax.models.registry import family_for
+from fastlora_jax.models.decoder import is_projection
+from fastlora_jax.models.registry import config_from_hf, family_for
 from fastlora_jax.models.rope import apply_rope, cos_sin
 from fastlora_jax.quant import stack
 from fastlora_jax.quant.nf4_device import quantize_nf4_on_device
@@ -153,7 +153,7 @@ def run_plain_xla(raw: dict, args: argparse.Namespace) -> dict:
     frozen, lora = px.init(raw, jax.random.key(0), RANK)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=0.0))
     state = opt.init(lora)
-    config = ModelConfig.from_hf_config(raw)
+    config = config_from_hf(raw)
     b = make_batch(config, args.accumulation, args.micro_batch, args.seq)
     jax.block_until_ready((frozen, lora))
     setup_s = time.perf_counter() - t0
@@ -326,7 +326,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a small model (CPU smoke test)")
     args = parser.parse_args()
     raw = TINY if args.tiny else LLAMA3_8B
-    config = ModelConfig.from_hf_config(raw)
+    config = config_from_hf(raw)
     start = time.perf_counter()
     if args.run == "ours":
         result = run_ours(config, args)

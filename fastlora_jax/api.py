@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any
-
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fastlora_jax.converters.hf import Convert, checkpoint_dir, load_checkpoint
+from fastlora_jax.converters.hf import checkpoint_dir, load_checkpoint
 from fastlora_jax.converters.peft import CONFIG_NAME as ADAPTER_CONFIG
 from fastlora_jax.converters.peft import read_adapter_config
 from fastlora_jax.errors import CheckpointError, ConfigError
 from fastlora_jax.lora.layer import init_lora
 from fastlora_jax.lora.spec import LoraConfig, resolve
 from fastlora_jax.models.causal_lm import CausalLM
-from fastlora_jax.models.decoder import ParamSpec
 from fastlora_jax.models.registry import family_for
+from fastlora_jax.quant import QuantKind
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +48,6 @@ def load_tokenizer(folder: pathlib.Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
-
-
-def is_projection(spec: ParamSpec) -> bool:
-    """Decoder linear weights (quantized by load_in_4bit/8bit); embeddings, norms, lm_head are not."""
-    return (spec.stacked and spec.path[-1] == "weight" and spec.path[1] in ("self_attn", "mlp")
-            and spec.path[-2].endswith("_proj"))
-
-
-def quantizing_convert(kind: str, dtype: jnp.dtype) -> Convert:
-    """Loader hook: quantize each decoder projection as it streams in (one whole layer at a time);
-    cast everything else to `dtype` (row-wise, so large tensors may arrive in row chunks)."""
-    from fastlora_jax.quant import quantize_int8, quantize_nf4
-
-    quantize = quantize_nf4 if kind == "nf4" else quantize_int8
-
-    def convert(spec: ParamSpec, array: np.ndarray) -> Any:
-        if is_projection(spec):
-            return quantize(array, dtype=dtype.name)
-        return array.astype(dtype, copy=False)
-
-    return convert
 
 
 class FastLanguageModel:
@@ -110,17 +86,16 @@ class FastLanguageModel:
         if load_in_4bit and load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit are exclusive; pick one")
         compute = resolve_dtype(dtype)
-        convert = None
-        if load_in_4bit or load_in_8bit:
-            convert = quantizing_convert("nf4" if load_in_4bit else "int8", compute)
-        config, params = load_checkpoint(folder, dtype=compute, convert=convert)
+        quantize = (QuantKind.NF4 if load_in_4bit else QuantKind.INT8 if load_in_8bit else None)
+        config, params = load_checkpoint(folder, dtype=compute, quantize=quantize)
         model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=str(folder))
         return model, load_tokenizer(folder)
 
     @staticmethod
     def get_peft_model(model: CausalLM, r: int = 16, target_modules: Sequence[str] | str | None = None,
                        lora_alpha: float = 16, lora_dropout: float = 0.0, bias: str = "none",
-                       use_gradient_checkpointing: bool | str = True, random_state: int = 3407,
+                       use_gradient_checkpointing: bool | str | None = None,
+                       random_state: int = 3407,
                        use_rslora: bool = False, use_dora: bool = False,
                        rank_pattern: dict[str, int] | None = None,
                        alpha_pattern: dict[str, float] | None = None,
@@ -129,10 +104,17 @@ class FastLanguageModel:
 
         target_modules None means all seven projections (Unsloth's default). The adapters are
         float32 master weights in their own pytree (`model.lora_params()`).
+
+        Unlike Unsloth, gradient checkpointing is not set here: the model holds no training
+        state, so `use_gradient_checkpointing` belongs to `TrainingArguments`; passing it here
+        is an error that says so rather than a setting that is silently lost.
         """
-        if use_gradient_checkpointing not in (True, False, "offload", "unsloth", "dots"):
-            raise ConfigError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} must be "
-                              f"True, False, 'offload' ('unsloth' is its alias) or 'dots'")
+        if use_gradient_checkpointing is not None:
+            raise ConfigError(f"get_peft_model(use_gradient_checkpointing="
+                              f"{use_gradient_checkpointing!r}): gradient checkpointing is a "
+                              f"training setting; pass TrainingArguments(use_gradient_"
+                              f"checkpointing={use_gradient_checkpointing!r}) (CLI: "
+                              f"--use_gradient_checkpointing) instead")
         config = LoraConfig.create(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             bias=bias, use_rslora=use_rslora, use_dora=use_dora, rank_pattern=rank_pattern,
@@ -141,6 +123,4 @@ class FastLanguageModel:
         family = family_for(model.config.model_type)
         spec = resolve(config, model.config, family.default_target_modules)
         model.set_adapter(spec, init_lora(spec, model.config, model.params()))
-        model.use_gradient_checkpointing = ("offload" if use_gradient_checkpointing == "unsloth"
-                                            else use_gradient_checkpointing)
         return model

@@ -28,8 +28,7 @@ DEFAULT_PROMPT = "What is the capital of France?"
 # LoRA / model flags of `train` (FastLanguageModel.from_pretrained + get_peft_model arguments).
 MODEL_FLAGS = {"r": 16, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None,
                "use_rslora": False, "use_dora": False, "load_in_4bit": False,
-               "load_in_8bit": False, "dtype": None, "use_gradient_checkpointing": "true",
-               "random_state": 3407}
+               "load_in_8bit": False, "dtype": None, "random_state": 3407}
 
 
 def _bool(text: str) -> bool:
@@ -38,6 +37,14 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, found {text!r}")
+
+
+def _bool_or_str(text: str) -> bool | str:
+    """true/false (as `_bool`) or any other word as it is (e.g. 'offload')."""
+    try:
+        return _bool(text)
+    except argparse.ArgumentTypeError:
+        return text
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +57,8 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                                 help="data,fsdp,tensor sizes, e.g. 2,4,1 (-1 = the rest)")
             continue
         kind = hints[field.name]
-        conv = _bool if kind is bool else int if kind in (int, int | None) else \
-            float if kind is float else str
+        conv = _bool if kind is bool else _bool_or_str if kind == bool | str else \
+            int if kind in (int, int | None) else float if kind is float else str
         parser.add_argument(f"--{field.name}", type=conv, default=None,
                             help=f"(default {field.default!r})")
 
@@ -102,16 +109,13 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
                                                    values.pop("num_processes", None),
                                                    values.pop("process_id", None)))
     args = TrainingArguments.from_dict(values, source=str(ns.config or "command line"))
-    gc = model_kw.pop("use_gradient_checkpointing")
-    gc = {"true": True, "false": False}.get(str(gc).lower(), gc)
     targets = model_kw.pop("target_modules")
     if isinstance(targets, str) and "," in targets:
         targets = [t.strip() for t in targets.split(",")]
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_dir, max_seq_length=args.max_seq_length or 2048, dtype=model_kw.pop("dtype"),
         load_in_4bit=model_kw.pop("load_in_4bit"), load_in_8bit=model_kw.pop("load_in_8bit"))
-    model = FastLanguageModel.get_peft_model(model, target_modules=targets,
-                                             use_gradient_checkpointing=gc, **model_kw)
+    model = FastLanguageModel.get_peft_model(model, target_modules=targets, **model_kw)
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=data, args=args)
     from fastlora_jax.train.trainer import data_summary
 

@@ -253,25 +253,32 @@ def _dense_unplaced(spec: Any, mesh: Mesh) -> list[str]:
     return unplaced
 
 
-def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-    """Sharding of a [batch, seq, ...] input: batch over (data, fsdp)."""
-    axes = ("batch",) + ("seq",) * (len(shape) - 1)
+def batch_sharding(mesh: Mesh, shape: Sequence[int], *, batch_axis: int = 0) -> NamedSharding:
+    """Sharding of an input whose axis `batch_axis` is the batch: the batch over (data, fsdp),
+    the axes after it (seq, ...) and before it (e.g. the trainer's accumulation axis of
+    [A, B, T]) replicated."""
+    axes = (None,) * batch_axis + ("batch",) + ("seq",) * (len(shape) - batch_axis - 1)
     return NamedSharding(mesh, partition_spec(axes, shape, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The same whole array on every device of `mesh` (adapters, optimizer state)."""
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def adapter_shardings(tree: Any, mesh: Mesh, *, shard: bool) -> Any:
     """NamedShardings for a LoRA tree (or any tree of its arrays): replicated, or with `shard`
     the largest dimension that fsdp divides split over fsdp (lora_A's `in`, lora_B's `out`)."""
-    replicated = NamedSharding(mesh, PartitionSpec())
+    whole = replicated(mesh)
     f = mesh.shape["fsdp"]
 
     def one(a: Any) -> NamedSharding:
         shape = getattr(a, "shape", ())
         if not shard or f == 1 or len(shape) < 2:
-            return replicated
+            return whole
         dim = max(range(1, len(shape)), key=lambda d: (shape[d] % f == 0, shape[d]))
         if shape[dim] % f:
-            return replicated
+            return whole
         return NamedSharding(mesh, PartitionSpec(*[("fsdp" if d == dim else None)
                                                    for d in range(len(shape))]))
 

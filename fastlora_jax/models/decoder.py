@@ -54,6 +54,16 @@ class ParamSpec:
         return self.shape[1:] if self.stacked else self.shape
 
 
+def is_projection(spec: ParamSpec) -> bool:
+    """A decoder layer's linear weight: what `load_in_4bit` / `load_in_8bit` quantize.
+
+    Embeddings, norms, biases and lm_head are not: they are small next to the projections, and
+    the embedding is a gather, lm_head the precision-sensitive last matmul.
+    """
+    return (spec.stacked and spec.path[-1] == "weight" and spec.path[1] in ("self_attn", "mlp")
+            and spec.path[-2].endswith("_proj"))
+
+
 def param_specs(config: ModelConfig) -> list[ParamSpec]:
     """Every parameter of the model, in a stable order."""
     c = config

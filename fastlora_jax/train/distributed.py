@@ -24,9 +24,10 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from fastlora_jax.errors import ConfigError
+from fastlora_jax.sharding import batch_sharding
 from fastlora_jax.train.data import DataStats, batch_at
 
 
@@ -184,11 +185,11 @@ class DataShards:
                            if s in self.owned))
         if self.mesh is None:
             return {k: jax.numpy.asarray(v) for k, v in local.items()}, epoch, tokens
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
         out = {}
         for k, v in local.items():
             shape = (v.shape[0], v.shape[1] * self.num_shards // len(self.local), v.shape[2])
-            out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+            out[k] = jax.make_array_from_process_local_data(
+                batch_sharding(self.mesh, shape, batch_axis=1), v, shape)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

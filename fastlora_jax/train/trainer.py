@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from fastlora_jax.errors import ConfigError, TrainingError
 from fastlora_jax.models.causal_lm import CausalLM
-from fastlora_jax.sharding import adapter_shardings, shard_params
+from fastlora_jax.sharding import adapter_shardings, replicated, shard_params
 from fastlora_jax.train import distributed
 from fastlora_jax.train.args import TrainingArguments
 from fastlora_jax.train.checkpoint import TrainCheckpoints
@@ -93,17 +92,16 @@ class SFTTrainer:
             adam_beta1=self.args.adam_beta1, adam_beta2=self.args.adam_beta2,
             adam_epsilon=self.args.adam_epsilon)
         self.step_config = StepConfig(model=model.config, lora=model.lora_spec,
-                                      remat=model.use_gradient_checkpointing,
+                                      remat=self.args.use_gradient_checkpointing,
                                       loss_chunk=self.args.loss_chunk_size)
 
     # -----------------------------------------------------------------------------------------
     def _place(self, frozen: Any, lora: Any, opt_state: Any) -> tuple[Any, Any, Any]:
         if self.mesh is None:
             return frozen, lora, opt_state
-        replicated = NamedSharding(self.mesh, PartitionSpec())
         lora_sh = adapter_shardings(lora, self.mesh, shard=self.mesh_config.shard_adapters)
         opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_state, lora_sh,
-                                       transform_non_params=lambda _: replicated)
+                                       transform_non_params=lambda _: replicated(self.mesh))
         return (shard_params(frozen, self.model.config, self.mesh),
                 distributed.put_replicated(lora, lora_sh),
                 distributed.put_replicated(opt_state, opt_sh))

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastlora_jax import ModelConfig
 from fastlora_jax.lora import LoraConfig, init_lora, resolve
+from fastlora_jax.models.registry import config_from_hf
 from fastlora_jax.lora.spec import PROJECTIONS
 from fastlora_jax.models import decoder
 from fastlora_jax.train.loss import IGNORE
@@ -29,7 +29,7 @@ import train_e2e  # noqa: E402
 def test_plain_xla_baseline_is_our_model():
     """Same weights and adapters -> the hand-written step's loss and LoRA grads equal ours."""
     raw = e2e_jax.TINY
-    config = ModelConfig.from_hf_config(raw)
+    config = config_from_hf(raw)
     frozen = decoder.init_params(config, jax.random.key(0))
     spec = resolve(LoraConfig.create(r=4, lora_alpha=8, init_lora_weights=False), config,
                    tuple(n for _, n in PROJECTIONS))
@@ -92,7 +92,7 @@ def test_report_rows_orient_ratios_higher_is_better():
 def test_our_side_runs_end_to_end(quant, remat):
     args = argparse.Namespace(quant=quant, remat=remat, loss_chunk=32, micro_batch=1,
                               accumulation=2, seq=32, steps=2, warmup=1)
-    result = e2e_jax.run_ours(ModelConfig.from_hf_config(e2e_jax.TINY), args)
+    result = e2e_jax.run_ours(config_from_hf(e2e_jax.TINY), args)
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
     assert result["losses"][-1] < result["losses"][0]  # it trains
     assert result["tokens_per_s"] > 0 and result["memory"]["device_need_bytes"] > 0
