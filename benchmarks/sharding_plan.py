@@ -224,6 +224,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="rows per data-parallel group")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # the code this run imported
     results = []
     for name in args.models.split(","):
         for n in (int(d) for d in args.devices.split(",")):
@@ -231,8 +233,6 @@ def main() -> None:
                 r = plan(name, MODELS[name], mesh_cfg, args.seq, args.batch)
                 results.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "comm_by_kind"}), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     rows = []
     for r in results:
         one = next(x for x in results if x["model"] == r["model"] and x["devices"] == 1)
