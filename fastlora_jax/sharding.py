@@ -1,7 +1,8 @@
 """Logical axis names -> mesh axes, the mesh itself, and where every parameter lives on it.
 
 Every parameter carries logical axis names (`ParamSpec.axes`, also the `axes` metadata of each
-`nnx.Param`). One rules table maps them to the mesh axes `data`, `fsdp`, `tensor`. A mesh axis
+`nnx.Param`). One rules table (`LOGICAL_RULES`, kept in `ops/partition.py`, the lowest layer that
+reads it) maps them to the mesh axes `data`, `fsdp`, `tensor`. A mesh axis
 that does not divide its dimension moves to the weight's other dimension when that one divides
 (storage only: FSDP gathers the whole layer anyway, so it does not matter which dimension holds
 it); a weight that no dimension takes is replicated along that mesh axis and `shard_params` says
@@ -29,26 +30,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.errors import ConfigError
+from fastlora_jax.ops.partition import BATCH_AXES, LOGICAL_RULES, MESH_AXES, spec_entry
 from fastlora_jax.quant.qtensor import QTensor, QuantKind, can_tile, tile
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-# logical name -> mesh axes (a tuple shards over several mesh axes at once); absent = replicated.
-LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": BATCH_AXES,
-    "embed": ("fsdp",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "vocab": ("tensor",),
-    "lora_rank": (),
-    "layers": (),
-    "norm": (),
-    "head_dim": (),
-    "seq": (),
-}
-
 
 class ShardingFallbackWarning(UserWarning):
     """Some weights could not be split along a mesh axis and are replicated along it."""
@@ -152,11 +135,6 @@ def place_dims(dims: Sequence[tuple[str | None, int, int]], mesh_shape: Mapping[
         else:
             unplaced.append(ax)
     return [tuple(o) for o in out], unplaced
-
-
-def spec_entry(axes: tuple[str, ...]) -> Any:
-    """One PartitionSpec entry: None, a mesh axis name, or a tuple of them."""
-    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

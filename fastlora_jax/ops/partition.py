@@ -30,7 +30,30 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from fastlora_jax.quant import QTensor, QuantKind
-from fastlora_jax.sharding import BATCH_AXES, LOGICAL_RULES, MESH_AXES, spec_entry
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axes (a tuple shards over several mesh axes at once); absent = replicated.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": BATCH_AXES,
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "lora_rank": (),
+    "layers": (),
+    "norm": (),
+    "head_dim": (),
+    "seq": (),
+}
+
+
+def spec_entry(axes: tuple[str, ...]) -> Any:
+    """One PartitionSpec entry: None, a mesh axis name, or a tuple of them."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def active_mesh() -> AbstractMesh | None:

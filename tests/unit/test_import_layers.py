@@ -38,7 +38,7 @@ ALLOWED = {
     "ops": {"errors", "quant", "kernels"},
     "models": {"errors", "config", "quant", "ops"},
     "lora": {"errors", "config", "quant", "ops", "models"},
-    "sharding": {"errors", "config", "models"},
+    "sharding": {"errors", "config", "quant", "ops", "models"},
     "converters": {"errors", "config", "quant", "models", "lora"},
     "model_object": {"errors", "config", "quant", "ops", "models", "lora", "converters"},
     "train": {"errors", "config", "quant", "ops", "models", "lora", "sharding", "model_object"},
