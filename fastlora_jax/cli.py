@@ -108,6 +108,11 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
     distributed.initialize(distributed.find_launch(values.pop("coordinator_address", None),
                                                    values.pop("num_processes", None),
                                                    values.pop("process_id", None)))
+    if values.get("mesh") is not None:
+        import jax
+
+        # a mesh that does not fit this launch's devices fails here, before the model loads
+        values["mesh"].shape(jax.device_count())
     args = TrainingArguments.from_dict(values, source=str(ns.config or "command line"))
     targets = model_kw.pop("target_modules")
     if isinstance(targets, str) and "," in targets:

@@ -121,6 +121,17 @@ def test_two_processes_equal_one_process_only_rank0_writes_and_resume(setup, tmp
         np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
+def test_mesh_that_does_not_match_the_processes_is_one_error(setup, tmp_path):
+    model, data = setup
+    procs = launch(model, data, tmp_path / "bad", "--mesh", "2,2,2")
+    for p in procs:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 2, stderr[-2000:]
+        assert ("MeshConfig(data=2, fsdp=2, tensor=2): data*fsdp*tensor = 8 must equal the number "
+                "of devices, 4 (2 processes x 2 local devices" in stderr), stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_resume_on_a_different_mesh_shape(setup, tmp_path):
     """Checkpoints written on a 2x2x2 mesh restore onto 1x8x1 with sharded adapters and
