@@ -122,7 +122,7 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def put_replicated(tree: Any, shardings: Any) -> Any:
+def put_from_host(tree: Any, shardings: Any) -> Any:
     """Place a tree that every process holds in full onto `shardings` (one per leaf)."""
     return jax.tree.map(lambda a, s: jax.make_array_from_callback(
         np.shape(a), s, lambda index, a=np.asarray(a): a[index]), tree, shardings)

@@ -103,8 +103,8 @@ class SFTTrainer:
         opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_state, lora_sh,
                                        transform_non_params=lambda _: replicated(self.mesh))
         return (shard_params(frozen, self.model.config, self.mesh),
-                distributed.put_replicated(lora, lora_sh),
-                distributed.put_replicated(opt_state, opt_sh))
+                distributed.put_from_host(lora, lora_sh),
+                distributed.put_from_host(opt_state, opt_sh))
 
     def _batch(self, step: int) -> tuple[dict[str, jax.Array], int, float]:
         """(the step's batch on the devices, its epoch, its number of real tokens).
