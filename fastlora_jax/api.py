@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.converters.gguf_load import load_gguf_params, read_gguf_config
+from fastlora_jax.converters.gguf_config import read_gguf_config
+from fastlora_jax.converters.gguf_load import load_gguf_params
 from fastlora_jax.converters.gguf_read import GGUFFile, find_gguf
 from fastlora_jax.converters.gguf_tokenizer import gguf_tokenizer
 from fastlora_jax.converters.hf import Convert, checkpoint_dir, load_checkpoint
