@@ -18,15 +18,17 @@ what reading a file someone else wrote needs:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import numpy as np
 
-from fastlora_jax.config import ModelConfig
+from fastlora_jax.config import ModelConfig, RopeKind
 from fastlora_jax.converters import gguf_names as gn
 from fastlora_jax.converters.gguf_read import GGUFFile
 from fastlora_jax.errors import ConfigError, ExportError
+from fastlora_jax.models.rope import longrope_attention_factor
 
 _COMMON_KEYS = frozenset({
     "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
@@ -55,6 +57,15 @@ def read_gguf_config(g: GGUFFile) -> ModelConfig:
     """The ModelConfig of the model in `g` (strict; see module doc)."""
     source = f"{str(g.path)!r} (GGUF metadata)"
     config = ModelConfig.from_hf_config(hf_config_of(g, source), source=source)
+    rope = config.rope
+    if rope.kind is RopeKind.LONGROPE and rope.attention_factor is not None:
+        # the file always stores LongRoPE's attention factor; keep it only where it is not the
+        # one transformers derives (a float32 copy of the derived value is the derived value)
+        derived = longrope_attention_factor(
+            config, dataclasses.replace(rope, attention_factor=None))
+        if math.isclose(rope.attention_factor, derived, rel_tol=1e-6):
+            config = dataclasses.replace(
+                config, rope=dataclasses.replace(rope, attention_factor=None))
     if gn.ROPE_FREQS in g.tensors:  # the recovered Llama 3 parameters give the file's divisors
         stored = g.dequantize(gn.ROPE_FREQS)
         if not np.allclose(gn.rope_tensors(config)[gn.ROPE_FREQS], stored, rtol=1e-5, atol=1e-6):

@@ -57,14 +57,21 @@ class GGUFFile:
 
     def value(self, key: str, default: Any = ...) -> Any:
         """Metadata `key` as Python (str, int, float, bool, or a list of them); `default` when it
-        is absent (no default: a CheckpointError naming the key)."""
+        is absent (no default: a CheckpointError naming the key). A float32 scalar comes back
+        as the shortest decimal that rounds to it."""
         field = self.reader.fields.get(key)
         if field is None:
             if default is ...:
                 raise CheckpointError(f"{str(self.path)!r}: GGUF metadata key {key!r} is missing; "
                                       f"the file is incomplete — re-export it")
             return default
+        import gguf
+
         value = field.contents()
+        if field.types == [gguf.GGUFValueType.FLOAT32]:
+            # the shortest decimal that is this float32 (1e-06, not 9.99999997e-07): what the
+            # writer meant, and what config.json would say
+            return float(str(np.float32(value)))
         if isinstance(value, np.generic):
             value = value.item()
         return value
