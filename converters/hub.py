@@ -49,9 +49,6 @@ def resolve_model_path(name: str | pathlib.Path, *, revision: str | None = None,
     except RevisionNotFoundError:
         raise CheckpointError(f"hub model {name!r} has no revision {revision!r}; pass an existing "
                               f"branch, tag or commit") from None
-    except EntryNotFoundError:
-        raise CheckpointError(f"hub model {name!r} has no file {gguf_file!r}; pass the name of "
-                              f"one of its .gguf files") from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"{name!r} is not a local path and no model of that id exists on "
                               f"the Hugging Face hub (or it is private or gated: log in with "
@@ -65,6 +62,9 @@ def resolve_model_path(name: str | pathlib.Path, *, revision: str | None = None,
                               f"download it while online (`hf download {name}`), point "
                               f"HF_HUB_CACHE at the cache that holds it, or pass a local "
                               f"path") from None
+    except EntryNotFoundError:  # after its subclass LocalEntryNotFoundError
+        raise CheckpointError(f"hub model {name!r} has no file {gguf_file!r}; pass the name of "
+                              f"one of its .gguf files") from None
     except (HfHubHTTPError, OSError) as err:
         raise CheckpointError(f"fetching hub model {name!r} failed ({err}); retry, or pass a "
                               f"local path") from None
