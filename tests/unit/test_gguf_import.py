@@ -92,6 +92,46 @@ def test_f16_file_through_from_pretrained_matches_the_source_model(tmp_path):
                                          tokenize=False) == "hi</s>"
 
 
+def _same_math(a: ModelConfig, b: ModelConfig) -> bool:
+    """Equal forward math: GGUF stores rms_norm_eps as float32, which is all the norm uses."""
+    eps = float(np.float32(a.rms_norm_eps))
+    return _math(dataclasses.replace(a, rms_norm_eps=eps)) == _math(
+        dataclasses.replace(b, rms_norm_eps=float(np.float32(b.rms_norm_eps))))
+
+
+@pytest.mark.slow  # ~10 s per family here: SmolLM2's 49152-token vocabulary out and back in
+@pytest.mark.parametrize("name", ["llama", "gemma3", "phi3"])  # q/k order, 1 + w norms, fused
+def test_our_f16_export_reimports_as_the_source_model(tmp_path, smollm2_dir, name):
+    """save_pretrained_gguf(f16) -> from_pretrained: each 2-D weight is the source rounded to
+    f16 (relative error <= 2^-11), 1-D ones exact, the logits are the f16-rounded model's, and
+    the tokenizer and its chat template come back (SmolLM2's, on a tiny model of each family)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    cfg = dataclasses.replace(_tiny_config(name), vocab_size=len(tokenizer))
+    params = random_params(cfg, seed=5)
+    source = CausalLM(cfg, params)
+    path = source.save_pretrained_gguf(str(tmp_path / "out"), tokenizer, quantization_method="f16",
+                                       show_progress=False)
+    model, tok = FastLanguageModel.from_pretrained(path, dtype="float32")
+    assert _same_math(model.config, cfg)
+    rounded = {}
+    for spec in param_specs(cfg):
+        value = get_path(params, spec.path)
+        want = value if len(spec.layer_shape) == 1 else value.astype(np.float16).astype(
+            np.float32)
+        set_path(rounded, spec.path, want)
+        loaded = np.asarray(get_path(model.params(), spec.path))
+        np.testing.assert_allclose(loaded, want, rtol=0, atol=2 ** -23, err_msg=str(spec.path))
+        assert (np.abs(loaded - value) <= 2 ** -11 * np.abs(value) + 2 ** -23).all()
+    ids = jnp.asarray([tokenizer("Hello world, this is a test")["input_ids"]])
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(CausalLM(cfg, rounded)(ids)),
+                               rtol=0, atol=1e-5)
+    for text in ("Hello world", "  two  spaces\n", "日本語 🤗", "<|im_start|>user\nhi<|im_end|>"):
+        assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tok.chat_template == tokenizer.chat_template
+
+
 GGUF_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
 
