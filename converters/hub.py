@@ -42,8 +42,9 @@ def resolve_model_path(name: str | pathlib.Path, *, revision: str | None = None,
 
     where = f"revision {revision!r} of " if revision else ""
     try:
-        if gguf_file is not None:
-            return pathlib.Path(hf_hub_download(name, gguf_file, revision=revision)).parent
+        if gguf_file is not None:  # the snapshot folder, `gguf_file` may name a sub-folder
+            file = pathlib.Path(hf_hub_download(name, gguf_file, revision=revision))
+            return file.parents[len(pathlib.PurePosixPath(gguf_file).parts) - 1]
         folder = pathlib.Path(snapshot_download(name, revision=revision,
                                                 allow_patterns=ALLOW_PATTERNS))
     except RevisionNotFoundError:

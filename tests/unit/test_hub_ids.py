@@ -45,7 +45,7 @@ out = {}
 model, _ = FastLanguageModel.from_pretrained("org/tiny", dtype="float32")
 out["hf"] = np.asarray(model(ids)).tolist()
 out["hf_name"] = model.name_or_path
-model, tokenizer = FastLanguageModel.from_pretrained("org/tiny-GGUF", gguf_file="tiny.gguf",
+model, tokenizer = FastLanguageModel.from_pretrained("org/tiny-GGUF", gguf_file="q/tiny.gguf",
                                                      dtype="float32")
 out["gguf"] = np.asarray(model(ids)).tolist()
 model, _ = FastLanguageModel.from_pretrained("org/tiny-lora", dtype="float32")
@@ -67,7 +67,9 @@ def test_hub_ids_load_from_the_offline_cache(tmp_path):
     write_checkpoint(_snapshot(cache, "org/tiny"), hf, llama_tensors(hf, seed=1))
     cfg = ModelConfig.from_hf_config(TINY_LLAMA)
     params = random_params(cfg, seed=2)
-    write_gguf(_snapshot(cache, "org/tiny-GGUF") / "tiny.gguf", cfg, params)
+    (_snapshot(cache, "org/tiny-GGUF") / "q").mkdir()  # GGUF repos often keep one folder per type
+    write_gguf(cache / "models--org--tiny-GGUF" / "snapshots" / COMMIT / "q" / "tiny.gguf", cfg,
+               params)
     # a PEFT adapter whose base is named by hub id, as peft and Unsloth save them
     base, _ = FastLanguageModel.from_pretrained(cache / "models--org--tiny" / "snapshots" / COMMIT,
                                                 dtype="float32")
