@@ -29,8 +29,9 @@ def gguf_tokenizer(g: GGUFFile) -> Any:
         from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
     except ImportError as err:
         raise CheckpointError(f"{str(g.path)!r}: building its tokenizer needs transformers' GGUF "
-                              f"tokenizer converter (transformers >= 5.24): {err}. Upgrade "
-                              f"transformers") from None
+                              f"tokenizer converter (transformers.integrations.gguf), which this "
+                              f"transformers lacks ({err}); upgrade transformers (5.24 and 5.25 "
+                              f"are known to work)") from None
     if "tokenizer.ggml.tokens" not in g.reader.fields:
         raise CheckpointError(f"{str(g.path)!r} has no tokenizer (no 'tokenizer.ggml.tokens' "
                               f"metadata); re-export it with its tokenizer")

@@ -65,26 +65,32 @@ def test_every_family_round_trips_through_a_gguf(tmp_path, name):
                                    atol=2 ** -23 if gemma_norm else 0, err_msg=str(spec.path))
 
 
+def _assert_f16_rounding(cfg: ModelConfig, params, model: CausalLM, ids: jnp.ndarray) -> None:
+    """`model` holds `params` rounded to f16 (relative error <= 2^-11), except 1-D tensors
+    (norms, biases), which llama.cpp keeps in F32 (Gemma's `1 + w` within one float32 step),
+    and computes the logits of the f16-rounded model."""
+    rounded = {}
+    for spec in param_specs(cfg):
+        value = get_path(params, spec.path)
+        want = value if len(spec.layer_shape) == 1 else value.astype(np.float16).astype(
+            np.float32)
+        set_path(rounded, spec.path, want)
+        loaded = np.asarray(get_path(model.params(), spec.path))
+        np.testing.assert_allclose(loaded, want, rtol=0, atol=2 ** -23, err_msg=str(spec.path))
+        assert (np.abs(loaded - value) <= 2 ** -11 * np.abs(value) + 2 ** -23).all()
+    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(CausalLM(cfg, rounded)(ids)),
+                               rtol=0, atol=1e-5)
+
+
 def test_f16_file_through_from_pretrained_matches_the_source_model(tmp_path):
-    """The user path: from_pretrained on a folder holding one f16 .gguf. Weights come back as
-    the source rounded to f16 (within 1e-3 of it), so the logits are the f16-rounded model's."""
+    """The user path: from_pretrained on a folder holding one f16 .gguf (written by the gguf
+    package): the f16-rounded model, its tokenizer, special tokens and chat template."""
     cfg = _tiny_config("gemma3")
     cfg = dataclasses.replace(cfg, vocab_size=len(TOKENS))
     params = random_params(cfg, seed=3)
     write_gguf(tmp_path / "model-f16.gguf", cfg, params, qtype="F16")
     model, tokenizer = FastLanguageModel.from_pretrained(tmp_path, dtype="float32")
-    rounded = {}
-    for spec in param_specs(cfg):  # llama.cpp keeps 1-D tensors (norms, biases) in F32
-        source = get_path(params, spec.path)
-        want = source if len(spec.layer_shape) == 1 else source.astype(np.float16).astype(
-            np.float32)
-        set_path(rounded, spec.path, want)
-        loaded = np.asarray(get_path(model.params(), spec.path))
-        np.testing.assert_allclose(loaded, want, rtol=0, atol=2 ** -23, err_msg=str(spec.path))
-        assert np.abs(loaded - source).max() <= 1e-3
-    ids = jnp.asarray([[0, 5, 9, 3, 17, 33, 2]])
-    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(CausalLM(cfg, rounded)(ids)),
-                               rtol=0, atol=1e-5)
+    _assert_f16_rounding(cfg, params, model, jnp.asarray([[0, 5, 9, 3, 17, 33, 2]]))
     assert tokenizer("ab a").input_ids == [TOKENS.index("ab"), TOKENS.index("Ġ"),
                                            TOKENS.index("a")]
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<s>", "</s>")
@@ -102,9 +108,8 @@ def _same_math(a: ModelConfig, b: ModelConfig) -> bool:
 @pytest.mark.slow  # ~10 s per family here: SmolLM2's 49152-token vocabulary out and back in
 @pytest.mark.parametrize("name", ["llama", "gemma3", "phi3"])  # q/k order, 1 + w norms, fused
 def test_our_f16_export_reimports_as_the_source_model(tmp_path, smollm2_dir, name):
-    """save_pretrained_gguf(f16) -> from_pretrained: each 2-D weight is the source rounded to
-    f16 (relative error <= 2^-11), 1-D ones exact, the logits are the f16-rounded model's, and
-    the tokenizer and its chat template come back (SmolLM2's, on a tiny model of each family)."""
+    """save_pretrained_gguf(f16) -> from_pretrained gives the f16-rounded source model and its
+    config, tokenizer and chat template back (SmolLM2's tokenizer on a tiny model per family)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
@@ -115,18 +120,8 @@ def test_our_f16_export_reimports_as_the_source_model(tmp_path, smollm2_dir, nam
                                        show_progress=False)
     model, tok = FastLanguageModel.from_pretrained(path, dtype="float32")
     assert _same_math(model.config, cfg)
-    rounded = {}
-    for spec in param_specs(cfg):
-        value = get_path(params, spec.path)
-        want = value if len(spec.layer_shape) == 1 else value.astype(np.float16).astype(
-            np.float32)
-        set_path(rounded, spec.path, want)
-        loaded = np.asarray(get_path(model.params(), spec.path))
-        np.testing.assert_allclose(loaded, want, rtol=0, atol=2 ** -23, err_msg=str(spec.path))
-        assert (np.abs(loaded - value) <= 2 ** -11 * np.abs(value) + 2 ** -23).all()
-    ids = jnp.asarray([tokenizer("Hello world, this is a test")["input_ids"]])
-    np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(CausalLM(cfg, rounded)(ids)),
-                               rtol=0, atol=1e-5)
+    _assert_f16_rounding(cfg, params, model,
+                         jnp.asarray([tokenizer("Hello world, this is a test")["input_ids"]]))
     for text in ("Hello world", "  two  spaces\n", "日本語 🤗", "<|im_start|>user\nhi<|im_end|>"):
         assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert tok.chat_template == tokenizer.chat_template
