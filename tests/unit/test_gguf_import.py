@@ -309,3 +309,26 @@ def test_errors_are_the_documented_classes(tmp_path):
     path, _ = _good(tmp_path, arch="mamba")
     with pytest.raises(ConfigError):
         read_gguf_config(GGUFFile(path))
+
+
+@pytest.mark.parametrize("kind", ["load_in_4bit", "load_in_8bit"])
+def test_quantize_on_load_from_gguf_equals_from_safetensors(tmp_path, kind):
+    """load_in_4bit / 8bit quantize GGUF weights exactly as they quantize the same weights from
+    safetensors (the loaders share the convert hook)."""
+    from fastlora_jax.converters.merged import hf_state_dict
+    from tests.checkpoints import write_checkpoint
+
+    cfg = ModelConfig.from_hf_config(dict(TINY_LLAMA, hidden_size=64, intermediate_size=128,
+                                          vocab_size=len(TOKENS)))
+    params = random_params(cfg, seed=9)
+    write_gguf(tmp_path / "m.gguf", cfg, params)
+    write_checkpoint(tmp_path / "hf", dict(TINY_LLAMA, hidden_size=64, intermediate_size=128,
+                                           vocab_size=len(TOKENS)),
+                     hf_state_dict(cfg, params, np.float32))
+    from_gguf, _ = FastLanguageModel.from_pretrained(tmp_path / "m.gguf", dtype="float32",
+                                                     **{kind: True})
+    from_hf, _ = FastLanguageModel.from_pretrained(tmp_path / "hf", dtype="float32",
+                                                   **{kind: True})
+    ids = jnp.asarray([[1, 7, 3, 9, 2]])
+    np.testing.assert_array_equal(np.asarray(from_gguf(ids)), np.asarray(from_hf(ids)))
+    assert type(from_gguf.params()["layers"]["mlp"]["up_proj"]["weight"]).__name__ == "QTensor"
