@@ -76,6 +76,10 @@ def read_gguf_config(g: GGUFFile) -> ModelConfig:
 def hf_config_of(g: GGUFFile, source: str) -> dict[str, Any]:
     """The HF config.json dict of the model in `g`."""
     arch = g.arch
+    if g.value("general.type", "model") == "adapter":
+        raise ConfigError(f"{source}: this is a GGUF LoRA adapter (for llama.cpp's --lora), not a "
+                          f"model; load its base model instead, and a PEFT adapter folder with "
+                          f"model.load_adapter")
     if arch not in ARCH_KEYS:
         raise ConfigError(f"{source}: GGUF architecture {arch!r} is not supported; supported "
                           f"architectures: {sorted(ARCH_KEYS)} (llama covers Llama, SmolLM2 and "
@@ -99,6 +103,11 @@ def hf_config_of(g: GGUFFile, source: str) -> dict[str, Any]:
         hf = gn.hf_config_from_gguf(arch, metadata, tensors, factors or None)
     except ExportError as err:
         raise ConfigError(f"{source}: {err}") from None
+    pattern = metadata.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, int) and "layer_types" not in hf:
+        # llama.cpp's period form: layer i is global when i % n == n - 1 (n = 0: none is)
+        hf["layer_types"] = ["full_attention" if pattern and i % pattern == pattern - 1 else
+                             "sliding_attention" for i in range(hf["num_hidden_layers"])]
     if gn.ROPE_FREQS in g.tensors:
         if "rope_scaling" in hf:
             raise ConfigError(f"{source}: rope_freqs.weight together with rope scaling "

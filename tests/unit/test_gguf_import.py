@@ -332,3 +332,19 @@ def test_quantize_on_load_from_gguf_equals_from_safetensors(tmp_path, kind):
     ids = jnp.asarray([[1, 7, 3, 9, 2]])
     np.testing.assert_array_equal(np.asarray(from_gguf(ids)), np.asarray(from_hf(ids)))
     assert type(from_gguf.params()["layers"]["mlp"]["up_proj"]["weight"]).__name__ == "QTensor"
+
+
+def test_sliding_window_pattern_as_a_period(tmp_path):
+    """llama.cpp also writes the Gemma window pattern as a period n (layer i global when
+    i % n == n - 1) instead of one flag per layer."""
+    cfg = dataclasses.replace(_tiny_config("gemma3"), num_layers=6,
+                              layer_types=("sliding_attention",) * 2 + ("full_attention",)
+                              + ("sliding_attention",) * 2 + ("full_attention",))
+    path = write_gguf(tmp_path / "m.gguf", cfg, random_params(cfg), tokenizer=False,
+                      extra_kv={"gemma3.attention.sliding_window_pattern": 3})
+    assert read_gguf_config(GGUFFile(path)).layer_types == cfg.layer_types
+
+
+def test_a_lora_adapter_gguf_is_not_a_model(tmp_path):
+    path, _ = _good(tmp_path, extra_kv={"general.type": "adapter"})
+    assert "is a GGUF LoRA adapter" in _error(path)
