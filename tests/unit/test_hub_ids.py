@@ -15,6 +15,7 @@ import textwrap
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fastlora_jax import FastLanguageModel, ModelConfig
 from tests.checkpoints import TINY_LLAMA, llama_tensors, write_checkpoint
@@ -61,6 +62,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter (jax, transformers) plus five loads: ~45 s here
 def test_hub_ids_load_from_the_offline_cache(tmp_path):
     cache = tmp_path / "hub"
     hf = dict(TINY_LLAMA, bos_token_id=1)
