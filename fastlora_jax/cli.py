@@ -90,7 +90,7 @@ def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str |
 def train(ns: argparse.Namespace) -> dict[str, Any]:
     """`fastlora-jax train`: flags override the --config YAML, which overrides the defaults."""
     from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
-    from fastlora_jax.sharding import MeshConfig
+    from fastlora_jax.train import distributed
     from fastlora_jax.train.args import load_yaml
 
     values: dict[str, Any] = load_yaml(ns.config) if ns.config else {}
@@ -104,9 +104,15 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file)")
     model_kw = {k: values.pop(k, default) for k, default in MODEL_FLAGS.items()}
     if isinstance(values.get("mesh"), str):
-        values["mesh"] = MeshConfig(*(int(v) for v in values["mesh"].split(",")))
-    maybe_init_distributed(values.pop("coordinator_address", None),
-                           values.pop("num_processes", None), values.pop("process_id", None))
+        values["mesh"] = parse_mesh(values["mesh"])
+    distributed.initialize(distributed.find_launch(values.pop("coordinator_address", None),
+                                                   values.pop("num_processes", None),
+                                                   values.pop("process_id", None)))
+    if values.get("mesh") is not None:
+        import jax
+
+        # a mesh that does not fit this launch's devices fails here, before the model loads
+        values["mesh"].shape(jax.device_count())
     args = TrainingArguments.from_dict(values, source=str(ns.config or "command line"))
     targets = model_kw.pop("target_modules")
     if isinstance(targets, str) and "," in targets:
@@ -118,9 +124,14 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=data, args=args)
     from fastlora_jax.train.trainer import data_summary
 
-    print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps", flush=True)
+    main = distributed.is_main_process()  # only process 0 prints and writes the adapter
+    if main:
+        print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps",
+              flush=True)
     stats = trainer.train(resume_from_checkpoint=resume)
     adapter = pathlib.Path(args.output_dir) / "adapter"
+    if not main:
+        return stats
     model.save_pretrained(adapter, tokenizer, overwrite=True)
     print(f"done: {stats['global_step']} steps, final loss {stats['final_loss']:.4f}, "
           f"{stats['train_tokens_per_second']:.0f} tokens/s; adapter: {adapter}; "
@@ -128,15 +139,17 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
     return stats
 
 
-def maybe_init_distributed(coordinator: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-    """One call for multi-process launches: jax.distributed when a coordinator is given."""
-    if coordinator is None:
-        return
-    import jax
+def parse_mesh(text: str) -> Any:
+    """`--mesh data,fsdp,tensor` (-1 = the remaining devices) -> MeshConfig."""
+    from fastlora_jax.sharding import MeshConfig
 
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3:
+        raise ConfigError(f"--mesh {text!r} must be three integers data,fsdp,tensor, e.g. 2,4,1")
+    return MeshConfig(*sizes)
 
 
 def export(ns: argparse.Namespace) -> None:
@@ -166,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", default=None)
     t.add_argument("--data", default=None)
     t.add_argument("--resume_from_checkpoint", type=_bool, default=False)
-    t.add_argument("--coordinator_address", default=None, help="multi-process: jax.distributed")
+    t.add_argument("--coordinator_address", default=None,
+                   help="multi-process (jax.distributed): HOST:PORT of process 0; or set "
+                        "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, or run under "
+                        "srun")
     t.add_argument("--num_processes", type=int, default=None)
     t.add_argument("--process_id", type=int, default=None)
     for name, default in MODEL_FLAGS.items():

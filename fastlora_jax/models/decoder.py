@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from fastlora_jax import ops
 from fastlora_jax.config import Activation, ModelConfig
+from fastlora_jax.ops.partition import constrain
 from fastlora_jax.models.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
@@ -126,14 +127,23 @@ def _activation(kind: Activation) -> Callable[[jax.Array], jax.Array]:
     return lambda x: jax.nn.gelu(x, approximate=True)
 
 
+# Logical (out, in) axes of each projection's weight, as in `param_specs`: under a mesh they tell
+# `ops.linear` which side tensor parallelism splits.
+LINEAR_AXES: dict[str, tuple[str, str]] = {
+    "q_proj": ("heads", "embed"), "k_proj": ("kv_heads", "embed"), "v_proj": ("kv_heads", "embed"),
+    "qkv_proj": ("heads", "embed"), "o_proj": ("embed", "heads"), "gate_proj": ("mlp", "embed"),
+    "up_proj": ("mlp", "embed"), "gate_up_proj": ("mlp", "embed"), "down_proj": ("embed", "mlp"),
+}
+
+
 # A projection: (x, name, frozen sub-tree, lora sub-tree or None) -> y. The LoRA layer plugs in here.
 Project = Callable[[jax.Array, str, Params, Params | None], jax.Array]
 
 
 def frozen_project(x: jax.Array, name: str, frozen: Params, lora: Params | None) -> jax.Array:
     """y = x @ W.T + b through the ops dispatch (no adapter)."""
-    del name, lora
-    return ops.linear(x, frozen["weight"], frozen.get("bias"))
+    del lora
+    return ops.linear(x, frozen["weight"], frozen.get("bias"), axes=LINEAR_AXES.get(name))
 
 
 def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Array,
@@ -168,6 +178,7 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
     q = q.reshape(B, T, c.num_heads, c.head_dim)                      # [B,T,Hq,D]
     k = k.reshape(B, T, c.num_kv_heads, c.head_dim)                   # [B,T,Hkv,D]
     v = v.reshape(B, T, c.num_kv_heads, c.head_dim)                   # [B,T,Hkv,D]
+    q, k, v = (constrain(t, heads_axis=2) for t in (q, k, v))
     if c.qk_norm:
         q = norm(q, "q_norm", p["self_attn"])
         k = norm(k, "k_norm", p["self_attn"])
@@ -240,7 +251,7 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
     dtype = dtype or params["embed_tokens"]["weight"].dtype
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h = embed(c, params, input_ids, dtype)
+    h = constrain(embed(c, params, input_ids, dtype))               # [B,T,H] batch-split on a mesh
     ropes = [c.layer_rope(i) for i in range(c.num_layers)]
     tables = {rope: cos_sin(c, positions, rope) for rope in set(ropes)}  # [B,T,rot] each
     for start, stop, period in layer_segments(c):
@@ -260,7 +271,7 @@ def _scan_layers(c: ModelConfig, layers: Params, lora_layers: Params | None, h: 
 
     def body(h: jax.Array, xs: tuple[Params, Params | None]) -> tuple[jax.Array, None]:
         group, lora_group = xs
-        h = checkpoint_name(h, LAYER_INPUT)
+        h = checkpoint_name(constrain(h), LAYER_INPUT)
         for j in range(period):
             p_j = jax.tree.map(lambda a: a[j], group)
             l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.kernels.attention_reference import attention_mask, flash_attention_reference
+from fastlora_jax.ops import partition
 from fastlora_jax.ops.impl import Impl, resolve
 
 
@@ -37,7 +38,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     segment_ids [B, T] int32: tokens attend only within their segment (packing).
     See `kernels/attention_reference.py` for the exact semantics every implementation follows.
     The GPU default is `gpu_default_impl(...)`; the CPU default is the reference.
+    Under a context mesh it runs per shard (`ops/partition.py`: batch over data x fsdp, heads
+    over tensor).
     """
+    if partition.active_mesh() is not None:
+        def local(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None) -> jax.Array:
+            return attention(q, k, v, segment_ids=seg, causal=causal,
+                             sliding_window=sliding_window, softcap=softcap, scale=scale,
+                             impl=impl)
+
+        return partition.attention(local, q, k, v, segment_ids)
     gpu_default = gpu_default_impl(segment_ids=segment_ids, sliding_window=sliding_window,
                                    softcap=softcap)
     which = resolve(impl, gpu_default=gpu_default, cpu_default=Impl.REFERENCE)

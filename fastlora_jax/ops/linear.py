@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.errors import KernelError
+from fastlora_jax.ops import partition
 from fastlora_jax.ops.impl import Impl, platform, resolve
-from fastlora_jax.quant import QTensor, QuantKind, dequantize
+from fastlora_jax.quant import QTensor, QuantKind, dequantize, untile
 
 if TYPE_CHECKING:
     from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning
@@ -106,6 +107,7 @@ def pallas_bwd_is_default(m: int, w: QTensor) -> bool:
 
 def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None,
                       dequant: Dequant | str | None) -> jax.Array:
+    w = untile(w)
     if w.lead:
         raise KernelError(f"linear: w has leading axes {w.lead}; slice the layer (w[i]) first")
     k = w.shape[1]
@@ -156,11 +158,17 @@ def _dequant_choice(dequant: Dequant | str | None, w: QTensor, x2: jax.Array) ->
 
 
 def linear(x: jax.Array, w: jax.Array | QTensor, bias: jax.Array | None = None, *,
-           impl: Impl | str | None = None, dequant: Dequant | str | None = None) -> jax.Array:
+           impl: Impl | str | None = None, dequant: Dequant | str | None = None,
+           axes: tuple[str | None, str | None] | None = None) -> jax.Array:
     """x [..., in] @ w[out, in].T -> [..., out] in x's dtype (float32 accumulation).
 
     `dequant` (QTensor only, with impl=None): who dequantizes where the default rule runs
-    dequantize-then-dot (see the module docstring); None = the platform default."""
+    dequantize-then-dot (see the module docstring); None = the platform default.
+    `axes`: w's logical (out, in) names; under a context mesh the op then runs per shard
+    (`ops/partition.py`)."""
+    if axes is not None and partition.active_mesh() is not None:
+        y = partition.linear(lambda xl, wl: linear(xl, wl, impl=impl, dequant=dequant), x, w, axes)
+        return y if bias is None else y + bias.astype(y.dtype)
     if isinstance(w, QTensor):
         y = _quantized_linear(x, w, impl, dequant)
     else:

@@ -40,7 +40,7 @@ ALLOWED = {
     "ops": {"errors", "quant", "dispatch_tables", "kernels"},
     "models": {"errors", "config", "quant", "dispatch_tables", "ops"},
     "lora": {"errors", "config", "quant", "dispatch_tables", "ops", "models"},
-    "sharding": {"errors", "config", "models"},
+    "sharding": {"errors", "config", "quant", "dispatch_tables", "ops", "models"},
     "converters": {"errors", "config", "quant", "models", "lora"},
     "model_object": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "converters"},
     "train": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "sharding", "model_object"},

@@ -61,33 +61,42 @@ def test_sharded_step_equals_single_device(mesh_cfg, quantized):
 
 
 def test_trainer_on_a_mesh_equals_single_device(tmp_path, smollm2_dir):
-    """SFTTrainer with `mesh` shards the batch (sharding.batch_sharding over [A, B, T]) and the
-    frozen weights, and trains the same adapter as without a mesh."""
+    """SFTTrainer with `mesh` shards the batch (sharding.batch_sharding over [A, B, T], each
+    data x fsdp group's rows from its own data shard) and the frozen weights, and trains the
+    same adapter as the one-device step fed the same batches."""
     from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
     from fastlora_jax.demo import make_examples, write_jsonl
     from tests.checkpoints import tiny_chat_model
 
     folder = tiny_chat_model(tmp_path / "tiny", smollm2_dir)
     data = write_jsonl(make_examples(64, seed=3), tmp_path / "data.jsonl")
-    adapters, losses = [], []
-    # both runs take 16 rows a step: 8 rows x 1 device, or 1 row x (data 2 * fsdp 4) devices
-    for per_device, mesh in ((8, None), (1, MeshConfig(data=2, fsdp=4, tensor=1))):
-        model, tokenizer = FastLanguageModel.from_pretrained(folder, max_seq_length=64,
-                                                             dtype="float32")
-        model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False)
-        args = TrainingArguments(output_dir=str(tmp_path / f"out-{mesh is not None}"),
-                                 per_device_train_batch_size=per_device,
-                                 gradient_accumulation_steps=2,
-                                 max_steps=2, learning_rate=1e-2, packing=True, report_to="none",
-                                 disable_tqdm=True, use_gradient_checkpointing=False, mesh=mesh)
-        trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=str(data), args=args)
-        if mesh is not None:
-            batch, _, _ = trainer._batch(0)
-            assert batch["input_ids"].shape[:2] == (2, 8)
-            assert batch["input_ids"].sharding.spec[0] is None  # the accumulation axis
-            assert len(batch["input_ids"].sharding.device_set) == 8
-        losses.append(trainer.train()["final_loss"])
-        adapters.append(model.lora_params())
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(adapters[1]), jax.tree.leaves(adapters[0])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    model, tokenizer = FastLanguageModel.from_pretrained(folder, max_seq_length=64,
+                                                         dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False)
+    start = jax.tree.map(np.asarray, model.lora_params())
+    # 16 rows a step: 1 row x (data 2 * fsdp 4) groups x 2 micro-batches
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=1,
+                             gradient_accumulation_steps=2, max_steps=2, learning_rate=1e-2,
+                             packing=True, report_to="none", disable_tqdm=True,
+                             use_gradient_checkpointing=False,
+                             mesh=MeshConfig(data=2, fsdp=4, tensor=1))
+    trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=str(data), args=args)
+    batches = []
+    for step in range(2):
+        batch, _, _ = trainer._batch(step)
+        assert batch["input_ids"].shape[:2] == (2, 8)
+        assert batch["input_ids"].sharding.spec[0] is None  # the accumulation axis
+        assert len(batch["input_ids"].sharding.device_set) == 8
+        batches.append({k: jnp.asarray(np.asarray(v)) for k, v in batch.items()})
+    loss = trainer.train()["final_loss"]
+    lora, opt_state = jax.tree.map(jnp.asarray, start), trainer.optimizer.init(start)
+    for b in batches:  # the same steps on one device
+        lora, opt_state, m = train_step(lora, opt_state, model.params(), b,
+                                        cfg=trainer.step_config, optimizer=trainer.optimizer)
+    np.testing.assert_allclose(loss, float(m["loss"]), rtol=1e-5)
+    got = model.lora_params()
+    for path, a in jax.tree_util.tree_flatten_with_path(lora)[0]:
+        b = got
+        for key in path:
+            b = b[key.key]
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
