@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from fastlora_jax import FastLanguageModel  # noqa: E402
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step  # noqa: E402
-from tests.refenv import run_reference  # noqa: E402
+from fastlora_jax.testing.refenv import run_reference  # noqa: E402
 
 TORCH_STEP = """
 import time, torch

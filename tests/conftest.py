@@ -9,7 +9,7 @@ import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.refenv import REFENV_PYTHON, REPO  # noqa: E402
+from fastlora_jax.testing.refenv import REFENV_PYTHON, REPO  # noqa: E402
 
 SMOLLM2_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 

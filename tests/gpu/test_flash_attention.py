@@ -11,7 +11,7 @@ import pytest
 
 from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
-from tests.attention_inputs import attention_inputs, max_rel_error
+from fastlora_jax.testing import attention_inputs, max_rel_error
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]

@@ -14,7 +14,7 @@ from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
 from fastlora_jax.ops.attention import attention, gpu_default_impl
 from fastlora_jax.ops.impl import Impl
-from tests.attention_inputs import attention_inputs, max_rel_error
+from fastlora_jax.testing import attention_inputs, max_rel_error
 
 SMALL = fa.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32, block_q_dkv=32,
                       block_kv_dkv=16)

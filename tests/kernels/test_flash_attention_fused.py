@@ -21,7 +21,7 @@ from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels import flash_attention as fa
 from fastlora_jax.kernels import flash_attention_mgpu_fused as fused
 from fastlora_jax.kernels.attention_reference import attention_mask, flash_attention_reference
-from tests.attention_inputs import attention_inputs, max_rel_error
+from fastlora_jax.testing import attention_inputs, max_rel_error
 
 FUSED_NAME = "flash_bwd_fused"  # the kernel's name, visible in jaxprs and lowered modules
 
