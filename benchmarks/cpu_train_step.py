@@ -82,7 +82,8 @@ def main() -> None:
     args = parser.parse_args()
     ids = np.random.default_rng(0).integers(0, 49152, size=(args.batch, args.seq)).astype(np.int64)
     ours_t = statistics.median(ours(args.model, ids, args.warmup, args.steps))
-    ref = run_reference(TORCH_STEP, {"ids": ids}, model=str(args.model), targets=list(common.LORA_TARGETS),
+    ref = run_reference(TORCH_STEP, {"ids": ids}, model=str(args.model),
+                        targets=list(common.LORA_TARGETS),
                         warmup=args.warmup, steps=args.steps)
     theirs_t = float(np.median(ref["times"]))
     tokens = args.batch * args.seq

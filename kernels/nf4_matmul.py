@@ -1,4 +1,4 @@
-"""Fused NF4 dequantize-matmul on the Triton backend: the decode forward (M <= 64) and the dx kernel.
+"""Fused NF4 dequantize-matmul on the Triton backend: the decode forward (M <= 64), the dx kernel.
 
 y = x @ dequantize(w).T for x [M, K] (bf16) and an NF4 QTensor w [N, K] (blocks of 64 weights,
 K a multiple of 64), y in x's dtype with float32 accumulation; dx = dy @ dequantize(w) for the
@@ -27,6 +27,7 @@ Larger M: `nf4_dequant.py` (ops.linear picks; see docs/kernels.md).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -205,20 +206,22 @@ def nf4_triton_dx(dy: jax.Array, w: QTensor, tuning: TritonMatmulTuning,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _nf4_matmul(x: jax.Array, w: QTensor, tuning: TritonMatmulTuning,
-                dx_tuning: TritonMatmulTuning, interpret: bool) -> jax.Array:
-    return nf4_triton_forward(x, w, tuning, interpret)
+def nf4_with_dx_kernel(x: jax.Array, w: QTensor, forward: Callable[[jax.Array, QTensor], jax.Array],
+                       dx_tuning: TritonMatmulTuning, interpret: bool) -> jax.Array:
+    """forward(x, w), differentiable in x through the dx kernel (w frozen): the custom VJP of
+    both NF4 fused forwards (this file's and `nf4_matmul_mgpu.py`'s)."""
+    return forward(x, w)
 
 
-def _nf4_matmul_fwd(x, w, tuning, dx_tuning, interpret):
-    return nf4_triton_forward(x, w, tuning, interpret), w
+def _nf4_with_dx_kernel_fwd(x, w, forward, dx_tuning, interpret):
+    return forward(x, w), w
 
 
-def _nf4_matmul_bwd(tuning, dx_tuning, interpret, w, dy):
+def _nf4_with_dx_kernel_bwd(forward, dx_tuning, interpret, w, dy):
     return nf4_triton_dx(dy, w, dx_tuning, interpret), zero_cotangent(w)
 
 
-_nf4_matmul.defvjp(_nf4_matmul_fwd, _nf4_matmul_bwd)
+nf4_with_dx_kernel.defvjp(_nf4_with_dx_kernel_fwd, _nf4_with_dx_kernel_bwd)
 
 
 def nf4_matmul(x: jax.Array, w: QTensor, *, tuning: TritonMatmulTuning | None = None,
@@ -229,8 +232,10 @@ def nf4_matmul(x: jax.Array, w: QTensor, *, tuning: TritonMatmulTuning | None = 
     ones (`TritonMatmulTuning.for_nf4`, `for_nf4_dx`); `interpret` to True off the GPU."""
     check_x(x, w, "nf4_matmul")
     tuning = tuning or TritonMatmulTuning.for_nf4(min(x.shape[0], MAX_M))
-    dx_tuning = dx_tuning or TritonMatmulTuning.for_nf4_dx()
-    return _nf4_matmul(x, w, tuning, dx_tuning, interpreted() if interpret is None else interpret)
+    interpret = interpreted() if interpret is None else interpret
+    forward = functools.partial(nf4_triton_forward, tuning=tuning, interpret=interpret)
+    return nf4_with_dx_kernel(x, w, forward, dx_tuning or TritonMatmulTuning.for_nf4_dx(),
+                              interpret)
 
 
 def nf4_matmul_dx(dy: jax.Array, w: QTensor, *, tuning: TritonMatmulTuning | None = None,

@@ -42,9 +42,9 @@ from jaxlib.mlir.dialects import arith, llvm, memref, vector
 from fastlora_jax.errors import KernelError
 from fastlora_jax.kernels.mgpu_profile import compiler_params
 from fastlora_jax.kernels.nf4_lookup import ASM_ROW_PLANES, nf4_lookup
-from fastlora_jax.kernels.nf4_matmul import MAX_M, nf4_operands, nf4_triton_dx
+from fastlora_jax.kernels.nf4_matmul import MAX_M, nf4_operands, nf4_with_dx_kernel
 from fastlora_jax.kernels.quant_matmul_common import (TritonMatmulTuning, check_x, pad_axis,
-                                                      split_k, zero_cotangent)
+                                                      split_k)
 from fastlora_jax.ops import defaults
 from fastlora_jax.ops.impl import interpreted
 from fastlora_jax.quant import QTensor
@@ -365,22 +365,10 @@ def nf4_mosaic_forward(x: jax.Array, codes: jax.Array, scales: jax.Array, n: int
     return finish_output(out, n, m, x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _nf4_matmul_mosaic(x: jax.Array, w: QTensor, tuning: MosaicMatmulTuning,
-                       dx_tuning: TritonMatmulTuning, interpret: bool) -> jax.Array:
+def _mosaic_forward(x: jax.Array, w: QTensor, *, tuning: MosaicMatmulTuning,
+                    interpret: bool) -> jax.Array:
     codes, scales = nf4_operands(w)
     return nf4_mosaic_forward(x, codes, scales, w.shape[0], tuning, interpret)
-
-
-def _nf4_matmul_mosaic_fwd(x, w, tuning, dx_tuning, interpret):
-    return _nf4_matmul_mosaic(x, w, tuning, dx_tuning, interpret), w
-
-
-def _nf4_matmul_mosaic_bwd(tuning, dx_tuning, interpret, w, dy):
-    return nf4_triton_dx(dy, w, dx_tuning, interpret), zero_cotangent(w)
-
-
-_nf4_matmul_mosaic.defvjp(_nf4_matmul_mosaic_fwd, _nf4_matmul_mosaic_bwd)
 
 
 def nf4_matmul_mosaic(x: jax.Array, w: QTensor, *, tuning: MosaicMatmulTuning | None = None,
@@ -394,7 +382,8 @@ def nf4_matmul_mosaic(x: jax.Array, w: QTensor, *, tuning: MosaicMatmulTuning | 
     if m > MAX_M:
         raise KernelError(f"nf4_matmul_mosaic: M={m} rows of x; this decode kernel takes "
                           f"M <= {MAX_M}. Use ops.linear for more rows")
-    tuning = tuning or MosaicMatmulTuning.for_m(m, k)
-    dx_tuning = dx_tuning or TritonMatmulTuning.for_nf4_dx()
-    return _nf4_matmul_mosaic(x, w, tuning, dx_tuning,
-                              interpreted() if interpret is None else interpret)
+    interpret = interpreted() if interpret is None else interpret
+    forward = functools.partial(_mosaic_forward, tuning=tuning or MosaicMatmulTuning.for_m(m, k),
+                                interpret=interpret)
+    return nf4_with_dx_kernel(x, w, forward, dx_tuning or TritonMatmulTuning.for_nf4_dx(),
+                              interpret)
