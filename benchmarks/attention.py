@@ -54,7 +54,7 @@ class Case:
     docs: int = 1
     window: int | None = None
     softcap: float | None = None
-    target_fwd_bwd: float | None = None  # ratio over cuDNN the issue asks for
+    target_fwd_bwd: float | None = None  # the ratio over cuDNN asked for (common.TARGETS)
 
     def visible_pairs(self) -> int:
         """Number of visible (query, key) pairs per (batch row, head)."""

@@ -41,7 +41,7 @@ def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-# ---- targets (what the issues ask of each benchmark) --------------------------------------------
+# ---- targets (the goals each benchmark is held to) ----------------------------------------------
 TARGETS = {
     "attention fwd+bwd vs cuDNN": 1.0,         # causal, 2K-16K tokens
     "attention packed vs cuDNN": 10.0,         # 8 documents per 4096-token row, fwd+bwd

@@ -239,7 +239,7 @@ def decode_rows(case: str, us_of: dict[str, float], ours_label: str, triton_labe
                        higher_is_better=False, target=target, **extra)
             for name, label, target in (
                 ("bf16 GEMM (bf16 weights)", "bf16 GEMM", ">=1.0x"),
-                ("XLA dequant+dot", "XLA dequant+dot", "~10x (issue: an order of magnitude)"),
+                ("XLA dequant+dot", "XLA dequant+dot", "~10x (an order of magnitude)"),
                 ("Triton kernel (default tuning)", triton_label, "rule: >=1.0x to be default"))
             if label in us_of]
     gbs = wbytes_q / ours / 1e3

@@ -1,8 +1,8 @@
 """The Mosaic GPU kernels that a GPU default runs, lowered for CUDA on the CPU, are pinned by a
 hash of each kernel's module text (printed without debug info: no source locations).
 
-The hashes were taken from the code before the kernels and their dispatch were pruned (issue
-16): the kernels the H200 measured and tested are the ones shipped. A change that alters one of
+The hashes were taken from the code before the kernels and their dispatch were pruned: the
+kernels the GPU measured and tested are the ones shipped. A change that alters one of
 these modules on purpose updates its hash here and says why in the commit message (and the GPU
 tests must run again on a Hopper GPU). `python -m tests.kernels.test_mosaic_lowering` prints the
 current hashes.
