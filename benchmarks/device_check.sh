@@ -8,10 +8,10 @@
 #   check         tests-gpu, then bench-attn-quick and bench-dispatch-quick (under 8 minutes)
 #   tests-gpu     every test of tests/gpu (attention kernels and dispatch, the quantized matmuls,
 #                 the training step with the default kernels)
-#   bench-attn-quick      benchmarks/attention.py --quick: causal 2K and 4K, Mosaic and Triton
-#                         kernels vs cuDNN and XLA
-#   bench-dispatch-quick  benchmarks/nf4_matmul.py --dispatch on the decode shapes and one
-#                         training shape (what the model runs), NF4 and int8
+#   bench-attn-quick      benchmarks/attention.py --quick: causal 2K and 4K, the Mosaic kernels
+#                         (the Hopper default) vs cuDNN and XLA
+#   bench-dispatch-quick  benchmarks/nf4_matmul.py --dispatch, NF4, M = 1, 16 and 2048 (what
+#                         the model runs), forward and forward + dx
 #   bench-attn-all  benchmarks/attention.py, every case, both of our backends
 #   bench-dispatch  benchmarks/nf4_matmul.py --dispatch on every shape, forward and forward + dx
 #   decode-nf4    GPU time of the NF4 decode tunings (M = 1, 16, 64), Triton and Mosaic, fwd + dx
@@ -60,9 +60,10 @@ for stage in "${expanded[@]}"; do
       run "$stage" 330 bash -c "cd $tests_copy && python3 -m pytest -q -p no:cacheprovider \
         tests/gpu" ;;
     bench-attn-quick)
-      run "$stage" 90 python3 benchmarks/attention.py "${bench[@]}" --quick ;;
+      run "$stage" 75 python3 benchmarks/attention.py "${bench[@]}" --quick \
+        --impls pallas_mosaic ;;
     bench-dispatch-quick)
-      run "$stage" 60 python3 benchmarks/nf4_matmul.py "${bench[@]}" --dispatch \
+      run "$stage" 75 python3 benchmarks/nf4_matmul.py "${bench[@]}" --dispatch --kinds nf4 \
         --shapes "1x4096x14336,16x4096x14336,2048x4096x14336" --tag dispatch-quick ;;
     bench-attn-all)
       run "$stage" 300 python3 benchmarks/attention.py "${bench[@]}" ;;
