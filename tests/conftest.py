@@ -10,7 +10,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.refenv import REPO  # noqa: E402
+from fastlora_jax.testing.refenv import REPO  # noqa: E402
 
 SMOLLM2_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 

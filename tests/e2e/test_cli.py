@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.refenv import REPO
+from fastlora_jax.testing.refenv import REPO
 
 CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
 

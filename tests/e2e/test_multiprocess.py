@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from fastlora_jax.demo import make_examples, write_jsonl
 from tests.checkpoints import TINY_LLAMA, llama_tensors, write_checkpoint
-from tests.refenv import REPO
+from fastlora_jax.testing.refenv import REPO
 
 CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
 STEPS = ["--max_steps", "5", "--save_steps", "1"]

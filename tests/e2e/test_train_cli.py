@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from fastlora_jax.demo import make_examples, write_jsonl
+from fastlora_jax.testing.refenv import REPO
 from tests.checkpoints import tiny_chat_model
-from tests.refenv import REPO
 
 CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
 

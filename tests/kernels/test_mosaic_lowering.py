@@ -1,8 +1,8 @@
 """The Mosaic GPU kernels that a GPU default runs, lowered for CUDA on the CPU, are pinned by a
 hash of each kernel's module text (printed without debug info: no source locations).
 
-The hashes were taken from the code before the kernels and their dispatch were pruned (issue
-16): the kernels the H200 measured and tested are the ones shipped. A change that alters one of
+The hashes were taken from the code before the kernels and their dispatch were pruned: the
+kernels the GPU measured and tested are the ones shipped. A change that alters one of
 these modules on purpose updates its hash here and says why in the commit message (and the GPU
 tests must run again on a Hopper GPU). `python -m tests.kernels.test_mosaic_lowering` prints the
 current hashes.
@@ -22,9 +22,9 @@ from jax._src.lib.mlir import ir
 from jax.experimental.mosaic.gpu import core as mosaic_core
 from jax.experimental.mosaic.gpu import dialect as mosaic_dialect
 
-from fastlora_jax.kernels import flash_attention as fa
-from fastlora_jax.kernels.nf4_matmul import nf4_matmul
-from fastlora_jax.kernels.weight_stream_mgpu import MgpuTuning, tile_for
+from fastlora_jax.kernels.flash_attention import flash_attention
+from fastlora_jax.kernels.nf4_matmul_mgpu import nf4_matmul_mosaic
+from fastlora_jax.ops import Impl
 from fastlora_jax.quant import quantize_nf4
 
 
@@ -85,8 +85,8 @@ def _attention_modules(name: str) -> list[str]:
     seg = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
 
     def attend(q, k, v, seg):
-        return fa.flash_attention(q, k, v, segment_ids=seg if segments else None,
-                                  backend="mosaic_gpu", **options)
+        return flash_attention(q, k, v, segment_ids=seg if segments else None,
+                               impl=Impl.PALLAS_MOSAIC, interpret=False, **options)
 
     def run(q, k, v, seg):
         if not backward:
@@ -97,9 +97,9 @@ def _attention_modules(name: str) -> list[str]:
     return mosaic_modules(jax.jit(run).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)))
 
 
-# The NF4 decode forward on Hopper (ops.linear's GPU default for bf16 x, M <= 16): (M, K, N); the
-# tuning is the default's (tile_m from M; 4, 2 or 1 blocks per step, whichever divides K / 64;
-# absmax applied to the accumulator).
+# The NF4 decode forward on Hopper (ops.linear's GPU default for bf16 x, M <= 16): (M, K, N), with
+# the default tuning (MosaicMatmulTuning.for_m: tile_m from M; 4, 2 or 1 blocks per step,
+# whichever divides K / 64; absmax applied to the accumulator).
 NF4 = {"m1_k4096": (1, 4096, 1024), "m16_k4160": (16, 4160, 520), "m9_k128": (9, 128, 200)}
 
 
@@ -108,11 +108,8 @@ def _nf4_modules(name: str) -> list[str]:
     w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(
         np.random.default_rng(0).standard_normal((n, k), dtype=np.float32) * 0.05,
         dtype="bfloat16"))
-    bps = next(b for b in (4, 2, 1) if (k // 64) % b == 0)
-    tuning = MgpuTuning(tile_m=tile_for(m), max_concurrent_steps=4, acc_scale=True,
-                        blocks_per_step=bps)
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-    lowered = jax.jit(lambda x, w: nf4_matmul(x, w, tuning=tuning, interpret=False)).trace(
+    lowered = jax.jit(lambda x, w: nf4_matmul_mosaic(x, w, interpret=False)).trace(
         x, w).lower(lowering_platforms=("cuda",))
     return mosaic_modules(lowered)
 

@@ -18,7 +18,7 @@ from fastlora_jax import FastLanguageModel
 from fastlora_jax.converters.merged import save_merged
 from fastlora_jax.lora.layer import dense
 from fastlora_jax.models.registry import FAMILIES
-from tests.refenv import run_reference
+from fastlora_jax.testing.refenv import run_reference
 
 pytestmark = pytest.mark.reference
 

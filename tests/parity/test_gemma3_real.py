@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fastlora_jax import FastLanguageModel
-from tests.refenv import REFENV_PYTHON, REPO, run_reference
+from fastlora_jax.testing.refenv import REFENV_PYTHON, REPO, run_reference
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 

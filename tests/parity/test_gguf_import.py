@@ -14,7 +14,7 @@ import pytest
 
 from fastlora_jax import FastLanguageModel
 from fastlora_jax.converters.merged import hf_state_dict
-from tests.refenv import REFENV_PYTHON, run_reference
+from fastlora_jax.testing.refenv import REFENV_PYTHON, run_reference
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 

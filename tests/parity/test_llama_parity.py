@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastlora_jax import FastLanguageModel
-from tests.refenv import run_reference
+from fastlora_jax.testing.refenv import run_reference
 
 pytestmark = pytest.mark.reference
 

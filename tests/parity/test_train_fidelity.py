@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fastlora_jax import FastLanguageModel
+from fastlora_jax.testing.refenv import run_reference
 from fastlora_jax.train.loss import IGNORE
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
-from tests.refenv import run_reference
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 

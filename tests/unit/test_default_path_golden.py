@@ -3,7 +3,7 @@
 compared bit for bit with tests/data/default_path_golden.npz.
 
 The fixture was written by this file's `__main__` from the code before the kernels and the
-dispatch were pruned (issue 16); the test proves that refactoring left every default path's
+dispatch were pruned; the test proves that refactoring left every default path's
 arithmetic unchanged. Regenerate it (`python -m tests.unit.test_default_path_golden`) only at a
 commit whose default path is known to be unchanged, and say so in the commit message. XLA:CPU
 may round differently on another CPU family or jax version: the failure message names both.

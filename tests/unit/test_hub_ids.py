@@ -19,9 +19,9 @@ import pytest
 
 from fastlora_jax import FastLanguageModel
 from fastlora_jax.models.registry import config_from_hf
+from fastlora_jax.testing.refenv import REPO
 from tests.checkpoints import TINY_LLAMA, llama_tensors, write_checkpoint
 from tests.gguf_files import random_params, write_gguf
-from tests.refenv import REPO
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -71,7 +71,7 @@ def grads_fn(cfg: StepConfig):
     return jax.jit(lambda lora, frozen, batch: accumulated_grads(cfg, lora, frozen, batch, None))
 
 
-@pytest.mark.parametrize("impl", [Impl.PALLAS, Impl.XLA], ids=["pallas-interpret", "xla"])
+@pytest.mark.parametrize("impl", [Impl.PALLAS_TRITON, Impl.XLA], ids=["pallas-interpret", "xla"])
 def test_meshes_match_one_device(setup, impl):
     """Loss and LoRA grads of 2x2x2, 1x8x1, 1x2x4 meshes equal one device's (<= 1e-5 rel), and
     the compiled step holds about 1/(fsdp*tensor) of the frozen bytes per device."""
@@ -132,7 +132,7 @@ def test_quantized_linear_kernel_per_shard(kind):
         w = jax.tree.map(jnp.asarray, w)
 
         def f(xx, ww, axes_=None):
-            return jnp.sum(jnp.sin(linear(xx, ww, impl=Impl.PALLAS, axes=axes_)))
+            return jnp.sum(jnp.sin(linear(xx, ww, impl=Impl.PALLAS_TRITON, axes=axes_)))
 
         ref, ref_dx = jax.value_and_grad(f)(xi, w)  # eager: the kernel modules import outside jit
         with jax.set_mesh(mesh):

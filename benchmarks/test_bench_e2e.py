@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +18,15 @@ from fastlora_jax.models import decoder
 from fastlora_jax.train.loss import IGNORE
 from fastlora_jax.train.step import StepConfig, loss_sums
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-import e2e_jax  # noqa: E402
-import e2e_plain_xla as px  # noqa: E402
-import train_e2e  # noqa: E402
+import common  # siblings: pytest puts benchmarks/ on the path for these tests
+import e2e_jax
+import e2e_plain_xla as px
+import train_e2e
 
 
 def test_plain_xla_baseline_is_our_model():
     """Same weights and adapters -> the hand-written step's loss and LoRA grads equal ours."""
-    raw = e2e_jax.TINY
+    raw = common.TINY_LLAMA
     config = config_from_hf(raw)
     frozen = decoder.init_params(config, jax.random.key(0))
     spec = resolve(LoraConfig.create(r=4, lora_alpha=8, init_lora_weights=False), config,
@@ -73,7 +71,7 @@ def test_report_rows_orient_ratios_higher_is_better():
            "plain_xla": {"tokens_per_s": 200.0, "compile_s": 5.0},
            "ctx_ours": {"max_fits": 4096}, "ctx_hf": {"max_fits": 1024}}
     rows = {(r["case"], r["metric"], r["baseline_name"]): r
-            for r in train_e2e.rows(raw, train_e2e.TINY_HF, 64)}
+            for r in train_e2e.rows(raw, common.TINY_LLAMA, 64)}
     by_metric = {}
     for (case, metric, base), r in rows.items():
         if r["ratio"] is not None:
@@ -84,7 +82,7 @@ def test_report_rows_orient_ratios_higher_is_better():
     assert by_metric[("max context, batch 1 (lean vs HF NF4 + grad. checkpointing)",
                       "tokens")] == [4.0]
     mfu = next(r for r in rows.values() if r["metric"].startswith("MFU"))
-    flops = train_e2e.flops_per_token(train_e2e.TINY_HF, 64, 1000)
+    flops = train_e2e.flops_per_token(common.TINY_LLAMA, 64, 1000)
     assert math.isclose(mfu["ours"], flops * 300.0 / train_e2e.PEAK_FLOPS)
 
 
@@ -92,7 +90,7 @@ def test_report_rows_orient_ratios_higher_is_better():
 def test_our_side_runs_end_to_end(quant, remat):
     args = argparse.Namespace(quant=quant, remat=remat, loss_chunk=32, micro_batch=1,
                               accumulation=2, seq=32, steps=2, warmup=1)
-    result = e2e_jax.run_ours(config_from_hf(e2e_jax.TINY), args)
+    result = e2e_jax.run_ours(config_from_hf(common.TINY_LLAMA), args)
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
     assert result["losses"][-1] < result["losses"][0]  # it trains
     assert result["tokens_per_s"] > 0 and result["memory"]["device_need_bytes"] > 0

@@ -1,4 +1,4 @@
-"""Cheap NF4 nibble decode for the Triton-backend kernels: a byte-permute (`prmt`) lookup table.
+"""Cheap NF4 nibble decode for every NF4 kernel: a byte-permute (`prmt`) lookup table.
 
 A code byte holds two NF4 indices (element 2i in the high nibble, 2i+1 in the low nibble). The
 decode maps one byte to one uint32 "pair": bf16(NF4[hi]) in bits 0-15 and bf16(NF4[lo]) in bits
@@ -57,7 +57,7 @@ def _half(src: str, sel: str, tag: str, outs: tuple[str, str]) -> str:
     prmt.b32 {outs[1]}, lb{tag}, hb{tag}, 0x{PAIR_SEL[1]:04x};"""
 
 
-def _asm(scaled: bool) -> str:
+def _pairs_asm(scaled: bool) -> str:
     """4 code bytes in $4 -> 4 pairs $0..$3 (scaled: times the bf16 pairs $5..$8)."""
     outs = ("p0", "p1", "p2", "p3") if scaled else ("$0", "$1", "$2", "$3")
     body = f"""{{
@@ -79,8 +79,8 @@ def _asm(scaled: bool) -> str:
     return body + "\n}"
 
 
-ASM_PLAIN = _asm(scaled=False)
-ASM_SCALED = _asm(scaled=True)
+ASM_PLAIN = _pairs_asm(scaled=False)
+ASM_SCALED = _pairs_asm(scaled=True)
 
 # Byte selectors assembling the two bf16 planes of two code bytes b0, b1 as pairs:
 # [hi(b0), hi(b1)] and [lo(b0), lo(b1)] (for register layouts holding two adjacent bytes' weights,

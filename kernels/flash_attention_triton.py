@@ -1,13 +1,13 @@
-"""Portable Pallas flash-attention kernels (Triton-backend lowering on GPU, interpreted on CPU).
+"""Flash attention on the Triton backend (any CUDA GPU; interpreted on the CPU): forward, dq and
+dk/dv kernels, and their tiles (`TritonBlockSizes`).
 
 All arrays here are already padded by `flash_attention.py`:
   q, do [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; Tq % block_q == 0, Tk % block_kv == 0, D a power of 2.
   q_seg [B, Tq] int32, kv_seg [B, Tk] int32 (or None);
   lse, delta [B, H, Tq] float32;
-  ranges [B, 4, n_blocks] int32: (lo, full_lo, full_hi, hi): the *other* axis' blocks in [lo, hi)
-  are visited (computed from causal / window / segments), so blocks that are fully masked are never
-  loaded (whole blocks that cross packed documents are skipped); those in [full_lo, full_hi) are
-  entirely visible and skip the mask arithmetic.
+  ranges [B, 4, n_blocks] int32 (`attention_mask.visit_ranges`): the *other* axis' blocks in
+  [lo, hi) are visited, so blocks the mask hides whole are never loaded; those in
+  [full_lo, full_hi) are entirely visible and skip the mask arithmetic.
 Math in float32; matmul inputs stay in the input dtype (bf16/fp16) with float32 accumulation.
 """
 
@@ -24,25 +24,56 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels.attention_mask import MaskSpec
+from fastlora_jax.ops import defaults
+
 
 @dataclasses.dataclass(frozen=True)
-class MaskSpec:
-    """Static description of the mask, in original (unpadded) coordinates."""
+class TritonBlockSizes:
+    """Tiles (rows of the sequence per program) and launch parameters of the three kernels.
 
-    seq_q: int                 # real query length
-    seq_kv: int                # real key length; keys at index >= seq_kv are padding
-    causal: bool
-    sliding_window: int | None
-    has_segments: bool
-    kv_padded: bool            # whether the padded key length exceeds seq_kv
+    block_q / block_kv: the forward; *_dq: the dq kernel; *_dkv: the dk/dv kernel; num_warps /
+    num_stages: the forward's launch, *_bwd: both backward kernels'. Blocks are powers of two
+    >= 16 (shrunk to the padded sequence by `flash_attention`); num_warps a power of two in
+    [1, 16]; stages >= 1. `for_head_dim` gives the measured defaults (ops/defaults.py).
+    """
 
-    @property
-    def offset(self) -> int:
-        """Query i sits at key position i + offset (bottom-right aligned causal mask)."""
-        return self.seq_kv - self.seq_q
+    block_q: int
+    block_kv: int
+    block_q_dq: int
+    block_kv_dq: int
+    block_q_dkv: int
+    block_kv_dkv: int
+    num_warps: int
+    num_warps_bwd: int
+    num_stages: int
+    num_stages_bwd: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv",
+                     "block_kv_dkv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or value & (value - 1):
+                raise KernelError(f"TritonBlockSizes.{name}={value!r} must be a power of two "
+                                  f">= 16")
+        for name in ("num_warps", "num_warps_bwd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 16 or value & (value - 1):
+                raise KernelError(f"TritonBlockSizes.{name}={value!r} must be a power of two in "
+                                  f"[1, 16]")
+        for name in ("num_stages", "num_stages_bwd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise KernelError(f"TritonBlockSizes.{name}={value!r} must be an int >= 1")
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> TritonBlockSizes:
+        """The measured tiles for this head_dim (up to 256)."""
+        return cls(**defaults.up_to(defaults.TRITON_ATTENTION_BLOCKS, head_dim))
 
 
-def _mask(spec: MaskSpec, rows: jax.Array, cols: jax.Array, q_seg: jax.Array | None,
+def _block_mask(spec: MaskSpec, rows: jax.Array, cols: jax.Array, q_seg: jax.Array | None,
           kv_seg: jax.Array | None) -> jax.Array | None:
     """Visibility [len(rows), len(cols)] (True = visible), or None when nothing is masked."""
     pos = rows[:, None] + spec.offset
@@ -63,7 +94,7 @@ def _mask(spec: MaskSpec, rows: jax.Array, cols: jax.Array, q_seg: jax.Array | N
     return mask
 
 
-def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False,
+def _dot_f32(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False,
          precision: Any = None) -> jax.Array:
     """2-D matmul with float32 accumulation; trans_* contract over the other axis."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
@@ -73,7 +104,7 @@ def _dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = F
 def _scores(q: jax.Array, k: jax.Array, scale: float, softcap: float | None,
             precision: Any) -> tuple[jax.Array, jax.Array | None]:
     """Scaled (and soft-capped) scores [bq, bk] float32, plus tanh for the softcap gradient."""
-    s = _dot(q, k, trans_b=True, precision=precision) * scale
+    s = _dot_f32(q, k, trans_b=True, precision=precision) * scale
     if softcap is None:
         return s, None
     t = jnp.tanh(s / softcap)
@@ -85,7 +116,7 @@ def _apply_mask(spec: MaskSpec, s: jax.Array, rows: jax.Array, start: jax.Array,
     """Scores with invisible (row, key) pairs set to -inf; keys start at `start`."""
     cols = start + jnp.arange(block_kv, dtype=jnp.int32)
     kv_seg = kvseg_ref[pl.ds(start, block_kv)] if spec.has_segments else None
-    mask = _mask(spec, rows, cols, q_seg, kv_seg)
+    mask = _block_mask(spec, rows, cols, q_seg, kv_seg)
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
@@ -98,9 +129,9 @@ def _three_loops(ranges_ref, i: jax.Array, body: Callable, carry: Any) -> Any:
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
-def _fwd_kernel(ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
-                spec: MaskSpec, scale: float, softcap: float | None, block_q: int,
-                block_kv: int, precision: Any) -> None:
+def _triton_forward_kernel(ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref,
+                           lse_ref, *, spec: MaskSpec, scale: float, softcap: float | None,
+                           block_q: int, block_kv: int, precision: Any) -> None:
     """One (batch, head, query block): o [bq, D], lse [bq]."""
     i = pl.program_id(2)
     q = q_ref[...]
@@ -121,7 +152,7 @@ def _fwd_kernel(ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse
         p = jnp.exp(s - m_safe[:, None])
         alpha = jnp.exp(m - m_safe)
         l = alpha * l + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, precision=precision)
+        acc = alpha[:, None] * acc + _dot_f32(p.astype(v.dtype), v, precision=precision)
         return acc, m_new, l
 
     acc = jnp.zeros((block_q, d), jnp.float32)
@@ -133,9 +164,9 @@ def _fwd_kernel(ranges_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref,
-               dq_ref, *, spec: MaskSpec, scale: float, softcap: float | None, block_q: int,
-               block_kv: int, precision: Any) -> None:
+def _triton_dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
+                      kvseg_ref, dq_ref, *, spec: MaskSpec, scale: float, softcap: float | None,
+                      block_q: int, block_kv: int, precision: Any) -> None:
     """One (batch, head, query block): dq [bq, D]."""
     i = pl.program_id(2)
     q = q_ref[...]
@@ -153,19 +184,20 @@ def _dq_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg
         if masked:
             s = _apply_mask(spec, s, rows, start, block_kv, q_seg, kvseg_ref)
         p = jnp.exp(s - lse[:, None])
-        dp = _dot(do, v, trans_b=True, precision=precision)
+        dp = _dot_f32(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
         if t is not None:
             ds = ds * (1.0 - t * t)
-        return dq + _dot(ds.astype(k.dtype), k, precision=precision)
+        return dq + _dot_f32(ds.astype(k.dtype), k, precision=precision)
 
     dq = _three_loops(ranges_ref, i, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref,
-                dk_ref, dv_ref, *, spec: MaskSpec, scale: float, softcap: float | None,
-                block_q: int, block_kv: int, precision: Any) -> None:
+def _triton_dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref,
+                       kvseg_ref, dk_ref, dv_ref, *, spec: MaskSpec, scale: float,
+                       softcap: float | None, block_q: int, block_kv: int,
+                       precision: Any) -> None:
     """One (batch, query head, key block): this head's share of dk, dv [bk, D] (float32)."""
     j = pl.program_id(2)
     k = k_ref[...]
@@ -184,16 +216,16 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
         if masked:
             rows = start + jnp.arange(block_q, dtype=jnp.int32)
             q_seg = qseg_ref[pl.ds(start, block_q)] if spec.has_segments else None
-            mask = _mask(spec, rows, cols, q_seg, kv_seg)
+            mask = _block_mask(spec, rows, cols, q_seg, kv_seg)
             if mask is not None:
                 s = jnp.where(mask, s, -jnp.inf)
         p = jnp.exp(s - lse[:, None])
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
-        dp = _dot(do, v, trans_b=True, precision=precision)
+        dv = dv + _dot_f32(p.astype(do.dtype), do, trans_a=True, precision=precision)
+        dp = _dot_f32(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
         if t is not None:
             ds = ds * (1.0 - t * t)
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
+        dk = dk + _dot_f32(ds.astype(q.dtype), q, trans_a=True, precision=precision)
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -202,24 +234,25 @@ def _dkv_kernel(ranges_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qse
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _params(interpret: bool, num_warps: int, num_stages: int) -> dict[str, Any]:
+def _triton_params(interpret: bool, num_warps: int, num_stages: int) -> dict[str, Any]:
     if interpret:
         return dict(interpret=True)
     return dict(compiler_params=pltriton.CompilerParams(num_warps=num_warps,
                                                          num_stages=num_stages))
 
 
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-            kv_seg: jax.Array | None, ranges: jax.Array, *, spec: MaskSpec, scale: float,
-            softcap: float | None, block_q: int, block_kv: int, num_warps: int,
-            num_stages: int, interpret: bool) -> tuple[jax.Array, jax.Array]:
+def triton_forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
+                   kv_seg: jax.Array | None, ranges: jax.Array, *, spec: MaskSpec, scale: float,
+                   softcap: float | None, blocks: TritonBlockSizes,
+                   interpret: bool) -> tuple[jax.Array, jax.Array]:
     """Padded forward: (o [B, Tq, H, D], lse [B, H, Tq] float32)."""
+    block_q, block_kv = blocks.block_q, blocks.block_kv
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
     nq = tq // block_q
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_fwd_kernel, spec=spec, scale=scale, softcap=softcap,
+    kernel = functools.partial(_triton_forward_kernel, spec=spec, scale=scale, softcap=softcap,
                                block_q=block_q, block_kv=block_kv, precision=precision)
     seg_specs = ([pl.BlockSpec((None, block_q), lambda bi, hi, i: (bi, i)),
                   pl.BlockSpec((None, tk), lambda bi, hi, i: (bi, 0))]
@@ -241,21 +274,21 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
         name="flash_attention_fwd",
-        **_params(interpret, num_warps, num_stages),
+        **_triton_params(interpret, blocks.num_warps, blocks.num_stages),
     )(ranges, q, k, v, q_seg, kv_seg)
 
 
-def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
-                delta: jax.Array, q_seg: jax.Array | None, kv_seg: jax.Array | None,
-                ranges: jax.Array, *, spec: MaskSpec, scale: float, softcap: float | None,
-                block_q: int, block_kv: int, num_warps: int, num_stages: int,
-                interpret: bool) -> jax.Array:
+def triton_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
+              delta: jax.Array, q_seg: jax.Array | None, kv_seg: jax.Array | None,
+              ranges: jax.Array, *, spec: MaskSpec, scale: float, softcap: float | None,
+              blocks: TritonBlockSizes, interpret: bool) -> jax.Array:
     """dq [B, Tq, H, D] in q's dtype."""
+    block_q, block_kv = blocks.block_q_dq, blocks.block_kv_dq
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_dq_kernel, spec=spec, scale=scale, softcap=softcap,
+    kernel = functools.partial(_triton_dq_kernel, spec=spec, scale=scale, softcap=softcap,
                                block_q=block_q, block_kv=block_kv, precision=precision)
     seg_specs = ([pl.BlockSpec((None, block_q), lambda bi, hi, i: (bi, i)),
                   pl.BlockSpec((None, tk), lambda bi, hi, i: (bi, 0))]
@@ -271,21 +304,21 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="flash_attention_dq",
-        **_params(interpret, num_warps, num_stages),
+        **_triton_params(interpret, blocks.num_warps_bwd, blocks.num_stages_bwd),
     )(ranges, q, k, v, do, lse, delta, q_seg, kv_seg)
 
 
-def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
-                 delta: jax.Array, q_seg: jax.Array | None, kv_seg: jax.Array | None,
-                 ranges: jax.Array, *, spec: MaskSpec, scale: float, softcap: float | None,
-                 block_q: int, block_kv: int, num_warps: int, num_stages: int,
-                 interpret: bool) -> tuple[jax.Array, jax.Array]:
+def triton_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
+               delta: jax.Array, q_seg: jax.Array | None, kv_seg: jax.Array | None,
+               ranges: jax.Array, *, spec: MaskSpec, scale: float, softcap: float | None,
+               blocks: TritonBlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
     """dk, dv [B, Tk, Hkv, D] float32 (summed over each kv head's group of query heads)."""
+    block_q, block_kv = blocks.block_q_dkv, blocks.block_kv_dkv
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = h // hkv
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    kernel = functools.partial(_dkv_kernel, spec=spec, scale=scale, softcap=softcap,
+    kernel = functools.partial(_triton_dkv_kernel, spec=spec, scale=scale, softcap=softcap,
                                block_q=block_q, block_kv=block_kv, precision=precision)
     seg_specs = ([pl.BlockSpec((None, tq), lambda bi, hi, j: (bi, 0)),
                   pl.BlockSpec((None, block_kv), lambda bi, hi, j: (bi, j))]
@@ -302,7 +335,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         out_specs=[out_spec, out_spec],
         out_shape=[jax.ShapeDtypeStruct((b, tk, h, d), jnp.float32)] * 2,
         name="flash_attention_dkv",
-        **_params(interpret, num_warps, num_stages),
+        **_triton_params(interpret, blocks.num_warps_bwd, blocks.num_stages_bwd),
     )(ranges, q, k, v, do, lse, delta, q_seg, kv_seg)
     if g > 1:
         dk = dk.reshape(b, tk, hkv, g, d).sum(axis=3)

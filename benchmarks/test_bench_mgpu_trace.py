@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-import mgpu_trace  # noqa: E402
+import mgpu_trace  # a sibling: pytest puts benchmarks/ on the path for these tests
 
 
 def _events(tid: int, regions: list[tuple[str, float, float]]) -> list[dict]:

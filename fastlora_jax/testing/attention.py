@@ -1,4 +1,5 @@
-"""Random attention inputs and the error measure shared by the flash-attention tests."""
+"""Random attention inputs, packed segment ids and the error measure of the attention tests and
+benchmarks."""
 
 from __future__ import annotations
 
@@ -24,3 +25,13 @@ def max_rel_error(a: jax.Array, b: jax.Array) -> float:
     a = np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
     b = np.asarray(jnp.asarray(b).astype(jnp.float32), np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def packed_segment_ids(batch: int, seq: int, docs: int, seed: int) -> jax.Array:
+    """Sorted segment ids [batch, seq]: `docs` documents of random lengths per row."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, seq), size=docs - 1, replace=False))
+        rows.append(np.searchsorted(cuts, np.arange(seq), side="right"))
+    return jnp.asarray(np.stack(rows), jnp.int32)

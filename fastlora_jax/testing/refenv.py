@@ -16,7 +16,8 @@ import textwrap
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+# The checkout this package runs from (an editable install): .refenv lives at its root.
+REPO = pathlib.Path(__file__).resolve().parents[2]
 REFENV_PYTHON = REPO / ".refenv" / "bin" / "python"
 
 _PRELUDE = textwrap.dedent("""
