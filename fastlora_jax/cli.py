@@ -4,6 +4,8 @@
                          held-out accuracy before and after; exports a PEFT adapter
   fastlora-jax train     --model DIR --data FILE --output_dir DIR [TrainingArguments flags]
                          [LoRA flags] [--config run.yaml]
+  fastlora-jax grpo      --model DIR --data FILE --reward_funcs file.py:fn[,...] [GRPOConfig flags]
+  fastlora-jax dpo       --model DIR --data FILE [DPOConfig flags]
   fastlora-jax export    --model DIR --adapter DIR --output_dir DIR --method peft|merged
   fastlora-jax chat      --model DIR [--adapter DIR] --prompt "..."
 """
@@ -154,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune the default model on a generated task (CPU)")
     demo.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
-    demo.add_argument("--output_dir", type=pathlib.Path, default=REPO_ROOT / "outputs" / "demo")
+    demo.add_argument("--output_dir", type=pathlib.Path, default=None,
+                      help="default outputs/demo (sft) or outputs/demo_grpo (grpo)")
     demo.add_argument("--max_steps", type=int, default=-1)
+    demo.add_argument("--task", choices=("sft", "grpo"), default="sft",
+                      help="sft: the tagging task; grpo: RL on generated arithmetic")
 
     t = sub.add_parser("train", help="LoRA/QLoRA SFT on a local dataset file")
     t.add_argument("--config", type=pathlib.Path, default=None, help="run.yaml with these flags")
@@ -170,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
             float if isinstance(default, float) else str
         t.add_argument(f"--{name}", type=conv, default=None, help=f"(default {default!r})")
     _add_training_flags(t)
+
+    from fastlora_jax import rl_cli
+    from fastlora_jax.train.rl_config import DPOConfig, GRPOConfig
+
+    rl_cli.add_parser(sub, "grpo", GRPOConfig, "GRPO on prompts with reward functions")
+    rl_cli.add_parser(sub, "dpo", DPOConfig, "DPO on prompt/chosen/rejected pairs")
 
     e = sub.add_parser("export", help="write a PEFT adapter or a merged 16-bit checkpoint")
     e.add_argument("--model", type=pathlib.Path, required=True)
@@ -194,10 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastlora_jax").setLevel(logging.INFO)
     try:
-        if ns.command == "demo":
+        if ns.command == "demo" and ns.task == "grpo":
+            from fastlora_jax.demo_grpo import run_grpo_demo
+
+            run_grpo_demo(ns.model, ns.output_dir or REPO_ROOT / "outputs" / "demo_grpo",
+                          max_steps=ns.max_steps)
+        elif ns.command == "demo":
             from fastlora_jax.demo import run_demo
 
-            run_demo(ns.model, ns.output_dir, max_steps=ns.max_steps)
+            run_demo(ns.model, ns.output_dir or REPO_ROOT / "outputs" / "demo",
+                     max_steps=ns.max_steps)
+        elif ns.command in ("grpo", "dpo"):
+            from fastlora_jax import rl_cli
+
+            rl_cli.run(ns)
         elif ns.command == "train":
             train(ns)
         elif ns.command == "export":

@@ -31,6 +31,7 @@ from fastlora_jax.train.logs import RunLogger
 from fastlora_jax.train.rewards import RewardFunc, advantages, load_reward_funcs, nanstd, \
     reward_name, score
 from fastlora_jax.train.rl_config import GRPOConfig
+from fastlora_jax.train.rl_step import start_run
 from fastlora_jax.train.rollout import SamplingParams, sample_completions
 from fastlora_jax.train.step import StepConfig, make_optimizer
 from fastlora_jax.train.trainer import _writable_dir
@@ -224,18 +225,7 @@ class GRPOTrainer:
         lora = jax.tree.map(jnp.copy, self.model.lora_params())
         opt_state = self.optimizer.init(lora)
         frozen = self.model.params()
-        start = 0
-        latest = checkpoints.latest_step()
-        if not resume_from_checkpoint and latest is not None:
-            raise ConfigError(f"output_dir {str(out_dir)!r} already holds checkpoints (latest step "
-                              f"{latest}); resume with resume_from_checkpoint=True or choose "
-                              f"another output_dir")
-        if resume_from_checkpoint:
-            if latest is None:
-                raise ConfigError(f"resume_from_checkpoint: no checkpoint in "
-                                  f"{str(checkpoints.directory)!r}")
-            lora, opt_state, meta = checkpoints.restore(latest, lora, opt_state)
-            start = int(meta["step"])
+        lora, opt_state, start = start_run(checkpoints, lora, opt_state, resume_from_checkpoint)
         logger = RunLogger(out_dir, total_steps=self.total_steps, start_step=start,
                            tensorboard=a.report_to == "tensorboard",
                            show_progress=not a.disable_tqdm,

@@ -52,3 +52,23 @@ def apply_update(optimizer: optax.GradientTransformation, lora: Params, opt_stat
     lora = optax.apply_updates(lora, updates)
     return lora, opt_state, {"grad_norm": optax.tree.norm(grads),
                              "learning_rate": current_lr(opt_state)}
+
+
+def start_run(checkpoints: Any, lora: Params, opt_state: Any,
+              resume_from_checkpoint: bool | str) -> tuple[Params, Any, int]:
+    """(lora, opt_state, first step): fresh, or restored from the latest checkpoint. A run that
+    would overwrite existing checkpoints without resuming is refused."""
+    from fastlora_jax.errors import ConfigError
+
+    latest = checkpoints.latest_step()
+    if not resume_from_checkpoint:
+        if latest is not None:
+            raise ConfigError(f"output_dir {str(checkpoints.directory.parent)!r} already holds "
+                              f"checkpoints (latest step {latest}); resume with "
+                              f"resume_from_checkpoint=True or choose another output_dir")
+        return lora, opt_state, 0
+    if latest is None:
+        raise ConfigError(f"resume_from_checkpoint: no checkpoint in "
+                          f"{str(checkpoints.directory)!r}")
+    lora, opt_state, meta = checkpoints.restore(latest, lora, opt_state)
+    return lora, opt_state, int(meta["step"])
