@@ -3,7 +3,7 @@
 from fastlora_jax.api import FastLanguageModel
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.errors import (CheckpointError, ConfigError, DataError, ExportError,
-                                 FastLoRAError, KernelError, TrainingError)
+                                 FastLoRAError, GenerationError, KernelError, TrainingError)
 from fastlora_jax.models.causal_lm import CausalLM, apply, split
 from fastlora_jax.train.args import TrainingArguments
 from fastlora_jax.train.dpo_trainer import DPOTrainer
@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 __all__ = ["FastLanguageModel", "ModelConfig", "CausalLM", "split", "apply", "SFTTrainer",
            "TrainingArguments", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
            "FastLoRAError", "ConfigError", "CheckpointError", "DataError",
-           "ExportError", "KernelError", "TrainingError"]
+           "ExportError", "GenerationError", "KernelError", "TrainingError"]

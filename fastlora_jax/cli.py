@@ -7,7 +7,8 @@
   fastlora-jax grpo      --model DIR --data FILE --reward_funcs file.py:fn[,...] [GRPOConfig flags]
   fastlora-jax dpo       --model DIR --data FILE [DPOConfig flags]
   fastlora-jax export    --model DIR --adapter DIR --output_dir DIR --method peft|merged
-  fastlora-jax chat      --model DIR [--adapter DIR] --prompt "..."
+  fastlora-jax chat      --model DIR [--adapter DIR] [--load_in_4bit] [--prompt "..."]
+                         interactive multi-turn chat (streamed); --prompt answers once
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import dataclasses
 import logging
 import pathlib
 import sys
-import time
 import typing
 from typing import Any
 
+from fastlora_jax import chat
 from fastlora_jax.errors import ConfigError, FastLoRAError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
-DEFAULT_PROMPT = "What is the capital of France?"
 
 # LoRA / model flags of `train` (FastLanguageModel.from_pretrained + get_peft_model arguments).
 MODEL_FLAGS = {"r": 16, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None,
@@ -56,30 +56,6 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
             float if kind is float else str
         parser.add_argument(f"--{field.name}", type=conv, default=None,
                             help=f"(default {field.default!r})")
-
-
-def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str | None,
-         adapter: pathlib.Path | None = None) -> str:
-    """Load a checkpoint (and adapter) and return the greedy answer to one user message."""
-    from fastlora_jax import FastLanguageModel
-
-    start = time.perf_counter()
-    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, dtype=dtype)
-    if tokenizer is None:
-        raise ConfigError(f"{model_dir} has no tokenizer files; chat needs one")
-    if adapter is not None:
-        model.load_adapter(adapter)
-    print(f"loaded {model_dir.name} ({model.config.num_layers} layers, "
-          f"{model.config.hidden_size} hidden) in {time.perf_counter() - start:.1f}s", flush=True)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-    answer = tokenizer.decode(out, skip_special_tokens=True)
-    print(f"user: {prompt}\nassistant: {answer}\n({len(out)} tokens in "
-          f"{time.perf_counter() - start:.1f}s)", flush=True)
-    return answer
 
 
 def train(ns: argparse.Namespace) -> dict[str, Any]:
@@ -191,12 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="compute dtype while merging")
     e.add_argument("--overwrite", action="store_true")
 
-    c = sub.add_parser("chat", help="greedy answer to one chat message")
-    c.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
-    c.add_argument("--adapter", type=pathlib.Path, default=None)
-    c.add_argument("--prompt", default=DEFAULT_PROMPT)
-    c.add_argument("--max_new_tokens", type=int, default=64)
-    c.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: auto)")
+    chat.add_arguments(sub.add_parser("chat", help="chat with a model (interactive; --prompt "
+                                                   "for one answer)"), DEFAULT_MODEL)
     return parser
 
 
@@ -224,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "export":
             export(ns)
         elif ns.command == "chat":
-            chat(ns.model, ns.prompt, ns.max_new_tokens, ns.dtype, ns.adapter)
+            chat.run(ns)
     except FastLoRAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
