@@ -58,9 +58,28 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"(default {field.default!r})")
 
 
+def load_peft_model(model_dir: str, model_kw: dict[str, Any],
+                    max_seq_length: int = 2048) -> tuple[Any, Any]:
+    """from_pretrained + get_peft_model from the MODEL_FLAGS values of a command line."""
+    from fastlora_jax import FastLanguageModel
+
+    kw = dict(model_kw)
+    gc = kw.pop("use_gradient_checkpointing")
+    gc = {"true": True, "false": False}.get(str(gc).lower(), gc)
+    targets = kw.pop("target_modules")
+    if isinstance(targets, str) and "," in targets:
+        targets = [t.strip() for t in targets.split(",")]
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_dir, max_seq_length=max_seq_length, dtype=kw.pop("dtype"),
+        load_in_4bit=kw.pop("load_in_4bit"), load_in_8bit=kw.pop("load_in_8bit"))
+    model = FastLanguageModel.get_peft_model(model, target_modules=targets,
+                                             use_gradient_checkpointing=gc, **kw)
+    return model, tokenizer
+
+
 def train(ns: argparse.Namespace) -> dict[str, Any]:
     """`fastlora-jax train`: flags override the --config YAML, which overrides the defaults."""
-    from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
+    from fastlora_jax import SFTTrainer, TrainingArguments
     from fastlora_jax.sharding import MeshConfig
     from fastlora_jax.train.args import load_yaml
 
@@ -79,16 +98,7 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
     maybe_init_distributed(values.pop("coordinator_address", None),
                            values.pop("num_processes", None), values.pop("process_id", None))
     args = TrainingArguments.from_dict(values, source=str(ns.config or "command line"))
-    gc = model_kw.pop("use_gradient_checkpointing")
-    gc = {"true": True, "false": False}.get(str(gc).lower(), gc)
-    targets = model_kw.pop("target_modules")
-    if isinstance(targets, str) and "," in targets:
-        targets = [t.strip() for t in targets.split(",")]
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_dir, max_seq_length=args.max_seq_length or 2048, dtype=model_kw.pop("dtype"),
-        load_in_4bit=model_kw.pop("load_in_4bit"), load_in_8bit=model_kw.pop("load_in_8bit"))
-    model = FastLanguageModel.get_peft_model(model, target_modules=targets,
-                                             use_gradient_checkpointing=gc, **model_kw)
+    model, tokenizer = load_peft_model(model_dir, model_kw, args.max_seq_length or 2048)
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=data, args=args)
     from fastlora_jax.train.trainer import data_summary
 

@@ -1,11 +1,12 @@
-"""The GRPO demo: teach SmolLM2-135M-Instruct to answer sums with only the number, on the CPU.
+"""The GRPO demo: teach SmolLM2-135M-Instruct to answer sums with just the number, on the CPU.
 
-The task is generated (seed 0): "What is a + b? Reply with only the number." for two-digit a, b.
-The base model answers in its own words ("18 + 46 = 64"), so its held-out exact-match accuracy
-(the stripped greedy answer equals the sum) starts near zero although it often knows the sum.
-Two verifiable rewards drive GRPO: `correct` (the last number in the answer is the sum) and
-`only_number` (the answer is a bare integer). Held-out prompts are new pairs; accuracy and mean
-reward are measured with greedy decoding before and after training.
+The task is generated (seed 0): "{a} + {b} = ?" with a in 1..29 and b in 1..9, answers cut at 8
+tokens. The base model answers in sentences ("The answer is 11."), so its held-out exact-match
+accuracy (the greedy answer, stripped, is the sum) starts at zero. Two verifiable rewards drive
+GRPO: `correct` (1 when the last number in the answer is the sum) and `concise` (up to 0.5 for
+an answer that ends within few tokens, read from the completion's token ids: 0.5 at two tokens,
+falling to 0 at the budget; 0 for an answer the budget cut). Held-out problems are new pairs;
+accuracy and mean reward are measured with greedy decoding before and after training.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ from typing import Any
 
 from fastlora_jax.errors import ConfigError
 
-SYSTEM = "You are a calculator."
-QUESTION = "What is {a} + {b}? Reply with only the number."
+QUESTION = "{a} + {b} = ?"
 NUMBER = re.compile(r"-?\d+")
+MAX_TOKENS = 8
 
 
 def make_problems(n: int, seed: int) -> list[dict[str, Any]]:
     """`n` distinct problems {"prompt": chat messages, "answer": str}."""
-    pairs = [(a, b) for a in range(10, 50) for b in range(10, 50)]
+    pairs = [(a, b) for a in range(1, 30) for b in range(1, 10)]
     random.Random(seed).shuffle(pairs)
-    return [{"prompt": [{"role": "system", "content": SYSTEM},
-                        {"role": "user", "content": QUESTION.format(a=a, b=b)}],
+    return [{"prompt": [{"role": "user", "content": QUESTION.format(a=a, b=b)}],
              "answer": str(a + b)} for a, b in pairs[:n]]
 
 
@@ -46,12 +46,21 @@ def correct(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
     return out
 
 
-def only_number(completions: list[Any], **_: Any) -> list[float]:
-    """1 when the answer is a bare integer."""
-    return [1.0 if re.fullmatch(r"\s*-?\d+\s*", _text(c)) else 0.0 for c in completions]
+def concise_reward(eos_token_id: int) -> Any:
+    """The `concise` reward for a tokenizer's end-of-turn id (see the module docstring)."""
+
+    def concise(completion_ids: list[list[int]], **_: Any) -> list[float]:
+        out = []
+        for ids in completion_ids:
+            ended = bool(ids) and ids[-1] == eos_token_id
+            out.append(0.5 * min(1.0, (MAX_TOKENS - len(ids)) / (MAX_TOKENS - 2))
+                       if ended else 0.0)
+        return out
+
+    return concise
 
 
-def evaluate(trainer: Any, problems: list[dict[str, Any]]) -> dict[str, float]:
+def evaluate(trainer: Any, problems: list[dict[str, Any]]) -> dict[str, Any]:
     """Greedy answers to `problems`: exact-match accuracy and mean total reward."""
     import dataclasses
 
@@ -59,22 +68,23 @@ def evaluate(trainer: Any, problems: list[dict[str, Any]]) -> dict[str, float]:
 
     tok = trainer.tokenizer
     prompts = [tokenize_prompt(tok, p["prompt"], None) for p in problems]
-    greedy = dataclasses.replace(trainer.sampling, top_k=1)
+    greedy = dataclasses.replace(trainer.sampling, do_sample=False)
     ids = trainer.rollout(trainer.step_config, trainer.model.params(),
                           trainer.model.lora_params(), prompts, greedy, 0)
     texts = tok.batch_decode(ids, skip_special_tokens=True)
     answers = [p["answer"] for p in problems]
-    r1, r2 = correct(texts, answers), only_number(texts)
+    right = correct(texts, answers)
+    short = concise_reward(tok.eos_token_id)(ids)
     exact = [float(t.strip() == a) for t, a in zip(texts, answers)]
     return {"accuracy": sum(exact) / len(exact),
-            "mean_reward": sum(a + b for a, b in zip(r1, r2)) / len(texts),
-            "correct_reward": sum(r1) / len(r1), "only_number_reward": sum(r2) / len(r2),
+            "mean_reward": sum(a + b for a, b in zip(right, short)) / len(right),
+            "correct_reward": sum(right) / len(right),
             "examples": [{"prompt": p["prompt"][-1]["content"], "answer": t}
                          for p, t in zip(problems[:3], texts[:3])]}
 
 
 def run_grpo_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, max_steps: int = -1,
-                  train_prompts: int = 400, eval_prompts: int = 64) -> dict[str, Any]:
+                  train_prompts: int = 200, eval_prompts: int = 61) -> dict[str, Any]:
     """GRPO-train, evaluate before/after, export the PEFT adapter. Returns the numbers."""
     from datasets import Dataset
 
@@ -93,11 +103,12 @@ def run_grpo_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, max_step
                                              use_gradient_checkpointing=False)
     args = GRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=16,
                       gradient_accumulation_steps=2, num_generations=8,
-                      max_completion_length=12, max_steps=max_steps if max_steps > 0 else 60,
-                      learning_rate=5e-5, warmup_steps=2, lr_scheduler_type="constant_with_warmup",
-                      beta=0.0, loss_type="dapo", temperature=1.0, logging_steps=1,
-                      save_steps=0, num_completions_to_print=4, seed=3407)
-    trainer = GRPOTrainer(model, [correct, only_number], args=args,
+                      max_completion_length=MAX_TOKENS,
+                      max_steps=max_steps if max_steps > 0 else 40, learning_rate=1e-4,
+                      warmup_steps=2, lr_scheduler_type="constant_with_warmup", beta=0.0,
+                      loss_type="dapo", temperature=1.0, logging_steps=1, save_steps=0,
+                      num_completions_to_print=4, seed=3407)
+    trainer = GRPOTrainer(model, [correct, concise_reward(tokenizer.eos_token_id)], args=args,
                           train_dataset=Dataset.from_list(train), processing_class=tokenizer)
     before = evaluate(trainer, held_out)
     print(f"held-out before GRPO: exact-match accuracy {before['accuracy']:.1%}, mean reward "

@@ -17,7 +17,7 @@ import types
 import typing
 from typing import Any
 
-from fastlora_jax.cli import MODEL_FLAGS, _bool
+from fastlora_jax.cli import MODEL_FLAGS, _bool, load_peft_model
 from fastlora_jax.errors import ConfigError
 
 COMMON = ("model", "data", "config", "resume_from_checkpoint")
@@ -60,7 +60,6 @@ def add_parser(sub: Any, name: str, config_cls: type, help_text: str) -> None:
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
     """Load the model, attach LoRA, build the config and trainer, train, save the adapter."""
-    from fastlora_jax import FastLanguageModel
     from fastlora_jax.train.args import load_yaml
     from fastlora_jax.train.rl_config import DPOConfig, GRPOConfig
 
@@ -82,16 +81,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{ns.config or 'command line'}: unknown {ns.command} argument(s) "
                           f"{unknown}")
     args = config_cls(**values)
-    gc = model_kw.pop("use_gradient_checkpointing")
-    gc = {"true": True, "false": False}.get(str(gc).lower(), gc)
-    targets = model_kw.pop("target_modules")
-    if isinstance(targets, str) and "," in targets:
-        targets = [t.strip() for t in targets.split(",")]
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_dir, dtype=model_kw.pop("dtype"), load_in_4bit=model_kw.pop("load_in_4bit"),
-        load_in_8bit=model_kw.pop("load_in_8bit"))
-    model = FastLanguageModel.get_peft_model(model, target_modules=targets,
-                                             use_gradient_checkpointing=gc, **model_kw)
+    model, tokenizer = load_peft_model(model_dir, model_kw)
     if ns.command == "grpo":
         from fastlora_jax.train.grpo_trainer import GRPOTrainer
 

@@ -13,22 +13,20 @@ c = logp_c - ref_c and r = logp_r - ref_r and d = c - r, per pair:
   robust, bco_pair, sppo_hard, nca_pair, apo_zero, apo_down, sigmoid_norm: as in TRL.
 Several loss types add with `loss_weights`. The step's loss is the mean over its pairs (each
 micro-batch's mean divided by the number of micro-batches, as the HF Trainer accumulates).
+`DPOObjective` plugs this into the shared jit'd step (`train/rl_step.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fastlora_jax.errors import ConfigError
 from fastlora_jax.models.decoder import Params
 from fastlora_jax.train.logprobs import sequence_logprob_sums
-from fastlora_jax.train.rl_step import accumulate, apply_update
 from fastlora_jax.train.step import StepConfig
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
@@ -115,32 +113,17 @@ def dpo_micro_loss(cfg: StepConfig, lcfg: DPOLossConfig, frozen: Params, micro_b
     return jnp.mean(losses) / micro_batches, metrics
 
 
-def _accumulated(cfg: StepConfig, lcfg: DPOLossConfig, lora: Params, frozen: Params,
-                 batch: dict[str, jax.Array], dropout_key: jax.Array | None
-                 ) -> tuple[jax.Array, dict[str, jax.Array], Params]:
-    micro = functools.partial(dpo_micro_loss, cfg, lcfg, frozen, batch["input_ids"].shape[0])
-    loss, sums, grads = accumulate(micro, lora, batch, dropout_key)
-    return loss, {k: v[0] / jnp.maximum(v[1], 1.0) for k, v in sums.items()}, grads
+@dataclasses.dataclass(frozen=True)
+class DPOObjective:
+    """The DPO objective for `rl_step.loss_and_grads` / `update_step` (hashable)."""
 
+    step: StepConfig
+    loss: DPOLossConfig
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lcfg"))
-def dpo_loss_and_grads(lora: Params, frozen: Params, batch: dict[str, jax.Array], *,
-                       cfg: StepConfig, lcfg: DPOLossConfig,
-                       dropout_key: jax.Array | None = None
-                       ) -> tuple[jax.Array, dict[str, jax.Array], Params]:
-    """The step's loss, metrics and LoRA gradients over an [A, 2B, S] batch (no update)."""
-    return _accumulated(cfg, lcfg, lora, frozen, batch, dropout_key)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "optimizer"),
-                   donate_argnames=("lora", "opt_state"))
-def dpo_step(lora: Params, opt_state: Any, frozen: Params, batch: dict[str, jax.Array], *,
-             cfg: StepConfig, lcfg: DPOLossConfig, optimizer: optax.GradientTransformation,
-             dropout_key: jax.Array | None = None) -> tuple[Params, Any, dict[str, jax.Array]]:
-    """One optimizer step of DPO; returns new params, state, metrics."""
-    loss, metrics, grads = _accumulated(cfg, lcfg, lora, frozen, batch, dropout_key)
-    lora, opt_state, update_metrics = apply_update(optimizer, lora, opt_state, grads)
-    return lora, opt_state, dict(metrics, loss=loss, **update_metrics)
+    def __call__(self, frozen: Params, micro_batches: int, lora: Params,
+                 mb: dict[str, jax.Array], dropout_key: jax.Array | None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return dpo_micro_loss(self.step, self.loss, frozen, micro_batches, lora, mb, dropout_key)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

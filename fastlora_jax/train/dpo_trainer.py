@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import time
 from typing import Any
 
@@ -19,17 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.errors import ConfigError, DataError, TrainingError
+from fastlora_jax.errors import ConfigError, DataError
 from fastlora_jax.models.causal_lm import CausalLM
-from fastlora_jax.train.checkpoint import TrainCheckpoints
 from fastlora_jax.train.data import epoch_order, load_dataset_source
 from fastlora_jax.train.dpo_data import build_preference_rows
-from fastlora_jax.train.dpo_loss import DPOLossConfig, dpo_step, reference_logprob_sums
-from fastlora_jax.train.logs import RunLogger
+from fastlora_jax.train.dpo_loss import DPOLossConfig, DPOObjective, reference_logprob_sums
 from fastlora_jax.train.rl_config import DPOConfig
-from fastlora_jax.train.rl_step import start_run
-from fastlora_jax.train.step import StepConfig, make_optimizer
-from fastlora_jax.train.trainer import _writable_dir
+from fastlora_jax.train.rl_step import TrainRun, optimizer_for, update_step
+from fastlora_jax.train.step import StepConfig
 
 
 class DPOTrainer:
@@ -59,19 +55,14 @@ class DPOTrainer:
         self.steps_per_epoch = n // self.pairs_per_step
         self.total_steps = a.max_steps if a.max_steps > 0 else max(
             1, int(math.ceil(a.num_train_epochs * self.steps_per_epoch)))
-        self.warmup_steps = a.warmup_steps or int(math.ceil(a.warmup_ratio * self.total_steps))
-        self.optimizer = make_optimizer(
-            learning_rate=a.learning_rate, warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps, lr_scheduler_type=a.lr_scheduler_type,
-            weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
-            adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_epsilon=a.adam_epsilon)
+        self.optimizer, self.warmup_steps = optimizer_for(a, self.total_steps)
         self.step_config = StepConfig(model=model.config, lora=model.lora_spec,
                                       remat=model.use_gradient_checkpointing,
                                       loss_chunk=a.loss_chunk_size)
-        self.loss_config = DPOLossConfig(
+        self.objective = DPOObjective(self.step_config, DPOLossConfig(
             beta=a.beta, loss_type=tuple(a.loss_type),
             loss_weights=tuple(a.loss_weights) if a.loss_weights else None,
-            label_smoothing=a.label_smoothing)
+            label_smoothing=a.label_smoothing))
         self.ref_logps: np.ndarray | None = None
 
     def precompute_reference(self, frozen: Any) -> np.ndarray:
@@ -110,52 +101,27 @@ class DPOTrainer:
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
         """Run to total_steps; returns stats and puts the trained adapter back on the model."""
         a = self.args
-        out_dir = _writable_dir(pathlib.Path(a.output_dir))
-        checkpoints = TrainCheckpoints(out_dir, max_to_keep=a.save_total_limit)
-        lora = jax.tree.map(jnp.copy, self.model.lora_params())
-        opt_state = self.optimizer.init(lora)
-        frozen = self.model.params()
-        lora, opt_state, start = start_run(checkpoints, lora, opt_state, resume_from_checkpoint)
-        if a.precompute_ref_log_probs and self.ref_logps is None:
-            self.ref_logps = self.precompute_reference(frozen)
-        logger = RunLogger(out_dir, total_steps=self.total_steps, start_step=start,
-                           tensorboard=a.report_to == "tensorboard",
-                           show_progress=not a.disable_tqdm,
-                           curves=("loss", "rewards/margins", "rewards/accuracies"))
-        dropout = self.model.lora_spec.config.lora_dropout > 0
-        base_key = jax.random.key(a.seed)
-        losses, last_saved, t0 = [], start, time.perf_counter()
+        run = TrainRun(self.model, a, self.optimizer, self.total_steps, resume_from_checkpoint,
+                       curves=("loss", "rewards/margins", "rewards/accuracies"))
+        losses, t0 = [], time.perf_counter()
         try:
-            for step in range(start, self.total_steps):
+            if a.precompute_ref_log_probs and self.ref_logps is None:
+                self.ref_logps = self.precompute_reference(run.frozen)
+            for step in range(run.start, self.total_steps):
                 batch, epoch = self.batch_at(step)
-                key = jax.random.fold_in(base_key, step) if dropout else None
-                new_lora, new_opt, metrics = dpo_step(lora, opt_state, frozen, batch,
-                                                      cfg=self.step_config, lcfg=self.loss_config,
-                                                      optimizer=self.optimizer, dropout_key=key)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
-                    raise TrainingError(
-                        f"non-finite loss/grad norm at step {step + 1} (loss={m['loss']}); "
-                        f"training stopped, the last good checkpoint (step {last_saved}) is "
-                        f"intact. Lower learning_rate or check the data")
-                lora, opt_state = new_lora, new_opt
+                lora, opt_state, metrics = update_step(
+                    run.lora, run.opt_state, run.frozen, batch, objective=self.objective,
+                    optimizer=self.optimizer, dropout_key=run.dropout_key(step))
+                m = run.accept(step, metrics, lora, opt_state)
                 losses.append(m["loss"])
-                done = step + 1
-                if done % a.logging_steps == 0 or done == self.total_steps:
-                    logger.log(done, dict(m, epoch=epoch),
+                run.after_step(step + 1, dict(m, epoch=epoch),
                                float(batch["attention_mask"].sum()) * a.logging_steps)
-                if (a.save_steps and done % a.save_steps == 0) or done == self.total_steps:
-                    checkpoints.save(done, lora, opt_state, {"seed": a.seed,
-                                                             "total_steps": self.total_steps})
-                    last_saved = done
         finally:
-            logger.close()
-            checkpoints.close()
-            self.model.set_adapter(self.model.lora_spec, jax.device_get(lora))
-        stats = {"global_step": self.total_steps, "start_step": start,
+            run.close()
+        stats = {"global_step": self.total_steps, "start_step": run.start,
                  "train_runtime": time.perf_counter() - t0,
                  "train_loss": float(np.mean(losses)) if losses else math.nan,
                  "final_loss": losses[-1] if losses else math.nan,
                  "dropped_examples": self.rows.dropped}
-        (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+        (run.out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
         return stats

@@ -18,21 +18,19 @@ estimator KL = exp(ref - logp) - (ref - logp) - 1, times r when use_bias_correct
   dr_grpo  token sum / (B * max_completion_length)
   dapo     token sum / dapo_normalizer
 grpo, bnpo and dr_grpo are divided by the number of micro-batches, so the step's loss is their sum.
+`GRPOObjective` plugs this into the shared jit'd step (`train/rl_step.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fastlora_jax.models.decoder import Params
 from fastlora_jax.train.logprobs import completion_logprobs
-from fastlora_jax.train.rl_step import accumulate, apply_update
 from fastlora_jax.train.step import StepConfig
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -127,38 +125,18 @@ def grpo_micro_loss(cfg: StepConfig, lcfg: GRPOLossConfig, frozen: Params, micro
     return loss, metrics
 
 
-def finish_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """[sum, count] pairs -> means."""
-    return {k: v[0] / jnp.maximum(v[1], 1.0) for k, v in sums.items()}
+@dataclasses.dataclass(frozen=True)
+class GRPOObjective:
+    """The GRPO objective for `rl_step.loss_and_grads` / `update_step` (hashable)."""
 
+    step: StepConfig
+    loss: GRPOLossConfig
 
-def _accumulated(cfg: StepConfig, lcfg: GRPOLossConfig, lora: Params, frozen: Params,
-                 batch: dict[str, jax.Array], dropout_key: jax.Array | None
-                 ) -> tuple[jax.Array, dict[str, jax.Array], Params]:
-    micro = functools.partial(grpo_micro_loss, cfg, lcfg, frozen,
-                              batch["completion_mask"].shape[0])
-    loss, sums, grads = accumulate(micro, lora, batch, dropout_key)
-    return loss, finish_metrics(sums), grads
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "lcfg"))
-def grpo_loss_and_grads(lora: Params, frozen: Params, batch: dict[str, jax.Array], *,
-                        cfg: StepConfig, lcfg: GRPOLossConfig,
-                        dropout_key: jax.Array | None = None
-                        ) -> tuple[jax.Array, dict[str, jax.Array], Params]:
-    """The step's loss, metrics and LoRA gradients over an [A, B, ...] batch (no update)."""
-    return _accumulated(cfg, lcfg, lora, frozen, batch, dropout_key)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "lcfg", "optimizer"),
-                   donate_argnames=("lora", "opt_state"))
-def grpo_step(lora: Params, opt_state: Any, frozen: Params, batch: dict[str, jax.Array], *,
-              cfg: StepConfig, lcfg: GRPOLossConfig, optimizer: optax.GradientTransformation,
-              dropout_key: jax.Array | None = None) -> tuple[Params, Any, dict[str, jax.Array]]:
-    """One optimizer step of GRPO over A micro-batches; returns new params, state, metrics."""
-    loss, metrics, grads = _accumulated(cfg, lcfg, lora, frozen, batch, dropout_key)
-    lora, opt_state, update_metrics = apply_update(optimizer, lora, opt_state, grads)
-    return lora, opt_state, dict(metrics, loss=loss, **update_metrics)
+    def __call__(self, frozen: Params, micro_batches: int, lora: Params,
+                 mb: dict[str, jax.Array], dropout_key: jax.Array | None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return grpo_micro_loss(self.step, self.loss, frozen, micro_batches, lora, mb,
+                               dropout_key)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "temperature", "completion_width"))

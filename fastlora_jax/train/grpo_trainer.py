@@ -14,27 +14,22 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import time
 from typing import Any, Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.errors import ConfigError, DataError, TrainingError
+from fastlora_jax.errors import ConfigError, DataError
 from fastlora_jax.models.causal_lm import CausalLM
-from fastlora_jax.train.checkpoint import TrainCheckpoints
 from fastlora_jax.train.data import epoch_order, load_dataset_source
-from fastlora_jax.train.grpo_loss import GRPOLossConfig, grpo_step, score_completions
-from fastlora_jax.train.logs import RunLogger
+from fastlora_jax.train.grpo_loss import GRPOLossConfig, GRPOObjective, score_completions
 from fastlora_jax.train.rewards import RewardFunc, advantages, load_reward_funcs, nanstd, \
     reward_name, score
 from fastlora_jax.train.rl_config import GRPOConfig
-from fastlora_jax.train.rl_step import start_run
+from fastlora_jax.train.rl_step import TrainRun, optimizer_for, update_step
 from fastlora_jax.train.rollout import SamplingParams, sample_completions
-from fastlora_jax.train.step import StepConfig, make_optimizer
-from fastlora_jax.train.trainer import _writable_dir
+from fastlora_jax.train.step import StepConfig
 
 Rollout = Callable[[StepConfig, Any, Any, list[list[int]], SamplingParams, int], list[list[int]]]
 
@@ -108,21 +103,16 @@ class GRPOTrainer:
         rounds_per_epoch = len(self.dataset) // a.prompts_per_generation
         self.total_steps = a.max_steps if a.max_steps > 0 else max(
             1, int(math.ceil(a.num_train_epochs * rounds_per_epoch)) * self.steps_per_round)
-        self.warmup_steps = a.warmup_steps or int(math.ceil(a.warmup_ratio * self.total_steps))
-        self.optimizer = make_optimizer(
-            learning_rate=a.learning_rate, warmup_steps=self.warmup_steps,
-            total_steps=self.total_steps, lr_scheduler_type=a.lr_scheduler_type,
-            weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
-            adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_epsilon=a.adam_epsilon)
+        self.optimizer, self.warmup_steps = optimizer_for(a, self.total_steps)
         self.step_config = StepConfig(model=model.config, lora=model.lora_spec,
                                       remat=model.use_gradient_checkpointing,
                                       loss_chunk=a.loss_chunk_size)
-        self.loss_config = GRPOLossConfig(
+        self.objective = GRPOObjective(self.step_config, GRPOLossConfig(
             loss_type=a.loss_type, beta=a.beta, epsilon_low=a.epsilon,
             epsilon_high=a.epsilon_high, delta=a.delta,
             importance_sampling_level=a.importance_sampling_level, temperature=a.temperature,
             max_completion_length=a.max_completion_length,
-            use_bias_correction_kl=a.use_bias_correction_kl)
+            use_bias_correction_kl=a.use_bias_correction_kl))
         # Reused rounds need the sampling policy's log-probs (TRL: when generation and the
         # optimizer steps are not aligned); a single on-policy step uses the detached current ones.
         self.needs_old_logps = a.steps_per_generation * a.num_iterations \
@@ -220,70 +210,45 @@ class GRPOTrainer:
         """Run to total_steps optimizer steps; returns stats. A resume that lands inside a round
         regenerates that round with the restored policy (as TRL does)."""
         a = self.args
-        out_dir = _writable_dir(pathlib.Path(a.output_dir))
-        checkpoints = TrainCheckpoints(out_dir, max_to_keep=a.save_total_limit)
-        lora = jax.tree.map(jnp.copy, self.model.lora_params())
-        opt_state = self.optimizer.init(lora)
-        frozen = self.model.params()
-        lora, opt_state, start = start_run(checkpoints, lora, opt_state, resume_from_checkpoint)
-        logger = RunLogger(out_dir, total_steps=self.total_steps, start_step=start,
-                           tensorboard=a.report_to == "tensorboard",
-                           show_progress=not a.disable_tqdm,
-                           curves=("loss", "reward", "kl", "completions/mean_length"))
-        completions_log = open(out_dir / "completions.jsonl", "a" if start else "w")
-        dropout = self.model.lora_spec.config.lora_dropout > 0
-        base_key = jax.random.key(a.seed)
+        run = TrainRun(self.model, a, self.optimizer, self.total_steps, resume_from_checkpoint,
+                       curves=("loss", "reward", "kl", "completions/mean_length"))
+        completions_log = open(run.out_dir / "completions.jsonl", "a" if run.start else "w")
         GA = a.gradient_accumulation_steps
-        history, rewards, last_saved = [], [], start
+        history, rewards = [], []
         micro, rollout, loaded_round = None, None, None
         t0 = time.perf_counter()
         try:
-            for step in range(start, self.total_steps):
+            for step in range(run.start, self.total_steps):
                 round_index, within = divmod(step, self.steps_per_round)
                 if loaded_round != round_index:
-                    rollout = self.generate_round(round_index, frozen, lora)
-                    micro = self._micro_batches(rollout, round_index, frozen, lora)
+                    rollout = self.generate_round(round_index, run.frozen, run.lora)
+                    micro = self._micro_batches(rollout, round_index, run.frozen, run.lora)
                     loaded_round = round_index
                     rewards.append(rollout["stats"]["reward"])
                 picks = [(within * GA + g) % a.steps_per_generation for g in range(GA)]
                 batch = {k: jnp.asarray(np.stack([micro[i][k] for i in picks]))
                          for k in micro[0]}
-                key = jax.random.fold_in(base_key, step) if dropout else None
                 t1 = time.perf_counter()
-                new_lora, new_opt, metrics = grpo_step(lora, opt_state, frozen, batch,
-                                                       cfg=self.step_config, lcfg=self.loss_config,
-                                                       optimizer=self.optimizer, dropout_key=key)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                lora, opt_state, metrics = update_step(
+                    run.lora, run.opt_state, run.frozen, batch, objective=self.objective,
+                    optimizer=self.optimizer, dropout_key=run.dropout_key(step))
+                m = run.accept(step, metrics, lora, opt_state)
                 m["time/update"] = time.perf_counter() - t1
-                if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
-                    raise TrainingError(
-                        f"non-finite loss/grad norm at step {step + 1} (loss={m['loss']}, "
-                        f"grad_norm={m['grad_norm']}); training stopped, the last good "
-                        f"checkpoint (step {last_saved}) is intact. Lower learning_rate")
-                lora, opt_state = new_lora, new_opt
-                done = step + 1
                 record = dict(m, **rollout["stats"], epoch=round_index * a.prompts_per_generation
                               / len(self.dataset))
                 history.append(record)
-                if done % a.logging_steps == 0 or done == self.total_steps:
-                    logger.log(done, record, rollout["tokens"] / self.steps_per_round)
-                    if a.log_completions:
-                        for sample in rollout["samples"]:
-                            completions_log.write(json.dumps(dict(sample, step=done)) + "\n")
-                        completions_log.flush()
-                if (a.save_steps and done % a.save_steps == 0) or done == self.total_steps:
-                    checkpoints.save(done, lora, opt_state, {"seed": a.seed,
-                                                             "total_steps": self.total_steps})
-                    last_saved = done
+                if run.after_step(step + 1, record, rollout["tokens"] / self.steps_per_round) \
+                        and a.log_completions:
+                    for sample in rollout["samples"]:
+                        completions_log.write(json.dumps(dict(sample, step=step + 1)) + "\n")
+                    completions_log.flush()
         finally:
-            logger.close()
             completions_log.close()
-            checkpoints.close()
-            self.model.set_adapter(self.model.lora_spec, jax.device_get(lora))
-        stats = {"global_step": self.total_steps, "start_step": start,
+            run.close()
+        stats = {"global_step": self.total_steps, "start_step": run.start,
                  "train_runtime": time.perf_counter() - t0,
                  "train_loss": float(np.mean([h["loss"] for h in history])) if history else math.nan,
                  "first_reward": rewards[0] if rewards else math.nan,
                  "last_reward": rewards[-1] if rewards else math.nan}
-        (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+        (run.out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
         return stats

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from fastlora_jax.lora.layer import lora_project, with_constants
 from fastlora_jax.models import decoder
 from fastlora_jax.models.decoder import Params
+from fastlora_jax.train.loss import token_chunks
 from fastlora_jax.train.step import StepConfig, remat_wrapper
 
 
@@ -46,23 +47,13 @@ def token_logprobs(h: jax.Array, w: jax.Array, targets: jax.Array, *, chunk: int
     completions at the sampling temperature). A `lax.scan` over chunks of `chunk` tokens with a
     rematerialised body keeps peak memory at O(chunk * V). Returns two float32 arrays [...].
     """
-    shape = targets.shape
-    hidden = h.shape[-1]
-    h = h.reshape(-1, hidden)
-    targets = targets.reshape(-1)
-    n = h.shape[0]
-    chunk = min(chunk, n)
-    pad = (-n) % chunk
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        targets = jnp.pad(targets, (0, pad))
+    shape, n = targets.shape, targets.size
 
     @jax.checkpoint
     def body(_: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, tuple[jax.Array, jax.Array]]:
         return None, _chunk_stats(xs[0], w, xs[1], softcap, temperature)
 
-    _, (logp, ent) = jax.lax.scan(body, None, (h.reshape(-1, chunk, hidden),
-                                               targets.reshape(-1, chunk)))
+    _, (logp, ent) = jax.lax.scan(body, None, token_chunks(h, targets, chunk, 0))
     return logp.reshape(-1)[:n].reshape(shape), ent.reshape(-1)[:n].reshape(shape)
 
 

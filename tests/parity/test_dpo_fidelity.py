@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fastlora_jax import FastLanguageModel
-from fastlora_jax.train.dpo_loss import DPOLossConfig, dpo_loss_and_grads, reference_logprob_sums
+from fastlora_jax.train.dpo_loss import DPOLossConfig, DPOObjective, reference_logprob_sums
+from fastlora_jax.train.rl_step import loss_and_grads
 from fastlora_jax.train.step import StepConfig
 from tests.checkpoints import TINY_LLAMA, llama_tensors, write_checkpoint
 from tests.parity.test_grpo_fidelity import _peft_grads
@@ -92,7 +93,8 @@ def test_dpo_loss_and_grads_equal_trl(setup, index):
     model, cfg, batch, ref = setup
     lcfg = DPOLossConfig(beta=BETA, loss_type=CASES[index])
     lora = model.lora_params()
-    loss, metrics, grads = dpo_loss_and_grads(lora, model.params(), batch, cfg=cfg, lcfg=lcfg)
+    loss, metrics, grads = loss_and_grads(lora, model.params(), batch,
+                                          objective=DPOObjective(cfg, lcfg))
     want = float(ref[f"{index}|loss"])
     assert abs(float(loss) - want) <= 1e-4 * abs(want), (float(loss), want)
     for ours, theirs in zip(jax.tree.leaves(jax.tree.map(np.asarray, grads)),
@@ -116,11 +118,11 @@ def test_adapters_off_reference_equals_base_model_and_precomputed_path(setup):
                                                  batch["completion_mask"][a], cfg=cfg)
                           for a in range(A)])
     pre = dict(batch, ref_chosen_logps=all_sums[:, :B], ref_rejected_logps=all_sums[:, B:])
-    lcfg = DPOLossConfig(beta=BETA)
-    loss_a, _, grads_a = dpo_loss_and_grads(model.lora_params(), model.params(), batch, cfg=cfg,
-                                            lcfg=lcfg)
-    loss_b, _, grads_b = dpo_loss_and_grads(model.lora_params(), model.params(), pre, cfg=cfg,
-                                            lcfg=lcfg)
+    objective = DPOObjective(cfg, DPOLossConfig(beta=BETA))
+    loss_a, _, grads_a = loss_and_grads(model.lora_params(), model.params(), batch,
+                                        objective=objective)
+    loss_b, _, grads_b = loss_and_grads(model.lora_params(), model.params(), pre,
+                                        objective=objective)
     np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-8)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from fastlora_jax import FastLanguageModel
-from fastlora_jax.train.grpo_loss import GRPOLossConfig, grpo_loss_and_grads, score_completions
+from fastlora_jax.train.grpo_loss import GRPOLossConfig, GRPOObjective, score_completions
+from fastlora_jax.train.rl_step import loss_and_grads
 from fastlora_jax.train.step import StepConfig
 from tests.checkpoints import TINY_LLAMA, llama_tensors, write_checkpoint
 from tests.refenv import run_reference
@@ -135,7 +136,8 @@ def test_loss_grads_and_metrics_equal_trl(setup, index):
                           importance_sampling_level=case["importance_sampling_level"],
                           temperature=TEMPERATURE, max_completion_length=C)
     lora = model.lora_params()
-    loss, metrics, grads = grpo_loss_and_grads(lora, model.params(), batch, cfg=cfg, lcfg=lcfg)
+    loss, metrics, grads = loss_and_grads(lora, model.params(), batch,
+                                          objective=GRPOObjective(cfg, lcfg))
     want = float(ref[f"{index}|loss"])
     assert abs(float(loss) - want) <= 1e-4 * abs(want) + 1e-7, (float(loss), want)
     ref_grads = _peft_grads(ref, index, lora)
