@@ -1,6 +1,6 @@
 """The GRPO demo: teach SmolLM2-135M-Instruct to answer sums with just the number, on the CPU.
 
-The task is generated (seed 0): "{a} + {b} = ?" with a in 1..29 and b in 1..9, answers cut at 8
+The task is generated (seed 0): "{a} + {b} = ?" with a in 1..29 and b in 1..9, answers cut at 12
 tokens. The base model answers in sentences ("The answer is 11."), so its held-out exact-match
 accuracy (the greedy answer, stripped, is the sum) starts at zero. Two verifiable rewards drive
 GRPO: `correct` (1 when the last number in the answer is the sum) and `concise` (up to 0.5 for
@@ -22,7 +22,7 @@ from fastlora_jax.errors import ConfigError
 
 QUESTION = "{a} + {b} = ?"
 NUMBER = re.compile(r"-?\d+")
-MAX_TOKENS = 8
+MAX_TOKENS = 12
 
 
 def make_problems(n: int, seed: int) -> list[dict[str, Any]]:
@@ -106,13 +106,14 @@ def run_grpo_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, max_step
                       max_completion_length=MAX_TOKENS,
                       max_steps=max_steps if max_steps > 0 else 40, learning_rate=1e-4,
                       warmup_steps=2, lr_scheduler_type="constant_with_warmup", beta=0.0,
-                      loss_type="dapo", temperature=1.0, logging_steps=1, save_steps=0,
+                      loss_type="dapo", temperature=0.7, logging_steps=1, save_steps=0,
                       num_completions_to_print=4, seed=3407)
     trainer = GRPOTrainer(model, [correct, concise_reward(tokenizer.eos_token_id)], args=args,
                           train_dataset=Dataset.from_list(train), processing_class=tokenizer)
     before = evaluate(trainer, held_out)
-    print(f"held-out before GRPO: exact-match accuracy {before['accuracy']:.1%}, mean reward "
-          f"{before['mean_reward']:.3f} ({len(held_out)} sums); e.g. "
+    print(f"held-out before GRPO: exact-match accuracy {before['accuracy']:.1%}, sum right "
+          f"{before['correct_reward']:.1%}, mean reward {before['mean_reward']:.3f} "
+          f"({len(held_out)} sums); e.g. "
           f"{before['examples'][0]['answer']!r}", flush=True)
     stats = trainer.train()
     after = evaluate(trainer, held_out)
@@ -120,8 +121,8 @@ def run_grpo_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, max_step
     model.save_pretrained(adapter, tokenizer, overwrite=True)
     result = {"before": before, "after": after, "train": stats, "adapter": str(adapter)}
     (output_dir / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print(f"held-out after GRPO: exact-match accuracy {after['accuracy']:.1%}, mean reward "
-          f"{after['mean_reward']:.3f}; e.g. {after['examples'][0]['answer']!r}; "
+    print(f"held-out after GRPO: exact-match accuracy {after['accuracy']:.1%}, sum right "
+          f"{after['correct_reward']:.1%}, mean reward {after['mean_reward']:.3f}; e.g. {after['examples'][0]['answer']!r}; "
           f"{stats['global_step']} steps in {stats['train_runtime']:.0f}s; adapter: {adapter}",
           flush=True)
     return result

@@ -159,3 +159,22 @@ def test_loss_grads_and_metrics_equal_trl(setup, index):
         assert abs(float(metrics[key]) - want_metric) <= 1e-4 * max(1.0, abs(want_metric)), key
     if index == 0:  # the perturbed old log-probs put some tokens outside the clip range
         assert float(metrics["clip_ratio/region_mean"]) > 0
+
+
+def test_reference_pass_equals_separately_loaded_base_model(setup, tmp_path):
+    """Adapters off on the trained model's frozen tree = a base model loaded on its own."""
+    model, cfg, batch, _ = setup
+    base, _ = FastLanguageModel.from_pretrained(model.name_or_path, dtype="float32")
+    ids = batch["input_ids"][0]
+    ours = score_completions(None, model.params(), ids, batch["attention_mask"][0], cfg=cfg,
+                             temperature=TEMPERATURE, completion_width=C)
+    logits = base(ids)[:, P - 1:-1]                                    # prompts are unpadded
+    logp = jax.nn.log_softmax(logits / TEMPERATURE, axis=-1)
+    want = jnp.take_along_axis(logp, ids[:, P:, None], axis=-1)[..., 0]
+    mask = np.asarray(batch["completion_mask"][0], bool)
+    np.testing.assert_allclose(np.asarray(ours)[mask], np.asarray(want)[mask], rtol=1e-5,
+                               atol=1e-5)
+    policy = score_completions(model.lora_params(), model.params(), ids,
+                               batch["attention_mask"][0], cfg=cfg, temperature=TEMPERATURE,
+                               completion_width=C)
+    assert np.abs(np.asarray(policy) - np.asarray(ours))[mask].max() > 1e-2  # adapters matter

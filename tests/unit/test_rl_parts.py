@@ -141,3 +141,17 @@ def test_preference_rows_plain_conversational_implicit_and_missing():
         tokenize_pair(tok, {"prompt": "x", "chosen": "y", "rejected": None}, 7)
     with pytest.raises(DataError, match=r"preference row 2 has no chosen / rejected"):
         tokenize_pair(tok, {"prompt": "x"}, 2)
+
+
+def test_demo_rewards_and_problems():
+    from fastlora_jax.demo_grpo import MAX_TOKENS, concise_reward, correct, make_problems
+
+    problems = make_problems(20, seed=0)
+    assert len({p["prompt"][0]["content"] for p in problems}) == 20
+    a, b = map(int, problems[0]["prompt"][0]["content"].split(" = ")[0].split(" + "))
+    assert problems[0]["answer"] == str(a + b)
+    chat = lambda t: [{"role": "assistant", "content": t}]  # noqa: E731
+    assert correct([chat("The answer is 12."), chat("12 + 1 = 13"), chat("no")],
+                   ["12", "12", "12"]) == [1.0, 0.0, 0.0]
+    concise = concise_reward(eos_token_id=2)
+    assert concise([[5, 2], [5] * (MAX_TOKENS - 1) + [2], [5] * MAX_TOKENS]) == [0.5, 0.0, 0.0]
