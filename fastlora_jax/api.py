@@ -13,7 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastlora_jax.converters.gguf_config import read_gguf_config
+from fastlora_jax.converters.gguf_load import load_gguf_params
+from fastlora_jax.converters.gguf_read import GGUFFile, find_gguf
+from fastlora_jax.converters.gguf_tokenizer import gguf_tokenizer
 from fastlora_jax.converters.hf import Convert, checkpoint_dir, load_checkpoint
+from fastlora_jax.converters.hub import resolve_model_path
 from fastlora_jax.converters.peft import CONFIG_NAME as ADAPTER_CONFIG
 from fastlora_jax.converters.peft import read_adapter_config
 from fastlora_jax.errors import CheckpointError, ConfigError
@@ -82,16 +87,23 @@ class FastLanguageModel:
     @staticmethod
     def from_pretrained(model_name: str | pathlib.Path, max_seq_length: int = 2048,
                         dtype: Any = None, load_in_4bit: bool = False,
-                        load_in_8bit: bool = False) -> tuple[CausalLM, Any]:
-        """Load a local HF checkpoint folder, or a PEFT adapter folder (its base is loaded first).
+                        load_in_8bit: bool = False, *, gguf_file: str | None = None,
+                        revision: str | None = None) -> tuple[CausalLM, Any]:
+        """Load an HF checkpoint folder, a PEFT adapter folder (its base is loaded first), a GGUF
+        file (or a folder holding one, or `gguf_file=` inside a folder or hub repository), or any
+        of these by hub id "org/name" (huggingface_hub's cache; `HF_HUB_OFFLINE=1` reads only
+        the cache; `revision` picks a branch, tag or commit).
 
         dtype: compute dtype — a jnp dtype or its name; None picks bfloat16 on GPU/TPU and float32
         on CPU. load_in_4bit / load_in_8bit quantize the decoder's linear weights to NF4 / int8
         while streaming (embeddings, norms and lm_head stay in `dtype`); a checkpoint that is
-        already bitsandbytes-quantized loads as stored.
+        already bitsandbytes-quantized loads as stored. GGUF weights are dequantized to float32
+        first (then cast or quantized the same way); the tokenizer is built from the file.
         """
-        folder = pathlib.Path(model_name)
-        if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+        folder = resolve_model_path(model_name, revision=revision, gguf_file=gguf_file)
+        gguf = find_gguf(folder, gguf_file)
+        if gguf is None and (folder / ADAPTER_CONFIG).is_file() and not (
+                folder / "config.json").is_file():
             adapter_cfg = read_adapter_config(folder)
             base = adapter_cfg.get("base_model_name_or_path")
             if not base:
@@ -106,7 +118,6 @@ class FastLanguageModel:
                 load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
             model.load_adapter(folder)
             return model, tokenizer
-        folder = checkpoint_dir(folder)
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ConfigError(f"max_seq_length={max_seq_length!r} must be a positive int")
         if load_in_4bit and load_in_8bit:
@@ -115,8 +126,17 @@ class FastLanguageModel:
         convert = None
         if load_in_4bit or load_in_8bit:
             convert = quantizing_convert("nf4" if load_in_4bit else "int8", compute)
+        if gguf is not None:
+            source = GGUFFile(gguf)
+            config = read_gguf_config(source)
+            params = load_gguf_params(source, config, dtype=compute, convert=convert)
+            model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=str(gguf))
+            return model, gguf_tokenizer(source)
+        # a hub id stays the model's name (a saved adapter's base_model_name_or_path)
+        name = str(model_name) if folder != pathlib.Path(model_name) else str(folder)
+        folder = checkpoint_dir(folder)
         config, params = load_checkpoint(folder, dtype=compute, convert=convert)
-        model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=str(folder))
+        model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=name)
         model.generation_config = GenerationConfig.from_folder(folder, config)
         return model, load_tokenizer(folder)
 

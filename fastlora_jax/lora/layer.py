@@ -121,6 +121,22 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
     return project
 
 
+def merge_weight(w: Any, entry: Params, scale: jax.Array) -> jax.Array:
+    """One projection with its adapter folded in, in float32: W + s B A (DoRA: each row rescaled
+    to the magnitude m, g = m / ||W + s B A||_row).
+
+    w: [..., out, in] (array or QTensor); entry: this projection's LoRA arrays with the same
+    leading axes (lora_A [..., r, in], lora_B [..., out, r], lora_magnitude [..., out]);
+    scale: [...]. Works on the stacked [L, ...] arrays and on one layer's slice alike.
+    """
+    w = dense(w) + scale[..., None, None] * jnp.matmul(entry["lora_B"].astype(jnp.float32),
+                                                      entry["lora_A"].astype(jnp.float32))
+    if "lora_magnitude" in entry:
+        g = entry["lora_magnitude"].astype(jnp.float32) / jnp.linalg.norm(w, axis=-1)
+        w = w * g[..., None]
+    return w
+
+
 def merge(frozen: Params, lora: Params, spec: LoraSpec, dtype: Any) -> Params:
     """Frozen params with every adapter folded in: W' = W + s B A (DoRA: g * (W + s B A)).
 
@@ -129,14 +145,8 @@ def merge(frozen: Params, lora: Params, spec: LoraSpec, dtype: Any) -> Params:
     merged = jax.tree.map(lambda x: x, frozen, is_leaf=lambda x: hasattr(x, "codes"))
     layers = merged["layers"]
     for (group, name), _, scales in spec.modules:
-        entry = lora["layers"][group][name]
-        w = dense(frozen["layers"][group][name]["weight"])
-        s = jnp.asarray(scales, jnp.float32)[:, None, None]
-        w = w + s * jnp.einsum("lor,lri->loi", entry["lora_B"].astype(jnp.float32),
-                               entry["lora_A"].astype(jnp.float32))
-        if "lora_magnitude" in entry:
-            g = entry["lora_magnitude"].astype(jnp.float32) / jnp.linalg.norm(w, axis=-1)
-            w = w * g[..., None]
+        w = merge_weight(frozen["layers"][group][name]["weight"], lora["layers"][group][name],
+                         jnp.asarray(scales, jnp.float32))
         layers[group][name] = dict(layers[group][name], weight=w.astype(dtype))
     for group, modules in layers.items():
         for name, sub in list(modules.items()):

@@ -12,6 +12,7 @@ research code:
 from __future__ import annotations
 
 import functools
+import pathlib
 from typing import Any
 
 import jax
@@ -164,6 +165,30 @@ class CausalLM(nnx.Module):
             compute if compute == jnp.float16 else jnp.dtype(jnp.bfloat16))
         save_merged(folder, self.config, self.merged_params(jnp.float32), dtype=dtype,
                     tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite)
+
+    def save_pretrained_gguf(self, folder: str, tokenizer: Any = None, *,
+                             quantization_method: str = "q8_0", save_method: str = "merged",
+                             overwrite: bool = False, show_progress: bool = True) -> Any:
+        """llama.cpp / Ollama export; returns the written file's path.
+
+        `merged`: `<folder>/model.<METHOD>.gguf` (adapters folded in float32, NF4 / int8 bases
+        dequantized first, then encoded as `quantization_method`: f32, f16, bf16, q8_0, q4_0,
+        q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k) and an Ollama `Modelfile`. `lora`:
+        `<folder>/adapter.gguf`, the adapter alone, for llama.cpp's `--lora` on the base GGUF.
+        """
+        from fastlora_jax.converters.gguf import save_gguf, save_gguf_lora
+        from fastlora_jax.errors import ExportError
+
+        if save_method == "lora":
+            return save_gguf_lora(folder, self.config, self.lora_params(), self.lora_spec,
+                                  overwrite=overwrite, show_progress=show_progress)
+        if save_method != "merged":
+            raise ExportError(f"save_method={save_method!r} must be 'merged' or 'lora'")
+        return save_gguf(folder, self.config, self.params(), tokenizer,
+                         lora=self.lora_params(), lora_spec=self.lora_spec,
+                         quantization_method=quantization_method,
+                         name=pathlib.Path(self.name_or_path or str(folder)).name,
+                         overwrite=overwrite, show_progress=show_progress)
 
 
 def _to_nnx(tree: dict[str, Any], leaf: Any = None, path: tuple[str, ...] = ()) -> nnx.Dict:
