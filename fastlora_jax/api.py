@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ from fastlora_jax.converters.hub import resolve_model_path
 from fastlora_jax.converters.peft import CONFIG_NAME as ADAPTER_CONFIG
 from fastlora_jax.converters.peft import read_adapter_config
 from fastlora_jax.errors import CheckpointError, ConfigError
+from fastlora_jax.generation.config import GenerationConfig
 from fastlora_jax.lora.layer import init_lora
 from fastlora_jax.lora.spec import LoraConfig, resolve
 from fastlora_jax.models.causal_lm import CausalLM
@@ -109,7 +111,26 @@ class FastLanguageModel:
         folder = checkpoint_dir(folder)
         config, params = load_checkpoint(folder, dtype=compute, quantize=quantize)
         model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=name)
+        model.generation_config = GenerationConfig.from_folder(folder, config)
         return model, load_tokenizer(folder)
+
+    @staticmethod
+    def for_inference(model: CausalLM, merge_adapters: bool = False) -> CausalLM:
+        """Ready `model` for generation (Unsloth's call); returns the same model.
+
+        Generation always runs the KV-cache engine, with adapters unmerged, so the model can
+        keep training. merge_adapters=True makes `model.generate` fold the adapters into a
+        dense copy of the weights for each call instead (faster decoding when the adapters are
+        many; quantized weights are dequantized in that copy).
+        """
+        model.generation_config = dataclasses.replace(model.generation_config,
+                                                      merge_adapters=bool(merge_adapters))
+        return model
+
+    @staticmethod
+    def for_training(model: CausalLM) -> CausalLM:
+        """Undo `for_inference` (generation applies the adapters unmerged again)."""
+        return FastLanguageModel.for_inference(model, merge_adapters=False)
 
     @staticmethod
     def get_peft_model(model: CausalLM, r: int = 16, target_modules: Sequence[str] | str | None = None,

@@ -22,6 +22,7 @@ from fastlora_jax.config import ModelConfig
 from fastlora_jax.converters.merged import save_pretrained_merged
 from fastlora_jax.converters.peft import load_adapter, save_adapter
 from fastlora_jax.lora.layer import lora_project, merge, with_constants
+from fastlora_jax.generation.config import GenerationConfig
 from fastlora_jax.lora.spec import LoraSpec
 from fastlora_jax.models import decoder
 from fastlora_jax.models.decoder import Params, get_path, param_specs
@@ -42,6 +43,7 @@ class CausalLM(nnx.Module):
         self.name_or_path = name_or_path
         self.lora_spec: LoraSpec | None = None
         self.lora: nnx.Dict | None = nnx.data(None)
+        self.generation_config = GenerationConfig()
         tree: dict[str, Any] = {}
         for spec in param_specs(config):
             node = tree
@@ -75,13 +77,39 @@ class CausalLM(nnx.Module):
                             jnp.asarray(input_ids, jnp.int32), positions=positions,
                             segment_ids=segment_ids, attention_impl=attention_impl)
 
-    def generate(self, prompt_ids: list[int], *, max_new_tokens: int = 64,
-                 eos_token_id: int | list[int] | None = None) -> list[int]:
-        """Greedy continuation of one prompt (new token ids only); adapters are merged first."""
-        from fastlora_jax.generate import greedy_generate
+    def generate(self, prompts: Any, max_new_tokens: int | None = None, *,
+                 tokenizer: Any = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = -1,
+                 top_p: float | None = None, min_p: float | None = -1.0,
+                 repetition_penalty: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 num_return_sequences: int = 1, seed: int | None = None,
+                 output_logprobs: bool = False, streamer: Any = None,
+                 attention_mask: Any = None, merge_adapters: bool | None = None,
+                 disable_adapters: bool = False) -> Any:
+        """Continue each prompt with the KV-cache engine; returns a `GenerateOutput`
+        (`.sequences`, `.completion_mask`, `.logprobs`, `.tokens`, `.texts`).
 
-        return greedy_generate(self.config, self.merged_params(), list(prompt_ids),
-                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        prompts: input_ids [batch, seq] (with `attention_mask` if padded), a list of token ids,
+        a list of token id lists (ragged: each row's result equals its result alone), a string
+        or a list of strings (with `tokenizer`). The options are transformers' `generate`
+        arguments with its semantics; a default not given comes from `self.generation_config`
+        (the checkpoint's generation_config.json). seed: the sampling seed (None: a fresh one).
+        output_logprobs: per-token log p under the model. streamer: transformers' protocol
+        (e.g. `fastlora_jax.generation.TextStreamer`). Adapters apply unmerged unless
+        merge_adapters (default: `generation_config.merge_adapters`); disable_adapters
+        generates with the base weights (no copy).
+        """
+        from fastlora_jax.generation.generator import Generator
+
+        gen = Generator(self, tokenizer=tokenizer, merge_adapters=merge_adapters,
+                        disable_adapters=disable_adapters)
+        return gen(prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                   pad_token_id=pad_token_id, num_return_sequences=num_return_sequences,
+                   seed=seed, output_logprobs=output_logprobs, streamer=streamer,
+                   attention_mask=attention_mask)
 
     def merged_params(self, dtype: Any = None) -> Params:
         """Frozen params with adapters folded in (dense; `dtype` defaults to the embedding's)."""

@@ -146,10 +146,34 @@ def frozen_project(x: jax.Array, name: str, frozen: Params, lora: Params | None)
     return ops.linear(x, frozen["weight"], frozen.get("bias"), axes=LINEAR_AXES.get(name))
 
 
+# Attention of one layer: (q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D] after rope, the layer's
+# sliding window, the state threaded through the layers, the layer's index) -> (out [B,T,Hq,D],
+# state). Training attends within the sequence and threads nothing; the KV-cache decoder
+# (`kv_cache.py`) writes k / v into the cache it threads and attends over it.
+Attend = Callable[[jax.Array, jax.Array, jax.Array, int | None, Any, jax.Array],
+                  tuple[jax.Array, Any]]
+
+
+def self_attention(config: ModelConfig, segment_ids: jax.Array | None,
+                   attention_impl: Any) -> Attend:
+    """Causal attention within the given tokens (packed rows: within each segment)."""
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, state: Any,
+               layer: jax.Array) -> tuple[jax.Array, Any]:
+        del layer
+        return ops.attention(q, k, v, segment_ids=segment_ids, causal=True,
+                             sliding_window=window, softcap=config.attn_logit_softcap,
+                             scale=config.attention_scale, impl=attention_impl), state
+
+    return attend
+
+
 def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Array,
-                  cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None,
-                  window: int | None, project: Project, attention_impl: Any) -> jax.Array:
-    """One block. h [B, T, H] -> [B, T, H]. `p`/`lp` are this layer's frozen / LoRA params."""
+                  cos: jax.Array, sin: jax.Array, window: int | None, project: Project,
+                  attend: Attend, state: Any = None,
+                  layer: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+    """One block. h [B, T, H] -> ([B, T, H], state). `p`/`lp` are this layer's frozen / LoRA
+    params; `attend` with `state` and the layer index `layer` does the attention."""
     c = config
     B, T, _ = h.shape
 
@@ -184,8 +208,7 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
         k = norm(k, "k_norm", p["self_attn"])
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    a = ops.attention(q, k, v, segment_ids=segment_ids, causal=True, sliding_window=window,
-                      softcap=c.attn_logit_softcap, scale=c.attention_scale, impl=attention_impl)
+    a, state = attend(q, k, v, window, state, layer)
     a = proj(a.reshape(B, T, c.q_size), "self_attn", "o_proj")                      # [B,T,H]
     if c.post_norms:
         a = norm(a, "post_attention_layernorm")
@@ -203,7 +226,7 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
     m = proj(m, "mlp", "down_proj")                                                 # [B,T,H]
     if c.post_norms:
         m = norm(m, "post_feedforward_layernorm")
-    return h + m
+    return h + m, state
 
 
 def layer_segments(config: ModelConfig) -> tuple[tuple[int, int, int], ...]:
@@ -254,31 +277,44 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
     h = constrain(embed(c, params, input_ids, dtype))               # [B,T,H] batch-split on a mesh
     ropes = [c.layer_rope(i) for i in range(c.num_layers)]
     tables = {rope: cos_sin(c, positions, rope) for rope in set(ropes)}  # [B,T,rot] each
-    for start, stop, period in layer_segments(c):
-        h = _scan_layers(c, params["layers"], None if lora is None else lora.get("layers"), h,
-                         tables, segment_ids, start, stop, period, project, attention_impl,
-                         remat)
+    attend = self_attention(c, segment_ids, attention_impl)
+    h, _ = run_layers(c, params, lora, h, tables, project, attend, None, remat)
     return rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
 
 
+def run_layers(config: ModelConfig, params: Params, lora: Params | None, h: jax.Array,
+               tables: dict[Any, tuple[jax.Array, jax.Array]], project: Project, attend: Attend,
+               state: Any, remat: Callable[[Callable], Callable] | None = None
+               ) -> tuple[jax.Array, Any]:
+    """Every block, scanned segment by segment (`layer_segments`): (h [B, T, H], state)."""
+    for start, stop, period in layer_segments(config):
+        h, state = _scan_layers(config, params["layers"],
+                                None if lora is None else lora.get("layers"), h, tables, start,
+                                stop, period, project, attend, state, remat)
+    return h, state
+
+
 def _scan_layers(c: ModelConfig, layers: Params, lora_layers: Params | None, h: jax.Array,
-                 tables: dict[Any, tuple[jax.Array, jax.Array]], segment_ids: jax.Array | None,
-                 start: int, stop: int, period: int, project: Project, attention_impl: Any,
-                 remat: Callable[[Callable], Callable] | None) -> jax.Array:
-    """Layers [start, stop) as a scan over (stop - start) / period groups of `period` layers."""
+                 tables: dict[Any, tuple[jax.Array, jax.Array]], start: int, stop: int,
+                 period: int, project: Project, attend: Attend, state: Any,
+                 remat: Callable[[Callable], Callable] | None) -> tuple[jax.Array, Any]:
+    """Layers [start, stop) as a scan over (stop - start) / period groups of `period` layers;
+    `state` rides in the carry (so a cache in it is updated in place)."""
     windows = [c.layer_window(start + j) for j in range(period)]
     ropes = [c.layer_rope(start + j) for j in range(period)]
 
-    def body(h: jax.Array, xs: tuple[Params, Params | None]) -> tuple[jax.Array, None]:
-        group, lora_group = xs
+    def body(carry: tuple[jax.Array, Any],
+             xs: tuple[Params, Params | None, jax.Array]) -> tuple[tuple[jax.Array, Any], None]:
+        h, state = carry
+        group, lora_group, first = xs
         h = checkpoint_name(constrain(h), LAYER_INPUT)
         for j in range(period):
             p_j = jax.tree.map(lambda a: a[j], group)
             l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)
             cos, sin = tables[ropes[j]]
-            h = decoder_layer(c, p_j, l_j, h, cos, sin, segment_ids, windows[j], project,
-                              attention_impl)
-        return h, None
+            h, state = decoder_layer(c, p_j, l_j, h, cos, sin, windows[j], project, attend,
+                                     state, first + j)
+        return (h, state), None
 
     if remat is not None:
         body = remat(body)
@@ -286,8 +322,10 @@ def _scan_layers(c: ModelConfig, layers: Params, lora_layers: Params | None, h: 
     whole = start == 0 and stop == c.num_layers
     regroup = lambda a: (a if whole else a[start:stop]).reshape((n, period) + a.shape[1:])
     group_lora = None if lora_layers is None else jax.tree.map(regroup, lora_layers)
-    h, _ = jax.lax.scan(body, h, (jax.tree.map(regroup, layers), group_lora))
-    return h
+    firsts = jnp.arange(start, stop, period, dtype=jnp.int32)  # index of each group's layer 0
+    (h, state), _ = jax.lax.scan(body, (h, state),
+                                 (jax.tree.map(regroup, layers), group_lora, firsts))
+    return h, state
 
 
 def lm_head_weight(config: ModelConfig, params: Params) -> jax.Array:
