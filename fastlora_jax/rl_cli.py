@@ -17,7 +17,7 @@ import types
 import typing
 from typing import Any
 
-from fastlora_jax.cli import MODEL_FLAGS, _bool, load_peft_model
+from fastlora_jax.model_flags import MODEL_FLAGS, _bool, load_peft_model
 from fastlora_jax.errors import ConfigError
 
 COMMON = ("model", "data", "config", "resume_from_checkpoint")

@@ -21,7 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fastlora_jax.ops.impl import Impl, resolve
+from fastlora_jax.ops import defaults
+from fastlora_jax.ops.impl import Impl, as_impl
 
 
 def cache_mask(q_len: int, cache_len: int, *, q_slot: jax.Array, kv_start: jax.Array,
@@ -91,7 +92,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_slot: jax.Ar
                      impl: Impl | str | None = None) -> jax.Array:
     """Attention of q over the cache k / v (module docstring). impl: REFERENCE for the
     definition; anything else (and the default everywhere) runs the grouped XLA form."""
-    which = resolve(impl, gpu_default=Impl.XLA, cpu_default=Impl.XLA)
+    which = as_impl(impl, "cached_attention") or defaults.cached_attention_impl()
     fn = cached_attention_reference if which is Impl.REFERENCE else _grouped
     return fn(q, k, v, q_slot=jnp.asarray(q_slot, jnp.int32),
               kv_start=jnp.asarray(kv_start, jnp.int32), sliding_window=sliding_window,

@@ -33,6 +33,12 @@ def attention_impl(*, gpu: bool, hopper: bool, segments: bool, softcap: bool) ->
     return Impl.CUDNN
 
 
+def cached_attention_impl() -> Impl:
+    """The default of `ops.cached_attention` (decode over a KV cache): the grouped XLA form on
+    every platform; no kernel of ours exists for it."""
+    return Impl.XLA
+
+
 def flash_attention_impl(*, hopper: bool) -> Impl:
     """The default backend of `kernels.flash_attention` (CPU: the Triton kernels, interpreted)."""
     return Impl.PALLAS_MOSAIC if hopper else Impl.PALLAS_TRITON

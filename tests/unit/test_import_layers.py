@@ -25,9 +25,12 @@ LAYERS = {
     "lora": ("fastlora_jax.lora",),
     "sharding": ("fastlora_jax.sharding",),
     "converters": ("fastlora_jax.converters",),
-    "model_object": ("fastlora_jax.models.causal_lm", "fastlora_jax.generate"),
+    "generation": ("fastlora_jax.generation",),
+    "model_object": ("fastlora_jax.models.causal_lm",),
     "train": ("fastlora_jax.train",),
-    "entry": ("fastlora_jax.api", "fastlora_jax.cli", "fastlora_jax.demo", "fastlora_jax.testing"),
+    "entry": ("fastlora_jax.api", "fastlora_jax.cli", "fastlora_jax.rl_cli", "fastlora_jax.chat",
+              "fastlora_jax.model_flags",
+              "fastlora_jax.demo", "fastlora_jax.demo_grpo", "fastlora_jax.testing"),
 }
 # layer -> the layers it may import (its own always included). `entry` (and the package's
 # __init__, which re-exports the public names) may import anything.
@@ -42,8 +45,11 @@ ALLOWED = {
     "lora": {"errors", "config", "quant", "dispatch_tables", "ops", "models"},
     "sharding": {"errors", "config", "quant", "dispatch_tables", "ops", "models"},
     "converters": {"errors", "config", "quant", "models", "lora"},
-    "model_object": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "converters"},
-    "train": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "sharding", "model_object"},
+    "generation": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora"},
+    "model_object": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "converters",
+                     "generation"},
+    "train": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "sharding", "generation",
+              "model_object"},
     "entry": set(LAYERS),
 }
 
@@ -64,7 +70,12 @@ def imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
     """Our modules that `name` imports anywhere in its file (`from pkg import mod` -> pkg.mod)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):  # `if TYPE_CHECKING:` blocks never run: drop them first
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING",
+                                                                    "typing.TYPE_CHECKING"):
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
