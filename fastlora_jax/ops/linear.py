@@ -11,7 +11,8 @@ The model calls `linear(x, w)` for every frozen projection. `w` is a plain array
   dequantize-then-dot on the H200 (`pallas_is_default`: M <= 64 tokens, see
   benchmarks/RESULTS.md); its backward (dx) runs our fused dx kernel where that measured faster
   (`pallas_bwd_is_default`: NF4 with M <= 64) and XLA's dequantize-then-dot otherwise; XLA
-  elsewhere. CPU: XLA.
+  elsewhere. CPU: XLA; for a few rows (`ops/matvec.py`, decode) its fused multiply-and-reduce
+  form, which never writes a dense copy of the weight.
   On an H100/H200 the NF4 forward for M <= 16 and bf16 x is the Mosaic GPU kernel
   (`mgpu_tuning_for`), elsewhere the Triton-backend one. An explicit Impl.PALLAS runs the fused
   (Triton-backend) kernels both ways.
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 
 from fastlora_jax.errors import KernelError
 from fastlora_jax.ops.impl import Impl, platform, resolve
+from fastlora_jax.ops.matvec import matvec_is_default, quantized_matvec
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
 
 if TYPE_CHECKING:
@@ -129,6 +131,8 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | str | None,
             from fastlora_jax.kernels.int8_matmul import int8_matmul
 
             y = int8_matmul(x2, w, bwd_xla=bwd_xla, interpret=platform() != "gpu")
+    elif impl is None and platform() == "cpu" and matvec_is_default(x2.shape[0], w):
+        y = quantized_matvec(x2, w)   # few rows on CPU: dequantization fused, no dense copy
     elif impl is None and _dequant_choice(dequant, w, x2) is Dequant.PALLAS:
         if not dequant_kernel_applies(w, x.dtype):
             raise KernelError(f"linear: dequant=Dequant.PALLAS needs an NF4 weight (blocksize 64) "
