@@ -115,11 +115,12 @@ def weight_bytes(frozen: Any) -> int:
 
 
 def ours(model_dir: pathlib.Path, quant: str | None, ids: np.ndarray, batches: list[int],
-         new_tokens: int, repeats: int) -> tuple[dict[str, float], int]:
+         new_tokens: int, repeats: int,
+         per_layer: bool | None = None) -> tuple[dict[str, float], int]:
     model, _ = FastLanguageModel.from_pretrained(
         model_dir, dtype="float32", max_seq_length=4096, load_in_4bit=quant == "nf4",
         load_in_8bit=quant == "int8")
-    gen = Generator(model)
+    gen = Generator(model, per_layer=per_layer)
     out: dict[str, float] = {}
     for b in batches:
         rows = [r.tolist() for r in ids[:b]]
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--no_hf", action="store_true")
     parser.add_argument("--no_llama_cpp", action="store_true")
     parser.add_argument("--tunix", action="store_true", help="also Tunix (.benchenv/tunix)")
+    parser.add_argument("--stacked", action="store_true",
+                        help="also ours on the stacked (scanned) weight layout, batch 1")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
@@ -218,6 +221,8 @@ def main() -> None:
 
     times: dict[str, dict[str, float]] = {}
     times["ours"], fp32_bytes = ours(args.model, None, ids, batches, n, args.repeats)
+    if args.stacked:
+        times["stacked"], _ = ours(args.model, None, ids, [1], n, args.repeats, per_layer=False)
     quants = [q for q in args.quant.split(",") if q]
     q_bytes = {}
     for q in quants:
@@ -245,6 +250,9 @@ def main() -> None:
                 b_pre, b_dec = speeds(times[other], str(b), b)
                 rows.append(row(case, "decode tokens/s", o_dec, name, b_dec, target))
                 rows.append(row(case, "prefill tokens/s", o_pre, name, b_pre, None))
+        if b == 1 and "stacked" in times:
+            rows.append(row(case, "decode tokens/s", o_dec, "ours, stacked layers (lax.scan)",
+                            speeds(times["stacked"], "1", 1)[1], None))
         gbps = fp32_bytes * o_dec / b / 1e9
         rows.append({"case": case, "metric": "weight GB/s while decoding", "ours": gbps,
                      "baseline_name": None, "baseline": None, "ratio": None, "target": None})

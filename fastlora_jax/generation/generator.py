@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import jax
@@ -23,7 +24,7 @@ from fastlora_jax.generation import engine
 from fastlora_jax.generation.config import GenerationConfig
 from fastlora_jax.generation.sampling import SamplingConfig
 from fastlora_jax.generation.streamer import TextStreamer
-from fastlora_jax.models.decoder import unstack_layers
+from fastlora_jax.models.decoder import Params, unstack_layers
 from fastlora_jax.ops.impl import platform
 
 if TYPE_CHECKING:
@@ -104,14 +105,49 @@ def read_prompts(prompts: Any, *, tokenizer: Any = None,
 
 
 def per_layer_weights() -> bool:
-    """Whether generation copies the frozen weights into one buffer per layer first (CPU).
+    """Whether generation reads the frozen weights from one buffer per layer (the CPU), rather
+    than scanning the model's stacked arrays (elsewhere).
 
     XLA's CPU dot reads its operands whole, so a layer scanned out of the stacked weights is
-    copied before every use: at batch 1 the copy costs more than the product. With a buffer per
-    layer the decode step reads each weight once (SmolLM2's 30 layers: 2.1x faster per token,
-    benchmarks/generate.py). The copy is made once per Generator; GPUs keep the stacked layout.
+    copied before every use: at batch 1 that copy costs more than the product itself
+    (benchmarks/generate.py --stacked times both). The per-layer copy is made once per
+    `Generator`, or once for all calls by `FastLanguageModel.for_inference`.
     """
     return platform() == "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    source: tuple[int, ...]    # identities of the arrays it was made from
+    merged: bool
+    frozen: Params
+
+
+# Frozen trees made by `prepare` (for_inference), reused while the model holds the same arrays.
+_PREPARED: weakref.WeakKeyDictionary[Any, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def _identity(*trees: Any) -> tuple[int, ...]:
+    return tuple(id(leaf) for tree in trees for leaf in jax.tree.leaves(tree))
+
+
+def _generation_frozen(model: CausalLM, merged: bool, per_layer: bool) -> Params:
+    frozen = model.merged_params() if merged else model.params()
+    return unstack_layers(frozen, model.config.num_layers) if per_layer else frozen
+
+
+def prepare(model: CausalLM, *, merge_adapters: bool) -> None:
+    """Make the frozen tree generation reads (adapters folded in if asked; one buffer per
+    layer on the CPU) once and keep it for every later call on this model."""
+    merged = merge_adapters and model.lora is not None
+    source = _identity(model.params(), model.lora_params() if merged else None)
+    _PREPARED[model] = _Prepared(source, merged,
+                                 _generation_frozen(model, merged, per_layer_weights()))
+
+
+def release(model: CausalLM) -> None:
+    """Drop what `prepare` kept for `model`."""
+    _PREPARED.pop(model, None)
 
 
 class Generator:
@@ -120,24 +156,30 @@ class Generator:
 
     Adapters apply unmerged by default (no copy of the weights; the model can keep training);
     merge_adapters=True folds them into a dense copy (quantized weights are dequantized);
-    disable_adapters=True generates with the base model.
+    disable_adapters=True generates with the base model. per_layer: the weight layout
+    (default `per_layer_weights()`).
     """
 
     def __init__(self, model: CausalLM, *, tokenizer: Any = None,
-                 merge_adapters: bool | None = None, disable_adapters: bool = False) -> None:
+                 merge_adapters: bool | None = None, disable_adapters: bool = False,
+                 per_layer: bool | None = None) -> None:
         self.config = model.config
         self.defaults: GenerationConfig = model.generation_config
         self.max_seq_length = model.max_seq_length
         self.tokenizer = tokenizer
         merge = self.defaults.merge_adapters if merge_adapters is None else merge_adapters
-        self.frozen, self.lora, self.lora_spec = model.params(), None, None
-        if model.lora is not None and not disable_adapters:
-            if merge:
-                self.frozen = model.merged_params()
-            else:
-                self.lora, self.lora_spec = model.lora_params(), model.lora_spec
-        if per_layer_weights():
-            self.frozen = unstack_layers(self.frozen, self.config.num_layers)
+        adapted = model.lora is not None and not disable_adapters
+        merged = adapted and merge
+        per_layer = per_layer_weights() if per_layer is None else per_layer
+        self.lora = model.lora_params() if adapted and not merged else None
+        self.lora_spec = model.lora_spec if self.lora is not None else None
+        kept = _PREPARED.get(model)
+        source = _identity(model.params(), model.lora_params() if merged else None)
+        if (kept is not None and kept.source == source and kept.merged == merged
+                and per_layer == per_layer_weights()):
+            self.frozen = kept.frozen
+        else:
+            self.frozen = _generation_frozen(model, merged, per_layer)
 
     # -- checks ---------------------------------------------------------------------------
     def _eos(self, eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:

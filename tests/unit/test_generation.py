@@ -169,8 +169,11 @@ def test_adapters_unmerged_merged_and_disabled():
     np.testing.assert_allclose(off.logprobs, base.logprobs, atol=1e-6)
     FastLanguageModel.for_inference(model, merge_adapters=True)
     assert Generator(model).lora is None                     # merged copy, adapters folded in
+    assert Generator(model).frozen is Generator(model).frozen    # made once, kept
+    assert model.generate(rows, **kw).tokens == merged.tokens
     FastLanguageModel.for_training(model)
     assert Generator(model).lora is not None
+    assert Generator(model).frozen is not Generator(model).frozen
 
 
 def _nf4_model() -> CausalLM:
