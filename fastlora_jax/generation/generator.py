@@ -182,9 +182,7 @@ class Generator:
             self.frozen = _generation_frozen(model, merged, per_layer)
 
     # -- checks ---------------------------------------------------------------------------
-    def _eos(self, eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
-        if eos_token_id is None:
-            return self.defaults.eos_token_id
+    def _eos(self, eos_token_id: int | Sequence[int]) -> tuple[int, ...]:
         ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else eos_token_id
         try:
             ids = tuple(int(i) for i in ids)
@@ -239,25 +237,25 @@ class Generator:
                       row_ids=jnp.arange(b, dtype=jnp.int32), done=jnp.asarray(done))
         return spec, inputs
 
-    def __call__(self, prompts: Any, *, max_new_tokens: int | None = None,
-                 do_sample: bool | None = None, temperature: float | None = None,
-                 top_k: int | None = -1, top_p: float | None = None,
-                 min_p: float | None = -1.0, repetition_penalty: float | None = None,
-                 eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, num_return_sequences: int = 1,
-                 seed: int | None = None, output_logprobs: bool = False,
-                 streamer: Any = None, attention_mask: Any = None) -> GenerateOutput:
-        """See `CausalLM.generate`."""
-        d = self.defaults
-        # top_k / min_p accept None (= off), so "not given" is a sentinel for them
-        sampling = SamplingConfig(
-            do_sample=d.do_sample if do_sample is None else do_sample,
-            temperature=d.temperature if temperature is None else temperature,
-            top_k=d.top_k if top_k == -1 else top_k, top_p=d.top_p if top_p is None else top_p,
-            min_p=d.min_p if min_p == -1.0 else min_p,
-            repetition_penalty=(d.repetition_penalty if repetition_penalty is None
-                                else repetition_penalty))
-        max_new_tokens = d.max_new_tokens if max_new_tokens is None else max_new_tokens
+    def __call__(self, prompts: Any, *, num_return_sequences: int = 1,
+                 seed: int | None = None, output_logprobs: bool = False, streamer: Any = None,
+                 attention_mask: Any = None, **options: Any) -> GenerateOutput:
+        """Generate (see `CausalLM.generate`). `options` are GenerationConfig fields
+        (max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+        eos_token_id, pad_token_id); those not given come from the model's generation_config.
+        eos_token_id may be one id or several (None: the model's)."""
+        known = {f.name for f in dataclasses.fields(GenerationConfig)} - {"merge_adapters"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise GenerationError(f"unknown generation option(s) {unknown}; known: "
+                                  f"{sorted(known)}")
+        if options.get("eos_token_id", None) is None:
+            options.pop("eos_token_id", None)
+        else:
+            options["eos_token_id"] = self._eos(options["eos_token_id"])
+        d = dataclasses.replace(self.defaults, **options)
+        sampling = d.sampling()            # checks the sampling options
+        max_new_tokens = d.max_new_tokens
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
@@ -269,9 +267,8 @@ class Generator:
             raise GenerationError(f"num_return_sequences={num_return_sequences} needs "
                                   f"do_sample=True: greedy decoding returns one sequence per "
                                   f"prompt")
-        eos = self._eos(eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else d.pad_token_id
-        pad = pad if pad is not None else (eos[0] if eos else 0)
+        eos = d.eos_token_id
+        pad = d.pad_token_id if d.pad_token_id is not None else (eos[0] if eos else 0)
         if not 0 <= pad < self.config.vocab_size:
             raise GenerationError(f"pad_token_id={pad} is not a token id of this model "
                                   f"(vocab_size={self.config.vocab_size})")

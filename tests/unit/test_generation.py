@@ -234,6 +234,7 @@ def test_nf4_generation_keeps_weights_quantized():
     (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
     (dict(prompts=[[1, 500]]), "outside the model's vocabulary"),
     (dict(prompts="text"), "tokenizer"),
+    (dict(top_pp=0.9), "unknown generation option"),
 ])
 def test_bad_input_is_one_clear_error(kwargs, name):
     model = tiny("qwen3_bias_tied")                    # max_seq_length 64, vocab 97
