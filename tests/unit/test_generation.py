@@ -61,17 +61,18 @@ def test_cached_logits_equal_full_recompute(case):
     prompt = jnp.asarray([[0] * (p - n) + s[:n] for s, n in zip(seqs, lengths)], jnp.int32)
     feed = jnp.asarray([s[n:] for s, n in zip(seqs, lengths)], jnp.int32)       # [2, steps]
 
-    @jax.jit
-    def run(params, prompt, feed):
-        cache = init_cache(cfg, start, 32, jnp.float32)
-        h, cache = cached_hidden_states(cfg, params, prompt, cache, fresh=True)
-        out = [decoder.logits_from_hidden(cfg, params, h[:, -1])]
-        for i in range(steps):
-            h, cache = cached_hidden_states(cfg, params, feed[:, i:i + 1], cache, fresh=False)
-            out.append(decoder.logits_from_hidden(cfg, params, h[:, 0]))
-        return jnp.stack(out, axis=1)                                           # [2, steps+1, V]
+    def run(tokens, cache, fresh):
+        h, cache = cached_hidden_states(cfg, params, tokens, cache, fresh=fresh)
+        return decoder.logits_from_hidden(cfg, params, h[:, -1]), cache
 
-    cached = np.asarray(run(params, prompt, feed))
+    prefill = jax.jit(lambda t, c: run(t, c, True))
+    step = jax.jit(lambda t, c: run(t, c, False))
+    logits, cache = prefill(prompt, init_cache(cfg, start, 32, jnp.float32))
+    out = [logits]
+    for i in range(steps):
+        logits, cache = step(feed[:, i:i + 1], cache)
+        out.append(logits)
+    cached = np.stack([np.asarray(o) for o in out], axis=1)                     # [2, steps+1, V]
     width = max(len(s) for s in seqs)                  # right-padded: causal, so harmless
     full = np.asarray(decoder.forward(cfg, params, jnp.asarray(
         [s + [0] * (width - len(s)) for s in seqs], jnp.int32)))
