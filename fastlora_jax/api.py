@@ -118,19 +118,28 @@ class FastLanguageModel:
     def for_inference(model: CausalLM, merge_adapters: bool = False) -> CausalLM:
         """Ready `model` for generation (Unsloth's call); returns the same model.
 
-        Generation always runs the KV-cache engine, with adapters unmerged, so the model can
-        keep training. merge_adapters=True makes `model.generate` fold the adapters into a
-        dense copy of the weights for each call instead (faster decoding when the adapters are
-        many; quantized weights are dequantized in that copy).
+        Generation runs the KV-cache engine with the adapters unmerged, so the model can keep
+        training. This call makes, once, the weight tree every later `generate` reads (on the
+        CPU a copy with one buffer per layer, which XLA's CPU dot reads fastest); with
+        merge_adapters=True that tree has the adapters folded in (faster decoding; quantized
+        weights are dequantized in it). `for_training` drops it.
         """
+        from fastlora_jax.generation.generator import prepare
+
         model.generation_config = dataclasses.replace(model.generation_config,
                                                       merge_adapters=bool(merge_adapters))
+        prepare(model, merge_adapters=bool(merge_adapters))
         return model
 
     @staticmethod
     def for_training(model: CausalLM) -> CausalLM:
-        """Undo `for_inference` (generation applies the adapters unmerged again)."""
-        return FastLanguageModel.for_inference(model, merge_adapters=False)
+        """Undo `for_inference`: drop the prepared weights; adapters apply unmerged again."""
+        from fastlora_jax.generation.generator import release
+
+        model.generation_config = dataclasses.replace(model.generation_config,
+                                                      merge_adapters=False)
+        release(model)
+        return model
 
     @staticmethod
     def get_peft_model(model: CausalLM, r: int = 16, target_modules: Sequence[str] | str | None = None,

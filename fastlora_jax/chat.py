@@ -18,6 +18,8 @@ from typing import Any, TextIO
 from fastlora_jax.errors import ConfigError, GenerationError
 
 DEFAULT_MAX_NEW_TOKENS = 256
+SAMPLING_FLAGS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
+                  "repetition_penalty": float}
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_model: pathlib.Path) -> None:
@@ -36,11 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: pathlib.Path) 
     parser.add_argument("--merge_adapters", action="store_true",
                         help="fold the adapter into a dense copy of the weights")
     parser.add_argument("--do_sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top_k", type=int, default=-1, help="0 = off (default: the model's)")
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--min_p", type=float, default=-1.0)
-    parser.add_argument("--repetition_penalty", type=float, default=None)
+    for name, kind in SAMPLING_FLAGS.items():
+        parser.add_argument(f"--{name}", type=kind, default=None,
+                            help="(default: the model's generation_config)" +
+                                 ("; 0 = off" if name == "top_k" else ""))
     parser.add_argument("--seed", type=int, default=None)
 
 
@@ -101,10 +102,13 @@ def _load(ns: argparse.Namespace) -> ChatSession:
     print(f"loaded {ns.model.name} ({model.config.num_layers} layers, "
           f"{model.config.hidden_size} hidden) in {time.perf_counter() - start:.1f}s",
           flush=True)
-    options = dict(max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample or None,
-                   temperature=ns.temperature, top_k=None if ns.top_k == 0 else ns.top_k,
-                   top_p=ns.top_p, min_p=ns.min_p, repetition_penalty=ns.repetition_penalty,
-                   seed=ns.seed)
+    options: dict[str, Any] = dict(max_new_tokens=ns.max_new_tokens, seed=ns.seed)
+    if ns.do_sample:
+        options["do_sample"] = True
+    for name in SAMPLING_FLAGS:
+        value = getattr(ns, name)
+        if value is not None:
+            options[name] = None if name == "top_k" and value == 0 else value
     return ChatSession(model, tokenizer, system=ns.system, merge_adapters=ns.merge_adapters,
                        options=options)
 

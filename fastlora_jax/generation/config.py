@@ -35,31 +35,24 @@ _NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "no_repeat_ngram_size": 0, "ty
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-    """Defaults of `model.generate` (each argument given there wins).
-
-    The sampling fields are SamplingConfig's; eos_token_id: ids that end a row; pad_token_id:
-    what a finished row emits (None: the first EOS id, else 0); max_new_tokens: the default
-    length; merge_adapters: fold LoRA into a dense copy of the weights for generation
-    (`FastLanguageModel.for_inference(model, merge_adapters=True)`), instead of applying the
+class GenerationConfig(SamplingConfig):
+    """Defaults of `model.generate` (each argument given there wins): SamplingConfig's fields
+    and, beyond them, max_new_tokens: the default length; eos_token_id: ids that end a row;
+    pad_token_id: what a finished row emits (None: the first EOS id, else 0); merge_adapters:
+    fold LoRA into a dense copy of the weights for generation
+    (`FastLanguageModel.for_inference(model, merge_adapters=True)`) instead of applying the
     adapters unmerged.
     """
 
     max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float = 1.0
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     merge_adapters: bool = False
 
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(do_sample=self.do_sample, temperature=self.temperature,
-                              top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              repetition_penalty=self.repetition_penalty)
+        """The sampling part (the engine's static argument)."""
+        return SamplingConfig(**{f.name: getattr(self, f.name)
+                                 for f in dataclasses.fields(SamplingConfig)})
 
     @classmethod
     def from_folder(cls, folder: str | pathlib.Path, config: ModelConfig) -> GenerationConfig:

@@ -5,7 +5,9 @@ on the device.
     state = decode(spec, frozen, lora, state, limit)                    # lax.while_loop
     tokens, mask, logprobs = completions(state, prompt_len)
 
-`generate(...)` is the two composed, for a jit'd training loop (GRPO rollouts). Prompts are
+`generate(...)` is the two composed, for a jit'd training loop (GRPO rollouts). `frozen` may
+hold its layers stacked (as the model does) or one tree per layer (`decoder.unstack_layers`, the
+CPU layout); `lora` is always the model's stacked tree. Prompts are
 left-padded to one length P (row b's real tokens are prompt[b, start[b]:]); every row's result
 equals its result alone. Adapters are applied unmerged (`lora` None = the base model).
 
@@ -28,7 +30,8 @@ from fastlora_jax.config import ModelConfig, RopeKind
 from fastlora_jax.generation.sampling import SamplingConfig, process_logits, select
 from fastlora_jax.lora.layer import lora_project, with_constants
 from fastlora_jax.lora.spec import LoraSpec
-from fastlora_jax.models.decoder import Params, Project, frozen_project, logits_from_hidden
+from fastlora_jax.models.decoder import (Params, Project, frozen_project, logits_from_hidden,
+                                         unstack_layers)
 from fastlora_jax.models.kv_cache import KVCache, cached_hidden_states, init_cache
 
 
@@ -72,10 +75,15 @@ jax.tree_util.register_dataclass(
     GenState, data_fields=[f.name for f in dataclasses.fields(GenState)], meta_fields=[])
 
 
-def _adapters(spec: EngineSpec, lora: Params | None) -> tuple[Params | None, Project]:
+def _adapters(spec: EngineSpec, frozen: Params,
+              lora: Params | None) -> tuple[Params | None, Project]:
+    """The LoRA tree the layers read (laid out like frozen's layers) and the projection."""
     if lora is None:
         return None, frozen_project
-    return with_constants(lora, spec.lora_spec, None), lora_project(spec.lora_spec, train=False)
+    lora = with_constants(lora, spec.lora_spec, None)
+    if isinstance(frozen["layers"], tuple):
+        lora = unstack_layers(lora, spec.config.num_layers)
+    return lora, lora_project(spec.lora_spec, train=False)
 
 
 def _refills(spec: EngineSpec) -> bool:
@@ -121,7 +129,7 @@ def prefill(spec: EngineSpec, frozen: Params, lora: Params | None, prompt: jax.A
     c = spec.config
     b, p = prompt.shape
     dtype = frozen["embed_tokens"]["weight"].dtype
-    lora_c, project = _adapters(spec, lora)
+    lora_c, project = _adapters(spec, frozen, lora)
     cache = init_cache(c, start, spec.cache_len, dtype)
     h, cache = cached_hidden_states(c, frozen, prompt, cache, fresh=True, lora=lora_c,
                                     project=project, attention_impl=spec.attention_impl)
@@ -153,7 +161,7 @@ def _forward(spec: EngineSpec, frozen: Params, lora: Params | None,
     not yet, get what their cache held back.
     """
     c = spec.config
-    lora_c, project = _adapters(spec, lora)
+    lora_c, project = _adapters(spec, frozen, lora)
     cache = state.cache
 
     def incremental(_: None) -> tuple[jax.Array, KVCache]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import jax
@@ -23,6 +24,8 @@ from fastlora_jax.generation import engine
 from fastlora_jax.generation.config import GenerationConfig
 from fastlora_jax.generation.sampling import SamplingConfig
 from fastlora_jax.generation.streamer import TextStreamer
+from fastlora_jax.models.decoder import Params, unstack_layers
+from fastlora_jax.ops.impl import platform
 
 if TYPE_CHECKING:
     from fastlora_jax.models.causal_lm import CausalLM
@@ -90,13 +93,61 @@ def read_prompts(prompts: Any, *, tokenizer: Any = None,
     if attention_mask is not None:
         raise GenerationError("attention_mask goes with input_ids as an array [batch, seq]; "
                               "token id lists need none")
+    if isinstance(prompts, (list, tuple)) and not prompts:
+        raise GenerationError("prompts is an empty batch; give at least one prompt")
     if _is_int_sequence(prompts):
-        return [[int(t) for t in prompts]] if prompts else [[]]
+        return [[int(t) for t in prompts]]
     if isinstance(prompts, (list, tuple)) and all(_is_int_sequence(p) for p in prompts):
         return [[int(t) for t in p] for p in prompts]
     raise GenerationError(f"prompts must be input_ids [batch, seq], a list of token ids, a list "
                           f"of token id lists, a string or a list of strings; got "
                           f"{type(prompts).__name__}")
+
+
+def per_layer_weights() -> bool:
+    """Whether generation reads the frozen weights from one buffer per layer (the CPU), rather
+    than scanning the model's stacked arrays (elsewhere).
+
+    XLA's CPU dot reads its operands whole, so a layer scanned out of the stacked weights is
+    copied before every use: at batch 1 that copy costs more than the product itself
+    (benchmarks/generate.py --stacked times both). The per-layer copy is made once per
+    `Generator`, or once for all calls by `FastLanguageModel.for_inference`.
+    """
+    return platform() == "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    source: tuple[int, ...]    # identities of the arrays it was made from
+    merged: bool
+    frozen: Params
+
+
+# Frozen trees made by `prepare` (for_inference), reused while the model holds the same arrays.
+_PREPARED: weakref.WeakKeyDictionary[Any, _Prepared] = weakref.WeakKeyDictionary()
+
+
+def _identity(*trees: Any) -> tuple[int, ...]:
+    return tuple(id(leaf) for tree in trees for leaf in jax.tree.leaves(tree))
+
+
+def _generation_frozen(model: CausalLM, merged: bool, per_layer: bool) -> Params:
+    frozen = model.merged_params() if merged else model.params()
+    return unstack_layers(frozen, model.config.num_layers) if per_layer else frozen
+
+
+def prepare(model: CausalLM, *, merge_adapters: bool) -> None:
+    """Make the frozen tree generation reads (adapters folded in if asked; one buffer per
+    layer on the CPU) once and keep it for every later call on this model."""
+    merged = merge_adapters and model.lora is not None
+    source = _identity(model.params(), model.lora_params() if merged else None)
+    _PREPARED[model] = _Prepared(source, merged,
+                                 _generation_frozen(model, merged, per_layer_weights()))
+
+
+def release(model: CausalLM) -> None:
+    """Drop what `prepare` kept for `model`."""
+    _PREPARED.pop(model, None)
 
 
 class Generator:
@@ -105,27 +156,33 @@ class Generator:
 
     Adapters apply unmerged by default (no copy of the weights; the model can keep training);
     merge_adapters=True folds them into a dense copy (quantized weights are dequantized);
-    disable_adapters=True generates with the base model.
+    disable_adapters=True generates with the base model. per_layer: the weight layout
+    (default `per_layer_weights()`).
     """
 
     def __init__(self, model: CausalLM, *, tokenizer: Any = None,
-                 merge_adapters: bool | None = None, disable_adapters: bool = False) -> None:
+                 merge_adapters: bool | None = None, disable_adapters: bool = False,
+                 per_layer: bool | None = None) -> None:
         self.config = model.config
         self.defaults: GenerationConfig = model.generation_config
         self.max_seq_length = model.max_seq_length
         self.tokenizer = tokenizer
         merge = self.defaults.merge_adapters if merge_adapters is None else merge_adapters
-        self.frozen, self.lora, self.lora_spec = model.params(), None, None
-        if model.lora is not None and not disable_adapters:
-            if merge:
-                self.frozen = model.merged_params()
-            else:
-                self.lora, self.lora_spec = model.lora_params(), model.lora_spec
+        adapted = model.lora is not None and not disable_adapters
+        merged = adapted and merge
+        per_layer = per_layer_weights() if per_layer is None else per_layer
+        self.lora = model.lora_params() if adapted and not merged else None
+        self.lora_spec = model.lora_spec if self.lora is not None else None
+        kept = _PREPARED.get(model)
+        source = _identity(model.params(), model.lora_params() if merged else None)
+        if (kept is not None and kept.source == source and kept.merged == merged
+                and per_layer == per_layer_weights()):
+            self.frozen = kept.frozen
+        else:
+            self.frozen = _generation_frozen(model, merged, per_layer)
 
     # -- checks ---------------------------------------------------------------------------
-    def _eos(self, eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
-        if eos_token_id is None:
-            return self.defaults.eos_token_id
+    def _eos(self, eos_token_id: int | Sequence[int]) -> tuple[int, ...]:
         ids = [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else eos_token_id
         try:
             ids = tuple(int(i) for i in ids)
@@ -180,25 +237,25 @@ class Generator:
                       row_ids=jnp.arange(b, dtype=jnp.int32), done=jnp.asarray(done))
         return spec, inputs
 
-    def __call__(self, prompts: Any, *, max_new_tokens: int | None = None,
-                 do_sample: bool | None = None, temperature: float | None = None,
-                 top_k: int | None = -1, top_p: float | None = None,
-                 min_p: float | None = -1.0, repetition_penalty: float | None = None,
-                 eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, num_return_sequences: int = 1,
-                 seed: int | None = None, output_logprobs: bool = False,
-                 streamer: Any = None, attention_mask: Any = None) -> GenerateOutput:
-        """See `CausalLM.generate`."""
-        d = self.defaults
-        # top_k / min_p accept None (= off), so "not given" is a sentinel for them
-        sampling = SamplingConfig(
-            do_sample=d.do_sample if do_sample is None else do_sample,
-            temperature=d.temperature if temperature is None else temperature,
-            top_k=d.top_k if top_k == -1 else top_k, top_p=d.top_p if top_p is None else top_p,
-            min_p=d.min_p if min_p == -1.0 else min_p,
-            repetition_penalty=(d.repetition_penalty if repetition_penalty is None
-                                else repetition_penalty))
-        max_new_tokens = d.max_new_tokens if max_new_tokens is None else max_new_tokens
+    def __call__(self, prompts: Any, *, num_return_sequences: int = 1,
+                 seed: int | None = None, output_logprobs: bool = False, streamer: Any = None,
+                 attention_mask: Any = None, **options: Any) -> GenerateOutput:
+        """Generate (see `CausalLM.generate`). `options` are GenerationConfig fields
+        (max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+        eos_token_id, pad_token_id); those not given come from the model's generation_config.
+        eos_token_id may be one id or several (None: the model's)."""
+        known = {f.name for f in dataclasses.fields(GenerationConfig)} - {"merge_adapters"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise GenerationError(f"unknown generation option(s) {unknown}; known: "
+                                  f"{sorted(known)}")
+        if options.get("eos_token_id", None) is None:
+            options.pop("eos_token_id", None)
+        else:
+            options["eos_token_id"] = self._eos(options["eos_token_id"])
+        d = dataclasses.replace(self.defaults, **options)
+        sampling = d.sampling()            # checks the sampling options
+        max_new_tokens = d.max_new_tokens
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
@@ -210,9 +267,8 @@ class Generator:
             raise GenerationError(f"num_return_sequences={num_return_sequences} needs "
                                   f"do_sample=True: greedy decoding returns one sequence per "
                                   f"prompt")
-        eos = self._eos(eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else d.pad_token_id
-        pad = pad if pad is not None else (eos[0] if eos else 0)
+        eos = d.eos_token_id
+        pad = d.pad_token_id if d.pad_token_id is not None else (eos[0] if eos else 0)
         if not 0 <= pad < self.config.vocab_size:
             raise GenerationError(f"pad_token_id={pad} is not a token id of this model "
                                   f"(vocab_size={self.config.vocab_size})")

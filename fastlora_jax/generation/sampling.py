@@ -71,9 +71,16 @@ class SamplingConfig:
         return self.repetition_penalty != 1.0
 
 
+def divide(scores: jax.Array, value: float) -> jax.Array:
+    """scores / value rounded as torch rounds it. XLA turns a division by a scalar into a
+    multiplication by its reciprocal (off by one ulp in a fifth of the entries); a full array
+    of the divisor behind a barrier keeps it a true division."""
+    return scores / jax.lax.optimization_barrier(jnp.full(scores.shape, value, scores.dtype))
+
+
 def penalize_repetitions(scores: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
     """transformers' RepetitionPenaltyLogitsProcessor: scores [B, V], seen [B, V] bool."""
-    penalized = jnp.where(scores < 0, scores * penalty, scores / penalty)
+    penalized = jnp.where(scores < 0, scores * penalty, divide(scores, penalty))
     return jnp.where(seen, penalized, scores)
 
 
@@ -114,7 +121,7 @@ def process_logits(scores: jax.Array, cfg: SamplingConfig,
     if not cfg.do_sample:
         return scores
     if cfg.temperature != 1.0:
-        scores = scores / cfg.temperature
+        scores = divide(scores, cfg.temperature)
     if cfg.top_k:
         scores = top_k_filter(scores, cfg.top_k)
     if cfg.top_p < 1.0:

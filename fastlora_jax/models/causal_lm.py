@@ -78,38 +78,30 @@ class CausalLM(nnx.Module):
                             segment_ids=segment_ids, attention_impl=attention_impl)
 
     def generate(self, prompts: Any, max_new_tokens: int | None = None, *,
-                 tokenizer: Any = None, do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = -1,
-                 top_p: float | None = None, min_p: float | None = -1.0,
-                 repetition_penalty: float | None = None,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 num_return_sequences: int = 1, seed: int | None = None,
-                 output_logprobs: bool = False, streamer: Any = None,
-                 attention_mask: Any = None, merge_adapters: bool | None = None,
-                 disable_adapters: bool = False) -> Any:
+                 tokenizer: Any = None, merge_adapters: bool | None = None,
+                 disable_adapters: bool = False, **options: Any) -> Any:
         """Continue each prompt with the KV-cache engine; returns a `GenerateOutput`
         (`.sequences`, `.completion_mask`, `.logprobs`, `.tokens`, `.texts`).
 
-        prompts: input_ids [batch, seq] (with `attention_mask` if padded), a list of token ids,
-        a list of token id lists (ragged: each row's result equals its result alone), a string
-        or a list of strings (with `tokenizer`). The options are transformers' `generate`
-        arguments with its semantics; a default not given comes from `self.generation_config`
-        (the checkpoint's generation_config.json). seed: the sampling seed (None: a fresh one).
-        output_logprobs: per-token log p under the model. streamer: transformers' protocol
-        (e.g. `fastlora_jax.generation.TextStreamer`). Adapters apply unmerged unless
-        merge_adapters (default: `generation_config.merge_adapters`); disable_adapters
-        generates with the base weights (no copy).
+        prompts: input_ids [batch, seq] (with `attention_mask=` if padded), a list of token
+        ids, a list of token id lists (ragged: each row's result equals its result alone), a
+        string or a list of strings (with `tokenizer`). options: transformers' `generate`
+        arguments with its semantics — do_sample, temperature, top_k, top_p, min_p,
+        repetition_penalty, eos_token_id (one or several), pad_token_id,
+        num_return_sequences — plus seed (sampling; None: a fresh one), output_logprobs
+        (log p of each token under the model) and streamer (transformers' protocol, e.g.
+        `fastlora_jax.generation.TextStreamer`). Options not given come from
+        `self.generation_config` (the checkpoint's generation_config.json). Adapters apply
+        unmerged unless merge_adapters (default: generation_config.merge_adapters);
+        disable_adapters generates with the base weights (no copy).
         """
         from fastlora_jax.generation.generator import Generator
 
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
         gen = Generator(self, tokenizer=tokenizer, merge_adapters=merge_adapters,
                         disable_adapters=disable_adapters)
-        return gen(prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                   temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                   pad_token_id=pad_token_id, num_return_sequences=num_return_sequences,
-                   seed=seed, output_logprobs=output_logprobs, streamer=streamer,
-                   attention_mask=attention_mask)
+        return gen(prompts, **options)
 
     def merged_params(self, dtype: Any = None) -> Params:
         """Frozen params with adapters folded in (dense; `dtype` defaults to the embedding's)."""

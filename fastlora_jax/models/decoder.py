@@ -286,7 +286,17 @@ def run_layers(config: ModelConfig, params: Params, lora: Params | None, h: jax.
                tables: dict[Any, tuple[jax.Array, jax.Array]], project: Project, attend: Attend,
                state: Any, remat: Callable[[Callable], Callable] | None = None
                ) -> tuple[jax.Array, Any]:
-    """Every block, scanned segment by segment (`layer_segments`): (h [B, T, H], state)."""
+    """Every block: (h [B, T, H], state). Stacked layers are scanned segment by segment
+    (`layer_segments`); layers given one tree per layer (`unstack_layers`) run one after the
+    other, each reading its own weight buffers."""
+    lora_layers = None if lora is None else lora.get("layers")
+    if isinstance(params["layers"], tuple):
+        for i, p_i in enumerate(params["layers"]):
+            cos, sin = tables[config.layer_rope(i)]
+            h, state = decoder_layer(config, p_i, None if lora_layers is None else lora_layers[i],
+                                     h, cos, sin, config.layer_window(i), project, attend, state,
+                                     i)
+        return h, state
     for start, stop, period in layer_segments(config):
         h, state = _scan_layers(config, params["layers"],
                                 None if lora is None else lora.get("layers"), h, tables, start,
@@ -309,8 +319,10 @@ def _scan_layers(c: ModelConfig, layers: Params, lora_layers: Params | None, h: 
         group, lora_group, first = xs
         h = checkpoint_name(constrain(h), LAYER_INPUT)
         for j in range(period):
-            p_j = jax.tree.map(lambda a: a[j], group)
-            l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)
+            p_j, l_j = group, lora_group
+            if period > 1:
+                p_j = jax.tree.map(lambda a: a[j], group)
+                l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)
             cos, sin = tables[ropes[j]]
             h, state = decoder_layer(c, p_j, l_j, h, cos, sin, windows[j], project, attend,
                                      state, first + j)
@@ -320,12 +332,28 @@ def _scan_layers(c: ModelConfig, layers: Params, lora_layers: Params | None, h: 
         body = remat(body)
     n = (stop - start) // period
     whole = start == 0 and stop == c.num_layers
-    regroup = lambda a: (a if whole else a[start:stop]).reshape((n, period) + a.shape[1:])
+
+    def regroup(a: jax.Array) -> jax.Array:
+        # Period 1 scans the stacked arrays as they are: a [n, 1, ...] view of them is laid out
+        # differently by XLA, which then copies every weight on every call (each decoded token).
+        a = a if whole else a[start:stop]
+        return a if period == 1 else a.reshape((n, period) + a.shape[1:])
+
     group_lora = None if lora_layers is None else jax.tree.map(regroup, lora_layers)
     firsts = jnp.arange(start, stop, period, dtype=jnp.int32)  # index of each group's layer 0
     (h, state), _ = jax.lax.scan(body, (h, state),
                                  (jax.tree.map(regroup, layers), group_lora, firsts))
     return h, state
+
+
+def unstack_layers(tree: Params, num_layers: int) -> Params:
+    """`tree` (frozen or LoRA) with `layers` as a tuple of per-layer trees: a copy of each
+    layer's arrays in its own buffer. XLA's CPU dot cannot read a layer out of the stacked array
+    in place (scanning copies each layer's weights on every call), so the CPU decode loop runs
+    on this layout; `run_layers` takes either."""
+    layers = tree["layers"]
+    return dict(tree, layers=tuple(
+        jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)))
 
 
 def lm_head_weight(config: ModelConfig, params: Params) -> jax.Array:

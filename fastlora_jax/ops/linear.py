@@ -12,6 +12,8 @@ default for this platform and shape, `defaults.linear_impl`):
   Shapes no kernel takes (NF4 with K % 64 != 0 and float32 x, int8 with K % 16 != 0) run XLA.
 - PALLAS_MOSAIC: as PALLAS_TRITON, but NF4 with bf16 x and M <= 64 runs the Hopper Mosaic GPU
   forward (`kernels/nf4_matmul_mgpu.py`).
+On the CPU the default for a few rows (decode) is `ops/matvec.py`'s fused multiply-and-reduce
+form of the XLA path, which never writes a dense copy of the weight.
 Pallas kernels run interpreted off the GPU. docs/kernels.md has the whole table.
 """
 
@@ -24,6 +26,7 @@ from fastlora_jax.errors import KernelError
 from fastlora_jax.ops import defaults, partition
 from fastlora_jax.ops.impl import Impl, as_impl, check_mosaic_device, is_hopper, on_gpu
 from fastlora_jax.quant import QTensor, QuantKind, dequantize, untile
+from fastlora_jax.ops.matvec import matvec_is_default, quantized_matvec
 
 
 def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | None) -> jax.Array:
@@ -35,6 +38,7 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | None) -> jax.Array:
         raise KernelError(f"linear: x.shape={x.shape} must end in K = w.shape[1] = {k}")
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    default = impl is None
     if impl is None:
         impl = defaults.linear_impl(w.kind, w.blocksize, m, k, x.dtype, gpu=on_gpu(),
                                     hopper=is_hopper())
@@ -62,6 +66,8 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | None) -> jax.Array:
         from fastlora_jax.kernels.nf4_dequant import dequant_then_dot
 
         y = dequant_then_dot(x2, w)
+    elif default and not on_gpu() and matvec_is_default(m, w):
+        y = quantized_matvec(x2, w)   # few rows on CPU: dequantization fused, no dense copy
     else:
         y = jnp.dot(x2, dequantize(w, x.dtype).T)
     return y.reshape(*x.shape[:-1], w.shape[0])
