@@ -16,7 +16,7 @@ import reads with the `from_*` ones):
     `norm_offset`); GGUF stores the effective multiplier `1 + w`, for every norm (q/k norms too).
 - Metadata: `to_gguf_metadata(config)` -> {key: value} of the architecture's hyper-parameters
   (typed with `metadata_type`), and `hf_config_from_gguf(arch, metadata, tensor_names)` -> a HF
-  config.json dict that `ModelConfig.from_hf_config` reads.
+  config.json dict that `models.registry.config_from_hf` reads.
 - Extra tensors that carry rope parameters (`rope_freqs.weight` for llama3 scaling,
   `rope_factors_{long,short}.weight` for LongRoPE): `rope_tensors(config)`.
 

@@ -4,9 +4,12 @@
                          held-out accuracy before and after; exports a PEFT adapter
   fastlora-jax train     --model DIR --data FILE --output_dir DIR [TrainingArguments flags]
                          [LoRA flags] [--config run.yaml]
+  fastlora-jax grpo      --model DIR --data FILE --reward_funcs file.py:fn[,...] [GRPOConfig flags]
+  fastlora-jax dpo       --model DIR --data FILE [DPOConfig flags]
   fastlora-jax export    --model DIR [--adapter DIR] --output_dir DIR --method peft|merged|gguf
                          [--quantization q4_k_m] [--lora]
-  fastlora-jax chat      --model DIR [--adapter DIR] --prompt "..."
+  fastlora-jax chat      --model DIR [--adapter DIR] [--load_in_4bit] [--prompt "..."]
+                         interactive multi-turn chat (streamed); --prompt answers once
 """
 
 from __future__ import annotations
@@ -16,29 +19,22 @@ import dataclasses
 import logging
 import pathlib
 import sys
-import time
 import typing
 from typing import Any
 
+from fastlora_jax import chat
 from fastlora_jax.errors import ConfigError, FastLoRAError
+from fastlora_jax.model_flags import MODEL_FLAGS, _bool, load_peft_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
-DEFAULT_PROMPT = "What is the capital of France?"
 
-# LoRA / model flags of `train` (FastLanguageModel.from_pretrained + get_peft_model arguments).
-MODEL_FLAGS = {"r": 16, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None,
-               "use_rslora": False, "use_dora": False, "load_in_4bit": False,
-               "load_in_8bit": False, "dtype": None, "use_gradient_checkpointing": "true",
-               "random_state": 3407}
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, found {text!r}")
+def _bool_or_str(text: str) -> bool | str:
+    """true/false (as `_bool`) or any other word as it is (e.g. 'offload')."""
+    try:
+        return _bool(text)
+    except argparse.ArgumentTypeError:
+        return text
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,40 +47,16 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
                                 help="data,fsdp,tensor sizes, e.g. 2,4,1 (-1 = the rest)")
             continue
         kind = hints[field.name]
-        conv = _bool if kind is bool else int if kind in (int, int | None) else \
-            float if kind is float else str
+        conv = _bool if kind is bool else _bool_or_str if kind == bool | str else \
+            int if kind in (int, int | None) else float if kind is float else str
         parser.add_argument(f"--{field.name}", type=conv, default=None,
                             help=f"(default {field.default!r})")
 
 
-def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str | None,
-         adapter: pathlib.Path | None = None) -> str:
-    """Load a checkpoint (and adapter) and return the greedy answer to one user message."""
-    from fastlora_jax import FastLanguageModel
-
-    start = time.perf_counter()
-    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, dtype=dtype)
-    if tokenizer is None:
-        raise ConfigError(f"{model_dir} has no tokenizer files; chat needs one")
-    if adapter is not None:
-        model.load_adapter(adapter)
-    print(f"loaded {model_dir.name} ({model.config.num_layers} layers, "
-          f"{model.config.hidden_size} hidden) in {time.perf_counter() - start:.1f}s", flush=True)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-    answer = tokenizer.decode(out, skip_special_tokens=True)
-    print(f"user: {prompt}\nassistant: {answer}\n({len(out)} tokens in "
-          f"{time.perf_counter() - start:.1f}s)", flush=True)
-    return answer
-
-
 def train(ns: argparse.Namespace) -> dict[str, Any]:
     """`fastlora-jax train`: flags override the --config YAML, which overrides the defaults."""
-    from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
-    from fastlora_jax.sharding import MeshConfig
+    from fastlora_jax import SFTTrainer, TrainingArguments
+    from fastlora_jax.train import distributed
     from fastlora_jax.train.args import load_yaml
 
     values: dict[str, Any] = load_yaml(ns.config) if ns.config else {}
@@ -98,26 +70,28 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file)")
     model_kw = {k: values.pop(k, default) for k, default in MODEL_FLAGS.items()}
     if isinstance(values.get("mesh"), str):
-        values["mesh"] = MeshConfig(*(int(v) for v in values["mesh"].split(",")))
-    maybe_init_distributed(values.pop("coordinator_address", None),
-                           values.pop("num_processes", None), values.pop("process_id", None))
+        values["mesh"] = parse_mesh(values["mesh"])
+    distributed.initialize(distributed.find_launch(values.pop("coordinator_address", None),
+                                                   values.pop("num_processes", None),
+                                                   values.pop("process_id", None)))
+    if values.get("mesh") is not None:
+        import jax
+
+        # a mesh that does not fit this launch's devices fails here, before the model loads
+        values["mesh"].shape(jax.device_count())
     args = TrainingArguments.from_dict(values, source=str(ns.config or "command line"))
-    gc = model_kw.pop("use_gradient_checkpointing")
-    gc = {"true": True, "false": False}.get(str(gc).lower(), gc)
-    targets = model_kw.pop("target_modules")
-    if isinstance(targets, str) and "," in targets:
-        targets = [t.strip() for t in targets.split(",")]
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_dir, max_seq_length=args.max_seq_length or 2048, dtype=model_kw.pop("dtype"),
-        load_in_4bit=model_kw.pop("load_in_4bit"), load_in_8bit=model_kw.pop("load_in_8bit"))
-    model = FastLanguageModel.get_peft_model(model, target_modules=targets,
-                                             use_gradient_checkpointing=gc, **model_kw)
+    model, tokenizer = load_peft_model(model_dir, model_kw, args.max_seq_length or 2048)
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=data, args=args)
     from fastlora_jax.train.trainer import data_summary
 
-    print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps", flush=True)
+    main = distributed.is_main_process()  # only process 0 prints and writes the adapter
+    if main:
+        print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps",
+              flush=True)
     stats = trainer.train(resume_from_checkpoint=resume)
     adapter = pathlib.Path(args.output_dir) / "adapter"
+    if not main:
+        return stats
     model.save_pretrained(adapter, tokenizer, overwrite=True)
     print(f"done: {stats['global_step']} steps, final loss {stats['final_loss']:.4f}, "
           f"{stats['train_tokens_per_second']:.0f} tokens/s; adapter: {adapter}; "
@@ -125,15 +99,17 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
     return stats
 
 
-def maybe_init_distributed(coordinator: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-    """One call for multi-process launches: jax.distributed when a coordinator is given."""
-    if coordinator is None:
-        return
-    import jax
+def parse_mesh(text: str) -> Any:
+    """`--mesh data,fsdp,tensor` (-1 = the remaining devices) -> MeshConfig."""
+    from fastlora_jax.sharding import MeshConfig
 
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3:
+        raise ConfigError(f"--mesh {text!r} must be three integers data,fsdp,tensor, e.g. 2,4,1")
+    return MeshConfig(*sizes)
 
 
 def export(ns: argparse.Namespace) -> None:
@@ -163,15 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune the default model on a generated task (CPU)")
     demo.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
-    demo.add_argument("--output_dir", type=pathlib.Path, default=REPO_ROOT / "outputs" / "demo")
+    demo.add_argument("--output_dir", type=pathlib.Path, default=None,
+                      help="default outputs/demo (sft) or outputs/demo_grpo (grpo)")
     demo.add_argument("--max_steps", type=int, default=-1)
+    demo.add_argument("--task", choices=("sft", "grpo"), default="sft",
+                      help="sft: the tagging task; grpo: RL on generated arithmetic")
 
     t = sub.add_parser("train", help="LoRA/QLoRA SFT on a local dataset file")
     t.add_argument("--config", type=pathlib.Path, default=None, help="run.yaml with these flags")
     t.add_argument("--model", default=None)
     t.add_argument("--data", default=None)
     t.add_argument("--resume_from_checkpoint", type=_bool, default=False)
-    t.add_argument("--coordinator_address", default=None, help="multi-process: jax.distributed")
+    t.add_argument("--coordinator_address", default=None,
+                   help="multi-process (jax.distributed): HOST:PORT of process 0; or set "
+                        "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, or run under "
+                        "srun")
     t.add_argument("--num_processes", type=int, default=None)
     t.add_argument("--process_id", type=int, default=None)
     for name, default in MODEL_FLAGS.items():
@@ -179,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
             float if isinstance(default, float) else str
         t.add_argument(f"--{name}", type=conv, default=None, help=f"(default {default!r})")
     _add_training_flags(t)
+
+    from fastlora_jax import rl_cli
+    from fastlora_jax.train.rl_config import DPOConfig, GRPOConfig
+
+    rl_cli.add_parser(sub, "grpo", GRPOConfig, "GRPO on prompts with reward functions")
+    rl_cli.add_parser(sub, "dpo", DPOConfig, "DPO on prompt/chosen/rejected pairs")
 
     e = sub.add_parser("export", help="write a PEFT adapter, a merged 16-bit checkpoint, or a "
                                       "GGUF for llama.cpp / Ollama")
@@ -196,12 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="compute dtype while merging")
     e.add_argument("--overwrite", action="store_true")
 
-    c = sub.add_parser("chat", help="greedy answer to one chat message")
-    c.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
-    c.add_argument("--adapter", type=pathlib.Path, default=None)
-    c.add_argument("--prompt", default=DEFAULT_PROMPT)
-    c.add_argument("--max_new_tokens", type=int, default=64)
-    c.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: auto)")
+    chat.add_arguments(sub.add_parser("chat", help="chat with a model (interactive; --prompt "
+                                                   "for one answer)"), DEFAULT_MODEL)
     return parser
 
 
@@ -210,16 +194,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastlora_jax").setLevel(logging.INFO)
     try:
-        if ns.command == "demo":
+        if ns.command == "demo" and ns.task == "grpo":
+            from fastlora_jax.demo_grpo import run_grpo_demo
+
+            run_grpo_demo(ns.model, ns.output_dir or REPO_ROOT / "outputs" / "demo_grpo",
+                          max_steps=ns.max_steps)
+        elif ns.command == "demo":
             from fastlora_jax.demo import run_demo
 
-            run_demo(ns.model, ns.output_dir, max_steps=ns.max_steps)
+            run_demo(ns.model, ns.output_dir or REPO_ROOT / "outputs" / "demo",
+                     max_steps=ns.max_steps)
+        elif ns.command in ("grpo", "dpo"):
+            from fastlora_jax import rl_cli
+
+            rl_cli.run(ns)
         elif ns.command == "train":
             train(ns)
         elif ns.command == "export":
             export(ns)
         elif ns.command == "chat":
-            chat(ns.model, ns.prompt, ns.max_new_tokens, ns.dtype, ns.adapter)
+            chat.run(ns)
     except FastLoRAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

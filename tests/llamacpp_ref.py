@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.refenv import run_reference
+from fastlora_jax.testing.refenv import run_reference
 
 SCRIPT = """
 import ctypes

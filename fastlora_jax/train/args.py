@@ -19,6 +19,11 @@ class TrainingArguments:
 
     max_steps > 0 overrides num_train_epochs. save_steps 0 saves only at the end. A step consumes
     per_device_train_batch_size x gradient_accumulation_steps x data-parallel size rows.
+    use_gradient_checkpointing (Unsloth's name and values) says how each decoder layer is
+    rematerialised in the backward: False keeps every activation, True keeps each layer's input,
+    "offload" (alias "unsloth") keeps it in pinned host memory, "dots" keeps the matmul outputs
+    (see `train.step.remat_wrapper`). It is a training setting, so it lives here and not on the
+    model.
     """
 
     output_dir: str = "outputs"
@@ -44,6 +49,7 @@ class TrainingArguments:
     max_seq_length: int | None = None
     train_on_responses_only: bool = False
     loss_chunk_size: int = 1024
+    use_gradient_checkpointing: bool | str = True
     report_to: str = "tensorboard"
     disable_tqdm: bool = False
     mesh: MeshConfig | None = None
@@ -62,6 +68,12 @@ class TrainingArguments:
         if self.lr_scheduler_type not in SCHEDULES:
             raise ConfigError(f"lr_scheduler_type={self.lr_scheduler_type!r} must be one of "
                               f"{list(SCHEDULES)}")
+        gc = self.use_gradient_checkpointing
+        if gc == "unsloth":
+            self.use_gradient_checkpointing = "offload"
+        elif not (isinstance(gc, bool) or gc in ("offload", "dots")):
+            raise ConfigError(f"use_gradient_checkpointing={gc!r} must be True, False, 'offload' "
+                              f"('unsloth' is its alias) or 'dots'")
         if self.report_to not in ("tensorboard", "none"):
             raise ConfigError(f"report_to={self.report_to!r} must be 'tensorboard' or 'none'")
 

@@ -12,8 +12,10 @@ class RunLogger:
     """Writes every logged step to `log.jsonl` (and TensorBoard), drives the progress bar."""
 
     def __init__(self, output_dir: pathlib.Path, *, total_steps: int, start_step: int,
-                 tensorboard: bool, show_progress: bool) -> None:
+                 tensorboard: bool, show_progress: bool,
+                 curves: tuple[str, ...] = ("loss",)) -> None:
         self.output_dir = output_dir
+        self.curves = curves
         path = output_dir / "log.jsonl"
         kept = []  # a resumed run keeps the records up to its checkpoint, drops the rest
         if start_step > 0 and path.exists():
@@ -64,7 +66,7 @@ class RunLogger:
         self.plot()
 
     def plot(self) -> pathlib.Path | None:
-        """loss.png: the training loss over steps (all records in log.jsonl)."""
+        """loss.png: the training loss (and any other `curves`) over steps, from log.jsonl."""
         path = self.output_dir / "log.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if not records:
@@ -74,12 +76,15 @@ class RunLogger:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.5)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss")
-        ax.set_title("fastlora_jax training loss")
-        ax.grid(alpha=0.3)
+        curves = [c for c in self.curves if any(c in r for r in records)]
+        fig, axes = plt.subplots(len(curves), 1, figsize=(6, 3.5 * len(curves)), squeeze=False)
+        for ax, key in zip(axes[:, 0], curves):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.5)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("training loss" if key == "loss" else key)
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_title("fastlora_jax training")
         fig.tight_layout()
         out = self.output_dir / "loss.png"
         fig.savefig(out, dpi=120)

@@ -12,15 +12,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+import optax
 
 from fastlora_jax.errors import ConfigError, TrainingError
 from fastlora_jax.models.causal_lm import CausalLM
-from fastlora_jax.sharding import shard_params
+from fastlora_jax.sharding import adapter_shardings, replicated, shard_params
+from fastlora_jax.train import distributed
 from fastlora_jax.train.args import TrainingArguments
 from fastlora_jax.train.checkpoint import TrainCheckpoints
-from fastlora_jax.train.data import (DataStats, batch_at, build_rows, load_dataset_source,
-                                     tokenize_examples)
+from fastlora_jax.train.data import DataStats, build_rows, load_dataset_source, tokenize_examples
 from fastlora_jax.train.logs import RunLogger
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
 
@@ -28,7 +28,7 @@ from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
 def _writable_dir(path: pathlib.Path) -> pathlib.Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{jax.process_index()}"  # one per process: no races
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -58,18 +58,27 @@ class SFTTrainer:
         self.args = args or TrainingArguments()
         self.max_seq_length = self.args.max_seq_length or model.max_seq_length
         dataset = load_dataset_source(train_dataset)
-        examples = tokenize_examples(dataset, self.tokenizer,
-                                     dataset_text_field=self.args.dataset_text_field,
-                                     formatting_func=formatting_func,
-                                     train_on_responses_only=self.args.train_on_responses_only)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.rows, self.data_stats = build_rows(examples, max_seq_length=self.max_seq_length,
-                                                packing=self.args.packing, pad_token_id=pad)
-        self.mesh = self.args.mesh.make_mesh() if self.args.mesh is not None else None
-        data_parallel = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.rows_per_step = (self.args.per_device_train_batch_size * data_parallel
-                              * self.args.gradient_accumulation_steps)
-        per_epoch = len(self.rows["input_ids"]) // self.rows_per_step
+
+        def build(part: Any) -> tuple[dict[str, np.ndarray], DataStats]:
+            examples = tokenize_examples(part, self.tokenizer,
+                                         dataset_text_field=self.args.dataset_text_field,
+                                         formatting_func=formatting_func,
+                                         train_on_responses_only=self.args.train_on_responses_only)
+            return build_rows(examples, max_seq_length=self.max_seq_length,
+                              packing=self.args.packing, pad_token_id=pad)
+
+        self.mesh_config = self.args.mesh or distributed.default_mesh_config()
+        self.mesh = self.mesh_config.make_mesh() if self.mesh_config is not None else None
+        if self.mesh is not None:
+            self.mesh_config.check_model(model.config, self.mesh)
+        # each data x fsdp batch group reads its own shard of the data (train/distributed.py)
+        self.data = distributed.DataShards(dataset, build, self.mesh)
+        self.data_stats = self.data.stats
+        self.rows_per_group = (self.args.per_device_train_batch_size
+                               * self.args.gradient_accumulation_steps)
+        self.rows_per_step = self.rows_per_group * self.data.num_shards
+        per_epoch = self.data.steps_per_epoch(self.rows_per_group)
         if self.args.max_steps > 0:
             self.total_steps = self.args.max_steps
         else:
@@ -83,32 +92,30 @@ class SFTTrainer:
             adam_beta1=self.args.adam_beta1, adam_beta2=self.args.adam_beta2,
             adam_epsilon=self.args.adam_epsilon)
         self.step_config = StepConfig(model=model.config, lora=model.lora_spec,
-                                      remat=model.use_gradient_checkpointing,
+                                      remat=self.args.use_gradient_checkpointing,
                                       loss_chunk=self.args.loss_chunk_size)
 
     # -----------------------------------------------------------------------------------------
     def _place(self, frozen: Any, lora: Any, opt_state: Any) -> tuple[Any, Any, Any]:
         if self.mesh is None:
             return frozen, lora, opt_state
-        replicated = NamedSharding(self.mesh, PartitionSpec())
+        lora_sh = adapter_shardings(lora, self.mesh, shard=self.mesh_config.shard_adapters)
+        opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_state, lora_sh,
+                                       transform_non_params=lambda _: replicated(self.mesh))
         return (shard_params(frozen, self.model.config, self.mesh),
-                jax.device_put(lora, replicated), jax.device_put(opt_state, replicated))
+                distributed.put_from_host(lora, lora_sh),
+                distributed.put_from_host(opt_state, opt_sh))
 
     def _batch(self, step: int) -> tuple[dict[str, jax.Array], int, float]:
         """(the step's batch on the devices, its epoch, its number of real tokens).
 
         Unpacked rows go without segment ids (see train/step.py: right padding needs none).
         """
-        batch, epoch = batch_at(self.rows, step, rows_per_step=self.rows_per_step,
-                                accumulation=self.args.gradient_accumulation_steps,
-                                seed=self.args.seed)
-        tokens = float((batch["segment_ids"] > 0).sum())
-        if not self.args.packing:
-            batch = {k: v for k, v in batch.items() if k != "segment_ids"}
-        if self.mesh is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}, epoch, tokens
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}, epoch, tokens
+        keys = ("input_ids", "targets", "positions") + (("segment_ids",) if self.args.packing
+                                                         else ())
+        return self.data.batch(step, rows_per_group=self.rows_per_group,
+                               accumulation=self.args.gradient_accumulation_steps,
+                               seed=self.args.seed, keys=keys)
 
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
         """Run to `total_steps`; returns stats (steps, loss, runtime, tokens/s, data stats)."""
@@ -132,10 +139,12 @@ class SFTTrainer:
             start = int(meta["step"])
         dropout = self.model.lora_spec.config.lora_dropout > 0
         base_key = jax.random.key(args.seed)
+        main = distributed.is_main_process()  # only process 0 writes the run's files
         logger = RunLogger(out_dir, total_steps=self.total_steps, start_step=start,
                            tensorboard=args.report_to == "tensorboard",
-                           show_progress=not args.disable_tqdm)
-        self._write_run_info(out_dir)
+                           show_progress=not args.disable_tqdm) if main else distributed.NullLogger()
+        if main:
+            self._write_run_info(out_dir)
         losses, tokens_done, window_tokens = [], 0.0, 0.0
         last_saved = start
         t0 = time.perf_counter()
@@ -143,10 +152,11 @@ class SFTTrainer:
             for step in range(start, self.total_steps):
                 batch, epoch, step_tokens = self._batch(step)
                 key = jax.random.fold_in(base_key, step) if dropout else None
-                new_lora, new_opt, metrics = train_step(lora, opt_state, frozen, batch,
-                                                        cfg=self.step_config,
-                                                        optimizer=self.optimizer,
-                                                        dropout_key=key)
+                with distributed.mesh_context(self.mesh):
+                    new_lora, new_opt, metrics = train_step(lora, opt_state, frozen, batch,
+                                                            cfg=self.step_config,
+                                                            optimizer=self.optimizer,
+                                                            dropout_key=key)
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
                     raise TrainingError(
@@ -169,7 +179,7 @@ class SFTTrainer:
         finally:
             logger.close()
             checkpoints.close()
-            self.model.set_adapter(self.model.lora_spec, jax.device_get(lora))
+            self.model.set_adapter(self.model.lora_spec, distributed.to_host(lora))
         runtime = time.perf_counter() - t0
         stats = {"global_step": self.total_steps, "start_step": start,
                  "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -177,7 +187,8 @@ class SFTTrainer:
                  "train_runtime": runtime,
                  "train_tokens_per_second": tokens_done / max(runtime, 1e-9),
                  "data": dataclasses.asdict(self.data_stats)}
-        (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+        if main:
+            (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
         return stats
 
     def _write_run_info(self, out_dir: pathlib.Path) -> None:

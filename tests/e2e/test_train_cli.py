@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from fastlora_jax.demo import make_examples, write_jsonl
+from fastlora_jax.testing.refenv import REPO
 from tests.checkpoints import tiny_chat_model
-from tests.refenv import REPO
 
 CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
 
@@ -55,6 +55,9 @@ def test_short_run_writes_adapter_logs_and_plot(setup, tmp_path):
     assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in log)
     assert list((out / "runs").iterdir())  # TensorBoard event file
     assert "done: 4 steps" in proc.stdout
+    # --use_gradient_checkpointing is a training argument: the trainer's step reads it from there
+    assert json.loads((out / "run_info.json").read_text())["args"][
+        "use_gradient_checkpointing"] is False
 
 
 def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):

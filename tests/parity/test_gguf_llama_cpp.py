@@ -21,6 +21,7 @@ import pytest
 from fastlora_jax import FastLanguageModel, ModelConfig
 from fastlora_jax.models.causal_lm import CausalLM
 from fastlora_jax.models.decoder import param_specs, set_path
+from fastlora_jax.models.registry import config_from_hf
 from tests.llamacpp_ref import llama_cpp_jobs
 
 pytestmark = pytest.mark.reference
@@ -69,7 +70,7 @@ def tiny_model(hf: dict, seed: int) -> CausalLM:
     """A random model whose weights are float16 numbers. Gemma-style models (inputs scaled by
     sqrt(hidden), output tied to the input) get a small embedding, so the blocks move the
     residual stream, and a large final norm, so the logits spread like the others'."""
-    config = ModelConfig.from_hf_config(hf)
+    config = config_from_hf(hf)
     rng = np.random.default_rng(seed)
     scaled = config.embed_scale is not None
     params: dict = {}
@@ -190,7 +191,7 @@ def test_llama_cpp_tokenizer_gives_hf_ids(smollm2_dir, tmp_path):
 
 def test_family_configs_are_what_llama_cpp_runs():
     """Guard against a case silently not exercising what it names."""
-    configs = {k: ModelConfig.from_hf_config(v) for k, v in FAMILIES.items()}
+    configs = {k: config_from_hf(v) for k, v in FAMILIES.items()}
     assert configs["gemma3_local_rope"].local_rope is not None
     assert configs["phi3_longrope_partial"].rope.partial_rotary_factor == 0.5
     assert configs["llama3_rope_bias"].qkv_bias

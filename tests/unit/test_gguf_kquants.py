@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastlora_jax.quant import gguf_kquants as kq
-from tests.refenv import run_reference
+from fastlora_jax.testing.refenv import run_reference
 
 TYPES = ("Q4_K", "Q5_K", "Q6_K")
 

@@ -13,6 +13,7 @@ from fastlora_jax.converters import gguf_names as gn
 from fastlora_jax.errors import ExportError
 from fastlora_jax.models.decoder import param_specs
 from fastlora_jax.models.rope import longrope_attention_factor
+from fastlora_jax.models.registry import config_from_hf
 from tests.unit.test_families import REAL
 
 LLAMA31_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -26,7 +27,7 @@ CONFIGS = dict(EXPORTABLE, gemma=REAL["gemma"], llama31=LLAMA31_8B)
 
 
 def _config(hf: dict) -> ModelConfig:
-    return ModelConfig.from_hf_config(hf)
+    return config_from_hf(hf)
 
 
 def _math(c: ModelConfig) -> ModelConfig:
@@ -95,7 +96,7 @@ def test_metadata_round_trips_to_the_same_model(name):
     assert all(k.startswith(arch + ".") for k in meta)
     names = {gn.gguf_tensor_name(cfg, s.path, 0 if s.stacked else None) for s in param_specs(cfg)}
     hf = gn.hf_config_from_gguf(arch, meta, names, gn.rope_tensors(cfg) or None)
-    back = ModelConfig.from_hf_config(hf)
+    back = config_from_hf(hf)
     want = cfg
     if cfg.model_type == "mistral":  # llama.cpp runs Mistral as llama, without the window
         want = dataclasses.replace(cfg, model_type="llama", sliding_window=None)
