@@ -13,8 +13,8 @@ Cases:
 
 Ours is timed twice per method, cold (first call in the process: JAX compiles the quantizers) and
 warm; the ratio uses warm. llama.cpp runs in the reference environment (.refenv) in a subprocess
-and times its own call. Every row: {case, metric, ours, baseline_name, baseline, ratio, target},
-ratio = baseline seconds / our seconds (> 1: we are faster); target 1.0 (at most its time).
+and times its own call. Rows follow benchmarks/common.py: ratio = baseline seconds / our
+seconds (> 1: we are faster); target 1.0 (at most its time).
 Usage: .venv/bin/python benchmarks/gguf_export.py [--cases smollm2,llama3-small] [--out DIR]
        python3 benchmarks/gguf_export.py --cases llama3-8b --layers 32   (on the GPU machine)
 """
@@ -22,7 +22,6 @@ Usage: .venv/bin/python benchmarks/gguf_export.py [--cases smollm2,llama3-small]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -33,16 +32,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from common import LLAMA3_8B, REPO, RESULTS, jax_envelope, markdown_table, row, write
+
 SMOLLM2 = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 SMALL = {"vocab_size": 49152, "hidden_size": 512, "intermediate_size": 1536,
-         "num_attention_heads": 8, "num_key_value_heads": 2}
-LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
-             "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu"}
+         "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64}
+TARGET = 1.0  # at most llama.cpp's time
 QUANTIZE = """
 import ctypes, json, os, sys, time
 import llama_cpp
@@ -81,12 +77,11 @@ def timed_export(model, tokenizer, folder: pathlib.Path, method: str) -> tuple[f
 
 def llama3_model(layers: int, overrides: dict | None = None):
     """Llama-3-8B shapes (or `overrides`), random bf16 weights made on the default device."""
-    from fastlora_jax import ModelConfig
     from fastlora_jax.models.causal_lm import CausalLM
     from fastlora_jax.models.decoder import param_specs, set_path
+    from fastlora_jax.models.registry import config_from_hf
 
-    config = ModelConfig.from_hf_config(dict(LLAMA3_8B, num_hidden_layers=layers,
-                                             **(overrides or {})))
+    config = config_from_hf(dict(LLAMA3_8B, num_hidden_layers=layers, **(overrides or {})))
     params: dict = {}
     key = jax.random.PRNGKey(0)
     for i, spec in enumerate(param_specs(config)):
@@ -122,11 +117,9 @@ def run_case(case: str, methods: list[str], work: pathlib.Path, layers: int) -> 
         baseline = base["seconds"] if base else None
         for metric, ours in (("seconds (warm)", warm), ("seconds (cold: includes JAX compile)",
                                                          cold)):
-            rows.append({"case": f"{case} {method}", "metric": metric, "ours": round(ours, 3),
-                         "baseline_name": name,
-                         "baseline": None if baseline is None else round(baseline, 3),
-                         "ratio": None if baseline is None else round(baseline / ours, 3),
-                         "target": 1.0})
+            rows.append(row(f"{case} {method}", metric, round(ours, 3), name,
+                            None if baseline is None else round(baseline, 3),
+                            higher_is_better=False, target=TARGET))
         print(f"{case} {method}: ours {warm:.2f} s warm, {cold:.2f} s cold; "
               f"llama.cpp {baseline if baseline is None else round(baseline, 2)} s", flush=True)
         for leftover in (work / f"{method}-cold", work / method):
@@ -143,30 +136,19 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="default: smollm2 q8_0,q4_k_m,q6_k; "
                                                         "llama3-8b q4_k_m")
     parser.add_argument("--layers", type=int, default=32, help="llama3-8b decoder layers")
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--workdir", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    rows = []
+    doc = jax_envelope("gguf_export", backend=jax.default_backend(), cpu_threads=os.cpu_count(),
+                       load_average=os.getloadavg())
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for case in args.cases.split(","):
             methods = (args.methods.split(",") if args.methods else
                        ["q8_0", "q4_k_m", "q6_k"] if case == "smollm2" else
                        ["q4_k_m", "q6_k"] if case == "llama3-small" else ["q4_k_m"])
-            rows += run_case(case, methods, pathlib.Path(tmp) / case, args.layers)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip()
-    result = {"benchmark": "gguf_export", "date": datetime.date.today().isoformat(),
-              "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, "
-                        f"{os.cpu_count()} CPU threads)",
-              "jax_version": jax.__version__, "commit": commit,
-              "load_average": os.getloadavg(), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"gguf_export-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\n{'case':<22} {'metric':<38} {'ours':>9} {'llama.cpp':>10} {'ratio':>7}")
-    for r in rows:
-        print(f"{r['case']:<22} {r['metric']:<38} {r['ours']:>9} {str(r['baseline']):>10} "
-              f"{str(r['ratio']):>7}")
+            doc["rows"] += run_case(case, methods, pathlib.Path(tmp) / case, args.layers)
+            out = write(doc, args.out)
+    print(markdown_table(doc["rows"]))
     print(f"wrote {out}")
 
 
