@@ -45,6 +45,9 @@ MOVES = {"copy", "transpose", "copy-start", "copy-done"}
 CONTROL = {"while", "conditional", "call"}  # containers: their nested ops are timed themselves
 PLUMBING = {"parameter", "bitcast", "reshape", "tuple", "get-tuple-element", "constant",
             "broadcast"}
+# Lines a profiler tool may add to a device plane, summarising the kernel lines (not kernels).
+DERIVED_LINES = {"XLA Modules", "XLA Ops", "Steps", "Framework Name Scope", "Framework Ops",
+                 "Source code", "XLA TraceMe", "TensorFlow Name Scope", "TensorFlow Ops"}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"(?<![\w\-.%])([a-z][a-z0-9\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -163,9 +166,10 @@ def device_events(trace_dir: pathlib.Path) -> list[dict]:
     gpu = [p for p in data.planes if p.name.startswith("/device:GPU")]
     events = []
     for plane in gpu or [p for p in data.planes if p.name == "/host:CPU"]:
-        for line in plane.lines:
-            if gpu and not line.name.startswith("Stream #"):
-                continue
+        lines = list(plane.lines)
+        streams = [ln for ln in lines if ln.name.startswith("Stream")]
+        for line in (streams or [ln for ln in lines if ln.name not in DERIVED_LINES]) if gpu \
+                else lines:
             for e in line.events:
                 with warnings.catch_warnings():  # jaxlib's stats type warns on 3.12
                     warnings.simplefilter("ignore", DeprecationWarning)
@@ -210,13 +214,15 @@ def _union_ns(events: list[dict]) -> float:
     return total + (cur_end - cur_start if cur_end is not None else 0.0)
 
 
-def _category(e: dict, hlo: dict[str, str]) -> str:
+def _category(e: dict, hlo: dict[str, str]) -> tuple[str, bool]:
+    """(category, whether an HLO op of the module gave it)."""
     if "memcpy" in e["name"].lower():
-        return classify_name(e["name"])
+        return classify_name(e["name"]), False
+    # XLA names a fusion's kernel after the op, "_" for "."
     for key in (e["hlo_op"], e["name"], re.sub(r"_(\d+)$", r".\1", e["name"])):
         if key and key in hlo:
-            return hlo[key]
-    return classify_name(e["hlo_op"] or e["name"])
+            return hlo[key], True
+    return classify_name(e["hlo_op"] or e["name"]), False
 
 
 def summarize(trace_dir: pathlib.Path, hlo_text: str = "", steps: int = 1,
@@ -231,7 +237,7 @@ def summarize(trace_dir: pathlib.Path, hlo_text: str = "", steps: int = 1,
         raise ValueError(f"no device op events in the trace under {trace_dir}")
     hlo = classify_hlo(hlo_text) if hlo_text else {}
     for e in events:
-        e["category"] = _category(e, hlo)
+        e["category"], e["matched"] = _category(e, hlo)
     containers = sum(e["category"] == "control" for e in events)
     events = [e for e in events if e["category"] != "control"]
     self_times(events)
@@ -243,7 +249,7 @@ def summarize(trace_dir: pathlib.Path, hlo_text: str = "", steps: int = 1,
     matched = 0
     for e in events:
         cat = e["category"]
-        matched += bool(hlo) and (e["hlo_op"] in hlo or e["name"] in hlo)
+        matched += e["matched"]
         by_cat[cat] += e["self_ns"]
         key = e["hlo_op"] or e["name"]
         entry = by_op.setdefault(key, [cat, 0.0, 0, e["name"]])
@@ -260,6 +266,7 @@ def summarize(trace_dir: pathlib.Path, hlo_text: str = "", steps: int = 1,
         "overlap_s_per_step": (sum(by_cat.values()) - busy) / steps / 1e9,
         "events": len(events), "events_matched_to_hlo": matched,
         "control_flow_events_left_out": containers,
+        "lines": dict(collections.Counter(e["line"] for e in events)),
         "categories": rows,
         "top_ops": [{"op": k, "kernel": v[3], "category": v[0], "s_per_step": v[1] / steps / 1e9,
                      "pct_of_step": 100 * v[1] / wall, "calls_per_step": v[2] / steps}
