@@ -105,8 +105,12 @@ def lora_project(spec: LoraSpec, *, train: bool, linear_impl: Any = None) -> Pro
         # float32 delta here would make the backward's dB and dh matmuls float32 ones.
         a = lora["lora_A"].astype(x.dtype)
         b = lora["lora_B"].astype(x.dtype)
-        h = jnp.einsum("...i,ri->...r", xl, a)
-        delta = jnp.einsum("...r,or->...o", h, b) * lora[SCALE].astype(x.dtype)
+        # Tokens flattened to one axis: the backward's dA and dB matmuls then contract a single
+        # axis, which XLA:CPU's dot takes as it is; over [batch, seq] it first transposes dy
+        # (a full [tokens, out] copy per projection, fused into the elementwise work before it).
+        h = jnp.einsum("ti,ri->tr", xl.reshape(-1, x.shape[-1]), a)
+        delta = (jnp.einsum("tr,or->to", h, b).reshape(*x.shape[:-1], b.shape[0])
+                 * lora[SCALE].astype(x.dtype))
         if "lora_magnitude" in lora:
             w = dense(frozen["weight"])
             merged = w + lora[SCALE] * (lora["lora_B"].astype(jnp.float32)
