@@ -41,9 +41,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                         segments=segment_ids is not None,
                                         softcap=softcap is not None)
     if which is Impl.REFERENCE or (softcap is not None and not which.pallas):
-        return flash_attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
-                                         sliding_window=sliding_window, softcap=softcap,
-                                         scale=scale)
+        # Under a gradient, keep q, k, v for the backward and recompute the scores there:
+        # autodiff of the softmax otherwise keeps three float32 [B, H, T, T] arrays per layer
+        # (stacked over the layer scan), more traffic than the recomputation costs.
+        return jax.checkpoint(
+            lambda q, k, v, seg: flash_attention_reference(
+                q, k, v, causal=causal, segment_ids=seg, sliding_window=sliding_window,
+                softcap=softcap, scale=scale),
+            policy=jax.checkpoint_policies.nothing_saveable)(q, k, v, segment_ids)
     if which.pallas:
         from fastlora_jax.kernels.flash_attention import flash_attention
 
