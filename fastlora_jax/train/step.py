@@ -110,6 +110,7 @@ class StepConfig:
     remat: bool | str = True
     loss_chunk: int = 1024
     attention_impl: Any = None
+    linear_impl: Any = None        # the frozen matmuls' `ops.Impl` (None = the measured default)
 
 
 def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.Array],
@@ -118,7 +119,8 @@ def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.A
     h = decoder.hidden_states(
         cfg.model, frozen, mb["input_ids"], positions=mb["positions"],
         segment_ids=mb.get("segment_ids"), lora=with_constants(lora, cfg.lora, dropout_key),
-        project=lora_project(cfg.lora, train=dropout_key is not None),
+        project=lora_project(cfg.lora, train=dropout_key is not None,
+                             linear_impl=cfg.linear_impl),
         attention_impl=cfg.attention_impl, remat=remat_wrapper(cfg.remat))
     return cross_entropy_sum(h, decoder.lm_head_weight(cfg.model, frozen), mb["targets"],
                              chunk=cfg.loss_chunk, softcap=cfg.model.final_logit_softcap)
