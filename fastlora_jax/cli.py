@@ -16,7 +16,6 @@ import logging
 import pathlib
 import sys
 import time
-import typing
 from typing import Any
 
 from fastlora_jax.errors import ConfigError, FastLoRAError
@@ -25,35 +24,17 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 DEFAULT_PROMPT = "What is the capital of France?"
 
-# LoRA / model flags of `train` (FastLanguageModel.from_pretrained + get_peft_model arguments).
-MODEL_FLAGS = {"r": 16, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": None,
-               "use_rslora": False, "use_dora": False, "load_in_4bit": False,
-               "load_in_8bit": False, "dtype": None, "use_gradient_checkpointing": "true",
-               "random_state": 3407}
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per run setting (launch, model/LoRA, TrainingArguments), named as the field. The
+    raw text is converted by the same schema as a --config YAML file (train/schema.py)."""
+    from fastlora_jax.train.args import RUN_SECTIONS
+    from fastlora_jax.train.schema import describe, field_types
 
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, found {text!r}")
-
-
-def _add_training_flags(parser: argparse.ArgumentParser) -> None:
-    from fastlora_jax.train.args import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    for field in dataclasses.fields(TrainingArguments):
-        if field.name == "mesh":
-            parser.add_argument("--mesh", default=None,
-                                help="data,fsdp,tensor sizes, e.g. 2,4,1 (-1 = the rest)")
-            continue
-        kind = hints[field.name]
-        conv = _bool if kind is bool else int if kind in (int, int | None) else \
-            float if kind is float else str
-        parser.add_argument(f"--{field.name}", type=conv, default=None,
-                            help=f"(default {field.default!r})")
+    for cls in RUN_SECTIONS:
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, kind in field_types(cls).items():
+            parser.add_argument(f"--{name}", default=None, metavar="VALUE",
+                                help=f"{describe(kind)} (default {defaults[name]!r})")
 
 
 def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str | None,
@@ -82,44 +63,35 @@ def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str |
 
 def train(ns: argparse.Namespace) -> dict[str, Any]:
     """`fastlora-jax train`: flags override the --config YAML, which overrides the defaults."""
-    from fastlora_jax import FastLanguageModel, SFTTrainer, TrainingArguments
-    from fastlora_jax.sharding import MeshConfig
-    from fastlora_jax.train.args import load_yaml
-
-    values: dict[str, Any] = load_yaml(ns.config) if ns.config else {}
-    for key, value in vars(ns).items():
-        if key not in ("command", "config", "resume_from_checkpoint") and value is not None:
-            values[key] = value
-    resume = bool(values.pop("resume_from_checkpoint", False) or ns.resume_from_checkpoint)
-    model_dir = values.pop("model", None)
-    data = values.pop("data", None)
-    if model_dir is None or data is None:
-        raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file)")
-    model_kw = {k: values.pop(k, default) for k, default in MODEL_FLAGS.items()}
-    if isinstance(values.get("mesh"), str):
-        values["mesh"] = MeshConfig(*(int(v) for v in values["mesh"].split(",")))
-    maybe_init_distributed(values.pop("coordinator_address", None),
-                           values.pop("num_processes", None), values.pop("process_id", None))
-    args = TrainingArguments.from_dict(values, source=str(ns.config or "command line"))
-    gc = model_kw.pop("use_gradient_checkpointing")
-    gc = {"true": True, "false": False}.get(str(gc).lower(), gc)
-    targets = model_kw.pop("target_modules")
-    if isinstance(targets, str) and "," in targets:
-        targets = [t.strip() for t in targets.split(",")]
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_dir, max_seq_length=args.max_seq_length or 2048, dtype=model_kw.pop("dtype"),
-        load_in_4bit=model_kw.pop("load_in_4bit"), load_in_8bit=model_kw.pop("load_in_8bit"))
-    model = FastLanguageModel.get_peft_model(model, target_modules=targets,
-                                             use_gradient_checkpointing=gc, **model_kw)
-    trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=data, args=args)
+    from fastlora_jax import FastLanguageModel, SFTTrainer
+    from fastlora_jax.train.args import load_yaml, run_settings
     from fastlora_jax.train.trainer import data_summary
 
+    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config") and v is not None}
+    layers = [(load_yaml(ns.config), f"config file {str(ns.config)!r}")] if ns.config else []
+    launch, model_args, args = run_settings(*layers, (flags, "command line"))
+    if launch.model is None or launch.data is None:
+        raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file), "
+                          "as flags or in the --config file")
+    maybe_init_distributed(launch.coordinator_address, launch.num_processes, launch.process_id)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        launch.model, max_seq_length=args.max_seq_length or 2048, dtype=model_args.dtype,
+        load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit)
+    model = FastLanguageModel.get_peft_model(
+        model, r=model_args.r, lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout, target_modules=model_args.target_modules,
+        use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
+        use_gradient_checkpointing=model_args.use_gradient_checkpointing,
+        random_state=model_args.random_state)
+    trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=launch.data,
+                         eval_dataset=launch.eval_data, args=args)
     print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps", flush=True)
-    stats = trainer.train(resume_from_checkpoint=resume)
+    stats = trainer.train(resume_from_checkpoint=launch.resume_from_checkpoint)
     adapter = pathlib.Path(args.output_dir) / "adapter"
     model.save_pretrained(adapter, tokenizer, overwrite=True)
-    print(f"done: {stats['global_step']} steps, final loss {stats['final_loss']:.4f}, "
-          f"{stats['train_tokens_per_second']:.0f} tokens/s; adapter: {adapter}; "
+    evaluated = (f", eval loss {stats['eval_loss']:.4f}" if "eval_loss" in stats else "")
+    print(f"done: {stats['global_step']} steps, final loss {stats['final_loss']:.4f}"
+          f"{evaluated}, {stats['train_tokens_per_second']:.0f} tokens/s; adapter: {adapter}; "
           f"loss curve: {pathlib.Path(args.output_dir) / 'loss.png'}", flush=True)
     return stats
 
@@ -159,17 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="LoRA/QLoRA SFT on a local dataset file")
     t.add_argument("--config", type=pathlib.Path, default=None, help="run.yaml with these flags")
-    t.add_argument("--model", default=None)
-    t.add_argument("--data", default=None)
-    t.add_argument("--resume_from_checkpoint", type=_bool, default=False)
-    t.add_argument("--coordinator_address", default=None, help="multi-process: jax.distributed")
-    t.add_argument("--num_processes", type=int, default=None)
-    t.add_argument("--process_id", type=int, default=None)
-    for name, default in MODEL_FLAGS.items():
-        conv = _bool if isinstance(default, bool) else int if isinstance(default, int) else \
-            float if isinstance(default, float) else str
-        t.add_argument(f"--{name}", type=conv, default=None, help=f"(default {default!r})")
-    _add_training_flags(t)
+    _add_run_flags(t)
 
     e = sub.add_parser("export", help="write a PEFT adapter or a merged 16-bit checkpoint")
     e.add_argument("--model", type=pathlib.Path, required=True)
