@@ -67,14 +67,17 @@ def adapter_tensors(spec: LoraSpec, lora: Params) -> dict[str, np.ndarray]:
 
 
 def save_adapter(folder: str | pathlib.Path, spec: LoraSpec, lora: Params, *,
-                 base_model_name_or_path: str | None, overwrite: bool = False) -> pathlib.Path:
-    """Write a PEFT adapter folder atomically."""
+                 base_model_name_or_path: str | None, tokenizer: Any = None,
+                 overwrite: bool = False) -> pathlib.Path:
+    """Write a PEFT adapter folder (with the tokenizer's files, if given) atomically."""
     folder = pathlib.Path(folder)
     config = adapter_config_dict(spec, base_model_name_or_path)
     tensors = adapter_tensors(spec, lora)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return folder
 
 

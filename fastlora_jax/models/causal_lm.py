@@ -105,7 +105,8 @@ class CausalLM(nnx.Module):
 
     def save_pretrained(self, folder: str, tokenizer: Any = None, *,
                         overwrite: bool = False) -> None:
-        """Write the adapter as PEFT does (adapter_config.json + adapter_model.safetensors)."""
+        """Write the adapter as PEFT does (adapter_config.json + adapter_model.safetensors, and
+        the tokenizer's files when given), all in one atomic folder write."""
         from fastlora_jax.converters.peft import save_adapter
         from fastlora_jax.errors import ExportError
 
@@ -114,9 +115,8 @@ class CausalLM(nnx.Module):
                               "FastLanguageModel.get_peft_model(model, ...) first, or "
                               "save_pretrained_merged for the full model")
         save_adapter(folder, self.lora_spec, self.lora_params(),
-                     base_model_name_or_path=self.name_or_path or None, overwrite=overwrite)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
+                     base_model_name_or_path=self.name_or_path or None, tokenizer=tokenizer,
+                     overwrite=overwrite)
 
     def save_pretrained_merged(self, folder: str, tokenizer: Any = None, *,
                                save_method: str = "merged_16bit", dtype: Any = None,
