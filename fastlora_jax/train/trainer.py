@@ -17,10 +17,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fastlora_jax.errors import ConfigError, TrainingError
 from fastlora_jax.models.causal_lm import CausalLM
 from fastlora_jax.sharding import shard_params
+from fastlora_jax.converters.atomic import write_text_atomic
 from fastlora_jax.train.args import TrainingArguments
 from fastlora_jax.train.checkpoint import TrainCheckpoints
 from fastlora_jax.train.data import (DataStats, batch_at, build_rows, load_dataset_source,
                                      tokenize_examples)
+from fastlora_jax.train.eval import BestTracker, EvalSet, evaluate
 from fastlora_jax.train.logs import RunLogger
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
 
@@ -40,14 +42,17 @@ def _writable_dir(path: pathlib.Path) -> pathlib.Path:
 class SFTTrainer:
     """Supervised fine-tuning of a model returned by `FastLanguageModel.get_peft_model`.
 
-    `trainer.train()` runs the loop and returns the run's stats; the trained adapter is put back
-    on `model` (save it with `model.save_pretrained(dir)`).
+    `trainer.train()` runs the loop and returns the run's stats; the trained adapter (or, with
+    load_best_model_at_end, the best evaluated one) is put back on `model` (save it with
+    `model.save_pretrained(dir)`). `eval_dataset` (same forms and processing as
+    `train_dataset`) is evaluated as `args.eval_strategy` says and at the end of training;
+    `trainer.evaluate()` evaluates the model's current adapter.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Any, train_dataset: Any,
                  args: TrainingArguments | None = None,
                  formatting_func: Callable[[dict[str, Any]], str] | None = None,
-                 processing_class: Any = None) -> None:
+                 processing_class: Any = None, eval_dataset: Any = None) -> None:
         if model.lora is None:
             raise ConfigError("the model has no LoRA adapter; call "
                               "FastLanguageModel.get_peft_model(model, ...) before training")
@@ -57,19 +62,22 @@ class SFTTrainer:
             raise ConfigError("SFTTrainer needs a tokenizer (the model folder had none)")
         self.args = args or TrainingArguments()
         self.max_seq_length = self.args.max_seq_length or model.max_seq_length
-        dataset = load_dataset_source(train_dataset)
-        examples = tokenize_examples(dataset, self.tokenizer,
-                                     dataset_text_field=self.args.dataset_text_field,
-                                     formatting_func=formatting_func,
-                                     train_on_responses_only=self.args.train_on_responses_only)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.rows, self.data_stats = build_rows(examples, max_seq_length=self.max_seq_length,
-                                                packing=self.args.packing, pad_token_id=pad)
+        self.rows, self.data_stats = self._rows(train_dataset, "train_dataset", formatting_func, pad)
+        if eval_dataset is None and self.args.eval_strategy != "no":
+            raise ConfigError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset "
+                              f"(CLI: --eval_data FILE)")
+        eval_rows = (self._rows(eval_dataset, "eval_dataset", formatting_func, pad)[0]
+                     if eval_dataset is not None else None)
         self.mesh = self.args.mesh.make_mesh() if self.args.mesh is not None else None
         data_parallel = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.rows_per_step = (self.args.per_device_train_batch_size * data_parallel
                               * self.args.gradient_accumulation_steps)
+        self.eval_set = None if eval_rows is None else EvalSet(
+            eval_rows, batch_rows=self.args.per_device_eval_batch_size * data_parallel,
+            packing=self.args.packing, pad_token_id=pad)
         per_epoch = len(self.rows["input_ids"]) // self.rows_per_step
+        self.steps_per_epoch = max(per_epoch, 1)
         if self.args.max_steps > 0:
             self.total_steps = self.args.max_steps
         else:
@@ -86,6 +94,17 @@ class SFTTrainer:
                                       remat=model.use_gradient_checkpointing,
                                       loss_chunk=self.args.loss_chunk_size)
 
+    def _rows(self, data: Any, name: str, formatting_func: Callable[[dict[str, Any]], str] | None,
+              pad: int) -> tuple[dict[str, Any], DataStats]:
+        """Fixed-shape rows and statistics of one dataset (see train/data.py)."""
+        examples = tokenize_examples(load_dataset_source(data, name=name), self.tokenizer,
+                                     dataset_text_field=self.args.dataset_text_field,
+                                     formatting_func=formatting_func,
+                                     train_on_responses_only=self.args.train_on_responses_only,
+                                     name=name)
+        return build_rows(examples, max_seq_length=self.max_seq_length,
+                          packing=self.args.packing, pad_token_id=pad, name=name)
+
     # -----------------------------------------------------------------------------------------
     def _place(self, frozen: Any, lora: Any, opt_state: Any) -> tuple[Any, Any, Any]:
         if self.mesh is None:
@@ -93,6 +112,13 @@ class SFTTrainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return (shard_params(frozen, self.model.config, self.mesh),
                 jax.device_put(lora, replicated), jax.device_put(opt_state, replicated))
+
+    def _to_devices(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """An [A, B, T] host batch on the devices (B split over the mesh's batch axes)."""
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
 
     def _batch(self, step: int) -> tuple[dict[str, jax.Array], int, float]:
         """(the step's batch on the devices, its epoch, its number of real tokens).
@@ -105,20 +131,38 @@ class SFTTrainer:
         tokens = float((batch["segment_ids"] > 0).sum())
         if not self.args.packing:
             batch = {k: v for k, v in batch.items() if k != "segment_ids"}
-        if self.mesh is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}, epoch, tokens
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}, epoch, tokens
+        return self._to_devices(batch), epoch, tokens
+
+    def _eval_due(self, done: int) -> bool:
+        if self.eval_set is None:
+            return False
+        if done == self.total_steps:
+            return True  # a run with an eval_dataset always ends with an evaluation
+        if self.args.eval_strategy == "steps":
+            return done % (self.args.eval_steps or self.args.logging_steps) == 0
+        return self.args.eval_strategy == "epoch" and done % self.steps_per_epoch == 0
+
+    def evaluate(self) -> dict[str, float]:
+        """eval_loss, eval_perplexity (exp of it), eval_tokens, eval_runtime of the model's
+        current adapter on the eval_dataset."""
+        if self.eval_set is None:
+            raise ConfigError("evaluate() needs an eval_dataset; pass one to SFTTrainer")
+        frozen, lora, _ = self._place(self.model.params(), self.model.lora_params(), None)
+        return evaluate(self.eval_set, lora, frozen, self.step_config, self._to_devices)
 
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
-        """Run to `total_steps`; returns stats (steps, loss, runtime, tokens/s, data stats)."""
+        """Run to `total_steps` (or an early stop); returns stats (steps, losses, evaluation,
+        runtime, tokens/s, data stats)."""
         args = self.args
         out_dir = _writable_dir(pathlib.Path(args.output_dir))
         checkpoints = TrainCheckpoints(out_dir, max_to_keep=args.save_total_limit)
         lora = jax.tree.map(jnp.copy, self.model.lora_params())  # the step donates its inputs
         opt_state = self.optimizer.init(lora)
         frozen, lora, opt_state = self._place(self.model.params(), lora, opt_state)
-        start = 0
+        keep_best = args.load_best_model_at_end
+        best_lora = jax.tree.map(jnp.copy, lora) if keep_best else None
+        tracker = BestTracker(args.metric_for_best_model, args.early_stopping_threshold)
+        start, nonfinite_total = 0, 0
         if not resume_from_checkpoint and checkpoints.latest_step() is not None:
             raise ConfigError(f"output_dir {str(out_dir)!r} already holds checkpoints (latest step "
                               f"{checkpoints.latest_step()}); resume with "
@@ -128,8 +172,16 @@ class SFTTrainer:
             if latest is None:
                 raise ConfigError(f"resume_from_checkpoint: no checkpoint in "
                                   f"{str(checkpoints.directory)!r}")
-            lora, opt_state, meta = checkpoints.restore(latest, lora, opt_state)
+            template = {"lora": lora, "opt_state": opt_state}
+            if keep_best:
+                template["best_lora"] = best_lora
+            state, meta = checkpoints.restore(latest, template)
+            lora, opt_state = state["lora"], state["opt_state"]
+            best_lora = state["best_lora"] if keep_best else None
             start = int(meta["step"])
+            if "best" in meta:  # written by runs that track evaluations
+                tracker.restore(meta["best"])
+                nonfinite_total = int(meta["nonfinite_total"])
         dropout = self.model.lora_spec.config.lora_dropout > 0
         base_key = jax.random.key(args.seed)
         logger = RunLogger(out_dir, total_steps=self.total_steps, start_step=start,
@@ -137,55 +189,87 @@ class SFTTrainer:
                            show_progress=not args.disable_tqdm)
         self._write_run_info(out_dir)
         losses, tokens_done, window_tokens = [], 0.0, 0.0
-        last_saved = start
+        last_saved, done, in_a_row, last_eval, stopped_early = start, start, 0, None, False
         t0 = time.perf_counter()
         try:
             for step in range(start, self.total_steps):
                 batch, epoch, step_tokens = self._batch(step)
                 key = jax.random.fold_in(base_key, step) if dropout else None
-                new_lora, new_opt, metrics = train_step(lora, opt_state, frozen, batch,
-                                                        cfg=self.step_config,
-                                                        optimizer=self.optimizer,
-                                                        dropout_key=key)
+                lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch,
+                                                      cfg=self.step_config,
+                                                      optimizer=self.optimizer, dropout_key=key)
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(math.isfinite(v) for v in (m["loss"], m["grad_norm"])):
-                    raise TrainingError(
-                        f"non-finite loss/grad norm at step {step + 1} (loss={m['loss']}, "
-                        f"grad_norm={m['grad_norm']}); training stopped, the last good "
-                        f"checkpoint (step {last_saved}) in {str(checkpoints.directory)!r} is "
-                        f"intact. Lower learning_rate or check the data")
-                lora, opt_state = new_lora, new_opt
-                losses.append(m["loss"])
+                skipped = m.pop("skipped") > 0
+                in_a_row = in_a_row + 1 if skipped else 0
+                nonfinite_total += skipped
+                if not skipped:
+                    losses.append(m["loss"])
                 tokens_done += step_tokens
                 window_tokens += step_tokens
                 done = step + 1
-                if done % args.logging_steps == 0 or done == self.total_steps:
-                    logger.log(done, dict(m, epoch=epoch), window_tokens)
+                if skipped or done % args.logging_steps == 0 or done == self.total_steps:
+                    record = dict(m, epoch=epoch, nonfinite_total=nonfinite_total)
+                    if skipped:
+                        record.update(skipped=True, nonfinite_in_a_row=in_a_row)
+                    logger.log(done, record, window_tokens)
                     window_tokens = 0.0
-                if (args.save_steps and done % args.save_steps == 0) or done == self.total_steps:
-                    checkpoints.save(done, lora, opt_state, {"seed": args.seed,
-                                                             "total_steps": self.total_steps})
+                if in_a_row >= args.max_consecutive_nonfinite_steps:
+                    raise TrainingError(
+                        f"{in_a_row} optimizer steps in a row (steps {done - in_a_row + 1}-{done}) "
+                        f"had a non-finite loss or gradient norm (last: loss={m['loss']}, "
+                        f"grad_norm={m['grad_norm']}); each was skipped, and training stopped "
+                        f"(max_consecutive_nonfinite_steps={args.max_consecutive_nonfinite_steps}"
+                        f"). The last checkpoint (step {last_saved}) in "
+                        f"{str(checkpoints.directory)!r} holds good weights. Lower learning_rate "
+                        f"or check the data of these steps")
+                if self._eval_due(done):
+                    last_eval = evaluate(self.eval_set, lora, frozen, self.step_config,
+                                         self._to_devices)
+                    logger.log_eval(done, last_eval)
+                    if tracker.update(last_eval, done) and keep_best:
+                        best_lora = jax.tree.map(jnp.copy, lora)
+                    stopped_early = (args.early_stopping_patience is not None
+                                     and tracker.bad_evals >= args.early_stopping_patience
+                                     and done < self.total_steps)
+                if ((args.save_steps and done % args.save_steps == 0) or done == self.total_steps
+                        or stopped_early):
+                    state = {"lora": lora, "opt_state": opt_state}
+                    if keep_best:
+                        state["best_lora"] = best_lora
+                    checkpoints.save(done, state, {"seed": args.seed,
+                                                   "total_steps": self.total_steps,
+                                                   "best": tracker.state(),
+                                                   "nonfinite_total": nonfinite_total})
                     last_saved = done
+                if stopped_early:
+                    logger.event("early_stop", done, best_step=tracker.best_step)
+                    break
         finally:
             logger.close()
             checkpoints.close()
-            self.model.set_adapter(self.model.lora_spec, jax.device_get(lora))
+            final = best_lora if keep_best and tracker.best_step > 0 else lora
+            self.model.set_adapter(self.model.lora_spec, jax.device_get(final))
         runtime = time.perf_counter() - t0
-        stats = {"global_step": self.total_steps, "start_step": start,
+        stats = {"global_step": done, "start_step": start,
                  "train_loss": float(np.mean(losses)) if losses else float("nan"),
                  "final_loss": losses[-1] if losses else float("nan"),
+                 "nonfinite_steps": nonfinite_total, "stopped_early": stopped_early,
                  "train_runtime": runtime,
                  "train_tokens_per_second": tokens_done / max(runtime, 1e-9),
                  "data": dataclasses.asdict(self.data_stats)}
-        (out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+        if last_eval is not None:
+            stats.update(last_eval, best_metric=tracker.best, best_step=tracker.best_step,
+                         loaded_best=keep_best and tracker.best_step > 0)
+        write_text_atomic(out_dir / "train_stats.json", json.dumps(stats, indent=2))
         return stats
 
     def _write_run_info(self, out_dir: pathlib.Path) -> None:
         info = {"args": dataclasses.asdict(self.args),  # recursive: the MeshConfig too
                 "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
                 "max_seq_length": self.max_seq_length, "data": dataclasses.asdict(self.data_stats),
+                "eval_rows": None if self.eval_set is None else self.eval_set.num_rows,
                 "model": self.model.name_or_path}
-        (out_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+        write_text_atomic(out_dir / "run_info.json", json.dumps(info, indent=2, default=str))
 
 
 def data_summary(stats: DataStats) -> str:

@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fastlora_jax.demo import make_examples, write_jsonl
+from fastlora_jax.train.logs import read_log
 from tests.checkpoints import tiny_chat_model
 from tests.refenv import REPO
 
@@ -79,11 +80,16 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    log_full = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "full" / "log.jsonl")
-                                                   .read_text().splitlines())}
-    log_res = {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl")
-                                                  .read_text().splitlines())}
-    assert all(log_res[s] == log_full[s] for s in range(11, 31))
+    log_full, _ = read_log(tmp_path / "full" / "log.jsonl")
+    log_res, _ = read_log(out / "log.jsonl")
+    assert all(log_res[s]["loss"] == log_full[s]["loss"] for s in range(1, 31))
+    # the log was appended to, not rewritten: the killed run's records come first, then the
+    # resume marker, then the resumed steps
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] >= 10
+    assert [r["step"] for r in records[:10]] == list(range(1, 11))
+    assert records[-1]["step"] == 30
 
 
 def test_unknown_yaml_key(setup, tmp_path):
