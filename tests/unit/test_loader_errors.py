@@ -93,7 +93,16 @@ def test_missing_tensor(tmp_path):
     tensors = llama_tensors(TINY_LLAMA)
     del tensors["model.layers.1.mlp.down_proj.weight"]
     folder = write_checkpoint(tmp_path / "c", dict(TINY_LLAMA), tensors)
-    expect(CheckpointError, folder, "layers.mlp.down_proj.weight", "1/2 layers")
+    expect(CheckpointError, folder, "lacks 1 tensor(s)", "'model.layers.1.mlp.down_proj.weight'")
+
+
+def test_many_missing_tensors_are_named_and_counted(tmp_path):
+    tensors = {k: v for k, v in llama_tensors(TINY_LLAMA).items() if "layers.1." not in k}
+    del tensors["model.norm.weight"]
+    folder = write_checkpoint(tmp_path / "c", dict(TINY_LLAMA), tensors)
+    err = expect(CheckpointError, folder, "lacks 10 tensor(s)",
+                 "'model.layers.1.self_attn.q_proj.weight'", "and 2 more")
+    assert str(err).count("'model.") == 8  # the first few by name, then how many more
 
 
 def test_unexpected_tensor(tmp_path):
@@ -151,7 +160,7 @@ def test_index_names_missing_shard(tmp_path):
 def test_pickle_only_checkpoint_refused(tmp_path):
     folder = good(tmp_path)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    expect(CheckpointError, folder, "never unpickles")
+    expect(CheckpointError, folder, "pytorch_model.bin", "never unpickles", "save_pretrained")
 
 
 def test_bad_dtype_argument(tmp_path):
