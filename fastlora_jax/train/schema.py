@@ -12,7 +12,8 @@ type expected. What it accepts, per declared type:
 - `str`; `Literal[...]`: one of the listed values;
 - `tuple[str, ...]`: a list of strings, or a comma-separated string (`q_proj` is a list of one);
 - `MeshConfig`: `[data, fsdp, tensor]`, `"2,4,1"`, or a mapping `{data: 2, fsdp: 4}`;
-- `X | None`: None (YAML null, or the string `none` / `null` where X is not a string type), else X;
+- `X | None`: None (YAML null, or the text `none` / `null` unless X is `str` or lists that
+  text), else X;
 - a union of the above (e.g. `bool | Literal["offload", "dots"]`): the first member that takes it.
 """
 
@@ -68,7 +69,8 @@ def _convert(value: Any, kind: Any) -> Any:
         members = typing.get_args(kind)
         if value is None and type(None) in members:
             return None
-        takes_text = any(m is str or typing.get_origin(m) is Literal for m in members)
+        takes_text = any(m is str or (typing.get_origin(m) is Literal
+                                      and value in typing.get_args(m)) for m in members)
         if (type(None) in members and isinstance(value, str) and not takes_text
                 and value.strip().lower() in NULL):
             return None
