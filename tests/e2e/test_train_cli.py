@@ -43,19 +43,27 @@ def run(cmd, timeout=600):
 
 def test_short_run_writes_adapter_logs_and_plot(setup, tmp_path):
     root, model, data = setup
-    config = tmp_path / "run.yaml"
-    config.write_text("max_steps: 4\nlogging_steps: 2\nwarmup_steps: 1\n")
-    proc = run(args(model, data, tmp_path / "out", "--config", str(config)))
+    held_out = write_jsonl(make_examples(140, seed=5)[120:], tmp_path / "held_out.jsonl")
+    config = tmp_path / "run.yaml"  # 2e-3: a string to YAML 1.1, a number to our schema
+    config.write_text("max_steps: 4\nlogging_steps: 2\nwarmup_steps: 1\nlearning_rate: 2e-3\n"
+                      "eval_strategy: steps\neval_steps: 2\nper_device_eval_batch_size: 4\n")
+    proc = run(args(model, data, tmp_path / "out", "--config", str(config), "--eval_data",
+                    str(held_out), "--target_modules", "q_proj"))
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png",
-                 "log.jsonl", "train_stats.json", "run_info.json"):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "adapter/tokenizer.json", "loss.png", "log.jsonl", "train_stats.json",
+                 "run_info.json"):
         assert (out / name).exists(), name
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4]
-    assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in log)
-    assert list((out / "runs").iterdir())  # TensorBoard event file
-    assert "done: 4 steps" in proc.stdout
+    train, evals = read_log(out / "log.jsonl")
+    assert sorted(train) == [2, 4] and sorted(evals) == [2, 4]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in train.values())
+    assert all(np.isfinite(r["eval_perplexity"]) for r in evals.values())
+    events = b"".join(p.read_bytes() for p in (out / "runs").iterdir())  # TensorBoard
+    assert b"train/loss" in events and b"eval/loss" in events
+    assert "done: 4 steps" in proc.stdout and "eval loss" in proc.stdout
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())[
+        "target_modules"] == ["q_proj"]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
