@@ -17,6 +17,7 @@ At the end every expected parameter must have been filled and every tensor in th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import pathlib
@@ -119,15 +120,41 @@ def weight_files(folder: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:
                              if found else ""))
 
 
+def _open(file: pathlib.Path) -> Any:
+    """A safetensors handle of `file` (its header parsed), or a CheckpointError."""
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file ({err}); it "
+                              f"is truncated or corrupt — re-download it") from None
+
+
+def check_layer_count(folder: pathlib.Path, config: ModelConfig) -> None:
+    """The files hold tensors of exactly the layers 0..num_layers-1 that config.json names
+    (checked on the headers, before any [num_layers, ...] buffer is allocated)."""
+    layers: set[int] = set()
+    for file, names in weight_files(folder).items():
+        if names is None:
+            with _open(file) as f:
+                names = list(f.keys())
+        layers.update(layer for layer in (hf_to_path(n)[1] for n in names) if layer is not None)
+    want = config.num_layers
+    if layers and max(layers) >= want:
+        raise CheckpointError(f"{str(folder)!r}: the checkpoint holds layer {max(layers)} but "
+                              f"config.json has num_hidden_layers={want}; the checkpoint and its "
+                              f"config disagree")
+    if len(layers) < want:
+        absent = list(itertools.islice((i for i in range(want) if i not in layers), 8))
+        raise CheckpointError(f"{str(folder)!r}: config.json has num_hidden_layers={want} but the "
+                              f"checkpoint holds no tensor of {want - len(layers)} of them (layers "
+                              f"{absent}{' …' if want - len(layers) > 8 else ''}); the download "
+                              f"is incomplete or config.json describes another model")
+
+
 def iter_tensors(folder: pathlib.Path) -> Iterator[tuple[str, pathlib.Path, Any]]:
     """Yield (name, file, safetensors slice) for every tensor, file by file, with clear errors."""
     for file, names in weight_files(folder).items():
-        try:
-            handle = safe_open(str(file), framework="numpy")
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{str(file)!r} is not a readable safetensors file ({err}); it "
-                                  f"is truncated or corrupt — re-download it") from None
-        with handle as f:
+        with _open(file) as f:
             keys = list(f.keys())
             if names is not None:
                 missing = sorted(set(names) - set(keys))
@@ -174,6 +201,7 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
     if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes <= 0:
         raise ConfigError(f"chunk_bytes={chunk_bytes!r} must be a positive number of bytes")
     folder = checkpoint_dir(folder)
+    check_layer_count(folder, config)
     specs = {spec.path: spec for spec in param_specs(config)}
     np_dtype = jnp.dtype(dtype)
     convert = convert or (lambda spec, a: a.astype(np_dtype, copy=False))

@@ -148,27 +148,30 @@ def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
     used = set()
     for (group, name), ranks, _ in spec.modules:
         out_dim, in_dim = shapes[("layers", group, name, "weight")]
-        L, rmax = model_config.num_layers, max(ranks)
-        a = np.zeros((L, rmax, in_dim), np.float32)
-        b = np.zeros((L, out_dim, rmax), np.float32)
-        m = np.zeros((L, out_dim), np.float32) if lora_cfg.use_dora else None
-        for layer, r in enumerate(ranks):
+        parts: dict[str, list[tuple[int, np.ndarray]]] = {"a": [], "b": [], "m": []}
+        for layer, r in enumerate(ranks):  # every tensor is found and checked before allocating
             if r == 0:
                 continue
             key = PREFIX + hf_module_name(layer, group, name)
-            for suffix, want, dest in ((".lora_A.weight", (r, in_dim), a),
-                                       (".lora_B.weight", (out_dim, r), b)):
-                t = _take(tensors, key + suffix, want, path)
-                if suffix == ".lora_A.weight":
-                    dest[layer, :r] = t
-                else:
-                    dest[layer, :, :r] = t
-                used.add(key + suffix)
-            if m is not None:
-                m[layer] = _take(tensors, key + ".lora_magnitude_vector", (out_dim,), path)
+            parts["a"].append((layer, _take(tensors, key + ".lora_A.weight", (r, in_dim), path)))
+            parts["b"].append((layer, _take(tensors, key + ".lora_B.weight", (out_dim, r), path)))
+            used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
+            if lora_cfg.use_dora:
+                parts["m"].append((layer, _take(tensors, key + ".lora_magnitude_vector",
+                                                (out_dim,), path)))
                 used.add(key + ".lora_magnitude_vector")
+        L, rmax = model_config.num_layers, max(ranks)
+        a = np.zeros((L, rmax, in_dim), np.float32)
+        b = np.zeros((L, out_dim, rmax), np.float32)
+        for layer, t in parts["a"]:
+            a[layer, :t.shape[0]] = t
+        for layer, t in parts["b"]:
+            b[layer, :, :t.shape[1]] = t
         entry = {"lora_A": jnp.asarray(a, dtype), "lora_B": jnp.asarray(b, dtype)}
-        if m is not None:
+        if lora_cfg.use_dora:
+            m = np.zeros((L, out_dim), np.float32)
+            for layer, t in parts["m"]:
+                m[layer] = t
             entry["lora_magnitude"] = jnp.asarray(m, dtype)
         tree["layers"].setdefault(group, {})[name] = entry
     extra = sorted(set(tensors) - used)

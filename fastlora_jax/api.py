@@ -50,7 +50,12 @@ def load_tokenizer(folder: pathlib.Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # transformers and tokenizers raise many types for broken files
+        raise CheckpointError(f"the tokenizer files in {str(folder)!r} could not be loaded "
+                              f"({type(err).__name__}: {str(err)[:300]}); re-download them or "
+                              f"copy a working tokenizer into the folder") from None
 
 
 def is_projection(spec: ParamSpec) -> bool:
