@@ -28,6 +28,21 @@ PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"  # the PEFT release whose format this writes (checked by tests)
 
 
+# adapter_config.json keys we read: (accepted JSON types, what to tell the user); null = default.
+CONFIG_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "r": ((int,), "a positive integer"),
+    "lora_alpha": ((int, float), "a positive number"),
+    "lora_dropout": ((int, float), "a number in [0, 1)"),
+    "target_modules": ((str, list), "a list of module names or a regex string"),
+    "use_rslora": ((bool,), "true or false"),
+    "use_dora": ((bool,), "true or false"),
+    "rank_pattern": ((dict,), "an object of module regex -> rank"),
+    "alpha_pattern": ((dict,), "an object of module regex -> alpha"),
+    "init_lora_weights": ((bool, str), "true, false or a method name"),
+    "base_model_name_or_path": ((str,), "a path string"),
+}
+
+
 def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> dict[str, Any]:
     """The adapter_config.json PEFT would write for `spec`."""
     cfg = spec.config
@@ -93,9 +108,12 @@ def read_adapter_config(folder: str | pathlib.Path) -> dict[str, Any]:
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         found = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise CheckpointError(f"{str(path)!r}: peft_type must be 'LORA', found {found!r}")
-    for key, kind in (("r", int), ("lora_alpha", (int, float))):
-        if key in cfg and not isinstance(cfg[key], kind):
-            raise CheckpointError(f"{str(path)!r}: {key}={cfg[key]!r} has the wrong type")
+    for key, (kinds, expected) in CONFIG_TYPES.items():
+        value = cfg.get(key)
+        if key in cfg and value is not None and (
+                not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+                or (isinstance(value, list) and not all(isinstance(v, str) for v in value))):
+            raise CheckpointError(f"{str(path)!r}: {key}={value!r} must be {expected}")
     unsupported = {k: cfg.get(k) for k in ("lora_bias", "fan_in_fan_out", "modules_to_save",
                                            "layers_to_transform", "layer_replication",
                                            "trainable_token_indices", "target_parameters")

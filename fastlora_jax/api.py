@@ -53,9 +53,10 @@ def load_tokenizer(folder: pathlib.Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:  # transformers and tokenizers raise many types for broken files
+        reason = " ".join(str(err).split())[:300]  # one line, however transformers wraps it
         raise CheckpointError(f"the tokenizer files in {str(folder)!r} could not be loaded "
-                              f"({type(err).__name__}: {str(err)[:300]}); re-download them or "
-                              f"copy a working tokenizer into the folder") from None
+                              f"({type(err).__name__}: {reason}); re-download them or copy a "
+                              f"working tokenizer into the folder") from None
 
 
 def is_projection(spec: ParamSpec) -> bool:

@@ -64,6 +64,7 @@ def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str |
 def train(ns: argparse.Namespace) -> dict[str, Any]:
     """`fastlora-jax train`: flags override the --config YAML, which overrides the defaults."""
     from fastlora_jax import FastLanguageModel, SFTTrainer
+    from fastlora_jax.converters.hf import checkpoint_dir
     from fastlora_jax.train.args import load_yaml, run_settings
     from fastlora_jax.train.trainer import data_summary
 
@@ -73,6 +74,7 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
     if launch.model is None or launch.data is None:
         raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file), "
                           "as flags or in the --config file")
+    checkpoint_dir(launch.model)  # a wrong path fails here, before any process group forms
     maybe_init_distributed(launch.coordinator_address, launch.num_processes, launch.process_id)
     model, tokenizer = FastLanguageModel.from_pretrained(
         launch.model, max_seq_length=args.max_seq_length or 2048, dtype=model_args.dtype,

@@ -17,6 +17,7 @@ example, else -100), `positions`, `segment_ids`, all int32 [max_seq_length].
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any, Callable, Sequence
 
@@ -58,6 +59,8 @@ def load_dataset_source(data: Any, *, name: str = "train_dataset") -> Any:
                             f"{sorted(FILE_FORMATS)}")
         if path.stat().st_size == 0:
             raise DataError(f"data file {str(path)!r} is empty")
+        if fmt == "json":
+            check_json_rows(path)
         try:
             dataset = datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types for unreadable files
@@ -68,6 +71,37 @@ def load_dataset_source(data: Any, *, name: str = "train_dataset") -> Any:
     if len(dataset) == 0:
         raise DataError(f"{name} ({data!s}) has no examples")
     return dataset
+
+
+def check_json_rows(path: pathlib.Path) -> None:
+    """A .json / .jsonl data file holds one JSON object per example: a JSON array of objects, or
+    JSON Lines of objects. Checked here, before `datasets` reads it, because its JSON reader
+    (pyarrow) crashes the process on lines that are not objects (e.g. `null`)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            rows = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"data file {str(path)!r} is not valid JSON ({err})") from None
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise DataError(f"data file {str(path)!r}: entry {bad} of the JSON array is "
+                            f"{type(rows[bad]).__name__}, expected an object (one example)")
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataError(f"data file {str(path)!r}, line {number}: not valid JSON ({err}); "
+                                f"a .json/.jsonl file holds one JSON object per line (JSON Lines) "
+                                f"or one JSON array of objects") from None
+            if not isinstance(row, dict):
+                raise DataError(f"data file {str(path)!r}, line {number}: found "
+                                f"{type(row).__name__}, expected a JSON object (one example)")
 
 
 def _assistant_mask(tokenizer: Any, messages: list[dict[str, str]], where: str

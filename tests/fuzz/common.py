@@ -47,13 +47,14 @@ def outcome(call: Callable[[], Any]) -> FastLoRAError | None:
 
 
 def cli_error(argv: list[str]) -> str:
-    """Run the CLI in this process; it must exit 2 with `error: ...` last on stderr."""
+    """Run the CLI in this process; it must exit 2 with one `error: ...` message on stderr."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
     text = err.getvalue()
     assert code == 2, (code, text)
-    assert text.strip().splitlines()[-1].startswith("error: "), text
+    assert [line for line in text.splitlines() if line.startswith("error: ")], text
+    assert "Traceback" not in text, text
     return text
 
 

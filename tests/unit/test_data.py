@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +150,15 @@ def test_malformed_turns_name_the_example(tokenizer, messages, fragment):
     ds = datasets.Dataset.from_list([chat("a", "b"), {"messages": messages}])
     with pytest.raises(DataError, match=f"example 1: .*{fragment}"):
         tokenize_examples(ds, tokenizer, name="eval_dataset")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("null\nnull\n", "line 1: found NoneType, expected a JSON object"),  # crashes pyarrow
+    ('{"text": "a"}\n[1]\n', "line 2: found list"),
+    ('{"text": "a"}\n{"text": \n', "line 2: not valid JSON"),
+    ('[{"text": "a"}, 3]', "entry 1 of the JSON array is int"),
+])
+def test_json_rows_must_be_objects(tmp_path, text, fragment):
+    (tmp_path / "d.jsonl").write_text(text)
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        load_dataset_source(tmp_path / "d.jsonl")
