@@ -2,8 +2,8 @@
 
   fastlora-jax demo      fine-tune the default model (SmolLM2-135M-Instruct) on the CPU and show
                          held-out accuracy before and after; exports a PEFT adapter
-  fastlora-jax train     --model DIR --data FILE --output_dir DIR [TrainingArguments flags]
-                         [LoRA flags] [--config run.yaml]
+  fastlora-jax train     --model DIR --data FILE [--eval_data FILE] --output_dir DIR
+                         [TrainingArguments flags] [LoRA flags] [--config run.yaml]
   fastlora-jax export    --model DIR --adapter DIR --output_dir DIR --method peft|merged
   fastlora-jax chat      --model DIR [--adapter DIR] --prompt "..."
 """

@@ -43,7 +43,7 @@ def run(cmd, timeout=600):
 
 def test_short_run_writes_adapter_logs_and_plot(setup, tmp_path):
     root, model, data = setup
-    held_out = write_jsonl(make_examples(140, seed=5)[120:], tmp_path / "held_out.jsonl")
+    held_out = write_jsonl(make_examples(20, seed=6, held_out=True), tmp_path / "held_out.jsonl")
     config = tmp_path / "run.yaml"  # 2e-3: a string to YAML 1.1, a number to our schema
     config.write_text("max_steps: 4\nlogging_steps: 2\nwarmup_steps: 1\nlearning_rate: 2e-3\n"
                       "eval_strategy: steps\neval_steps: 2\nper_device_eval_batch_size: 4\n")
