@@ -1,18 +1,15 @@
 """Flash attention on the GPU: our Pallas kernels vs cuDNN and XLA, forward and forward+backward.
 
-Usage: python benchmarks/attention.py [--out DIR] [--commit SHA] [--quick] [--backends LIST]
-       [--sweep LIST] [--cases LIST]
---backends: comma-separated, from triton, mosaic_gpu and Mosaic variants written
-mosaic_gpu+<flag>+... with flags (BlockSizes fields): fwd (Mosaic forward + Triton backward),
-seg (Mosaic kernels take segment ids), fused (the fused one-kernel Mosaic backward, dq by TMA
-reduce-add), pair (with fused: its two warpgroups share one dq product), pp (forward pingpong
-schedule), grp (dk/dv summed over the GQA group in the kernel), nopp / nogrp / noseg (turn a
-default off), s3 / fs3 (3-slot TMA ring in the backward / forward), rev / norev (query tiles
-last-first), ov (backward: exponentials overlap the do/v product), st (dk/dv kernel: lse and delta
-through the TMA ring); the older names mosaic_gpu_fwd, _seg, _fused, _fused_pair,
-_fused_seg still work.
---cases: substrings of case names to run (default all). Default backends: a representative set.
-Prints a table last and writes benchmarks/results/attention-<date>.json (DESIGN.md's shape).
+Usage: python benchmarks/attention.py [--out DIR] [--commit SHA] [--quick] [--impls LIST]
+       [--cases LIST] [--sweep LIST] [--profile DIR] [--smoke]
+--impls: comma-separated implementations of ours to time, from pallas_mosaic (the Hopper
+default) and pallas_triton (default: both). Every case also times cuDNN and, up to 8K tokens,
+XLA (jax.nn.dot_product_attention), in the same process, round-robin.
+--cases: substrings of case names to run (default all). --sweep: implementations to tile-sweep
+on the 4K causal case. --profile DIR: instead of timing, run each Mosaic case once with the
+in-kernel profiler and print the summaries (benchmarks/mgpu_trace.py). --smoke: one tiny case,
+interpreted, on the CPU (checks the script).
+Writes benchmarks/results/attention-<date>.json (common.py's envelope) and prints the table.
 TF/s counts 4·B·H·Tq·Tk·D FLOPs forward (2 matmuls) over the *visible* (query, key) pairs only
 (causal: about half; packed: within documents; window: inside it), and 3.5× that for
 forward+backward (the backward does 2.5× the forward's matmul work).
@@ -22,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import pathlib
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
@@ -34,28 +28,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.kernels import flash_attention as fa
-from fastlora_jax.kernels.attention_reference import attention_mask
-
-import mgpu_trace  # a sibling script: benchmarks/ is on the path when this one runs
+import common  # a sibling: benchmarks/ is on the path when a benchmark runs
+import mgpu_trace
+from fastlora_jax.kernels.attention_mask import dense_mask
+from fastlora_jax.kernels.flash_attention import (MosaicBlockSizes, TritonBlockSizes,
+                                                  flash_attention)
+from fastlora_jax.ops import Impl
 
 TOKENS = 16384
+HEADS, KV_HEADS, HEAD_DIM = (common.LLAMA3_8B[k] for k in ("num_attention_heads",
+                                                             "num_key_value_heads", "head_dim"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One benchmark shape. docs > 1: equal-length packed documents per row."""
+    """One benchmark shape (Llama-3-8B's heads unless named). docs > 1: equal-length packed
+    documents per row."""
 
     name: str
     batch: int
     seq: int
-    heads: int = 32
-    kv_heads: int = 8
-    head_dim: int = 128
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    head_dim: int = HEAD_DIM
     docs: int = 1
     window: int | None = None
     softcap: float | None = None
-    target_fwd_bwd: float | None = None  # ratio over cuDNN the issue asks for
+    target_fwd_bwd: float | None = None  # the ratio over cuDNN asked for (common.TARGETS)
 
     def visible_pairs(self) -> int:
         """Number of visible (query, key) pairs per (batch row, head)."""
@@ -73,13 +72,16 @@ class Case:
 
 
 CASES = [
-    *(Case(f"causal_gqa32/8_d128_s{s}", batch=TOKENS // s, seq=s, target_fwd_bwd=1.0)
+    *(Case(f"causal_gqa32/8_d128_s{s}", batch=TOKENS // s, seq=s,
+           target_fwd_bwd=common.TARGETS["attention fwd+bwd vs cuDNN"])
       for s in (2048, 4096, 8192, 16384)),
-    Case("packed_8docs_s4096", batch=4, seq=4096, docs=8, target_fwd_bwd=10.0),
+    Case("packed_8docs_s4096", batch=4, seq=4096, docs=8,
+         target_fwd_bwd=common.TARGETS["attention packed vs cuDNN"]),
     Case("window4096_s16384", batch=1, seq=16384, window=4096),
     Case("d256_softcap50_gqa16/8_s4096", batch=4, seq=4096, heads=16, kv_heads=8, head_dim=256,
          softcap=50.0),
 ]
+SMOKE = Case("smoke_packed_s128", batch=1, seq=128, heads=2, kv_heads=1, head_dim=64, docs=2)
 
 
 def _inputs(c: Case):
@@ -95,55 +97,21 @@ def _inputs(c: Case):
     return q, k, v, do, seg
 
 
-# Mosaic GPU variants: "mosaic_gpu+<flag>+<flag>..." sets these BlockSizes fields.
-FLAGS = {"fwd": ("mgpu_backward", False), "seg": ("mgpu_segments", True),
-         "fused": ("mgpu_fused_bwd", True), "pair": ("mgpu_fused_pair_dq", True),
-         "pp": ("mgpu_pingpong", True), "grp": ("mgpu_dkv_group", True),
-         "nopp": ("mgpu_pingpong", False), "nogrp": ("mgpu_dkv_group", False),
-         "noseg": ("mgpu_segments", False), "s3": ("mgpu_num_stages_bwd", 3),
-         "fs3": ("mgpu_num_stages", 3),
-         "rev": ("mgpu_reverse_tiles", True), "norev": ("mgpu_reverse_tiles", False),
-         "ov": ("mgpu_bwd_overlap", True), "st": ("mgpu_bwd_stats_tma", True)}
-ALIASES = {"mosaic_gpu_fwd": "mosaic_gpu+fwd", "mosaic_gpu_seg": "mosaic_gpu+seg",
-           "mosaic_gpu_fused": "mosaic_gpu+fused", "mosaic_gpu_fused_pair": "mosaic_gpu+fused+pair",
-           "mosaic_gpu_fused_seg": "mosaic_gpu+fused+seg"}
-
-
-def variant_overrides(backend: str) -> dict:
-    """BlockSizes overrides of a Mosaic GPU variant name ({} for a plain backend)."""
-    name = ALIASES.get(backend, backend)
-    base, *flags = name.split("+")
-    if flags and base != "mosaic_gpu":
-        raise SystemExit(f"variant flags only apply to mosaic_gpu, got {backend!r}")
-    unknown = [f for f in flags if f not in FLAGS]
-    if unknown:
-        raise SystemExit(f"unknown variant flag(s) {unknown} in {backend!r}; "
-                         f"known: {sorted(FLAGS)}")
-    return dict(FLAGS[f] for f in flags)
-
-
-def _attn_fn(impl: str, c: Case, seg: jax.Array | None,
-             block_sizes: fa.BlockSizes | None = None) -> Callable:
-    """attention(q, k, v) for one implementation ('ours:<backend>', 'cudnn', 'xla').
-
-    'ours:mosaic_gpu+<flags>' is a Mosaic GPU variant (`variant_overrides`; the head_dim 256
-    case runs the Triton backward in every Mosaic variant).
-    """
-    if impl.startswith("ours"):
-        backend = impl.split(":")[1]
-        overrides = variant_overrides(backend)
-        if overrides:
-            block_sizes = dataclasses.replace(
-                block_sizes or fa.BlockSizes.for_head_dim(c.head_dim), **overrides)
-            backend = "mosaic_gpu"
-        return lambda q, k, v: fa.flash_attention(
+def attention_fn(impl: str, c: Case, seg: jax.Array | None,
+                 blocks: TritonBlockSizes | MosaicBlockSizes | None = None) -> Callable:
+    """attention(q, k, v) of one implementation: ours ('pallas_mosaic', 'pallas_triton', with
+    `blocks` of that backend or the default tiles), 'cudnn' or 'xla'."""
+    if impl in (Impl.PALLAS_MOSAIC.value, Impl.PALLAS_TRITON.value):
+        tiles = ({"mosaic_blocks": blocks} if isinstance(blocks, MosaicBlockSizes)
+                 else {"triton_blocks": blocks})
+        return lambda q, k, v: flash_attention(
             q, k, v, causal=True, segment_ids=seg, sliding_window=c.window, softcap=c.softcap,
-            block_sizes=block_sizes, backend=backend)
+            impl=impl, **tiles)
     # cuDNN / XLA have no softcap: they run the same shape without it (an upper bound for them).
     mask = None
     if seg is not None:
-        mask = attention_mask(c.seq, c.seq, causal=True, sliding_window=None, q_segment_ids=seg,
-                              kv_segment_ids=seg)
+        mask = dense_mask(c.seq, c.seq, causal=True, sliding_window=None, q_segment_ids=seg,
+                          kv_segment_ids=seg)
     window = None if c.window is None else (c.window - 1, 0)
     return lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=mask is None, local_window_size=window,
@@ -159,8 +127,7 @@ def _time_once(f: Callable, args: tuple, inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def measure_interleaved(impls: list[str], c: Case,
-                        block_sizes: fa.BlockSizes | None = None, reps: int = 5, inner: int = 5
+def measure_interleaved(impls: list[str], c: Case, blocks=None, reps: int = 5, inner: int = 5
                         ) -> dict[str, tuple[float | None, float | None, jax.Array | None, str]]:
     """{impl: (fwd TF/s, fwd+bwd TF/s, output, error message)}.
 
@@ -171,7 +138,7 @@ def measure_interleaved(impls: list[str], c: Case,
     q, k, v, do, seg = _inputs(c)
     results, ready = {}, {}
     for impl in impls:
-        attn = _attn_fn(impl, c, seg, block_sizes)
+        attn = attention_fn(impl, c, seg, blocks)
         fwd = jax.jit(attn)
 
         def fwd_bwd(q, k, v, do, attn=attn):
@@ -198,135 +165,117 @@ def measure_interleaved(impls: list[str], c: Case,
     return {impl: results[impl] for impl in impls}
 
 
-def measure(impl: str, c: Case, block_sizes: fa.BlockSizes | None = None
-            ) -> tuple[float | None, float | None, jax.Array | None, str]:
-    """(fwd TF/s, fwd+bwd TF/s, output, error message) of one implementation."""
-    return measure_interleaved([impl], c, block_sizes)[impl]
-
-
-def profile(c: Case, backend: str, directory: pathlib.Path) -> str:
-    """One fwd+bwd of a Mosaic GPU variant with the in-kernel profiler on (kernels/mgpu_profile.py):
-    a trace per kernel launch under directory/<case>/<backend>; returns their summary."""
-    out = directory / c.name.replace("/", "_") / backend
+def profile(c: Case, directory: pathlib.Path) -> str:
+    """One fwd+bwd of the Mosaic kernels with the in-kernel profiler on (kernels/mgpu_profile.py):
+    a trace per kernel launch under directory/<case>; returns their summary."""
+    out = directory / c.name.replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(c.head_dim), mgpu_profile_dir=str(out))
+    blocks = dataclasses.replace(MosaicBlockSizes.for_head_dim(c.head_dim), profile_dir=str(out))
     q, k, v, do, seg = _inputs(c)
-    attn = _attn_fn(f"ours:{backend}", c, seg, bs)  # applies the variant's flags to bs
+    attn = attention_fn(Impl.PALLAS_MOSAIC.value, c, seg, blocks)
     jax.block_until_ready(jax.jit(lambda q, k, v, do: jax.vjp(attn, q, k, v)[1](do))(q, k, v, do))
     jax.effects_barrier()  # the profiler writes its traces from host callbacks
     return mgpu_trace.format_summary(out)
 
 
-def sweep(c: Case, backend: str) -> list[dict]:
-    """Try a few tilings of one case; print and return them."""
+def sweep_options(impl: str, head_dim: int) -> list:
+    """A few tilings of one backend around its default."""
+    if impl == Impl.PALLAS_MOSAIC.value:
+        base = MosaicBlockSizes.for_head_dim(head_dim)
+        return [base, dataclasses.replace(base, block_kv=64),
+                dataclasses.replace(base, num_stages=3),
+                dataclasses.replace(base, num_stages_bwd=2)]
+    base = TritonBlockSizes.for_head_dim(head_dim)
+    return [base, dataclasses.replace(base, block_q=128, block_kv=128, num_warps=8),
+            dataclasses.replace(base, block_q=64, block_kv=64, num_warps=4),
+            dataclasses.replace(base, block_q_dq=128, block_kv_dq=64, block_q_dkv=64,
+                                block_kv_dkv=128, num_warps_bwd=8)]
+
+
+def sweep(c: Case, impl: str) -> list[dict]:
+    """Time each tiling of `sweep_options` on one case; print and return them."""
     rows = []
-    base = fa.BlockSizes.for_head_dim(c.head_dim)
-    options = [
-        base,
-        dataclasses.replace(base, mgpu_block_kv=64),
-        dataclasses.replace(base, mgpu_num_stages=3),
-        dataclasses.replace(base, mgpu_block_kv=64, mgpu_num_stages=3),
-    ] if backend == "mosaic_gpu" else [
-        base,  # the fused backward's tiles: at head_dim 128 only 64 x 64 fits shared memory;
-        dataclasses.replace(base, mgpu_num_stages_bwd=3),  # 3 stages: dq in 64-column halves
-        dataclasses.replace(base, mgpu_fused_pair_dq=True),
-        dataclasses.replace(base, mgpu_fused_pair_dq=True, mgpu_num_stages_bwd=3),
-    ] if backend.startswith("mosaic_gpu_fused") else [
-        base,
-        dataclasses.replace(base, block_q=128, block_kv=128, num_warps=8),
-        dataclasses.replace(base, block_q=64, block_kv=64, num_warps=4),
-        dataclasses.replace(base, num_stages=3),
-        dataclasses.replace(base, block_q_dq=128, block_kv_dq=64, block_q_dkv=64,
-                            block_kv_dkv=128, num_warps_bwd=8),
-        dataclasses.replace(base, block_q_dq=64, block_kv_dq=32, block_q_dkv=32,
-                            block_kv_dkv=64, num_warps_bwd=4),
-    ]
-    for bs in options:
-        f, fb, _, err = measure(f"ours:{backend}", c, bs)
-        print(f"sweep {c.name} {bs}: fwd {f} fwd+bwd {fb} {err}", flush=True)
-        rows.append(dict(block_sizes=dataclasses.asdict(bs), fwd=f, fwd_bwd=fb, error=err))
+    for blocks in sweep_options(impl, c.head_dim):
+        f, fb, _, err = measure_interleaved([impl], c, blocks)[impl]
+        print(f"sweep {c.name} {blocks}: fwd {f} fwd+bwd {fb} {err}", flush=True)
+        rows.append(dict(blocks=dataclasses.asdict(blocks), fwd=f, fwd_bwd=fb, error=err))
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=pathlib.Path,
-                        default=pathlib.Path(__file__).parent / "results")
+def case_rows(c: Case, results: dict) -> list[dict]:
+    """Rows of one case: the best of ours by fwd+bwd against cuDNN and XLA, fwd and fwd+bwd."""
+    ours = [i for i in results if i.startswith("pallas") and results[i][1] is not None]
+    best = max(ours, key=lambda i: results[i][1], default=None)
+    rows = []
+    for metric, idx, target in (("fwd TF/s", 0, None), ("fwd+bwd TF/s", 1, c.target_fwd_bwd)):
+        for base in ("cudnn", "xla"):
+            rows.append(common.row(c.name, metric, results[best][idx] if best else None, base,
+                                   results[base][idx],
+                                   target=target if base == "cudnn" else None, ours_impl=best,
+                                   note=results[base][3] or None))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path, default=common.RESULTS)
     parser.add_argument("--commit", default="")
-    parser.add_argument("--backends", default="")
+    parser.add_argument("--impls", default="pallas_mosaic,pallas_triton")
     parser.add_argument("--quick", action="store_true", help="first two cases only")
     parser.add_argument("--cases", default="",
                         help="comma-separated substrings: run the cases whose name has one")
-    parser.add_argument("--sweep", default="", help="backends (comma-separated) to tile-sweep")
-    parser.add_argument("--profile", type=pathlib.Path, default=None,
-                        help="instead of timing: run each Mosaic variant's fwd+bwd once with the "
-                             "in-kernel profiler, traces under this folder, and print summaries")
-    args = parser.parse_args()
-    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                           capture_output=True, text=True).stdout.strip()
-    backends = (args.backends.split(",") if args.backends
-                else [*(b.value for b in fa.Backend if not b.interpreted),
-                      "mosaic_gpu+nopp+nogrp+noseg"])
-    cases = CASES[:2] if args.quick else CASES
+    parser.add_argument("--sweep", default="", help="implementations to tile-sweep (4K causal)")
+    parser.add_argument("--profile", type=pathlib.Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="one tiny case on the CPU")
+    args = parser.parse_args(argv)
+    impls = args.impls.split(",")
+    unknown = set(impls) - {Impl.PALLAS_MOSAIC.value, Impl.PALLAS_TRITON.value}
+    if unknown:
+        parser.error(f"--impls: unknown {sorted(unknown)}; choose from pallas_mosaic, "
+                     f"pallas_triton")
+    cases = [SMOKE] if args.smoke else CASES[:2] if args.quick else CASES
     if args.cases:
         cases = [c for c in cases if any(part in c.name for part in args.cases.split(","))]
-    for b in backends:
-        variant_overrides(b)  # fail before any timing on a misspelt variant
     if args.profile:
         for c in cases:
-            for b in backends:
-                if not b.startswith("mosaic_gpu"):
-                    continue
-                try:
-                    summary = profile(c, b, args.profile)
-                except Exception as e:  # noqa: BLE001 -- e.g. no shared memory left for it
-                    summary = f"failed: {type(e).__name__}: {str(e)[:300]}"
-                print(f"== {c.name} {b}\n{summary}", flush=True)
+            try:
+                summary = profile(c, args.profile)
+            except Exception as e:  # noqa: BLE001 -- e.g. no shared memory left for it
+                summary = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            print(f"== {c.name}\n{summary}", flush=True)
         return
-    rows, table, extra = [], [], {}
-    doc = dict(benchmark="attention", date=datetime.date.today().isoformat(),
-               device=jax.devices()[0].device_kind, jax_version=jax.__version__, commit=commit,
-               rows=rows, errors=extra)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"attention-{doc['date']}.json"
+    doc = common.jax_envelope("attention", commit=args.commit, errors={})
+    table = []
     for c in cases:
-        impls = [*(f"ours:{b}" for b in backends), "cudnn"]
-        if c.seq <= 8192:
-            impls.append("xla")
-        results = measure_interleaved(impls, c)
+        runs = [*impls, "cudnn"] + (["xla"] if c.seq <= 8192 else [])
+        results = measure_interleaved(runs, c, reps=2 if args.smoke else 5)
         if c.seq > 8192:
             results["xla"] = (None, None, None, "skipped: dense scores exceed memory")
         for impl, r in results.items():
             print(c.name, impl, r[:2], r[3], flush=True)
         ref_out = results["cudnn"][2] if results["cudnn"][2] is not None else results["xla"][2]
-        ours = [i for i in results if i.startswith("ours") and results[i][1] is not None]
-        best = max(ours, key=lambda i: results[i][1], default=None)
-        for impl in ours:
-            if ref_out is not None and c.softcap is None:
+        for impl in impls:
+            if ref_out is not None and c.softcap is None and results[impl][2] is not None:
                 err = float(jnp.max(jnp.abs(results[impl][2].astype(jnp.float32)
                                             - ref_out.astype(jnp.float32))))
                 print(f"{c.name} {impl}: max |ours - baseline| = {err:.3e}", flush=True)
-        for metric, idx, target in (("fwd TF/s", 0, None), ("fwd+bwd TF/s", 1, c.target_fwd_bwd)):
-            for base in ("cudnn", "xla"):
-                b = results[base][idx]
-                o = results[best][idx] if best else None
-                rows.append(dict(case=c.name, metric=metric, ours=o, ours_impl=best,
-                                 baseline_name=base, baseline=b,
-                                 ratio=(o / b) if (o and b) else None,
-                                 target=target if base == "cudnn" else None,
-                                 note=results[base][3] or None))
-            table.append((c.name, metric, {i: r[idx] for i, r in results.items()}))
-        extra[c.name] = {i: r[3] for i, r in results.items() if r[3]}
-        path.write_text(json.dumps(doc, indent=1))  # after every case: partial runs keep data
+        doc["rows"] += case_rows(c, results)
+        table += [(c.name, metric, {i: r[idx] for i, r in results.items()})
+                  for metric, idx in (("fwd TF/s", 0), ("fwd+bwd TF/s", 1))]
+        doc["errors"][c.name] = {i: r[3] for i, r in results.items() if r[3]}
+        path = common.write(doc, args.out)
     if args.sweep:
-        extra["sweep"] = [sweep(CASES[1], b) for b in args.sweep.split(",")]
-    path.write_text(json.dumps(doc, indent=1))
-    impls = sorted({i for _, _, r in table for i in r})
-    print(f"\n{doc['device']}, jax {doc['jax_version']}, commit {commit}; TF/s (useful FLOPs)")
-    print(f"{'case':34s} {'metric':13s} " + " ".join(f"{i:>14s}" for i in impls))
+        doc["sweep"] = [sweep(CASES[1], impl) for impl in args.sweep.split(",")]
+        path = common.write(doc, args.out)
+    names = sorted({i for _, _, r in table for i in r})
+    print(f"\n{doc['device']}, jax {doc['versions']['jax']}, commit {doc['commit']}; TF/s "
+          f"(useful FLOPs)")
+    print(f"{'case':34s} {'metric':13s} " + " ".join(f"{i:>14s}" for i in names))
     for name, metric, r in table:
-        cells = " ".join(f"{r[i]:14.1f}" if r.get(i) else f"{'-':>14s}" for i in impls)
+        cells = " ".join(f"{r[i]:14.1f}" if r.get(i) else f"{'-':>14s}" for i in names)
         print(f"{name:34s} {metric:13s} {cells}")
+    print(common.markdown_table(doc["rows"]))
     print(f"wrote {path}")
 
 

@@ -9,25 +9,21 @@ subprocess). Usage: .venv/bin/python benchmarks/cpu_train_step.py [--batch 4 --s
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import pathlib
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import common  # a sibling: benchmarks/ is on the path when a benchmark runs
+from fastlora_jax import FastLanguageModel
+from fastlora_jax.testing.refenv import run_reference
+from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
 
-from fastlora_jax import FastLanguageModel  # noqa: E402
-from fastlora_jax.train.step import StepConfig, make_optimizer, train_step  # noqa: E402
-from tests.refenv import run_reference  # noqa: E402
+REPO = common.REPO
 
 TORCH_STEP = """
 import time, torch
@@ -50,13 +46,10 @@ OUTPUTS["times"] = np.array(times[ARGS["warmup"]:])
 OUTPUTS["threads"] = np.array(torch.get_num_threads())
 """
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int) -> list[float]:
     model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16,
-                                             use_gradient_checkpointing=False)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
     cfg = StepConfig(model=model.config, lora=model.lora_spec, remat=False)
     opt = make_optimizer(learning_rate=1e-4, warmup_steps=0, total_steps=1000, max_grad_norm=None)
     lora = jax.tree.map(jnp.copy, model.lora_params())
@@ -88,32 +81,24 @@ def main() -> None:
     args = parser.parse_args()
     ids = np.random.default_rng(0).integers(0, 49152, size=(args.batch, args.seq)).astype(np.int64)
     ours_t = statistics.median(ours(args.model, ids, args.warmup, args.steps))
-    ref = run_reference(TORCH_STEP, {"ids": ids}, model=str(args.model), targets=TARGETS,
+    ref = run_reference(TORCH_STEP, {"ids": ids}, model=str(args.model),
+                        targets=list(common.LORA_TARGETS),
                         warmup=args.warmup, steps=args.steps)
     theirs_t = float(np.median(ref["times"]))
     tokens = args.batch * args.seq
     case = f"SmolLM2-135M fp32 LoRA r16 all-proj, batch {args.batch}x{args.seq}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip()
-    result = {
-        "benchmark": "cpu_train_step", "date": datetime.date.today().isoformat(),
-        "device": f"CPU {platform.processor() or platform.machine()}, {jax.device_count()} JAX "
-                  f"device(s), torch threads {int(ref['threads'])}",
-        "jax_version": jax.__version__, "commit": commit,
-        "rows": [
-            {"case": case, "metric": "median step time (s)", "ours": ours_t,
-             "baseline_name": "HF transformers + PEFT (torch CPU)", "baseline": theirs_t,
-             "ratio": theirs_t / ours_t, "target": 1.0},
-            {"case": case, "metric": "tokens/s", "ours": tokens / ours_t,
-             "baseline_name": "HF transformers + PEFT (torch CPU)", "baseline": tokens / theirs_t,
-             "ratio": theirs_t / ours_t, "target": 1.0},
-        ]}
-    out = REPO / "benchmarks" / "results" / f"cpu_train_step-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\n| case | metric | ours | HF+PEFT | ratio (higher = ours faster) |\n|---|---|---|---|---|")
-    for row in result["rows"]:
-        print(f"| {row['case']} | {row['metric']} | {row['ours']:.3f} | {row['baseline']:.3f} | "
-              f"{row['ratio']:.2f}x |")
+    result = common.envelope(
+        "cpu_train_step",
+        device=f"CPU {platform.processor() or platform.machine()}, {jax.device_count()} JAX "
+               f"device(s), torch threads {int(ref['threads'])}",
+        versions={"jax": jax.__version__})
+    base = "HF transformers + PEFT (torch CPU)"
+    result["rows"] = [
+        common.row(case, "median step time (s)", ours_t, base, theirs_t, higher_is_better=False,
+                   target=1.0),
+        common.row(case, "tokens/s", tokens / ours_t, base, tokens / theirs_t, target=1.0)]
+    out = common.write(result)
+    print(common.markdown_table(result["rows"]))
     print(f"wrote {out}")
 
 

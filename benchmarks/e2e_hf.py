@@ -22,12 +22,7 @@ import time
 
 import torch
 
-LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192,
-             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+import common  # a sibling (standard library only): benchmarks/ is on the path when this runs
 DEVICE = "cuda"  # --device cpu runs the same code on a tiny --config (the CPU smoke test)
 
 
@@ -84,7 +79,8 @@ def build(config: dict, quant: str, rank: int, alpha: float) -> torch.nn.Module:
     model.enable_input_require_grads()
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+                                             target_modules=list(common.LORA_TARGETS),
+                                             task_type="CAUSAL_LM"))
     model.train()
     return model
 
@@ -164,18 +160,18 @@ def main() -> None:
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
-    config = json.loads(args.config) if args.config else LLAMA3_8B
+    config = json.loads(args.config) if args.config else common.LLAMA3_8B
     t0 = time.perf_counter()
     model = build(config, args.quant, args.rank, args.alpha)
     result = {"name": f"hf_peft_{args.quant}", "setup_s": time.perf_counter() - t0,
-              "torch": torch.__version__,
               "lora_layer_types": sorted({f"{type(m).__module__}.{type(m).__name__}"
                                           for n, m in model.named_modules()
                                           if n.endswith(("q_proj", "down_proj"))})}
     import peft
     import transformers
 
-    result["versions"] = {"transformers": transformers.__version__, "peft": peft.__version__}
+    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "peft": peft.__version__}
     if args.quant == "nf4":
         import bitsandbytes
 

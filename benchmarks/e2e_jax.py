@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -24,26 +22,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+import common  # a sibling: benchmarks/ is on the path when a benchmark runs
+import e2e_plain_xla as px
 from fastlora_jax import ModelConfig, ops
-from fastlora_jax.api import is_projection
 from fastlora_jax.lora import LoraConfig, init_lora, resolve
 from fastlora_jax.lora.layer import lora_project, with_constants
 from fastlora_jax.models import decoder
-from fastlora_jax.models.registry import family_for
+from fastlora_jax.models.decoder import is_projection
+from fastlora_jax.models.registry import config_from_hf, family_for
 from fastlora_jax.models.rope import apply_rope, cos_sin
 from fastlora_jax.quant import stack
 from fastlora_jax.quant.nf4_device import quantize_nf4_on_device
 from fastlora_jax.train.loss import IGNORE, cross_entropy_sum
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
 
-LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192,
-             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=128, intermediate_size=256,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 RANK, ALPHA, LR = 16, 16.0, 2e-4
 
 
@@ -146,14 +138,11 @@ def timed_steps(step: Callable, lora: Any, state: Any, steps: int, warmup: int) 
 def run_plain_xla(raw: dict, args: argparse.Namespace) -> dict:
     import optax
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import e2e_plain_xla as px
-
     t0 = time.perf_counter()
     frozen, lora = px.init(raw, jax.random.key(0), RANK)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=0.0))
     state = opt.init(lora)
-    config = ModelConfig.from_hf_config(raw)
+    config = config_from_hf(raw)
     b = make_batch(config, args.accumulation, args.micro_batch, args.seq)
     jax.block_until_ready((frozen, lora))
     setup_s = time.perf_counter() - t0
@@ -325,8 +314,8 @@ def main() -> None:
     parser.add_argument("--verify-seq", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a small model (CPU smoke test)")
     args = parser.parse_args()
-    raw = TINY if args.tiny else LLAMA3_8B
-    config = ModelConfig.from_hf_config(raw)
+    raw = common.TINY_LLAMA if args.tiny else common.LLAMA3_8B
+    config = config_from_hf(raw)
     start = time.perf_counter()
     if args.run == "ours":
         result = run_ours(config, args)
@@ -337,7 +326,7 @@ def main() -> None:
     else:
         result = run_profile(config, args)
     result.update(name=args.name or args.run, wall_s=time.perf_counter() - start,
-                  device=str(jax.devices()[0].device_kind), jax_version=jax.__version__,
+                  device=str(jax.devices()[0].device_kind), versions={"jax": jax.__version__},
                   settings={k: v for k, v in vars(args).items() if k not in ("run", "name")})
     print(json.dumps(result))
 

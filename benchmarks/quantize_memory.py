@@ -11,7 +11,6 @@ Usage: .venv/bin/python benchmarks/quantize_memory.py --dir /tmp/llama8b-synthet
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import subprocess
@@ -21,12 +20,10 @@ import time
 import ml_dtypes
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-CONFIG = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-          "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-          "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
-          "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-          "torch_dtype": "bfloat16"}
+import common  # a sibling: benchmarks/ is on the path when a benchmark runs
+
+REPO = common.REPO
+CONFIG = dict(common.LLAMA3_8B, torch_dtype="bfloat16")
 
 CHILD = """
 import json, sys, time
@@ -46,17 +43,16 @@ size = 0
 for leaf in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "codes")):
     size += nbytes(leaf) if hasattr(leaf, "codes") else leaf.nbytes
 print(json.dumps({"peak_rss": current_rss()["VmHWM"], "baseline_rss": base,
-                  "model_bytes": size, "seconds": elapsed}))
+                  "model_bytes": size, "seconds": elapsed, "jax_version": jax.__version__}))
 """
 
 
 def layer_tensors(rng: np.random.Generator, i: int) -> dict[str, np.ndarray]:
-    H, I, kv = CONFIG["hidden_size"], CONFIG["intermediate_size"], 8 * 128
-    shapes = {"self_attn.q_proj.weight": (H, H), "self_attn.k_proj.weight": (kv, H),
-              "self_attn.v_proj.weight": (kv, H), "self_attn.o_proj.weight": (H, H),
-              "mlp.gate_proj.weight": (I, H), "mlp.up_proj.weight": (I, H),
-              "mlp.down_proj.weight": (H, I), "input_layernorm.weight": (H,),
-              "post_attention_layernorm.weight": (H,)}
+    H = CONFIG["hidden_size"]
+    shapes = {f"{'mlp' if name in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}."
+              f"{name}.weight": (n, k)
+              for name, (k, n) in common.projection_shapes(CONFIG).items()}
+    shapes.update({"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)})
     return {f"model.layers.{i}.{k}": (rng.standard_normal(s, np.float32) * 0.02)
             .astype(ml_dtypes.bfloat16) for k, s in shapes.items()}
 
@@ -114,24 +110,18 @@ def main() -> None:
     child = json.loads(out.stdout.strip().splitlines()[-1])
     gib = 2 ** 30
     bound = child["model_bytes"] + layer_bytes + child["baseline_rss"]
-    rows = [
-        {"case": f"Llama-3-8B shapes, {args.layers} layers, bf16 -> NF4", "metric": "peak RSS (GiB)",
-         "ours": child["peak_rss"] / gib, "baseline_name": "bf16 checkpoint size",
-         "baseline": ckpt_bytes / gib, "ratio": ckpt_bytes / child["peak_rss"],
-         "target": "peak <= quantized model + one bf16 layer + baseline RSS"},
-    ]
-    result = {"benchmark": "quantize_memory", "date": datetime.date.today().isoformat(),
-              "device": "CPU (2 cores, 24 GiB)", "jax_version": __import__("jax").__version__,
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                       capture_output=True, text=True).stdout.strip(),
-              "rows": rows,
-              "details": {"quantized_model_gib": child["model_bytes"] / gib,
-                          "one_layer_bf16_gib": layer_bytes / gib,
-                          "baseline_rss_gib": child["baseline_rss"] / gib,
-                          "bound_gib": bound / gib, "load_seconds": child["seconds"],
-                          "within_bound": child["peak_rss"] <= bound}}
-    path = REPO / "benchmarks" / "results" / f"quantize_memory-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
+    result = common.envelope(
+        "quantize_memory", device="CPU (2 cores, 24 GiB)",
+        versions={"jax": child["jax_version"]},
+        details={"quantized_model_gib": child["model_bytes"] / gib,
+                 "one_layer_bf16_gib": layer_bytes / gib,
+                 "baseline_rss_gib": child["baseline_rss"] / gib, "bound_gib": bound / gib,
+                 "load_seconds": child["seconds"], "within_bound": child["peak_rss"] <= bound})
+    result["rows"] = [common.row(
+        f"Llama-3-8B shapes, {args.layers} layers, bf16 -> NF4", "peak RSS (GiB)",
+        child["peak_rss"] / gib, "bf16 checkpoint size", ckpt_bytes / gib,
+        higher_is_better=False, target="peak <= quantized model + one bf16 layer + baseline RSS")]
+    path = common.write(result)
     print(json.dumps(result["details"], indent=2))
     print(f"peak RSS {child['peak_rss'] / gib:.2f} GiB vs bf16 checkpoint {ckpt_bytes / gib:.2f} "
           f"GiB; bound {bound / gib:.2f} GiB; wrote {path}")

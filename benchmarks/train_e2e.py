@@ -21,7 +21,7 @@ Usage (GPU machine, from the repo root after installing the package):
   python3 benchmarks/train_e2e.py --merge DIR1/train_e2e-raw.json DIR2/... # one report from several
   python3 benchmarks/train_e2e.py --tiny --hf-python .refenv/bin/python   # CPU smoke test
 Writes train_e2e-raw.json (every run's output, after each run) and, once every part is there,
-train_e2e-<date>.json (DESIGN.md's row shape) and train_e2e-<date>.png into --out.
+train_e2e-<date>.json (common.py's envelope and rows) and train_e2e-<date>.png into --out.
 
 Useful MFU = (4 N_frozen + 6 N_lora + A) x tokens/s / 766e12, with N_frozen the frozen matmul
 parameters (decoder projections + lm_head; the embedding lookup does no matmul), 4 = forward +
@@ -33,21 +33,18 @@ input-gradient matmuls, 6 = forward + both gradients for LoRA, and A the attenti
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import pathlib
 import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-PEAK_FLOPS = 766e12
+import common  # a sibling: benchmarks/ is on the path when a benchmark runs
+
+REPO = common.REPO
+PEAK_FLOPS = common.H200_BF16_FLOPS
 GIB = 2.0 ** 30
-TINY_HF = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
-           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "head_dim": 32, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-           "rope_theta": 500000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-           "attention_bias": False, "mlp_bias": False}
+TARGET = common.TARGETS
 HF_CTX_LENGTHS = "16384,32768,65536,98304,131072,196608"
 OURS_CTX_LENGTHS = "131072,262144,393216,524288"
 ALL_PARTS = ("ours_fast", "ours_lean", "ours_dots", "ours_bf16", "plain_xla", "hf_nf4",
@@ -63,7 +60,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
              "--seq", str(args.seq)]
     timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     tiny_j = ["--tiny"] if args.tiny else []
-    tiny_h = ["--device", "cpu", "--config", json.dumps(TINY_HF)] if args.tiny else []
+    tiny_h = ["--device", "cpu", "--config", json.dumps(common.TINY_LLAMA)] if args.tiny else []
     chunk_all = str(args.micro_batch * args.seq)
     return {
         "ours_fast": jaxpy + ["--run", "ours", "--quant", "nf4", "--remat", "none",
@@ -126,19 +123,16 @@ def rows(raw: dict, cfg: dict, seq: int) -> list[dict]:
 
     def row(case: str, metric: str, ours: float | None, base_name: str, base: float | None,
             higher_is_better: bool, target: float | str | None) -> dict:
-        ratio = None
-        if ours and base:
-            ratio = ours / base if higher_is_better else base / ours
-        return {"case": case, "metric": metric, "ours": ours, "baseline_name": base_name,
-                "baseline": base, "ratio": ratio, "target": target}
+        return common.row(case, metric, ours, base_name, base,
+                          higher_is_better=higher_is_better, target=target)
 
     hf4, hf16, px = "HF transformers + PEFT + bitsandbytes NF4", "HF transformers + PEFT bf16", \
         "plain-XLA JAX bf16 step (hand-written, cuDNN)"
     out = [
         row("fast: NF4, no remat", "tokens/s", get("ours_fast", "tokens_per_s"), hf4,
-            get("hf_nf4", "tokens_per_s"), True, 2.2),
+            get("hf_nf4", "tokens_per_s"), True, TARGET["e2e tokens/s vs HF"]),
         row("fast: NF4, no remat", "tokens/s", get("ours_fast", "tokens_per_s"), px,
-            get("plain_xla", "tokens_per_s"), True, 1.15),
+            get("plain_xla", "tokens_per_s"), True, TARGET["e2e tokens/s vs plain XLA"]),
         row("lean: NF4, offload remat, chunked loss", "tokens/s",
             get("ours_lean", "tokens_per_s"), hf4, get("hf_nf4", "tokens_per_s"), True, None),
         row("NF4, dots-saveable remat", "tokens/s", get("ours_dots", "tokens_per_s"), px,
@@ -149,7 +143,7 @@ def rows(raw: dict, cfg: dict, seq: int) -> list[dict]:
             _gib(get("hf_nf4", "peak_bytes")), False, None),
         row("lean: NF4, offload remat, chunked loss", "peak HBM (GiB)",
             _gib(get("ours_lean", "peak_bytes")), hf4, _gib(get("hf_nf4", "peak_bytes")), False,
-            2.0),
+            TARGET["e2e lean memory vs HF"]),
         row("bf16 LoRA, no remat", "tokens/s", get("ours_bf16", "tokens_per_s"), hf16,
             get("hf_bf16", "tokens_per_s"), True, None),
         row("bf16 LoRA, no remat", "peak HBM (GiB)", _gib(get("ours_bf16", "peak_bytes")), hf16,
@@ -157,7 +151,7 @@ def rows(raw: dict, cfg: dict, seq: int) -> list[dict]:
         row("plain-XLA bf16 (calibration)", "tokens/s", get("plain_xla", "tokens_per_s"), hf16,
             get("hf_bf16", "tokens_per_s"), True, None),
         row("fast: NF4, no remat", "first-step compile (s)", get("ours_fast", "compile_s"), px,
-            get("plain_xla", "compile_s"), False, "<= 30 s"),
+            get("plain_xla", "compile_s"), False, f"<= {TARGET['e2e compile s']:.0f} s"),
     ]
     for part, base in (("ours_fast", "hf_nf4"), ("ours_bf16", "hf_bf16")):
         lp = raw.get(part, {}).get("lora_params")
@@ -167,11 +161,12 @@ def rows(raw: dict, cfg: dict, seq: int) -> list[dict]:
                            f * get(part, "tokens_per_s") / PEAK_FLOPS,
                            hf4 if base == "hf_nf4" else hf16,
                            f * get(base, "tokens_per_s") / PEAK_FLOPS, True,
-                           0.66 if part == "ours_fast" else None))
+                           TARGET["e2e MFU"] if part == "ours_fast" else None))
     ctx_ours = raw.get("ctx_ours", {}).get("max_fits")
     ctx_hf = raw.get("ctx_hf", {}).get("max_fits")
     out.append(row("max context, batch 1 (lean vs HF NF4 + grad. checkpointing)",
-                   "tokens", ctx_ours, hf4, ctx_hf, True, ">= 524288 tokens"))
+                   "tokens", ctx_ours, hf4, ctx_hf, True,
+                   f">= {TARGET['e2e max context tokens']} tokens"))
     return out
 
 
@@ -208,36 +203,28 @@ def plot(raw: dict, path: pathlib.Path, title: str) -> None:
 
 
 def report(raw: dict, out: pathlib.Path, args: argparse.Namespace) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from e2e_jax import LLAMA3_8B
-
-    cfg = LLAMA3_8B if not args.tiny else TINY_HF
-    date = datetime.date.today().isoformat()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=REPO).stdout.strip() or args.commit
+    cfg = common.TINY_LLAMA if args.tiny else common.LLAMA3_8B
     device = next((r.get("device") for r in raw.values() if r.get("device")), "unknown")
-    jaxv = next((r.get("jax_version") for r in raw.values() if r.get("jax_version")), "")
+    jax_versions = next((r["versions"] for r in raw.values() if "jax" in r.get("versions", {})),
+                        {})
     hf = raw.get("hf_nf4", {})
-    result = {"benchmark": "train_e2e", "date": date, "device": device, "jax_version": jaxv,
-              "commit": args.commit or commit,
-              "versions": dict(hf.get("versions", {}), torch=hf.get("torch")),
-              "setup": f"Llama-3-8B shapes, random weights; LoRA r16 a16 on 7 projections; seq "
-                       f"{args.seq}, micro-batch {args.micro_batch} x accumulation "
-                       f"{args.accumulation}; median of {args.steps} steps after {args.warmup}",
-              "mfu_formula": "(4 N_frozen + 6 N_lora + 3.5*4*head_dim*heads*layers*(seq+1)/2) "
-                             "* tokens/s / 766e12",
-              "rows": rows(raw, cfg, args.seq)}
+    result = common.envelope(
+        "train_e2e", device=device, versions={**jax_versions, **hf.get("versions", {})},
+        commit=args.commit,
+        setup=f"Llama-3-8B shapes, random weights; LoRA r16 a16 on 7 projections; seq "
+              f"{args.seq}, micro-batch {args.micro_batch} x accumulation {args.accumulation}; "
+              f"median of {args.steps} steps after {args.warmup}",
+        mfu_formula="(4 N_frozen + 6 N_lora + 3.5*4*head_dim*heads*layers*(seq+1)/2) "
+                    "* tokens/s / 766e12")
+    result["rows"] = rows(raw, cfg, args.seq)
     if raw.get("profile", {}).get("parts_s") and raw.get("ours_fast", {}).get("step_s"):
         parts = dict(raw["profile"]["parts_s"])
         step = raw["ours_fast"]["step_s"]
         parts["other (optimizer, scan, copies, gaps)"] = step - sum(parts.values())
         result["profile_fast_step_s"] = {"step_s": step, "parts_s": parts}
-    (out / f"train_e2e-{date}.json").write_text(json.dumps(result, indent=2))
-    print("\n| case | metric | ours | baseline | ratio | target |\n|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        fmt = lambda v: "—" if v is None else (f"{v:,.3g}" if v < 100 else f"{v:,.0f}")  # noqa
-        print(f"| {r['case']} | {r['metric']} | {fmt(r['ours'])} | {r['baseline_name']}: "
-              f"{fmt(r['baseline'])} | {fmt(r['ratio'])}x | {r['target'] or '—'} |")
+    common.write(result, out)
+    date = result["date"]
+    print("\n" + common.markdown_table(result["rows"]))
     if "profile_fast_step_s" in result:
         p = result["profile_fast_step_s"]
         print(f"\nfast step {p['step_s']:.3f} s:")

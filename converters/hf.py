@@ -1,9 +1,11 @@
 """Read a Hugging Face checkpoint folder (config.json + safetensors, single or sharded).
 
-Tensors stream one at a time from disk; each is checked (name, dtype, shape), converted (dtype
-cast, or quantized by `convert`) and put in place, so host memory holds the model as it will be kept
+Tensors stream one at a time from disk; each is checked (name, dtype, shape), converted (a dtype
+cast, or, with `quantize`, the decoder projections quantized one layer at a time by
+`fastlora_jax.quant.quantize`) and put in place, so host memory holds the model as it will be kept
 plus about one tensor, never the checkpoint. Nothing larger than `chunk_bytes` is held whole on the
-host beyond what `convert` needs (see converters/chunks.py for why whole-tensor reads cost 3x):
+host beyond one layer of a quantized projection (see converters/chunks.py for why whole-tensor
+reads cost 3x):
 - a tensor is read through its own short-lived safetensors handle, in row chunks when large, so the
   memory-mapped pages it touched are released as soon as it is read;
 - an unstacked parameter (embeddings, final norm, lm_head) larger than `chunk_bytes` is converted
@@ -22,7 +24,7 @@ import json
 import logging
 import pathlib
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,9 @@ from fastlora_jax.converters.chunks import (CHUNK_BYTES, device_zeros, read_rows
                                             row_chunks, write_rows)
 from fastlora_jax.converters.names import hf_to_path, path_to_hf
 from fastlora_jax.errors import CheckpointError, ConfigError
-from fastlora_jax.models.decoder import ParamSpec, Params, param_specs, set_path
+from fastlora_jax.quant import QuantKind, from_bnb_4bit, from_bnb_int8, quantize as quantize_weight
+from fastlora_jax.models.decoder import ParamSpec, Params, is_projection, param_specs, set_path
+from fastlora_jax.models.registry import config_from_hf
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +48,6 @@ FLOAT_DTYPES = {"F32": np.float32, "BF16": "bfloat16", "F16": np.float16}
 MISSING_SHOWN = 8  # missing tensor names an error lists before "and N more"
 CONVERT_BIN = ("convert it once in a PyTorch environment: AutoModelForCausalLM.from_pretrained("
                "DIR).save_pretrained(OUT) with transformers writes model.safetensors")
-
-# (spec, numpy array in the file's dtype) -> leaf to store (array or QTensor). A stacked
-# parameter's hook sees one whole layer [*layer_shape]; an unstacked one larger than `chunk_bytes`
-# arrives in row chunks [rows, *layer_shape[1:]] and must return an array of the same rows (a dtype
-# cast, as both built-in hooks do).
-Convert = Callable[[ParamSpec, np.ndarray], Any]
 
 
 def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -76,7 +74,7 @@ def read_config(path: str | pathlib.Path) -> tuple[ModelConfig, dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{str(source)!r} is not valid JSON ({err}); re-download or "
                               f"re-save the checkpoint") from None
-    return ModelConfig.from_hf_config(raw, source=str(source)), raw
+    return config_from_hf(raw, source=str(source)), raw
 
 
 def weight_files(folder: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:
@@ -174,8 +172,6 @@ _BNB_PART = re.compile(r"^(.*\.weight)\.(absmax|quant_map|nested_absmax|nested_q
 
 def _quantized_leaf(group: dict[str, np.ndarray], weight_name: str, dtype: Any) -> Any | None:
     """A QTensor once every part of one pre-quantized weight has been read, else None."""
-    from fastlora_jax.quant import from_bnb_4bit, from_bnb_int8
-
     if "weight" not in group:
         return None
     if "SCB" in group:
@@ -191,20 +187,23 @@ def _quantized_leaf(group: dict[str, np.ndarray], weight_name: str, dtype: Any) 
 
 
 def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
-                convert: Convert | None = None, chunk_bytes: int = CHUNK_BYTES) -> Params:
+                quantize: QuantKind | None = None, chunk_bytes: int = CHUNK_BYTES) -> Params:
     """Stream every tensor of the checkpoint into our parameter tree (see module doc).
 
-    Float tensors are cast to `dtype` (or passed to `convert`); bitsandbytes 4-bit / 8-bit
-    weights are assembled into QTensors as stored, without requantizing. `chunk_bytes` (bytes,
-    > 0) bounds the pieces larger tensors are read and moved in; it does not change the result.
+    Float tensors are cast to `dtype`; with `quantize`, the decoder projections
+    (`models.decoder.is_projection`) are quantized to that kind instead, dequantizing to `dtype`.
+    bitsandbytes 4-bit / 8-bit weights are assembled into QTensors as stored, without
+    requantizing. `chunk_bytes` (bytes, > 0) bounds the pieces larger tensors are read and moved
+    in; it does not change the result.
     """
     if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes <= 0:
         raise ConfigError(f"chunk_bytes={chunk_bytes!r} must be a positive number of bytes")
+    if quantize is not None and not isinstance(quantize, QuantKind):
+        raise ConfigError(f"quantize={quantize!r} must be a QuantKind or None")
     folder = checkpoint_dir(folder)
     check_layer_count(folder, config)
     specs = {spec.path: spec for spec in param_specs(config)}
     np_dtype = jnp.dtype(dtype)
-    convert = convert or (lambda spec, a: a.astype(np_dtype, copy=False))
     pending: dict[tuple[str, ...], tuple[Any, list[bool]]] = {}
     filled: dict[tuple[str, ...], int] = {}
     quant_groups: dict[str, dict[str, np.ndarray]] = {}
@@ -290,10 +289,13 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
         itemsize = jnp.dtype(FLOAT_DTYPES[file_dtype]).itemsize
         if spec.stacked:
             array = read_whole(file, name, shape, itemsize, chunk_bytes)
-            leaf = convert(spec, array)
+            if quantize is not None and is_projection(spec):
+                leaf = quantize_weight(array, quantize, dtype=np_dtype.name)
+            else:
+                leaf = array.astype(np_dtype, copy=False)
             del array
         else:
-            leaf = _unstacked(file, name, spec, shape, itemsize, convert, chunk_bytes)
+            leaf = _unstacked(file, name, shape, itemsize, np_dtype, chunk_bytes)
         place(name, file, spec, layer, leaf)
         del leaf
     if quant_groups:
@@ -317,34 +319,27 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
     return params
 
 
-def _unstacked(file: pathlib.Path, name: str, spec: ParamSpec, shape: tuple[int, ...],
-               itemsize: int, convert: Convert, chunk_bytes: int) -> Any:
-    """Unstacked tensor `name` [*shape] converted and on the device, moved in row chunks if large."""
+def _unstacked(file: pathlib.Path, name: str, shape: tuple[int, ...], itemsize: int,
+               dtype: np.dtype, chunk_bytes: int) -> jax.Array:
+    """Unstacked tensor `name` [*shape] cast to `dtype` on the device, in row chunks if large."""
     chunks = row_chunks(shape, itemsize, chunk_bytes)
     if len(chunks) == 1:
-        return jax.device_put(convert(spec, read_rows(file, name)))
-    buffer = None
+        return jax.device_put(read_rows(file, name).astype(dtype, copy=False))
+    buffer = device_zeros(shape, dtype)
     for start, stop in chunks:
-        rows = convert(spec, read_rows(file, name, start, stop))
-        if not isinstance(rows, (np.ndarray, jax.Array)) or rows.shape[:1] != (stop - start,):
-            raise ConfigError(f"{str(file)!r}: the convert hook returned "
-                              f"{type(rows).__name__} {getattr(rows, 'shape', '')} for rows "
-                              f"{start}:{stop} of {name!r}; tensors over chunk_bytes arrive in "
-                              f"row chunks, so the hook must return an array of {stop - start} "
-                              f"rows (a dtype cast), or pass a larger chunk_bytes")
-        if buffer is None:
-            buffer = device_zeros((shape[0],) + rows.shape[1:], rows.dtype)
+        rows = read_rows(file, name, start, stop).astype(dtype, copy=False)
         buffer = write_rows(buffer, rows, start)
         del rows
     return buffer
 
 
 def load_checkpoint(folder: str | pathlib.Path, *, dtype: Any = jnp.float32,
-                    convert: Convert | None = None,
+                    quantize: QuantKind | None = None,
                     chunk_bytes: int = CHUNK_BYTES) -> tuple[ModelConfig, Params]:
-    """(ModelConfig, params) of a checkpoint folder; `chunk_bytes` as in `load_params`."""
+    """(ModelConfig, params) of a checkpoint folder; `quantize` and `chunk_bytes` as in
+    `load_params`."""
     config, _ = read_config(folder)
-    return config, load_params(folder, config, dtype=dtype, convert=convert,
+    return config, load_params(folder, config, dtype=dtype, quantize=quantize,
                                chunk_bytes=chunk_bytes)
 
 

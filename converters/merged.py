@@ -1,5 +1,10 @@
 """Merged export: a plain HF checkpoint (config.json, safetensors shards <= 5 GB with an index,
-tokenizer files) that transformers loads with `from_pretrained`."""
+tokenizer files) that transformers loads with `from_pretrained`.
+
+`save_pretrained_merged` is what `CausalLM.save_pretrained_merged` runs: adapters are folded into
+the frozen weights in float32 (quantized weights dequantized first), then rounded once to the
+export dtype; `save_merged` writes dense parameters as they are.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,15 @@ from safetensors.numpy import save_file
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.converters.atomic import atomic_folder
 from fastlora_jax.converters.names import path_to_hf
+from fastlora_jax.converters.peft import save_adapter
+from fastlora_jax.errors import ExportError
+from fastlora_jax.lora.layer import merge
+from fastlora_jax.lora.spec import LoraSpec
 from fastlora_jax.models.decoder import Params, get_path, param_specs
+from fastlora_jax.models.registry import config_to_hf
 
 SHARD_PATTERN = "model{suffix}.safetensors"
+SAVE_METHODS = ("merged_16bit", "lora")
 
 
 def hf_state_dict(config: ModelConfig, params: Params, dtype: Any) -> dict[str, np.ndarray]:
@@ -43,7 +54,7 @@ def save_merged(folder: str | pathlib.Path, config: ModelConfig, params: Params,
     split = split_state_dict_into_shards_factory(
         state, get_storage_size=lambda a: a.nbytes, filename_pattern=SHARD_PATTERN,
         max_shard_size=max_shard_size)
-    hf_config = config.to_hf_config()
+    hf_config = config_to_hf(config)
     dtype_name = jnp.dtype(dtype).name
     hf_config.pop("torch_dtype", None)
     hf_config.pop("quantization_config", None)  # the merged weights are dense
@@ -59,3 +70,25 @@ def save_merged(folder: str | pathlib.Path, config: ModelConfig, params: Params,
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return folder
+
+
+def save_pretrained_merged(folder: str | pathlib.Path, config: ModelConfig, frozen: Params,
+                           lora: Params | None, spec: LoraSpec | None, *,
+                           save_method: str = "merged_16bit", dtype: Any = None,
+                           tokenizer: Any = None, max_shard_size: int | str = "5GB",
+                           base_model_name_or_path: str | None = None,
+                           overwrite: bool = False) -> pathlib.Path:
+    """Unsloth's `save_pretrained_merged`: `merged_16bit` writes an HF checkpoint with the
+    adapters folded in, in `dtype` (default bfloat16, or float16 when the model computes in
+    float16); `lora` writes the PEFT adapter only (`peft.save_adapter`)."""
+    if save_method not in SAVE_METHODS:
+        raise ExportError(f"save_method={save_method!r} must be one of {list(SAVE_METHODS)}")
+    if save_method == "lora":
+        return save_adapter(folder, spec, lora, base_model_name_or_path=base_model_name_or_path,
+                            tokenizer=tokenizer, overwrite=overwrite)
+    compute = jnp.dtype(frozen["embed_tokens"]["weight"].dtype)
+    dtype = jnp.dtype(dtype) if dtype is not None else (
+        compute if compute == jnp.float16 else jnp.dtype(jnp.bfloat16))
+    params = merge(frozen, lora, spec, jnp.float32)  # quantized weights dense, adapters folded in
+    return save_merged(folder, config, params, dtype=dtype, tokenizer=tokenizer,
+                       max_shard_size=max_shard_size, overwrite=overwrite)

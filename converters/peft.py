@@ -18,9 +18,10 @@ from safetensors.numpy import save_file
 
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.converters.atomic import atomic_folder
-from fastlora_jax.errors import CheckpointError, ConfigError
+from fastlora_jax.errors import CheckpointError, ConfigError, ExportError
 from fastlora_jax.lora.spec import LoraConfig, LoraSpec, hf_module_name, resolve
-from fastlora_jax.models.decoder import Params
+from fastlora_jax.models.decoder import Params, param_specs
+from fastlora_jax.models.registry import family_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -81,10 +82,17 @@ def adapter_tensors(spec: LoraSpec, lora: Params) -> dict[str, np.ndarray]:
     return out
 
 
-def save_adapter(folder: str | pathlib.Path, spec: LoraSpec, lora: Params, *,
+def save_adapter(folder: str | pathlib.Path, spec: LoraSpec | None, lora: Params | None, *,
                  base_model_name_or_path: str | None, tokenizer: Any = None,
                  overwrite: bool = False) -> pathlib.Path:
-    """Write a PEFT adapter folder (with the tokenizer's files, if given) atomically."""
+    """Write a PEFT adapter folder (and the tokenizer's files, when given) atomically.
+
+    `spec` / `lora` None (a model without adapters) is an ExportError: there is nothing to save.
+    """
+    if spec is None or lora is None:
+        raise ExportError("the model has no adapter to save; call "
+                          "FastLanguageModel.get_peft_model(model, ...) first, or "
+                          "save_pretrained_merged for the full model")
     folder = pathlib.Path(folder)
     config = adapter_config_dict(spec, base_model_name_or_path)
     tensors = adapter_tensors(spec, lora)
@@ -139,12 +147,18 @@ def lora_config_from_peft(cfg: dict[str, Any], source: str) -> LoraConfig:
 
 
 def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
-                 default_targets: tuple[str, ...], dtype: Any = jnp.float32) -> tuple[LoraSpec, Params]:
-    """Read a PEFT adapter onto a model of `model_config`; every shape is checked."""
+                 dtype: Any = jnp.float32) -> tuple[LoraSpec, Params]:
+    """Read a PEFT adapter onto a model of `model_config`; every shape is checked.
+
+    `target_modules: null` means what PEFT itself targets for the family (or, where PEFT has no
+    default, our own default targets).
+    """
     folder = pathlib.Path(folder)
     cfg = read_adapter_config(folder)
     source = str(folder / CONFIG_NAME)
     lora_cfg = lora_config_from_peft(cfg, source)
+    family = family_for(model_config.model_type)
+    default_targets = family.peft_default_target_modules or family.default_target_modules
     try:
         spec = resolve(lora_cfg, model_config, default_targets)
     except ConfigError as err:
@@ -160,8 +174,6 @@ def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
     tensors = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in tensors.items()}
     tree: Params = {"layers": {}}
-    from fastlora_jax.models.decoder import param_specs
-
     shapes = {s.path: s.layer_shape for s in param_specs(model_config)}
     used = set()
     for (group, name), ranks, _ in spec.modules:

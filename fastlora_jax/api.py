@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
-from typing import Any
-
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fastlora_jax.converters.hf import Convert, checkpoint_dir, load_checkpoint
+from fastlora_jax.converters.gguf_config import read_gguf_config
+from fastlora_jax.converters.gguf_load import load_gguf_params
+from fastlora_jax.converters.gguf_read import GGUFFile, find_gguf
+from fastlora_jax.converters.gguf_tokenizer import gguf_tokenizer
+from fastlora_jax.converters.hf import checkpoint_dir, load_checkpoint
+from fastlora_jax.converters.hub import resolve_model_path
 from fastlora_jax.converters.peft import CONFIG_NAME as ADAPTER_CONFIG
 from fastlora_jax.converters.peft import read_adapter_config
 from fastlora_jax.errors import CheckpointError, ConfigError
+from fastlora_jax.generation.config import GenerationConfig
 from fastlora_jax.lora.layer import init_lora
 from fastlora_jax.lora.spec import LoraConfig, resolve
 from fastlora_jax.models.causal_lm import CausalLM
-from fastlora_jax.models.decoder import ParamSpec
 from fastlora_jax.models.registry import family_for
+from fastlora_jax.quant import QuantKind
 
 log = logging.getLogger(__name__)
 
@@ -59,43 +63,29 @@ def load_tokenizer(folder: pathlib.Path) -> Any:
                               f"working tokenizer into the folder") from None
 
 
-def is_projection(spec: ParamSpec) -> bool:
-    """Decoder linear weights (quantized by load_in_4bit/8bit); embeddings, norms, lm_head are not."""
-    return (spec.stacked and spec.path[-1] == "weight" and spec.path[1] in ("self_attn", "mlp")
-            and spec.path[-2].endswith("_proj"))
-
-
-def quantizing_convert(kind: str, dtype: jnp.dtype) -> Convert:
-    """Loader hook: quantize each decoder projection as it streams in (one whole layer at a time);
-    cast everything else to `dtype` (row-wise, so large tensors may arrive in row chunks)."""
-    from fastlora_jax.quant import quantize_int8, quantize_nf4
-
-    quantize = quantize_nf4 if kind == "nf4" else quantize_int8
-
-    def convert(spec: ParamSpec, array: np.ndarray) -> Any:
-        if is_projection(spec):
-            return quantize(array, dtype=dtype.name)
-        return array.astype(dtype, copy=False)
-
-    return convert
-
-
 class FastLanguageModel:
     """`model, tokenizer = FastLanguageModel.from_pretrained(path)`, as in Unsloth."""
 
     @staticmethod
     def from_pretrained(model_name: str | pathlib.Path, max_seq_length: int = 2048,
                         dtype: Any = None, load_in_4bit: bool = False,
-                        load_in_8bit: bool = False) -> tuple[CausalLM, Any]:
-        """Load a local HF checkpoint folder, or a PEFT adapter folder (its base is loaded first).
+                        load_in_8bit: bool = False, *, gguf_file: str | None = None,
+                        revision: str | None = None) -> tuple[CausalLM, Any]:
+        """Load an HF checkpoint folder, a PEFT adapter folder (its base is loaded first), a GGUF
+        file (or a folder holding one, or `gguf_file=` inside a folder or hub repository), or any
+        of these by hub id "org/name" (huggingface_hub's cache; `HF_HUB_OFFLINE=1` reads only
+        the cache; `revision` picks a branch, tag or commit).
 
         dtype: compute dtype — a jnp dtype or its name; None picks bfloat16 on GPU/TPU and float32
         on CPU. load_in_4bit / load_in_8bit quantize the decoder's linear weights to NF4 / int8
         while streaming (embeddings, norms and lm_head stay in `dtype`); a checkpoint that is
-        already bitsandbytes-quantized loads as stored.
+        already bitsandbytes-quantized loads as stored. GGUF weights are dequantized to float32
+        first (then cast or quantized the same way); the tokenizer is built from the file.
         """
-        folder = pathlib.Path(model_name)
-        if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+        folder = resolve_model_path(model_name, revision=revision, gguf_file=gguf_file)
+        gguf = find_gguf(folder, gguf_file)
+        if gguf is None and (folder / ADAPTER_CONFIG).is_file() and not (
+                folder / "config.json").is_file():
             adapter_cfg = read_adapter_config(folder)
             base = adapter_cfg.get("base_model_name_or_path")
             if not base:
@@ -110,23 +100,58 @@ class FastLanguageModel:
                 load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
             model.load_adapter(folder)
             return model, tokenizer
-        folder = checkpoint_dir(folder)
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ConfigError(f"max_seq_length={max_seq_length!r} must be a positive int")
         if load_in_4bit and load_in_8bit:
             raise ConfigError("load_in_4bit and load_in_8bit are exclusive; pick one")
         compute = resolve_dtype(dtype)
-        convert = None
-        if load_in_4bit or load_in_8bit:
-            convert = quantizing_convert("nf4" if load_in_4bit else "int8", compute)
-        config, params = load_checkpoint(folder, dtype=compute, convert=convert)
-        model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=str(folder))
+        quantize = (QuantKind.NF4 if load_in_4bit else QuantKind.INT8 if load_in_8bit else None)
+        if gguf is not None:
+            source = GGUFFile(gguf)
+            config = read_gguf_config(source)
+            params = load_gguf_params(source, config, dtype=compute, quantize=quantize)
+            model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=str(gguf))
+            return model, gguf_tokenizer(source)
+        # a hub id stays the model's name (a saved adapter's base_model_name_or_path)
+        name = str(model_name) if folder != pathlib.Path(model_name) else str(folder)
+        folder = checkpoint_dir(folder)
+        config, params = load_checkpoint(folder, dtype=compute, quantize=quantize)
+        model = CausalLM(config, params, max_seq_length=max_seq_length, name_or_path=name)
+        model.generation_config = GenerationConfig.from_folder(folder, config)
         return model, load_tokenizer(folder)
+
+    @staticmethod
+    def for_inference(model: CausalLM, merge_adapters: bool = False) -> CausalLM:
+        """Ready `model` for generation (Unsloth's call); returns the same model.
+
+        Generation runs the KV-cache engine with the adapters unmerged, so the model can keep
+        training. This call makes, once, the weight tree every later `generate` reads (on the
+        CPU a copy with one buffer per layer, which XLA's CPU dot reads fastest); with
+        merge_adapters=True that tree has the adapters folded in (faster decoding; quantized
+        weights are dequantized in it). `for_training` drops it.
+        """
+        from fastlora_jax.generation.generator import prepare
+
+        model.generation_config = dataclasses.replace(model.generation_config,
+                                                      merge_adapters=bool(merge_adapters))
+        prepare(model, merge_adapters=bool(merge_adapters))
+        return model
+
+    @staticmethod
+    def for_training(model: CausalLM) -> CausalLM:
+        """Undo `for_inference`: drop the prepared weights; adapters apply unmerged again."""
+        from fastlora_jax.generation.generator import release
+
+        model.generation_config = dataclasses.replace(model.generation_config,
+                                                      merge_adapters=False)
+        release(model)
+        return model
 
     @staticmethod
     def get_peft_model(model: CausalLM, r: int = 16, target_modules: Sequence[str] | str | None = None,
                        lora_alpha: float = 16, lora_dropout: float = 0.0, bias: str = "none",
-                       use_gradient_checkpointing: bool | str = True, random_state: int = 3407,
+                       use_gradient_checkpointing: bool | str | None = None,
+                       random_state: int = 3407,
                        use_rslora: bool = False, use_dora: bool = False,
                        rank_pattern: dict[str, int] | None = None,
                        alpha_pattern: dict[str, float] | None = None,
@@ -135,10 +160,17 @@ class FastLanguageModel:
 
         target_modules None means all seven projections (Unsloth's default). The adapters are
         float32 master weights in their own pytree (`model.lora_params()`).
+
+        Unlike Unsloth, gradient checkpointing is not set here: the model holds no training
+        state, so `use_gradient_checkpointing` belongs to `TrainingArguments`; passing it here
+        is an error that says so rather than a setting that is silently lost.
         """
-        if use_gradient_checkpointing not in (True, False, "offload", "unsloth", "dots"):
-            raise ConfigError(f"use_gradient_checkpointing={use_gradient_checkpointing!r} must be "
-                              f"True, False, 'offload' ('unsloth' is its alias) or 'dots'")
+        if use_gradient_checkpointing is not None:
+            raise ConfigError(f"get_peft_model(use_gradient_checkpointing="
+                              f"{use_gradient_checkpointing!r}): gradient checkpointing is a "
+                              f"training setting; pass TrainingArguments(use_gradient_"
+                              f"checkpointing={use_gradient_checkpointing!r}) (CLI: "
+                              f"--use_gradient_checkpointing) instead")
         config = LoraConfig.create(
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             bias=bias, use_rslora=use_rslora, use_dora=use_dora, rank_pattern=rank_pattern,
@@ -147,6 +179,4 @@ class FastLanguageModel:
         family = family_for(model.config.model_type)
         spec = resolve(config, model.config, family.default_target_modules)
         model.set_adapter(spec, init_lora(spec, model.config, model.params()))
-        model.use_gradient_checkpointing = ("offload" if use_gradient_checkpointing == "unsloth"
-                                            else use_gradient_checkpointing)
         return model

@@ -4,8 +4,12 @@
                          held-out accuracy before and after; exports a PEFT adapter
   fastlora-jax train     --model DIR --data FILE [--eval_data FILE] --output_dir DIR
                          [TrainingArguments flags] [LoRA flags] [--config run.yaml]
-  fastlora-jax export    --model DIR --adapter DIR --output_dir DIR --method peft|merged
-  fastlora-jax chat      --model DIR [--adapter DIR] --prompt "..."
+  fastlora-jax grpo      --model DIR --data FILE --reward_funcs file.py:fn[,...] [GRPOConfig flags]
+  fastlora-jax dpo       --model DIR --data FILE [DPOConfig flags]
+  fastlora-jax export    --model DIR [--adapter DIR] --output_dir DIR --method peft|merged|gguf
+                         [--quantization q4_k_m] [--lora]
+  fastlora-jax chat      --model DIR [--adapter DIR] [--load_in_4bit] [--prompt "..."]
+                         interactive multi-turn chat (streamed); --prompt answers once
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ import dataclasses
 import logging
 import pathlib
 import sys
-import time
 from typing import Any
 
+from fastlora_jax import chat
 from fastlora_jax.errors import ConfigError, FastLoRAError
+from fastlora_jax.model_flags import load_peft_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
-DEFAULT_PROMPT = "What is the capital of France?"
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per run setting (launch, model/LoRA, TrainingArguments), named as the field. The
@@ -37,34 +41,11 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                                 help=f"{describe(kind)} (default {defaults[name]!r})")
 
 
-def chat(model_dir: pathlib.Path, prompt: str, max_new_tokens: int, dtype: str | None,
-         adapter: pathlib.Path | None = None) -> str:
-    """Load a checkpoint (and adapter) and return the greedy answer to one user message."""
-    from fastlora_jax import FastLanguageModel
-
-    start = time.perf_counter()
-    model, tokenizer = FastLanguageModel.from_pretrained(model_dir, dtype=dtype)
-    if tokenizer is None:
-        raise ConfigError(f"{model_dir} has no tokenizer files; chat needs one")
-    if adapter is not None:
-        model.load_adapter(adapter)
-    print(f"loaded {model_dir.name} ({model.config.num_layers} layers, "
-          f"{model.config.hidden_size} hidden) in {time.perf_counter() - start:.1f}s", flush=True)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-    answer = tokenizer.decode(out, skip_special_tokens=True)
-    print(f"user: {prompt}\nassistant: {answer}\n({len(out)} tokens in "
-          f"{time.perf_counter() - start:.1f}s)", flush=True)
-    return answer
-
-
 def train(ns: argparse.Namespace) -> dict[str, Any]:
     """`fastlora-jax train`: flags override the --config YAML, which overrides the defaults."""
-    from fastlora_jax import FastLanguageModel, SFTTrainer
+    from fastlora_jax import SFTTrainer
     from fastlora_jax.converters.hf import checkpoint_dir
+    from fastlora_jax.train import distributed
     from fastlora_jax.train.args import load_yaml, run_settings
     from fastlora_jax.train.trainer import data_summary
 
@@ -75,21 +56,24 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file), "
                           "as flags or in the --config file")
     checkpoint_dir(launch.model)  # a wrong path fails here, before any process group forms
-    maybe_init_distributed(launch.coordinator_address, launch.num_processes, launch.process_id)
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        launch.model, max_seq_length=args.max_seq_length or 2048, dtype=model_args.dtype,
-        load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit)
-    model = FastLanguageModel.get_peft_model(
-        model, r=model_args.r, lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout, target_modules=model_args.target_modules,
-        use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
-        use_gradient_checkpointing=model_args.use_gradient_checkpointing,
-        random_state=model_args.random_state)
+    distributed.initialize(distributed.find_launch(launch.coordinator_address,
+                                                   launch.num_processes, launch.process_id))
+    if args.mesh is not None:
+        import jax
+
+        # a mesh that does not fit this launch's devices fails here, before the model loads
+        args.mesh.shape(jax.device_count())
+    model, tokenizer = load_peft_model(launch.model, model_args, args.max_seq_length or 2048)
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=launch.data,
                          eval_dataset=launch.eval_data, args=args)
-    print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps", flush=True)
+    main = distributed.is_main_process()  # only process 0 prints and writes the adapter
+    if main:
+        print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps",
+              flush=True)
     stats = trainer.train(resume_from_checkpoint=launch.resume_from_checkpoint)
     adapter = pathlib.Path(args.output_dir) / "adapter"
+    if not main:
+        return stats
     model.save_pretrained(adapter, tokenizer, overwrite=True)
     evaluated = (f", eval loss {stats['eval_loss']:.4f}" if "eval_loss" in stats else "")
     print(f"done: {stats['global_step']} steps, final loss {stats['final_loss']:.4f}"
@@ -98,22 +82,19 @@ def train(ns: argparse.Namespace) -> dict[str, Any]:
     return stats
 
 
-def maybe_init_distributed(coordinator: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-    """One call for multi-process launches: jax.distributed when a coordinator is given."""
-    if coordinator is None:
-        return
-    import jax
-
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-
-
 def export(ns: argparse.Namespace) -> None:
     from fastlora_jax import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(ns.model, dtype=ns.dtype)
-    model.load_adapter(ns.adapter)
+    if ns.adapter is not None:
+        model.load_adapter(ns.adapter)
+    if ns.method == "gguf":
+        path = model.save_pretrained_gguf(ns.output_dir, tokenizer,
+                                          quantization_method=ns.quantization,
+                                          save_method="lora" if ns.lora else "merged",
+                                          overwrite=ns.overwrite)
+        print(f"wrote {path}", flush=True)
+        return
     if ns.method == "peft":
         model.save_pretrained(ns.output_dir, tokenizer, overwrite=ns.overwrite)
     else:
@@ -128,28 +109,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune the default model on a generated task (CPU)")
     demo.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
-    demo.add_argument("--output_dir", type=pathlib.Path, default=REPO_ROOT / "outputs" / "demo")
+    demo.add_argument("--output_dir", type=pathlib.Path, default=None,
+                      help="default outputs/demo (sft) or outputs/demo_grpo (grpo)")
     demo.add_argument("--max_steps", type=int, default=-1)
+    demo.add_argument("--task", choices=("sft", "grpo"), default="sft",
+                      help="sft: the tagging task; grpo: RL on generated arithmetic")
 
     t = sub.add_parser("train", help="LoRA/QLoRA SFT on a local dataset file")
     t.add_argument("--config", type=pathlib.Path, default=None, help="run.yaml with these flags")
     _add_run_flags(t)
 
-    e = sub.add_parser("export", help="write a PEFT adapter or a merged 16-bit checkpoint")
+    from fastlora_jax import rl_cli
+    from fastlora_jax.train.rl_config import DPOConfig, GRPOConfig
+
+    rl_cli.add_parser(sub, "grpo", GRPOConfig, "GRPO on prompts with reward functions")
+    rl_cli.add_parser(sub, "dpo", DPOConfig, "DPO on prompt/chosen/rejected pairs")
+
+    e = sub.add_parser("export", help="write a PEFT adapter, a merged 16-bit checkpoint, or a "
+                                      "GGUF for llama.cpp / Ollama")
     e.add_argument("--model", type=pathlib.Path, required=True)
-    e.add_argument("--adapter", type=pathlib.Path, required=True)
+    e.add_argument("--adapter", type=pathlib.Path, default=None,
+                   help="PEFT adapter folder to merge or export (gguf: optional)")
     e.add_argument("--output_dir", type=pathlib.Path, required=True)
-    e.add_argument("--method", choices=("peft", "merged"), default="merged")
+    e.add_argument("--method", choices=("peft", "merged", "gguf"), default="merged")
+    e.add_argument("--quantization", default="q8_0",
+                   help="gguf: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k_m | "
+                        "q5_k_m | q6_k")
+    e.add_argument("--lora", action="store_true",
+                   help="gguf: write the adapter alone (adapter.gguf, for llama.cpp --lora)")
     e.add_argument("--merged_dtype", default=None, help="bfloat16 (default) | float16 | float32")
     e.add_argument("--dtype", default="float32", help="compute dtype while merging")
     e.add_argument("--overwrite", action="store_true")
 
-    c = sub.add_parser("chat", help="greedy answer to one chat message")
-    c.add_argument("--model", type=pathlib.Path, default=DEFAULT_MODEL)
-    c.add_argument("--adapter", type=pathlib.Path, default=None)
-    c.add_argument("--prompt", default=DEFAULT_PROMPT)
-    c.add_argument("--max_new_tokens", type=int, default=64)
-    c.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: auto)")
+    chat.add_arguments(sub.add_parser("chat", help="chat with a model (interactive; --prompt "
+                                                   "for one answer)"), DEFAULT_MODEL)
     return parser
 
 
@@ -158,16 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastlora_jax").setLevel(logging.INFO)
     try:
-        if ns.command == "demo":
+        if ns.command == "demo" and ns.task == "grpo":
+            from fastlora_jax.demo_grpo import run_grpo_demo
+
+            run_grpo_demo(ns.model, ns.output_dir or REPO_ROOT / "outputs" / "demo_grpo",
+                          max_steps=ns.max_steps)
+        elif ns.command == "demo":
             from fastlora_jax.demo import run_demo
 
-            run_demo(ns.model, ns.output_dir, max_steps=ns.max_steps)
+            run_demo(ns.model, ns.output_dir or REPO_ROOT / "outputs" / "demo",
+                     max_steps=ns.max_steps)
+        elif ns.command in ("grpo", "dpo"):
+            from fastlora_jax import rl_cli
+
+            rl_cli.run(ns)
         elif ns.command == "train":
             train(ns)
         elif ns.command == "export":
             export(ns)
         elif ns.command == "chat":
-            chat(ns.model, ns.prompt, ns.max_new_tokens, ns.dtype, ns.adapter)
+            chat.run(ns)
     except FastLoRAError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

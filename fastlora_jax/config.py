@@ -1,11 +1,14 @@
 """`ModelConfig`: the one description of a decoder-only model that every stage reads.
 
-`ModelConfig.from_hf_config(d)` parses a Hugging Face `config.json` dict strictly: every key must be
-either understood (it changes the math, and becomes a field) or on the documented allow-list of
-harmless keys (`HARMLESS_KEYS`, kept verbatim in `extras` so that `to_hf_config()` can write it back).
-Anything else is a `ConfigError` naming the key. Both rope dialects are read: the v4 one
-(`rope_theta` + `rope_scaling`, whose kind is spelt `type` or `rope_type`) and the transformers v5 one
-(`rope_parameters`). `to_hf_config()` writes the v4 dialect, which transformers 4.x and 5.x both read.
+This module also holds the strict reader of Hugging Face `config.json` keys (`_Reader`) that each
+family's parser uses; the family table itself, and the entry points `config_from_hf` /
+`config_to_hf`, live in `fastlora_jax/models/registry.py`, so that this module imports nothing
+above it. Parsing is strict: every key must be either understood (it changes the math, and becomes
+a field) or on the documented allow-list of harmless keys (`HARMLESS_KEYS`, kept verbatim in
+`extras` so that `config_to_hf` can write it back). Anything else is a `ConfigError` naming the
+key. Both rope dialects are read: the v4 one (`rope_theta` + `rope_scaling`, whose kind is spelt
+`type` or `rope_type`) and the transformers v5 one (`rope_parameters`). `config_to_hf` writes the
+v4 dialect, which transformers 4.x and 5.x both read.
 
 Family quirks are fields, never `if family == ...` in model code.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from typing import Any, Mapping
+from typing import Any
 
 from fastlora_jax.errors import ConfigError
 
@@ -94,7 +97,7 @@ class ModelConfig:
         `head_dim ** -0.5`.
       post_norms: Gemma 2 style extra norms after attention and after the MLP.
       qk_norm: RMSNorm over head_dim on q and k before rope (Qwen3).
-      extras: harmless HF keys kept verbatim (JSON-encoded values) for `to_hf_config`.
+      extras: harmless HF keys kept verbatim (JSON-encoded values) for `config_to_hf`.
     """
 
     model_type: str
@@ -177,36 +180,6 @@ class ModelConfig:
             return self.local_rope
         return self.rope
 
-    # ----------------------------------------------------------------------------------------
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], *, source: str = "config.json") -> "ModelConfig":
-        """Parse a HF config dict; `source` names the file in error messages."""
-        from fastlora_jax.models.registry import family_for  # the family table lives with the models
-
-        if not isinstance(hf, Mapping):
-            raise ConfigError(f"{source}: expected a JSON object, found {type(hf).__name__}")
-        model_type = hf.get("model_type")
-        family = family_for(model_type, source=source)
-        layers = hf.get("num_hidden_layers")  # checked first: families build per-layer lists
-        if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
-            raise ConfigError(f"{source}: num_hidden_layers={layers} must be between 1 and "
-                              f"{MAX_LAYERS}")
-        reader = _Reader(dict(hf), source)
-        fields = family.parse_config(reader)
-        reader.finish(family.model_type, family.harmless_keys)
-        return cls(**fields, extras=reader.extras())
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """The HF config.json dict of this config (v4 rope dialect); inverse of `from_hf_config`."""
-        from fastlora_jax.models.registry import family_for
-
-        family = family_for(self.model_type)
-        out: dict[str, Any] = {k: json.loads(v) for k, v in self.extras}
-        out.update(family.unparse_config(self))
-        out["model_type"] = self.model_type
-        out["architectures"] = [family.architecture]
-        return dict(sorted(out.items()))
-
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_LAYERS = 4096  # far beyond any released decoder; bounds what a config can make us build
@@ -242,7 +215,7 @@ class _Reader:
         self._source = source
         self._extras: dict[str, Any] = {}
         self._hf.pop("model_type", None)
-        self._hf.pop("architectures", None)  # derived from the family; written by to_hf_config
+        self._hf.pop("architectures", None)  # derived from the family; written by config_to_hf
 
     @property
     def source(self) -> str:
@@ -422,7 +395,7 @@ def _float_tuple(values: list | None, source: str, key: str) -> tuple[float, ...
 
 
 def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
-    """`rope_theta` + `rope_scaling` (v4 dialect) for `to_hf_config`."""
+    """`rope_theta` + `rope_scaling` (v4 dialect) for `config_to_hf`."""
     out: dict[str, Any] = {"rope_theta": rope.theta}
     if rope.partial_rotary_factor != 1.0:
         out["partial_rotary_factor"] = rope.partial_rotary_factor

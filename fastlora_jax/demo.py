@@ -109,15 +109,14 @@ def run_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, train_example
     before = tag_accuracy(model, tokenizer, held_out)
     print(f"held-out tag accuracy before training: {before:.1%} ({len(held_out)} examples whose "
           f"nouns no training example contains)", flush=True)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32,
-                                             use_gradient_checkpointing=False)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32)
     args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4,
                              gradient_accumulation_steps=1, num_train_epochs=1,
                              max_steps=max_steps, learning_rate=2e-3, warmup_steps=3,
                              lr_scheduler_type="linear", packing=True,
                              train_on_responses_only=True, logging_steps=1, save_steps=0,
                              eval_strategy="steps", eval_steps=10, per_device_eval_batch_size=16,
-                             seed=3407)
+                             seed=3407, use_gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=str(data),
                          eval_dataset=str(eval_data), args=args)
     stats = trainer.train()

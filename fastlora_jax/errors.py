@@ -29,5 +29,9 @@ class KernelError(FastLoRAError, ValueError):
     """A kernel was called with shapes, dtypes or tuning parameters it does not support."""
 
 
+class GenerationError(FastLoRAError, ValueError):
+    """A generation request (prompts, sampling options, stop tokens) is invalid."""
+
+
 class TrainingError(FastLoRAError):
     """Training cannot go on (e.g. the loss became non-finite)."""

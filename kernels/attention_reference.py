@@ -2,11 +2,9 @@
 
 Shapes: q [batch, seq_q, heads, head_dim]; k, v [batch, seq_kv, kv_heads, head_dim];
 heads % kv_heads == 0 (query head h reads kv head h // (heads // kv_heads)). Output is q's shape and
-dtype. A query at index i sees key j iff
-  (not causal or j <= i + (seq_kv - seq_q))  and  (window is None or j > i + (seq_kv - seq_q) - window)
-  and (segment_ids is None or q_segment_ids[i] == kv_segment_ids[j]).
-Scores are `scale * q.k`, then `softcap * tanh(s / softcap)` when softcap is set, then masked.
-A query row with no visible key yields zeros.
+dtype. Who sees whom: `attention_mask.py`. Scores are `scale * q.k`, then
+`softcap * tanh(s / softcap)` when softcap is set, then masked. A query row with no visible key
+yields zeros.
 """
 
 from __future__ import annotations
@@ -14,23 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def attention_mask(seq_q: int, seq_kv: int, *, causal: bool, sliding_window: int | None,
-                   q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None) -> jax.Array:
-    """Boolean mask [batch or 1, 1, seq_q, seq_kv] (True = visible)."""
-    offset = seq_kv - seq_q
-    qi = jnp.arange(seq_q)[:, None] + offset
-    kj = jnp.arange(seq_kv)[None, :]
-    mask = jnp.ones((seq_q, seq_kv), dtype=bool)
-    if causal:
-        mask &= kj <= qi
-    if sliding_window is not None:
-        mask &= kj > qi - sliding_window
-    mask = mask[None, None]
-    if q_segment_ids is not None:
-        seg = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
-        mask = mask & seg
-    return mask
+from fastlora_jax.kernels.attention_mask import dense_mask
 
 
 def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -52,8 +34,8 @@ def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
     s = jnp.einsum("bqkgd,bskd->bkgqs", qf, k.astype(jnp.float32)) * scale
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
-    mask = attention_mask(seq_q, seq_kv, causal=causal, sliding_window=sliding_window,
-                          q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    mask = dense_mask(seq_q, seq_kv, causal=causal, sliding_window=sliding_window,
+                      q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     mask = mask[:, :, None]  # [b|1, 1, 1, q, s]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)

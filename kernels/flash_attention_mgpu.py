@@ -1,24 +1,30 @@
-"""Hopper flash-attention forward on Mosaic GPU (TMA loads, wgmma, warp-specialised pipeline).
+"""Hopper flash-attention forward on Mosaic GPU (TMA loads, wgmma, warp-specialised pipeline),
+and the tiles of the Mosaic kernels (`MosaicBlockSizes`).
 
 One CTA owns 2 * block_q query rows of one (batch, head): two compute warpgroups (block_q rows
 each, scores and output accumulated in registers by wgmma) and one producer warpgroup that streams
 K/V blocks into a ring of `num_stages` shared-memory slots with TMA. Both compute warpgroups read
 every K/V slot, then release it (a barrier with two arrivals) so the producer can refill it.
+The two compute warpgroups take turns on the tensor cores (FA3's ping-pong schedule: one's
+softmax runs while the other's matmuls do), and CTAs take the query tiles last-first (under a
+causal mask the heaviest first, so the grid's tail is short).
 
 Inputs are padded by `flash_attention.py`: q [B, Tq, H, D] with Tq % (2 * block_q) == 0;
 k, v [B, Tk, Hkv, D] with Tk % block_kv == 0; D % 64 == 0; bf16 or fp16.
 ranges [B, 4, Tq / (2 * block_q)] int32: (lo, full_lo, full_hi, hi) K/V blocks per CTA, as in the
-portable kernels (blocks outside [lo, hi) are never loaded; [full_lo, full_hi) skip the mask).
+Triton kernels (`attention_mask.visit_ranges`: blocks outside [lo, hi) are never loaded;
+[full_lo, full_hi) skip the mask).
 q_seg [B, Tq], kv_seg [B, Tk] int32 or None: segment ids, compared on masked blocks only (the
-wrapper proves the others uniform); used only when BlockSizes.mgpu_segments is set.
+wrapper proves the others uniform).
 Outputs: o [B, Tq, H, D] (q's dtype) and lse [B, H, Tq] float32 (natural log; +inf for a row that
-sees no key), the residual the backward kernels (Mosaic or portable) consume.
+sees no key), the residual the backward kernels (Mosaic or Triton) consume.
 Also home of the helpers the backward kernels share: `stream` (the producer loop),
 `mask_scores`, `mma_accumulate`, `load_vector`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -28,16 +34,54 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fastlora_jax.kernels.flash_attention_portable import MaskSpec
+from fastlora_jax.errors import KernelError
+from fastlora_jax.kernels.attention_mask import MaskSpec
 from fastlora_jax.kernels.mgpu_profile import compiler_params
+from fastlora_jax.ops import defaults
 
-_LOG2E = math.log2(math.e)
+LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _COMPUTE_WGS = 2
 
 
-def supported(head_dim: int, dtype: jnp.dtype) -> bool:
-    """Whether this forward handles the call (otherwise the portable kernel runs)."""
+@dataclasses.dataclass(frozen=True)
+class MosaicBlockSizes:
+    """Tiles of the Mosaic GPU kernels: block_q query rows (forward, dq) and block_kv keys (dk/dv)
+    per compute warpgroup, two warpgroups per CTA; the other operand streamed in blocks of
+    block_kv keys (forward, dq) / block_q rows (dk/dv) through a TMA ring of num_stages slots.
+    *_bwd: the backward kernels'. Blocks are multiples of 64; stages >= 1. profile_dir: Mosaic
+    GPU's in-kernel profiler writes a trace of the kernels' named regions per launch there ("" =
+    off; benchmarks/mgpu_trace.py summarises them). `for_head_dim` gives the measured defaults
+    (ops/defaults.py).
+    """
+
+    block_q: int
+    block_kv: int
+    num_stages: int
+    block_q_bwd: int
+    block_kv_bwd: int
+    num_stages_bwd: int
+    profile_dir: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 64 or value % 64:
+                raise KernelError(f"MosaicBlockSizes.{name}={value!r} must be a positive "
+                                  f"multiple of 64")
+        for name in ("num_stages", "num_stages_bwd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise KernelError(f"MosaicBlockSizes.{name}={value!r} must be an int >= 1")
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> MosaicBlockSizes:
+        """The measured tiles for this head_dim (up to 256)."""
+        return cls(**defaults.up_to(defaults.MOSAIC_ATTENTION_BLOCKS, head_dim))
+
+
+def mosaic_forward_supports(head_dim: int, dtype: jnp.dtype) -> bool:
+    """Whether this forward takes the call (otherwise the Triton kernel runs)."""
     return (head_dim % 64 == 0 and head_dim <= 256
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
@@ -133,22 +177,20 @@ def mma_accumulate(acc: jax.Array, a: jax.Array, b_smem, a_smem) -> jax.Array:
     return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
 
 
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
-            q_seg: jax.Array | None, kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
-            softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-            pingpong: bool = False, reverse_tiles: bool = False, interpret: bool = False,
-            profile_dir: str = "") -> tuple[jax.Array, jax.Array]:
+def mosaic_forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
+                   q_seg: jax.Array | None, kv_seg: jax.Array | None, *, spec: MaskSpec,
+                   scale: float, softcap: float | None, blocks: MosaicBlockSizes,
+                   interpret: bool) -> tuple[jax.Array, jax.Array]:
     """Padded forward: (o [B, Tq, H, D], lse [B, H, Tq] float32). q_seg [B, Tq], kv_seg [B, Tk]
     int32 or None (segment ids padded with -1 / -2).
 
-    pingpong: the two compute warpgroups take turns on the tensor cores (FA3's schedule): a
-    two-arrival barrier makes one warpgroup's softmax run while the other's matmuls do. Both
-    warpgroups of a CTA visit the same key blocks, so their rendezvous counts match: per step one
-    after issuing q k^T and one before p v; warpgroup 1 adds one at the start, warpgroup 0 one at
-    the end. Off under the interpreter (its threads are not scheduled like warpgroups).
-    reverse_tiles: CTA i takes query tile n_tiles - 1 - i. Under a causal mask the last tiles see
-    the most keys; launched first, they leave short CTAs for the tail of the grid."""
-    pingpong = pingpong and not interpret
+    Ping-pong: a two-arrival barrier makes one warpgroup's softmax run while the other's matmuls
+    do. Both warpgroups of a CTA visit the same key blocks, so their rendezvous counts match: per
+    step one after issuing q k^T and one before p v; warpgroup 1 adds one at the start, warpgroup
+    0 one at the end. Off under the interpreter (its threads are not scheduled like warpgroups).
+    Reverse tiles: CTA i takes query tile n_tiles - 1 - i."""
+    block_q, block_kv, num_stages = blocks.block_q, blocks.block_kv, blocks.num_stages
+    pingpong = not interpret
     batch, seq_q, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
@@ -197,9 +239,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
             # s2 = log2(e) * (scaled, soft-capped score): softmax runs in base 2.
             with jax.named_scope("softmax"):
                 if softcap is None:
-                    s2 = s * (scale * _LOG2E)
+                    s2 = s * (scale * LOG2E)
                 else:
-                    s2 = jnp.tanh(s * (scale / softcap)) * (softcap * _LOG2E)
+                    s2 = jnp.tanh(s * (scale / softcap)) * (softcap * LOG2E)
                 if masked:
                     s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
                 m_new = jnp.maximum(m, s2.max(axis=1))
@@ -260,8 +302,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         ((q_smem2, lse_smem2, k_smem, v_smem, *p_smem2), (q_bar, k_bar, v_bar), (k_free, v_free),
          turn) = scratch
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
-        if reverse_tiles:
-            tile = n_tiles - 1 - tile
+        tile = n_tiles - 1 - tile
         wg = lax.axis_index("wg")
 
         @pl.when(wg < _COMPUTE_WGS)
@@ -284,7 +325,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
                 plgpu.SMEM((_COMPUTE_WGS, block_q), jnp.float32),
                 plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms),
                 plgpu.SMEM((num_stages, block_kv, head_dim), dtype, transforms=transforms))
-        if interpret:  # P staged through shared memory (see _mma_accumulate)
+        if interpret:  # P staged through shared memory (see mma_accumulate)
             smem += (plgpu.SMEM((_COMPUTE_WGS, block_q, block_kv), dtype, transforms=transforms),)
         loaded = (plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=num_stages),
                   plgpu.Barrier(num_barriers=num_stages))
@@ -304,6 +345,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array,
         grid_names=("heads", "tiles", "batch"),
         num_threads=_COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=compiler_params(profile_dir, approx_math=True),
+        compiler_params=compiler_params(blocks.profile_dir, approx_math=True),
         **extra,
     )(q, k, v, ranges, *segs)

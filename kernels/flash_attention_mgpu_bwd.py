@@ -5,18 +5,19 @@ block rows that stay in shared memory, and a producer warpgroup streams the othe
 through a TMA ring. Scores are recomputed from q, k and the forward's lse; with
 p = exp(s - lse), dp = do v^T, ds = p (dp - delta) (times 1 - tanh^2 under softcap):
   dq = scale * ds k                      (grid over query tiles, K/V streamed)
-  dk = scale * ds^T q,  dv = p^T do      (grid over key tiles and *query* heads, Q/dO streamed;
-                                          summed over each kv head's group afterwards)
+  dk = scale * ds^T q,  dv = p^T do      (grid over key tiles and kv heads: each CTA streams
+                                          the Q/dO blocks of every query head of its group and
+                                          sums dk/dv over the group in registers)
+The dq kernel takes its query tiles last-first, as the forward does.
 Inputs padded as for the forward: q, do [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; lse, delta
 [B, H, Tq] float32 (lse = +inf and delta = 0 on padded rows); D in {64, 128}; bf16 or fp16.
 ranges: dq [B, 4, Tq / (2 block_q)] over key blocks; dkv [B, 4, Tk / (2 block_kv)] over query
-blocks (lo, full_lo, full_hi, hi as in the portable kernels).
+blocks (lo, full_lo, full_hi, hi as `attention_mask.visit_ranges` gives them).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +25,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from fastlora_jax.kernels.flash_attention_mgpu import (load_vector, mask_scores, mma_accumulate,
-                                                       stream)
-from fastlora_jax.kernels.flash_attention_portable import MaskSpec
+from fastlora_jax.kernels.attention_mask import MaskSpec
+from fastlora_jax.kernels.flash_attention_mgpu import (LOG2E, MosaicBlockSizes, load_vector,
+                                                       mask_scores, mma_accumulate, stream)
 from fastlora_jax.kernels.mgpu_profile import compiler_params
 
-_LOG2E = math.log2(math.e)
 _WGS = 2  # compute warpgroups per CTA
 
 
-def supported(head_dim: int, dtype: jnp.dtype) -> bool:
-    """Whether these kernels handle the call (shared memory limits head_dim to 128)."""
+def mosaic_backward_supports(head_dim: int, dtype: jnp.dtype) -> bool:
+    """Whether these kernels take the call (shared memory limits head_dim to 128; otherwise the
+    Triton backward runs)."""
     return (head_dim in (64, 128)
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
@@ -43,9 +44,9 @@ def scores2(s: jax.Array, scale: float, softcap: float | None
             ) -> tuple[jax.Array, jax.Array | None]:
     """log2(e) * (scaled, soft-capped) scores, and tanh for the softcap gradient."""
     if softcap is None:
-        return s * (scale * _LOG2E), None
+        return s * (scale * LOG2E), None
     t = jnp.tanh(s * (scale / softcap))
-    return t * (softcap * _LOG2E), t
+    return t * (softcap * LOG2E), t
 
 
 @jax.named_scope("ds")
@@ -67,13 +68,11 @@ def _interpret_kw(interpret: bool) -> dict:
 
 
 def stream_query_blocks(b: jax.Array, first_head: jax.Array, n_heads: int, lo: jax.Array,
-                        hi: jax.Array, block_q: int, num_stages: int, rows: list,
-                        stats: list) -> None:
-    """Producer warpgroup of the key-owning backward kernels: step i streams query block
-    lo + i % (hi - lo) of query head first_head + i // (hi - lo), for n_heads heads.
+                        hi: jax.Array, block_q: int, num_stages: int, rows: list) -> None:
+    """Producer warpgroup of the dk/dv kernel: step i streams query block lo + i % (hi - lo) of
+    query head first_head + i // (hi - lo), for n_heads heads.
 
-    rows: (ref [B, Tq, H, D], ring, loaded, freed) per source (q, do); stats: the same with
-    ref [B, H, Tq] (lse, delta; empty unless they go through the TMA ring).
+    rows: (ref [B, Tq, H, D], ring, loaded, freed) per source (q, do).
     """
     n = jnp.maximum(hi - lo, 1)
 
@@ -86,25 +85,7 @@ def stream_query_blocks(b: jax.Array, first_head: jax.Array, n_heads: int, lo: j
             return ref.at[b, rows, head]
         return src
 
-    def stat_src(ref):
-        return lambda i: ref.at[(b, *where(i))]
-
-    stream(n_heads * (hi - lo), num_stages,
-           [(row_src(ref), *rest) for ref, *rest in rows]
-           + [(stat_src(ref), *rest) for ref, *rest in stats])
-
-
-def load_stats(stats: tuple, slot: jax.Array, layout) -> tuple[jax.Array, jax.Array]:
-    """(lse * log2(e), delta) of ring slot `slot` (stats: the rings and their loaded and freed
-    barriers, as allocated for the TMA'd lse / delta), releasing the slot to the producer."""
-    (lse_ring, delta_ring), (lse_bar, delta_bar), (lse_free, delta_free) = stats
-    plgpu.barrier_wait(lse_bar.at[slot])
-    lse2 = plgpu.load(lse_ring.at[slot], layout=layout) * _LOG2E
-    plgpu.barrier_arrive(lse_free.at[slot])
-    plgpu.barrier_wait(delta_bar.at[slot])
-    delta = plgpu.load(delta_ring.at[slot], layout=layout)
-    plgpu.barrier_arrive(delta_free.at[slot])
-    return lse2, delta
+    stream(n_heads * (hi - lo), num_stages, [(row_src(ref), *rest) for ref, *rest in rows])
 
 
 def load_key_block(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, seg_refs, b: jax.Array,
@@ -121,48 +102,28 @@ def load_key_block(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, seg_refs, b: jax.
     return load_vector(seg_refs[1].at[b, pl.ds(key0, block_kv)], plgpu.Layout.WGMMA.reduce(1))
 
 
-def query_block_inputs(stats: tuple, slot: jax.Array, lse_ref, delta_ref, seg_refs, k_seg_vec,
-                       b: jax.Array, head: jax.Array, q0: jax.Array, block_q: int, layout,
+def query_block_inputs(lse_ref, delta_ref, seg_refs, k_seg_vec, b: jax.Array, head: jax.Array,
+                       q0: jax.Array, block_q: int, layout,
                        masked: bool) -> tuple[jax.Array, jax.Array, tuple | None]:
-    """(lse * log2(e), delta, segments) of the query block at q0 of `head`, as the key-owning
-    kernels need them per step: lse / delta from the TMA ring when `stats` is allocated, else
-    from global memory; the (query, key) segment-id vectors on masked steps with segment ids."""
-    if stats:
-        lse2, delta = load_stats(stats, slot, layout)
-    else:
-        lse2 = load_vector(lse_ref.at[b, head, pl.ds(q0, block_q)], layout) * _LOG2E
-        delta = load_vector(delta_ref.at[b, head, pl.ds(q0, block_q)], layout)
+    """(lse * log2(e), delta, segments) of the query block at q0 of `head`, as the dk/dv kernel
+    needs them per step (from global memory); the (query, key) segment-id vectors on masked
+    steps with segment ids."""
+    lse2 = load_vector(lse_ref.at[b, head, pl.ds(q0, block_q)], layout) * LOG2E
+    delta = load_vector(delta_ref.at[b, head, pl.ds(q0, block_q)], layout)
     segments = None
     if masked and seg_refs:
         segments = (load_vector(seg_refs[0].at[b, pl.ds(q0, block_q)], layout), k_seg_vec)
     return lse2, delta, segments
 
 
-def stats_scratch(num_stages: int, block_q: int) -> tuple:
-    """Scoped allocations for TMA'd lse / delta: two float32 rings, loaded and freed barriers."""
-    return ((plgpu.SMEM((num_stages, block_q), jnp.float32),) * 2,
-            (plgpu.Barrier(num_barriers=num_stages),) * 2,
-            (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2)
-
-
-def stats_stream_sources(lse_ref, delta_ref, stats: tuple) -> list:
-    """`stream_query_blocks` stats entries for the rings of `stats_scratch` (empty: none)."""
-    if not stats:
-        return []
-    rings, loaded, freed = stats
-    return [(ref, ring, ld, fr) for ref, ring, ld, fr in zip((lse_ref, delta_ref), rings,
-                                                             loaded, freed)]
-
-
-def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
-                delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
-                kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
-                softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                reverse_tiles: bool = False, overlap: bool = False,
-                interpret: bool = False, profile_dir: str = "") -> jax.Array:
-    """dq [B, Tq, H, D] in q's dtype. reverse_tiles: CTA i takes query tile n - 1 - i (the
-    heaviest tiles under a causal mask first, as in the forward). overlap: issue do v^T before
-    computing p, so the exponentials run while the tensor cores form dp."""
+def mosaic_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
+              delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
+              kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float, softcap: float | None,
+              blocks: MosaicBlockSizes, interpret: bool) -> jax.Array:
+    """dq [B, Tq, H, D] in q's dtype; CTA i takes query tile n - 1 - i (the heaviest tiles under
+    a causal mask first, as in the forward)."""
+    block_q, block_kv = blocks.block_q_bwd, blocks.block_kv_bwd
+    num_stages = blocks.num_stages_bwd
     batch, seq_q, heads, d = q.shape
     group = heads // k.shape[2]
     dtype = q.dtype
@@ -179,7 +140,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
         plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_bar)
         plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_bar)
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        lse2 = load_vector(lse_ref.at[b, h, pl.ds(row0, block_q)], row_layout) * _LOG2E
+        lse2 = load_vector(lse_ref.at[b, h, pl.ds(row0, block_q)], row_layout) * LOG2E
         delta = load_vector(delta_ref.at[b, h, pl.ds(row0, block_q)], row_layout)
         if seg_refs:
             q_seg_vec = load_vector(seg_refs[0].at[b, pl.ds(row0, block_q)], row_layout)
@@ -204,29 +165,20 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
             with jax.named_scope("qk"):
                 s = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32))
 
-            def probs():
+            with jax.named_scope("probs"):
                 s2, th = scores2(s, scale, softcap)
                 if masked:
                     s2 = mask_scores(spec, s2, row0, (lo + t) * block_kv, segments=segments)
-                return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0])), th
-
-            if not overlap:
-                with jax.named_scope("probs"):
-                    p, th = probs()
+                p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [0]))
             with jax.named_scope("wait_v"):
                 plgpu.barrier_wait(v_bar.at[slot])
 
             def dov(acc_ref):
                 plgpu.wgmma(acc_ref, do_smem, v_ring.at[slot].transpose((1, 0)))
-                if overlap:  # while the wgmma runs
-                    return (*probs(), acc_ref[...])
                 return acc_ref[...]
 
-            with jax.named_scope("dov+probs" if overlap else "dov"):
-                if overlap:
-                    p, th, dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
-                else:
-                    dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
+            with jax.named_scope("dov"):
+                dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(v_free.at[slot])
             ds = score_grads(p, dp, delta, th, query_axis=0)
             with jax.named_scope("dq"):
@@ -247,8 +199,7 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
              scratch):
         (q2, do2, k_ring, v_ring, *ds2), (q_bar, do_bar, k_bar, v_bar), (k_free, v_free) = scratch
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
-        if reverse_tiles:
-            tile = n_tiles - 1 - tile
+        tile = n_tiles - 1 - tile
         wg = lax.axis_index("wg")
 
         @pl.when(wg < _WGS)
@@ -286,43 +237,32 @@ def backward_dq(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: ja
         entry, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         grid=(heads, n_tiles, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
-        compiler_params=compiler_params(profile_dir, approx_math=True), **_interpret_kw(interpret),
+        compiler_params=compiler_params(blocks.profile_dir, approx_math=True),
+        **_interpret_kw(interpret),
     )(q, k, v, do, lse, delta, ranges, *segs)
 
 
-def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
-                 delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
-                 kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float,
-                 softcap: float | None, block_q: int, block_kv: int, num_stages: int,
-                 group_in_kernel: bool = False, overlap: bool = False,
-                 stats_tma: bool = False, interpret: bool = False, profile_dir: str = ""
-                 ) -> tuple[jax.Array, jax.Array]:
-    """dk, dv [B, Tk, Hkv, D].
-
-    group_in_kernel False: one CTA per (key tile, *query* head) writes a per-head dk/dv in q's
-    dtype, summed over each kv head's group afterwards (float32 result). True: one CTA per
-    (key tile, kv head) streams the (q, do) blocks of every query head of its group and sums
-    dk/dv in registers (result in q's dtype): no per-head buffer and no group sum, but group
-    times fewer CTAs (short sequences may not fill the GPU).
-    overlap: issue v do^T before computing p^T, so the exponentials run while the tensor cores
-    form dp^T, then issue dv's product and wait for both at once.
-    stats_tma: lse and delta of each query block come through the producer's TMA ring into
-    shared memory (else every step loads them from global memory, a latency the first matmul
-    of the step does not cover).
-    """
+def mosaic_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: jax.Array,
+               delta: jax.Array, ranges: jax.Array, q_seg: jax.Array | None,
+               kv_seg: jax.Array | None, *, spec: MaskSpec, scale: float, softcap: float | None,
+               blocks: MosaicBlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """dk, dv [B, Tk, Hkv, D] in q's dtype. One CTA per (key tile, kv head) streams the (q, do)
+    blocks of every query head of its group and sums dk/dv in registers: no per-query-head
+    buffer and no group sum after the kernel."""
+    block_q, block_kv = blocks.block_q_bwd, blocks.block_kv_bwd
+    num_stages = blocks.num_stages_bwd
     batch, seq_q, heads, d = q.shape
     seq_kv, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     dtype = q.dtype
     cta_keys = _WGS * block_kv
-    heads_per_cta = group if group_in_kernel else 1
 
     def compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, seg_refs, k_smem,
                 v_smem, q_ring, do_ring, p_smem, k_bar, v_bar, q_bar, do_bar, q_free, do_free,
-                stats, wg, b, h, tile):
+                wg, b, h, tile):
         plgpu.set_max_registers(232, action="increase")
         key0 = tile * cta_keys + wg * block_kv
-        kv_head = h if group_in_kernel else lax.div(h, jnp.array(group, h.dtype))
+        kv_head = h
         lo, full_lo, full_hi, hi = (ranges_ref[b, r, tile] for r in range(4))
         n = hi - lo  # query blocks visited per query head
         k_seg_vec = load_key_block(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, seg_refs, b, key0,
@@ -332,12 +272,11 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
 
         def step(t, carry, masked: bool, g):
             dk, dv = carry
-            qh = kv_head * group + g if group_in_kernel else h  # the query head of this step
+            qh = kv_head * group + g  # the query head of this step
             slot = lax.rem(g * n + t, num_stages)  # the ring runs on across the group's heads
             q0 = (lo + t) * block_q
             lse2, delta, segments = query_block_inputs(
-                stats, slot, lse_ref, delta_ref, seg_refs, k_seg_vec, b, qh, q0, block_q,
-                col_layout, masked)
+                lse_ref, delta_ref, seg_refs, k_seg_vec, b, qh, q0, block_q, col_layout, masked)
             with jax.named_scope("wait_q"):
                 plgpu.barrier_wait(q_bar.at[slot])
 
@@ -348,34 +287,21 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             with jax.named_scope("kq"):
                 s = pl.run_scoped(kq, plgpu.ACC(shape, jnp.float32))
 
-            def probs():
+            def vdo(acc_ref):
+                plgpu.wgmma(acc_ref, v_smem, do_ring.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            with jax.named_scope("probs"):
                 s2, th = scores2(s, scale, softcap)
                 if masked:
                     s2 = mask_scores(spec, s2, q0, key0, transposed=True, segments=segments)
-                return jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1])), th
-
-            def vdo(acc_ref):
-                plgpu.wgmma(acc_ref, v_smem, do_ring.at[slot].transpose((1, 0)))
-                if overlap:  # while the wgmma runs: p^T, then dv's product; one wait for both
-                    p, th = probs()
-                    dv_new = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
-                    return p, th, dv_new, acc_ref[...]
-                return acc_ref[...]
-
-            if overlap:
-                with jax.named_scope("wait_do"):
-                    plgpu.barrier_wait(do_bar.at[slot])
-                with jax.named_scope("vdo+probs+dv"):
-                    p, th, dv, dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
-            else:
-                with jax.named_scope("probs"):
-                    p, th = probs()
-                with jax.named_scope("wait_do"):
-                    plgpu.barrier_wait(do_bar.at[slot])
-                with jax.named_scope("dv"):
-                    dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
-                with jax.named_scope("vdo"):
-                    dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
+                p = jnp.exp2(s2 - lax.broadcast_in_dim(lse2, shape, [1]))
+            with jax.named_scope("wait_do"):
+                plgpu.barrier_wait(do_bar.at[slot])
+            with jax.named_scope("dv"):
+                dv = mma_accumulate(dv, p.astype(dtype), do_ring.at[slot], p_smem)
+            with jax.named_scope("vdo"):
+                dp = pl.run_scoped(vdo, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(do_free.at[slot])
             ds = score_grads(p, dp, delta, th, query_axis=1)
             with jax.named_scope("dk"):
@@ -392,10 +318,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
                                  carry)
 
         zeros = plgpu.layout_cast(jnp.zeros((block_kv, d), jnp.float32), plgpu.Layout.WGMMA)
-        if group_in_kernel:
-            dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
-        else:
-            dk, dv = head(0, (zeros, zeros))
+        dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
         k_smem[...] = (dk * scale).astype(dtype)
         v_smem[...] = dv.astype(dtype)
         plgpu.commit_smem()
@@ -406,9 +329,7 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref, seg_refs, dk_ref, dv_ref,
              scratch):
-        (k2, v2, q_ring, do_ring, *p2), (k_bar, v_bar, q_bar, do_bar), (q_free, do_free) = (
-            scratch[:3])
-        stats = scratch[3:]  # lse / delta rings, their loaded and freed barriers
+        (k2, v2, q_ring, do_ring, *p2), (k_bar, v_bar, q_bar, do_bar), (q_free, do_free) = scratch
         b, h, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("tiles")
         wg = lax.axis_index("wg")
 
@@ -417,16 +338,15 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
             compute(k_ref, v_ref, lse_ref, delta_ref, dk_ref, dv_ref, ranges_ref, seg_refs,
                     k2.at[wg],
                     v2.at[wg], q_ring, do_ring, p2[0].at[wg] if p2 else None, k_bar.at[wg],
-                    v_bar.at[wg], q_bar, do_bar, q_free, do_free, stats, wg, b, h, tile)
+                    v_bar.at[wg], q_bar, do_bar, q_free, do_free, wg, b, h, tile)
 
         @pl.when(wg == _WGS)
         def _produce():
             plgpu.set_max_registers(40, action="decrease")
             lo, hi = ranges_ref[b, 0, tile], ranges_ref[b, 3, tile]
-            stream_query_blocks(b, h * heads_per_cta, heads_per_cta, lo, hi, block_q, num_stages,
+            stream_query_blocks(b, h * group, group, lo, hi, block_q, num_stages,
                                 [(q_ref, q_ring, q_bar, q_free),
-                                 (do_ref, do_ring, do_bar, do_free)],
-                                stats_stream_sources(lse_ref, delta_ref, stats))
+                                 (do_ref, do_ring, do_bar, do_free)])
 
     segs = () if q_seg is None else (q_seg, kv_seg)
 
@@ -438,22 +358,16 @@ def backward_dkv(q: jax.Array, k: jax.Array, v: jax.Array, do: jax.Array, lse: j
         loaded = (plgpu.Barrier(num_barriers=_WGS), plgpu.Barrier(num_barriers=_WGS),
                   plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=num_stages))
         freed = (plgpu.Barrier(num_arrivals=_WGS, num_barriers=num_stages),) * 2
-        stats = stats_scratch(num_stages, block_q) if stats_tma else ()
         pl.run_scoped(
             lambda *scratch: body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, ranges_ref,
                                   seg_refs, dk_ref, dv_ref, scratch),
-            _smem_specs(dtype, shapes), loaded, freed, *stats, collective_axes="wg")
+            _smem_specs(dtype, shapes), loaded, freed, collective_axes="wg")
 
-    out_heads = kv_heads if group_in_kernel else heads
-    per_head = jax.ShapeDtypeStruct((batch, seq_kv, out_heads, d), dtype)
-    dk, dv = plgpu.kernel(
+    per_head = jax.ShapeDtypeStruct((batch, seq_kv, kv_heads, d), dtype)
+    return plgpu.kernel(
         entry, out_type=(per_head, per_head),
-        grid=(out_heads, seq_kv // cta_keys, batch), grid_names=("heads", "tiles", "batch"),
+        grid=(kv_heads, seq_kv // cta_keys, batch), grid_names=("heads", "tiles", "batch"),
         num_threads=_WGS + 1, thread_name="wg",
-        compiler_params=compiler_params(profile_dir, approx_math=True), **_interpret_kw(interpret),
+        compiler_params=compiler_params(blocks.profile_dir, approx_math=True),
+        **_interpret_kw(interpret),
     )(q, k, v, do, lse, delta, ranges, *segs)
-    if group_in_kernel:
-        return dk, dv
-    dk = dk.astype(jnp.float32).reshape(batch, seq_kv, kv_heads, group, d).sum(axis=3)
-    dv = dv.astype(jnp.float32).reshape(batch, seq_kv, kv_heads, group, d).sum(axis=3)
-    return dk, dv

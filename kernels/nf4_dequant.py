@@ -6,27 +6,20 @@ read as what it is in memory: `nb = ceil(N*K / 64)` quantization blocks of 32 co
 absmax byte each, so the kernel is a 1-D grid over tiles of `block_rows` blocks and any N (odd
 included) works; only the ragged tail of a weight with N*K % 64 != 0 costs an extra pad / slice.
 
-Per tile of one launch:
-  1. absmax = dyn[absmax_code] * nested_absmax[block // 256] + nested_offset in float32: by
-     default one small XLA op before the launch (`nf4_block_scales`, float32 [nb]: 1/16 B per
-     weight more traffic); with `absmax_in_kernel` inside the kernel, with one rounding per
-     operation as bitsandbytes (`mul.rn` / `add.rn` in inline PTX: Triton would otherwise contract
-     them into an FMA) and dyn (256 entries, 1 KiB) read by a gather load — not yet run on a GPU.
-  2. each code byte becomes its two weights (high nibble = even element):
-     - exact (default): float32 NF4 value by a byte-permute (`prmt`) lookup of its four bytes (one
-       16-byte table per byte plane, as in `nf4_matmul_lut.py`), times the float32 absmax
-       (`mul.rn.f32`), rounded once to the output dtype (`cvt.rn.bf16x2.f32`): bit-for-bit the
-       reference given the same absmax, ~7 instructions per weight (XLA may fuse the absmax's
-       mul + add into an FMA under jit, as it does on the CPU; the in-kernel decode never does);
-     - fast (bf16 only): the bf16 lookup scaled by a bf16x2 FMA (`ASM_SCALED`, ~3.3 instructions
-       per weight); NF4 value and absmax are rounded to bf16 before their product, so a weight may
-       differ from the reference by up to ~1.5 bf16 ulp.
-  3. the two planes are interleaved in registers (a Triton join) and stored as [rows, 64].
-Bytes moved per weight: 0.5 read (codes) + 1/64 (absmax) + 2 written. Measured (H200,
-2026-11-29, K=4096 N=14336, XLA absmax op included): 86 µs, 1.71 TB/s, 2.6x XLA's dequantize.
+Per tile of one launch: the absmax of each block, decoded to float32 by one small XLA op before
+the launch (`nf4_block_scales`: 1/16 B per weight more traffic, and the 256-entry map stays out of
+the kernel); each code byte becomes its two weights (high nibble = even element) by a float32
+NF4 value from a byte-permute (`prmt`) lookup of its four bytes (one 16-byte table per byte
+plane, as in `nf4_lookup.py`), times the float32 absmax (`mul.rn.f32`), rounded once to the
+output dtype (`cvt.rn.bf16x2.f32`): bit for bit the reference given the same absmax, ~7
+instructions per weight (XLA may fuse the absmax's mul + add into an FMA under jit, as it does on
+the CPU, which can flip a few roundings against an eager reference). The two planes are
+interleaved in registers (a Triton join) and stored as [rows, 64]. Bytes moved per weight: 0.5
+read (codes) + 1/64 (absmax) + 2 written.
 
 `dequant_then_dot(x, w)` = this kernel + XLA's GEMM (float32 accumulation, x.dtype out), with a
-custom VJP giving dx = dy @ W by the same two steps and no gradient to the frozen w.
+custom VJP giving dx = dy @ W by the same two steps and no gradient to the frozen w (the residual
+is the NF4 weight, not its bf16 copy: the QLoRA memory choice).
 Pallas on the Triton backend on GPU, interpreted (jnp select tree instead of PTX) elsewhere.
 """
 
@@ -42,11 +35,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.kernels.nf4_matmul_common import (check_dy, check_x, default_interpret,
-                                                    zero_cotangent)
-from fastlora_jax.kernels.nf4_matmul_lut import (nf4_lookup, nf4_pairs, prmt_b32, scale_pairs,
-                                                 table_words)
-from fastlora_jax.quant import DYNAMIC_MAP, NF4_MAP, QTensor, QuantKind, nf4_block_scales
+from fastlora_jax.kernels.nf4_lookup import nf4_lookup, prmt_b32, table_words
+from fastlora_jax.kernels.quant_matmul_common import check_dy, check_x, zero_cotangent
+from fastlora_jax.ops import defaults
+from fastlora_jax.ops.impl import interpreted
+from fastlora_jax.quant import NF4_MAP, QTensor, QuantKind, nf4_block_scales
 
 BLOCK = 64            # weights per absmax block (the only NF4 blocksize the kernel takes)
 CODE_BYTES = BLOCK // 2
@@ -56,17 +49,10 @@ OUT_DTYPES = ("bfloat16", "float16")
 @dataclasses.dataclass(frozen=True)
 class DequantTuning:
     """One dequantization launch: `block_rows` 64-weight blocks per program (a power of two
-    >= 16), `num_warps` per program, `exact` (bit-for-bit float32 math) or the bf16 fast path,
-    and whether the double-quantized absmax is decoded in the kernel or by one XLA op before it.
-    """
+    >= 16) and `num_warps` per program. `measured()` gives the default (ops/defaults.py)."""
 
-    block_rows: int = 512
-    num_warps: int = 8
-    exact: bool = True
-    # False (default): XLA decodes the absmax to float32 [nb] first (`nf4_block_scales`, one
-    # small op; the path measured on the H200). True: decoded in the kernel (gather loads + PTX);
-    # lowers to Triton IR and is checked interpreted, but has not run on a GPU yet.
-    absmax_in_kernel: bool = False
+    block_rows: int
+    num_warps: int
 
     def __post_init__(self) -> None:
         for name in ("block_rows", "num_warps"):
@@ -76,8 +62,10 @@ class DequantTuning:
         if self.block_rows < 16:
             raise KernelError(f"DequantTuning.block_rows={self.block_rows} must be >= 16")
 
+    @classmethod
+    def measured(cls) -> DequantTuning:
+        return cls(*defaults.DEQUANT_BLOCKS)
 
-DEFAULT_TUNING = DequantTuning()
 
 # --- the float32 prmt lookup ----------------------------------------------------------------
 NF4_F32_BITS: np.ndarray = np.asarray(NF4_MAP, np.float32).view(np.uint32)
@@ -126,8 +114,6 @@ def exact_asm(cvt: str) -> str:
 
 
 ASM_EXACT = {"bfloat16": exact_asm("bf16x2"), "float16": exact_asm("f16x2")}
-# absmax = dyn * nested + offset, each operation rounded (no FMA contraction).
-ASM_ABSMAX = "{\n    .reg .b32 t;\n    mul.rn.f32 t, $1, $2;\n    add.rn.f32 $0, t, $3;\n}"
 
 
 def emulate_f32_lookup(word: int) -> list[int]:
@@ -150,7 +136,7 @@ def _bits(a: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(a, jnp.uint32)
 
 
-def _asm(text: str, args: list[jax.Array], outs: int, pack: int, shape) -> jax.Array:
+def _inline_asm(text: str, args: list[jax.Array], outs: int, pack: int, shape) -> jax.Array:
     """`outs` 32-bit results per `pack` elements; each arg takes pack * itemsize / 4 registers
     (4 uint8 codes share one)."""
     regs = sum(max(1, pack * a.dtype.itemsize // 4) for a in args)
@@ -160,59 +146,30 @@ def _asm(text: str, args: list[jax.Array], outs: int, pack: int, shape) -> jax.A
     return jax.lax.bitcast_convert_type(out, jnp.uint32)
 
 
-def _absmax(row, valid, a_ref, nest_ref, dyn_ref, off_ref, *, nb: int, nested_blocksize: int,
-            use_asm: bool) -> jax.Array:
-    """Decoded absmax float32 [tb] of the tile's blocks, from the double-quantized bytes."""
-    tb = row.shape[0]
-    a = plt.load(a_ref, mask=valid, other=None if valid is None else 0).astype(jnp.int32)
-    dyn = dyn_ref[a]                                                        # gather [tb]
-    nested = nest_ref[jax.lax.div(jnp.minimum(row, nb - 1), nested_blocksize)]  # gather [tb]
-    off = jnp.broadcast_to(off_ref[0], (tb,))
-    if not use_asm:
-        # The barrier keeps XLA (interpret mode) from contracting the two into an FMA, which it
-        # does under jit on the CPU: bitsandbytes rounds the product, then adds the offset.
-        return jax.lax.optimization_barrier(dyn * nested) + off
-    return jax.lax.bitcast_convert_type(
-        _asm(ASM_ABSMAX, [_bits(dyn), _bits(nested), _bits(off)], 1, 1, (tb,)), jnp.float32)
-
-
-def _kernel(c_ref, *refs, nb: int, nested_blocksize: int, exact: bool, use_asm: bool):
-    """codes u8 [tb, 32] + either (absmax codes u8 [tb], nested f32 [nb2], dyn f32 [256], offset
-    f32 [1]) or decoded absmax f32 [tb] -> weights [tb, 64] in o_ref's dtype. Masked only when nb
-    is not a multiple of tb."""
-    *s_refs, o_ref = refs
+def _dequant_kernel(c_ref, s_ref, o_ref, *, nb: int, use_asm: bool):
+    """codes u8 [tb, 32] + decoded absmax f32 [tb] -> weights [tb, 64] in o_ref's dtype. Masked
+    only when nb is not a multiple of tb."""
     tb = c_ref.shape[0]
     out_dtype = o_ref.dtype
     row = pl.program_id(0) * tb + jnp.arange(tb, dtype=jnp.int32)          # block index [tb]
     valid = (row < nb) if nb % tb else None
     codes = plt.load(c_ref, mask=None if valid is None else valid[:, None], other=None
                      if valid is None else 0)
-    if len(s_refs) == 1:
-        scale = plt.load(s_refs[0], mask=valid, other=None if valid is None else 0.0)
-    else:
-        scale = _absmax(row, valid, *s_refs, nb=nb, nested_blocksize=nested_blocksize,
-                        use_asm=use_asm)
+    scale = plt.load(s_ref, mask=valid, other=None if valid is None else 0.0)
     if use_asm:
-        if exact:
-            s = jnp.broadcast_to(_bits(scale)[:, None], codes.shape)
-            pairs = _asm(ASM_EXACT[jnp.dtype(out_dtype).name], [codes, s], 4, 4, codes.shape)
-        else:
-            pairs = nf4_pairs(codes, scale_pairs(scale)[:, None], use_asm=True)
+        s = jnp.broadcast_to(_bits(scale)[:, None], codes.shape)
+        pairs = _inline_asm(ASM_EXACT[jnp.dtype(out_dtype).name], [codes, s], 4, 4, codes.shape)
         hi = jax.lax.bitcast_convert_type((pairs & 0xFFFF).astype(jnp.uint16), out_dtype)
         lo = jax.lax.bitcast_convert_type((pairs >> 16).astype(jnp.uint16), out_dtype)
-    else:
-        # The same math in jnp. Fast path: both factors rounded to bf16 first; their product is
-        # exact in float32 (8 x 8 significant bits), so one rounding follows, as in the bf16x2 FMA.
+    else:  # the same math in jnp
         q = codes.astype(jnp.int32)
         s, hi, lo = scale[:, None], nf4_lookup(q >> 4), nf4_lookup(q & 0xF)
-        if not exact:
-            s, hi, lo = (v.astype(jnp.bfloat16).astype(jnp.float32) for v in (s, hi, lo))
         hi, lo = (hi * s).astype(out_dtype), (lo * s).astype(out_dtype)
     w = jnp.stack([hi, lo], axis=-1).reshape(tb, BLOCK)                    # element 2i, 2i + 1
     plt.store(o_ref, w, mask=None if valid is None else valid[:, None])
 
 
-def _check(w: QTensor, dtype: str, tuning: DequantTuning) -> None:
+def _check_dequant(w: QTensor, dtype: str) -> None:
     if w.kind is not QuantKind.NF4 or w.blocksize != BLOCK:
         raise KernelError(f"nf4_dequantize: w.kind={w.kind.value}, w.blocksize={w.blocksize}; "
                           f"expected nf4 with blocksize {BLOCK} (use quant.dequantize otherwise)")
@@ -222,56 +179,43 @@ def _check(w: QTensor, dtype: str, tuning: DequantTuning) -> None:
     if dtype not in OUT_DTYPES:
         raise KernelError(f"nf4_dequantize: dtype={dtype!r} is not one of {OUT_DTYPES}; use "
                           f"quant.dequantize for other output dtypes")
-    if not tuning.exact and dtype != "bfloat16":
-        raise KernelError(f"nf4_dequantize: the fast path (DequantTuning.exact=False) writes "
-                          f"bfloat16 only, got dtype={dtype!r}; use exact=True")
 
 
 def nf4_dequantize(w: QTensor, dtype: str | jnp.dtype | None = None, *,
                    tuning: DequantTuning | None = None,
                    interpret: bool | None = None) -> jax.Array:
     """NF4 QTensor [N, K] (no leading axes) -> [N, K] in `dtype` (default w.dtype; bfloat16 or
-    float16). Exact tuning (default): `quant.dequantize(w, dtype)` bit for bit (see the module
-    docstring for the absmax's FMA caveat)."""
-    tuning = tuning or DEFAULT_TUNING
+    float16): `quant.dequantize(w, dtype)` bit for bit (see the module docstring for the
+    absmax's FMA caveat under jit)."""
+    tuning = tuning or DequantTuning.measured()
     dtype = jnp.dtype(dtype if dtype is not None else w.dtype).name
-    _check(w, dtype, tuning)
+    _check_dequant(w, dtype)
     if interpret is None:
-        interpret = default_interpret()
+        interpret = interpreted()
     n, k = w.shape
     numel, nb = n * k, w.nblocks
     codes = jnp.asarray(w.codes)
     if codes.shape[0] != nb * CODE_BYTES:   # N*K % 64 != 0: pad the ragged last block
         codes = jnp.pad(codes, (0, nb * CODE_BYTES - codes.shape[0]))
     tb = min(tuning.block_rows, max(16, pl.next_power_of_2(nb)))
-    if tuning.absmax_in_kernel:
-        nested = jnp.asarray(w.nested_absmax, jnp.float32)
-        scale_args = [jnp.asarray(w.absmax), nested, jnp.asarray(DYNAMIC_MAP, jnp.float32),
-                      jnp.asarray(w.nested_offset, jnp.float32).reshape(1)]
-        scale_specs = [pl.BlockSpec((tb,), lambda i: (i,)),
-                       pl.BlockSpec(nested.shape, lambda i: (0,)),
-                       pl.BlockSpec((256,), lambda i: (0,)), pl.BlockSpec((1,), lambda i: (0,))]
-    else:
-        scale_args = [nf4_block_scales(w)]
-        scale_specs = [pl.BlockSpec((tb,), lambda i: (i,))]
     out = pl.pallas_call(
-        functools.partial(_kernel, nb=nb, nested_blocksize=w.nested_blocksize,
-                          exact=tuning.exact, use_asm=not interpret),
+        functools.partial(_dequant_kernel, nb=nb, use_asm=not interpret),
         out_shape=jax.ShapeDtypeStruct((nb, BLOCK), dtype),
         grid=(pl.cdiv(nb, tb),),
-        in_specs=[pl.BlockSpec((tb, CODE_BYTES), lambda i: (i, 0))] + scale_specs,
+        in_specs=[pl.BlockSpec((tb, CODE_BYTES), lambda i: (i, 0)),
+                  pl.BlockSpec((tb,), lambda i: (i,))],
         out_specs=pl.BlockSpec((tb, BLOCK), lambda i: (i, 0)),
         compiler_params=plt.CompilerParams(num_warps=tuning.num_warps, num_stages=1),
         interpret=interpret,
         name="nf4_dequantize",
-    )(codes.reshape(nb, CODE_BYTES), *scale_args)
+    )(codes.reshape(nb, CODE_BYTES), nf4_block_scales(w))
     if nb * BLOCK != numel:
         return out.reshape(-1)[:numel].reshape(n, k)
     return out.reshape(n, k)
 
 
 # --- dequantize-then-dot ----------------------------------------------------------------------
-def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
+def _dot_in_dtype(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
     """a [M, c] . b (contracting b's axis `contract_b`) -> [M, .] in a.dtype (float32 sums)."""
     dims = (((1,), (contract_b,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(a.dtype)
@@ -280,19 +224,19 @@ def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dequant_then_dot(x: jax.Array, w: QTensor, tuning: DequantTuning | None,
                       interpret: bool) -> jax.Array:
-    return _dot(x, nf4_dequantize(w, x.dtype, tuning=tuning, interpret=interpret), 1)
+    return _dot_in_dtype(x, nf4_dequantize(w, x.dtype, tuning=tuning, interpret=interpret), 1)
 
 
-def _fwd(x, w, tuning, interpret):
+def _dequant_then_dot_fwd(x, w, tuning, interpret):
     # Residual: the QTensor only; the bwd dequantizes again rather than keep N*K*2 bytes alive.
     return _dequant_then_dot(x, w, tuning, interpret), w
 
 
-def _bwd(tuning, interpret, w, dy):
+def _dequant_then_dot_bwd(tuning, interpret, w, dy):
     return dequant_dx(dy, w, tuning=tuning, interpret=interpret), zero_cotangent(w)
 
 
-_dequant_then_dot.defvjp(_fwd, _bwd)
+_dequant_then_dot.defvjp(_dequant_then_dot_fwd, _dequant_then_dot_bwd)
 
 
 def dequant_then_dot(x: jax.Array, w: QTensor, *, tuning: DequantTuning | None = None,
@@ -302,7 +246,7 @@ def dequant_then_dot(x: jax.Array, w: QTensor, *, tuning: DequantTuning | None =
     Reference: `nf4_matmul.nf4_matmul_reference`."""
     check_x(x, w, "dequant_then_dot")
     if interpret is None:
-        interpret = default_interpret()
+        interpret = interpreted()
     return _dequant_then_dot(x, w, tuning, interpret)
 
 
@@ -311,5 +255,5 @@ def dequant_dx(dy: jax.Array, w: QTensor, *, tuning: DequantTuning | None = None
     """The backward alone: dx = dy [M, N] @ nf4_dequantize(w [N, K]) -> [M, K] in dy.dtype."""
     check_dy(dy, w, "dequant_dx")
     if interpret is None:
-        interpret = default_interpret()
-    return _dot(dy, nf4_dequantize(w, dy.dtype, tuning=tuning, interpret=interpret), 0)
+        interpret = interpreted()
+    return _dot_in_dtype(dy, nf4_dequantize(w, dy.dtype, tuning=tuning, interpret=interpret), 0)

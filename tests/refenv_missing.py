@@ -4,7 +4,7 @@ tests/unit/test_parity_policy.py to check that every parity test then errors."""
 
 import pathlib
 
-from tests import refenv
+from fastlora_jax.testing import refenv
 
 
 def pytest_configure(config) -> None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from fastlora_jax import ops
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.lora.spec import LoraSpec
-from fastlora_jax.models.decoder import Params, Project
+from fastlora_jax.models.decoder import LINEAR_AXES, Params, Project
 
 # Keys the forward adds next to the trainable arrays (never trained, never saved).
 SCALE, DROPOUT_KEY = "scale", "dropout_key"
@@ -91,7 +91,8 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
     rate = cfg.lora_dropout if train else 0.0
 
     def project(x: jax.Array, name: str, frozen: Params, lora: Params | None) -> jax.Array:
-        base = ops.linear(x, frozen["weight"])
+        axes = LINEAR_AXES.get(name)
+        base = ops.linear(x, frozen["weight"], axes=axes)
         bias = frozen.get("bias")
         if lora is None:
             return base if bias is None else base + bias.astype(base.dtype)
@@ -111,7 +112,7 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
                                         @ lora["lora_A"].astype(jnp.float32))
             norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=-1))
             g = lora["lora_magnitude"].astype(jnp.float32) / norm             # [out]
-            base_for_dora = base if xl is x else ops.linear(xl, frozen["weight"])
+            base_for_dora = base if xl is x else ops.linear(xl, frozen["weight"], axes=axes)
             y = (base.astype(jnp.float32) + (g - 1.0) * base_for_dora.astype(jnp.float32)
                  + g * delta.astype(jnp.float32)).astype(x.dtype)
         else:
@@ -121,22 +122,33 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
     return project
 
 
-def merge(frozen: Params, lora: Params, spec: LoraSpec, dtype: Any) -> Params:
+def merge_weight(w: Any, entry: Params, scale: jax.Array) -> jax.Array:
+    """One projection with its adapter folded in, in float32: W + s B A (DoRA: each row rescaled
+    to the magnitude m, g = m / ||W + s B A||_row).
+
+    w: [..., out, in] (array or QTensor); entry: this projection's LoRA arrays with the same
+    leading axes (lora_A [..., r, in], lora_B [..., out, r], lora_magnitude [..., out]);
+    scale: [...]. Works on the stacked [L, ...] arrays and on one layer's slice alike.
+    """
+    w = dense(w) + scale[..., None, None] * jnp.matmul(entry["lora_B"].astype(jnp.float32),
+                                                      entry["lora_A"].astype(jnp.float32))
+    if "lora_magnitude" in entry:
+        g = entry["lora_magnitude"].astype(jnp.float32) / jnp.linalg.norm(w, axis=-1)
+        w = w * g[..., None]
+    return w
+
+
+def merge(frozen: Params, lora: Params | None, spec: LoraSpec | None, dtype: Any) -> Params:
     """Frozen params with every adapter folded in: W' = W + s B A (DoRA: g * (W + s B A)).
 
-    Quantized weights are dequantized; every returned linear weight is a dense `dtype` array.
+    Quantized weights are dequantized to `dtype`, and so are the adapted ones; without adapters
+    (`lora` / `spec` None) the result is the frozen params with their quantized weights dense.
     """
     merged = jax.tree.map(lambda x: x, frozen, is_leaf=lambda x: hasattr(x, "codes"))
     layers = merged["layers"]
-    for (group, name), _, scales in spec.modules:
-        entry = lora["layers"][group][name]
-        w = dense(frozen["layers"][group][name]["weight"])
-        s = jnp.asarray(scales, jnp.float32)[:, None, None]
-        w = w + s * jnp.einsum("lor,lri->loi", entry["lora_B"].astype(jnp.float32),
-                               entry["lora_A"].astype(jnp.float32))
-        if "lora_magnitude" in entry:
-            g = entry["lora_magnitude"].astype(jnp.float32) / jnp.linalg.norm(w, axis=-1)
-            w = w * g[..., None]
+    for (group, name), _, scales in (spec.modules if lora is not None else ()):
+        w = merge_weight(frozen["layers"][group][name]["weight"], lora["layers"][group][name],
+                         jnp.asarray(scales, jnp.float32))
         layers[group][name] = dict(layers[group][name], weight=w.astype(dtype))
     for group, modules in layers.items():
         for name, sub in list(modules.items()):

@@ -4,14 +4,14 @@ Frozen weights are `nnx.Param`s, adapters `nnx.LoRAParam`s; each variable's meta
 its logical axis names (`fastlora_jax/sharding.py` maps them to mesh axes). Pure form for jit'd
 research code:
 
-    graphdef, params = split(model)                 # no adapters
-    graphdef, frozen, lora = split(model)           # with adapters (get_peft_model)
-    logits = apply(graphdef, *states, input_ids, positions=..., segment_ids=...)
+    graphdef, frozen, lora = split(model)           # lora is an empty State without adapters
+    logits = apply(graphdef, frozen, lora, input_ids, positions=..., segment_ids=...)
 """
 
 from __future__ import annotations
 
 import functools
+import pathlib
 from typing import Any
 
 import jax
@@ -19,7 +19,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fastlora_jax.config import ModelConfig
-from fastlora_jax.lora.layer import lora_project, with_constants
+from fastlora_jax.converters.merged import save_pretrained_merged
+from fastlora_jax.converters.peft import load_adapter, save_adapter
+from fastlora_jax.lora.layer import lora_project, merge, with_constants
+from fastlora_jax.generation.config import GenerationConfig
 from fastlora_jax.lora.spec import LoraSpec
 from fastlora_jax.models import decoder
 from fastlora_jax.models.decoder import Params, get_path, param_specs
@@ -39,8 +42,8 @@ class CausalLM(nnx.Module):
         self.max_seq_length = max_seq_length
         self.name_or_path = name_or_path
         self.lora_spec: LoraSpec | None = None
-        self.use_gradient_checkpointing: bool | str = True
         self.lora: nnx.Dict | None = nnx.data(None)
+        self.generation_config = GenerationConfig()
         tree: dict[str, Any] = {}
         for spec in param_specs(config):
             node = tree
@@ -74,46 +77,49 @@ class CausalLM(nnx.Module):
                             jnp.asarray(input_ids, jnp.int32), positions=positions,
                             segment_ids=segment_ids, attention_impl=attention_impl)
 
-    def generate(self, prompt_ids: list[int], *, max_new_tokens: int = 64,
-                 eos_token_id: int | list[int] | None = None) -> list[int]:
-        """Greedy continuation of one prompt (new token ids only); adapters are merged first."""
-        from fastlora_jax.generate import greedy_generate
+    def generate(self, prompts: Any, max_new_tokens: int | None = None, *,
+                 tokenizer: Any = None, merge_adapters: bool | None = None,
+                 disable_adapters: bool = False, **options: Any) -> Any:
+        """Continue each prompt with the KV-cache engine; returns a `GenerateOutput`
+        (`.sequences`, `.completion_mask`, `.logprobs`, `.tokens`, `.texts`).
 
-        return greedy_generate(self.config, self.merged_params(), list(prompt_ids),
-                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        prompts: input_ids [batch, seq] (with `attention_mask=` if padded), a list of token
+        ids, a list of token id lists (ragged: each row's result equals its result alone), a
+        string or a list of strings (with `tokenizer`). options: transformers' `generate`
+        arguments with its semantics — do_sample, temperature, top_k, top_p, min_p,
+        repetition_penalty, eos_token_id (one or several), pad_token_id,
+        num_return_sequences — plus seed (sampling; None: a fresh one), output_logprobs
+        (log p of each token under the model) and streamer (transformers' protocol, e.g.
+        `fastlora_jax.generation.TextStreamer`). Options not given come from
+        `self.generation_config` (the checkpoint's generation_config.json). Adapters apply
+        unmerged unless merge_adapters (default: generation_config.merge_adapters);
+        disable_adapters generates with the base weights (no copy).
+        """
+        from fastlora_jax.generation.generator import Generator
+
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        gen = Generator(self, tokenizer=tokenizer, merge_adapters=merge_adapters,
+                        disable_adapters=disable_adapters)
+        return gen(prompts, **options)
 
     def merged_params(self, dtype: Any = None) -> Params:
         """Frozen params with adapters folded in (dense; `dtype` defaults to the embedding's)."""
         frozen = self.params()
         if self.lora is None:
             return frozen
-        from fastlora_jax.lora.layer import merge
-
         dtype = dtype or frozen["embed_tokens"]["weight"].dtype
         return merge(frozen, self.lora_params(), self.lora_spec, dtype)
 
-    # -- adapters in and out ------------------------------------------------------------------
+    # -- adapters in and out (the formats live in converters/) ---------------------------------
     def load_adapter(self, folder: str) -> None:
         """Load a PEFT adapter folder (written by us or by `peft`) onto this model."""
-        from fastlora_jax.converters.peft import load_adapter
-        from fastlora_jax.models.registry import family_for
-
-        family = family_for(self.config.model_type)
-        spec, lora = load_adapter(folder, self.config, family.peft_default_target_modules
-                                  or family.default_target_modules)
-        self.set_adapter(spec, lora)
+        self.set_adapter(*load_adapter(folder, self.config))
 
     def save_pretrained(self, folder: str, tokenizer: Any = None, *,
                         overwrite: bool = False) -> None:
         """Write the adapter as PEFT does (adapter_config.json + adapter_model.safetensors, and
         the tokenizer's files when given), all in one atomic folder write."""
-        from fastlora_jax.converters.peft import save_adapter
-        from fastlora_jax.errors import ExportError
-
-        if self.lora is None:
-            raise ExportError("the model has no adapter to save; call "
-                              "FastLanguageModel.get_peft_model(model, ...) first, or "
-                              "save_pretrained_merged for the full model")
         save_adapter(folder, self.lora_spec, self.lora_params(),
                      base_model_name_or_path=self.name_or_path or None, tokenizer=tokenizer,
                      overwrite=overwrite)
@@ -123,19 +129,35 @@ class CausalLM(nnx.Module):
                                max_shard_size: int | str = "5GB", overwrite: bool = False) -> None:
         """`merged_16bit`: an HF checkpoint with adapters folded in (bfloat16 unless the model
         computes in float16, or `dtype` says otherwise); `lora`: the PEFT adapter only."""
-        from fastlora_jax.converters.merged import save_merged
+        save_pretrained_merged(folder, self.config, self.params(), self.lora_params(),
+                               self.lora_spec, save_method=save_method, dtype=dtype,
+                               tokenizer=tokenizer, max_shard_size=max_shard_size,
+                               base_model_name_or_path=self.name_or_path or None,
+                               overwrite=overwrite)
+
+    def save_pretrained_gguf(self, folder: str, tokenizer: Any = None, *,
+                             quantization_method: str = "q8_0", save_method: str = "merged",
+                             overwrite: bool = False, show_progress: bool = True) -> Any:
+        """llama.cpp / Ollama export; returns the written file's path.
+
+        `merged`: `<folder>/model.<METHOD>.gguf` (adapters folded in float32, NF4 / int8 bases
+        dequantized first, then encoded as `quantization_method`: f32, f16, bf16, q8_0, q4_0,
+        q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k) and an Ollama `Modelfile`. `lora`:
+        `<folder>/adapter.gguf`, the adapter alone, for llama.cpp's `--lora` on the base GGUF.
+        """
+        from fastlora_jax.converters.gguf import save_gguf, save_gguf_lora
         from fastlora_jax.errors import ExportError
 
         if save_method == "lora":
-            self.save_pretrained(folder, tokenizer, overwrite=overwrite)
-            return
-        if save_method != "merged_16bit":
-            raise ExportError(f"save_method={save_method!r} must be 'merged_16bit' or 'lora'")
-        compute = jnp.dtype(self.params()["embed_tokens"]["weight"].dtype)
-        dtype = jnp.dtype(dtype) if dtype is not None else (
-            compute if compute == jnp.float16 else jnp.dtype(jnp.bfloat16))
-        save_merged(folder, self.config, self.merged_params(jnp.float32), dtype=dtype,
-                    tokenizer=tokenizer, max_shard_size=max_shard_size, overwrite=overwrite)
+            return save_gguf_lora(folder, self.config, self.lora_params(), self.lora_spec,
+                                  overwrite=overwrite, show_progress=show_progress)
+        if save_method != "merged":
+            raise ExportError(f"save_method={save_method!r} must be 'merged' or 'lora'")
+        return save_gguf(folder, self.config, self.params(), tokenizer,
+                         lora=self.lora_params(), lora_spec=self.lora_spec,
+                         quantization_method=quantization_method,
+                         name=pathlib.Path(self.name_or_path or str(folder)).name,
+                         overwrite=overwrite, show_progress=show_progress)
 
 
 def _to_nnx(tree: dict[str, Any], leaf: Any = None, path: tuple[str, ...] = ()) -> nnx.Dict:
@@ -170,16 +192,14 @@ def _forward_jit(config: ModelConfig, lora_spec: LoraSpec | None, frozen: Params
                    segment_ids=segment_ids, attention_impl=attention_impl)
 
 
-def split(model: CausalLM) -> tuple[Any, ...]:
-    """(graphdef, params) without adapters; (graphdef, frozen, lora) with adapters."""
-    if model.lora is None:
-        return nnx.split(model)
+def split(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef, frozen, lora), whether or not the model has adapters (then `lora` is empty)."""
     return nnx.split(model, FROZEN, nnx.LoRAParam)
 
 
-def apply(graphdef: nnx.GraphDef, *args: Any, **kwargs: Any) -> jax.Array:
-    """`apply(graphdef, *states, input_ids, **kw)`: logits of the merged model; jit-friendly."""
-    *states, input_ids = args
-    model = nnx.merge(graphdef, *states)
+def apply(graphdef: nnx.GraphDef, frozen: nnx.State, lora: nnx.State, input_ids: jax.Array,
+          **kwargs: Any) -> jax.Array:
+    """Logits of the model `split` took apart (keywords as in `forward`); jit-friendly."""
+    model = nnx.merge(graphdef, frozen, lora)
     return forward(model.config, model.lora_spec, model.params(), model.lora_params(),
                    jnp.asarray(input_ids, jnp.int32), **kwargs)

@@ -31,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from fastlora_jax import ops
 from fastlora_jax.config import Activation, ModelConfig
+from fastlora_jax.ops.partition import constrain
 from fastlora_jax.models.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
@@ -51,6 +52,16 @@ class ParamSpec:
     @property
     def layer_shape(self) -> tuple[int, ...]:
         return self.shape[1:] if self.stacked else self.shape
+
+
+def is_projection(spec: ParamSpec) -> bool:
+    """A decoder layer's linear weight: what `load_in_4bit` / `load_in_8bit` quantize.
+
+    Embeddings, norms, biases and lm_head are not: they are small next to the projections, and
+    the embedding is a gather, lm_head the precision-sensitive last matmul.
+    """
+    return (spec.stacked and spec.path[-1] == "weight" and spec.path[1] in ("self_attn", "mlp")
+            and spec.path[-2].endswith("_proj"))
 
 
 def param_specs(config: ModelConfig) -> list[ParamSpec]:
@@ -116,20 +127,53 @@ def _activation(kind: Activation) -> Callable[[jax.Array], jax.Array]:
     return lambda x: jax.nn.gelu(x, approximate=True)
 
 
+# Logical (out, in) axes of each projection's weight, as in `param_specs`: under a mesh they tell
+# `ops.linear` which side tensor parallelism splits.
+LINEAR_AXES: dict[str, tuple[str, str]] = {
+    "q_proj": ("heads", "embed"), "k_proj": ("kv_heads", "embed"), "v_proj": ("kv_heads", "embed"),
+    "qkv_proj": ("heads", "embed"), "o_proj": ("embed", "heads"), "gate_proj": ("mlp", "embed"),
+    "up_proj": ("mlp", "embed"), "gate_up_proj": ("mlp", "embed"), "down_proj": ("embed", "mlp"),
+}
+
+
 # A projection: (x, name, frozen sub-tree, lora sub-tree or None) -> y. The LoRA layer plugs in here.
 Project = Callable[[jax.Array, str, Params, Params | None], jax.Array]
 
 
 def frozen_project(x: jax.Array, name: str, frozen: Params, lora: Params | None) -> jax.Array:
     """y = x @ W.T + b through the ops dispatch (no adapter)."""
-    del name, lora
-    return ops.linear(x, frozen["weight"], frozen.get("bias"))
+    del lora
+    return ops.linear(x, frozen["weight"], frozen.get("bias"), axes=LINEAR_AXES.get(name))
+
+
+# Attention of one layer: (q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D] after rope, the layer's
+# sliding window, the state threaded through the layers, the layer's index) -> (out [B,T,Hq,D],
+# state). Training attends within the sequence and threads nothing; the KV-cache decoder
+# (`kv_cache.py`) writes k / v into the cache it threads and attends over it.
+Attend = Callable[[jax.Array, jax.Array, jax.Array, int | None, Any, jax.Array],
+                  tuple[jax.Array, Any]]
+
+
+def self_attention(config: ModelConfig, segment_ids: jax.Array | None,
+                   attention_impl: Any) -> Attend:
+    """Causal attention within the given tokens (packed rows: within each segment)."""
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, state: Any,
+               layer: jax.Array) -> tuple[jax.Array, Any]:
+        del layer
+        return ops.attention(q, k, v, segment_ids=segment_ids, causal=True,
+                             sliding_window=window, softcap=config.attn_logit_softcap,
+                             scale=config.attention_scale, impl=attention_impl), state
+
+    return attend
 
 
 def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Array,
-                  cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None,
-                  window: int | None, project: Project, attention_impl: Any) -> jax.Array:
-    """One block. h [B, T, H] -> [B, T, H]. `p`/`lp` are this layer's frozen / LoRA params."""
+                  cos: jax.Array, sin: jax.Array, window: int | None, project: Project,
+                  attend: Attend, state: Any = None,
+                  layer: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+    """One block. h [B, T, H] -> ([B, T, H], state). `p`/`lp` are this layer's frozen / LoRA
+    params; `attend` with `state` and the layer index `layer` does the attention."""
     c = config
     B, T, _ = h.shape
 
@@ -158,13 +202,13 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
     q = q.reshape(B, T, c.num_heads, c.head_dim)                      # [B,T,Hq,D]
     k = k.reshape(B, T, c.num_kv_heads, c.head_dim)                   # [B,T,Hkv,D]
     v = v.reshape(B, T, c.num_kv_heads, c.head_dim)                   # [B,T,Hkv,D]
+    q, k, v = (constrain(t, heads_axis=2) for t in (q, k, v))
     if c.qk_norm:
         q = norm(q, "q_norm", p["self_attn"])
         k = norm(k, "k_norm", p["self_attn"])
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    a = ops.attention(q, k, v, segment_ids=segment_ids, causal=True, sliding_window=window,
-                      softcap=c.attn_logit_softcap, scale=c.attention_scale, impl=attention_impl)
+    a, state = attend(q, k, v, window, state, layer)
     a = proj(a.reshape(B, T, c.q_size), "self_attn", "o_proj")                      # [B,T,H]
     if c.post_norms:
         a = norm(a, "post_attention_layernorm")
@@ -182,7 +226,7 @@ def decoder_layer(config: ModelConfig, p: Params, lp: Params | None, h: jax.Arra
     m = proj(m, "mlp", "down_proj")                                                 # [B,T,H]
     if c.post_norms:
         m = norm(m, "post_feedforward_layernorm")
-    return h + m
+    return h + m, state
 
 
 def layer_segments(config: ModelConfig) -> tuple[tuple[int, int, int], ...]:
@@ -230,43 +274,86 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
     dtype = dtype or params["embed_tokens"]["weight"].dtype
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h = embed(c, params, input_ids, dtype)
+    h = constrain(embed(c, params, input_ids, dtype))               # [B,T,H] batch-split on a mesh
     ropes = [c.layer_rope(i) for i in range(c.num_layers)]
     tables = {rope: cos_sin(c, positions, rope) for rope in set(ropes)}  # [B,T,rot] each
-    for start, stop, period in layer_segments(c):
-        h = _scan_layers(c, params["layers"], None if lora is None else lora.get("layers"), h,
-                         tables, segment_ids, start, stop, period, project, attention_impl,
-                         remat)
+    attend = self_attention(c, segment_ids, attention_impl)
+    h, _ = run_layers(c, params, lora, h, tables, project, attend, None, remat)
     return rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
 
 
+def run_layers(config: ModelConfig, params: Params, lora: Params | None, h: jax.Array,
+               tables: dict[Any, tuple[jax.Array, jax.Array]], project: Project, attend: Attend,
+               state: Any, remat: Callable[[Callable], Callable] | None = None
+               ) -> tuple[jax.Array, Any]:
+    """Every block: (h [B, T, H], state). Stacked layers are scanned segment by segment
+    (`layer_segments`); layers given one tree per layer (`unstack_layers`) run one after the
+    other, each reading its own weight buffers."""
+    lora_layers = None if lora is None else lora.get("layers")
+    if isinstance(params["layers"], tuple):
+        for i, p_i in enumerate(params["layers"]):
+            cos, sin = tables[config.layer_rope(i)]
+            h, state = decoder_layer(config, p_i, None if lora_layers is None else lora_layers[i],
+                                     h, cos, sin, config.layer_window(i), project, attend, state,
+                                     i)
+        return h, state
+    for start, stop, period in layer_segments(config):
+        h, state = _scan_layers(config, params["layers"],
+                                None if lora is None else lora.get("layers"), h, tables, start,
+                                stop, period, project, attend, state, remat)
+    return h, state
+
+
 def _scan_layers(c: ModelConfig, layers: Params, lora_layers: Params | None, h: jax.Array,
-                 tables: dict[Any, tuple[jax.Array, jax.Array]], segment_ids: jax.Array | None,
-                 start: int, stop: int, period: int, project: Project, attention_impl: Any,
-                 remat: Callable[[Callable], Callable] | None) -> jax.Array:
-    """Layers [start, stop) as a scan over (stop - start) / period groups of `period` layers."""
+                 tables: dict[Any, tuple[jax.Array, jax.Array]], start: int, stop: int,
+                 period: int, project: Project, attend: Attend, state: Any,
+                 remat: Callable[[Callable], Callable] | None) -> tuple[jax.Array, Any]:
+    """Layers [start, stop) as a scan over (stop - start) / period groups of `period` layers;
+    `state` rides in the carry (so a cache in it is updated in place)."""
     windows = [c.layer_window(start + j) for j in range(period)]
     ropes = [c.layer_rope(start + j) for j in range(period)]
 
-    def body(h: jax.Array, xs: tuple[Params, Params | None]) -> tuple[jax.Array, None]:
-        group, lora_group = xs
-        h = checkpoint_name(h, LAYER_INPUT)
+    def body(carry: tuple[jax.Array, Any],
+             xs: tuple[Params, Params | None, jax.Array]) -> tuple[tuple[jax.Array, Any], None]:
+        h, state = carry
+        group, lora_group, first = xs
+        h = checkpoint_name(constrain(h), LAYER_INPUT)
         for j in range(period):
-            p_j = jax.tree.map(lambda a: a[j], group)
-            l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)
+            p_j, l_j = group, lora_group
+            if period > 1:
+                p_j = jax.tree.map(lambda a: a[j], group)
+                l_j = None if lora_group is None else jax.tree.map(lambda a: a[j], lora_group)
             cos, sin = tables[ropes[j]]
-            h = decoder_layer(c, p_j, l_j, h, cos, sin, segment_ids, windows[j], project,
-                              attention_impl)
-        return h, None
+            h, state = decoder_layer(c, p_j, l_j, h, cos, sin, windows[j], project, attend,
+                                     state, first + j)
+        return (h, state), None
 
     if remat is not None:
         body = remat(body)
     n = (stop - start) // period
     whole = start == 0 and stop == c.num_layers
-    regroup = lambda a: (a if whole else a[start:stop]).reshape((n, period) + a.shape[1:])
+
+    def regroup(a: jax.Array) -> jax.Array:
+        # Period 1 scans the stacked arrays as they are: a [n, 1, ...] view of them is laid out
+        # differently by XLA, which then copies every weight on every call (each decoded token).
+        a = a if whole else a[start:stop]
+        return a if period == 1 else a.reshape((n, period) + a.shape[1:])
+
     group_lora = None if lora_layers is None else jax.tree.map(regroup, lora_layers)
-    h, _ = jax.lax.scan(body, h, (jax.tree.map(regroup, layers), group_lora))
-    return h
+    firsts = jnp.arange(start, stop, period, dtype=jnp.int32)  # index of each group's layer 0
+    (h, state), _ = jax.lax.scan(body, (h, state),
+                                 (jax.tree.map(regroup, layers), group_lora, firsts))
+    return h, state
+
+
+def unstack_layers(tree: Params, num_layers: int) -> Params:
+    """`tree` (frozen or LoRA) with `layers` as a tuple of per-layer trees: a copy of each
+    layer's arrays in its own buffer. XLA's CPU dot cannot read a layer out of the stacked array
+    in place (scanning copies each layer's weights on every call), so the CPU decode loop runs
+    on this layout; `run_layers` takes either."""
+    layers = tree["layers"]
+    return dict(tree, layers=tuple(
+        jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)))
 
 
 def lm_head_weight(config: ModelConfig, params: Params) -> jax.Array:

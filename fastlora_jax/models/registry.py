@@ -1,7 +1,16 @@
-"""The table of supported model families, by HF `model_type`."""
+"""The table of supported model families, by HF `model_type`, and `config.json` through it.
+
+`config_from_hf` / `config_to_hf` are the two directions between a Hugging Face config dict and
+a `ModelConfig`: the family named by `model_type` reads (or writes) its own keys, and the harmless
+keys travel verbatim in `ModelConfig.extras`.
+"""
 
 from __future__ import annotations
 
+import json
+from typing import Any, Mapping
+
+from fastlora_jax.config import MAX_LAYERS, ModelConfig, _Reader
 from fastlora_jax.errors import ConfigError
 from fastlora_jax.models.family import Family
 from fastlora_jax.models.gemma import GEMMA
@@ -25,3 +34,28 @@ def family_for(model_type: object, *, source: str = "config.json") -> Family:
             f"{source}: model_type {model_type!r} is not supported; supported model_types: "
             f"{sorted(FAMILIES)}")
     return family
+
+
+def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
+    """Parse a HF config dict strictly; `source` names the file in error messages."""
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object, found {type(hf).__name__}")
+    family = family_for(hf.get("model_type"), source=source)
+    layers = hf.get("num_hidden_layers")  # checked first: families build per-layer lists
+    if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
+        raise ConfigError(f"{source}: num_hidden_layers={layers} must be between 1 and "
+                          f"{MAX_LAYERS}")
+    reader = _Reader(dict(hf), source)
+    fields = family.parse_config(reader)
+    reader.finish(family.model_type, family.harmless_keys)
+    return ModelConfig(**fields, extras=reader.extras())
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The HF config.json dict of `config` (v4 rope dialect); inverse of `config_from_hf`."""
+    family = family_for(config.model_type)
+    out: dict[str, Any] = {k: json.loads(v) for k, v in config.extras}
+    out.update(family.unparse_config(config))
+    out["model_type"] = config.model_type
+    out["architectures"] = [family.architecture]
+    return dict(sorted(out.items()))

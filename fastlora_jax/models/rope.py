@@ -33,15 +33,23 @@ def base_inv_freq(config: ModelConfig, rope: RopeConfig | None = None) -> np.nda
     return inv.astype(np.float32)
 
 
-def cos_sin(config: ModelConfig, positions: jax.Array,
-            rope: RopeConfig | None = None) -> tuple[jax.Array, jax.Array]:
+def cos_sin(config: ModelConfig, positions: jax.Array, rope: RopeConfig | None = None, *,
+            seq_len: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [batch, seq, rot] (float32) for integer positions [batch, seq], under
-    `rope` (default config.rope; a layer's is `config.layer_rope(i)`)."""
+    `rope` (default config.rope; a layer's is `config.layer_rope(i)`).
+
+    `seq_len` is the sequence length that dynamic and LongRoPE scaling key on: by default
+    max(positions) + 1 over the whole batch (transformers' rule); the KV-cache decoder passes
+    each row's own length, int32 [batch], so a row's result does not depend on its batch.
+    """
     rope = rope or config.rope
     dim = rotary_dim(config, rope)
     inv = jnp.asarray(base_inv_freq(config, rope))
     scale = 1.0
-    seq_len = jnp.max(positions) + 1
+    if seq_len is None:
+        seq_len = jnp.max(positions) + 1
+    else:
+        seq_len = jnp.asarray(seq_len).reshape(-1, 1, 1)  # [batch, 1, 1] against [B, T, rot/2]
     if rope.kind is RopeKind.DYNAMIC:
         # NTK-aware base growth once the sequence outgrows the trained context.
         max_pos = rope.original_max_position_embeddings or config.max_position_embeddings

@@ -7,8 +7,8 @@ the same double-quantization path (the 65536-point grid and lookup table of bits
 is XLA's float32 mean of the absmax, not a replay of torch's CPU summation order, and the grid
 index is computed with two roundings instead of one; so a small fraction of the absmax bytes may
 differ by one dynamic-map entry from bitsandbytes'. Use it where speed matters more than
-byte-identity with bitsandbytes: quantizing a model created or loaded on the GPU (an 8B model in
-seconds instead of a minute of host numpy); use `quantize_nf4` to reproduce bitsandbytes' files.
+byte-identity with bitsandbytes: quantizing a model created or loaded on the GPU, where the host
+numpy quantizer would dominate the start-up; use `quantize_nf4` to reproduce bitsandbytes' files.
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ NF4 (bitsandbytes' layout with double quantization, blocksize 64, nested blocksi
     nested_offset  float32 [*lead]
     w[i] = NF4_MAP[q[i]] * (dyn[absmax[i//64]] * nested_absmax[i//64//256] + nested_offset)
 
+On a mesh (`tiled=True`, made by `tile`), the same NF4 bytes are viewed as rows, which is what a
+mesh shards without splitting a block (K a multiple of 64):
+    codes          uint8   [*lead, N, K/2]
+    absmax         uint8   [*lead, N, K/64]
+    nested_absmax, nested_offset as above (a nested block may span rows: they stay whole)
+
 INT8 (weight-only, per output channel):
     codes          int8    [*lead, N, K]
     scale          float32 [*lead, N]                  w = codes * scale[:, None]
@@ -56,11 +62,13 @@ class QTensor:
     kind: QuantKind = dataclasses.field(default=QuantKind.NF4, metadata=dict(static=True))
     blocksize: int = dataclasses.field(default=64, metadata=dict(static=True))
     nested_blocksize: int = dataclasses.field(default=256, metadata=dict(static=True))
+    tiled: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def lead(self) -> tuple[int, ...]:
         """The leading (stacking) axes shared by every array leaf."""
-        return tuple(self.codes.shape[:-1] if self.kind is QuantKind.NF4 else self.codes.shape[:-2])
+        flat = self.kind is QuantKind.NF4 and not self.tiled
+        return tuple(self.codes.shape[:-1] if flat else self.codes.shape[:-2])
 
     @property
     def numel(self) -> int:
@@ -83,8 +91,44 @@ class QTensor:
 jax.tree_util.register_dataclass(
     QTensor,
     data_fields=["codes", "absmax", "nested_absmax", "nested_offset", "scale"],
-    meta_fields=["shape", "dtype", "kind", "blocksize", "nested_blocksize"],
+    meta_fields=["shape", "dtype", "kind", "blocksize", "nested_blocksize", "tiled"],
 )
+
+
+def can_tile(q: QTensor) -> bool:
+    """Whether an NF4 QTensor's rows hold whole blocks (K % blocksize == 0), so `tile` applies."""
+    return q.kind is QuantKind.NF4 and q.shape[1] % q.blocksize == 0
+
+
+def tile(q: QTensor) -> QTensor:
+    """The row view of an NF4 QTensor (module docstring): a reshape, no byte changes.
+
+    INT8 is already [*lead, N, K] and is returned as is."""
+    if q.kind is QuantKind.INT8 or q.tiled:
+        return q
+    if not can_tile(q):
+        raise KernelError(f"tile: K = {q.shape[1]} is not a multiple of blocksize={q.blocksize}; "
+                          f"a row of this weight does not hold whole blocks")
+    n, k = q.shape
+    lead = q.lead
+    return dataclasses.replace(q, codes=_reshape(q.codes, (*lead, n, k // 2)),
+                               absmax=_reshape(q.absmax, (*lead, n, k // q.blocksize)), tiled=True)
+
+
+def _reshape(a: Array | jax.ShapeDtypeStruct, shape: tuple[int, ...]) -> Array | jax.ShapeDtypeStruct:
+    """a.reshape(shape), also for abstract arrays (compile-only planning uses those)."""
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, a.dtype)
+    return a.reshape(shape)
+
+
+def untile(q: QTensor) -> QTensor:
+    """The flat (bitsandbytes) layout of a QTensor made by `tile`."""
+    if not q.tiled:
+        return q
+    lead = q.lead
+    return dataclasses.replace(q, codes=q.codes.reshape(*lead, -1),
+                               absmax=q.absmax.reshape(*lead, -1), tiled=False)
 
 
 def nf4_block_scales(q: QTensor) -> jax.Array:
@@ -93,6 +137,7 @@ def nf4_block_scales(q: QTensor) -> jax.Array:
     absmax = dyn[qabsmax] * nested_absmax[b // nested_blocksize] + nested_offset, in float32 with
     one rounding per operation (bitsandbytes' dequantize_blockwise, then `+= offset`).
     """
+    q = untile(q)
     absmax = jnp.asarray(q.absmax)
     nb, nbs = absmax.shape[-1], q.nested_blocksize
     # uint8 codes always index inside the 256-entry map: "clip" spares the gather its bounds mask.
@@ -114,6 +159,7 @@ def nf4_block_scales(q: QTensor) -> jax.Array:
 def dequantize(q: QTensor, dtype: str | jnp.dtype | None = None) -> jax.Array:
     """Reference dequantization: [*lead, N, K] in `dtype` (default q.dtype); float32 math inside."""
     out_dtype = jnp.dtype(dtype if dtype is not None else q.dtype)
+    q = untile(q)
     n, k = q.shape
     if q.kind is QuantKind.INT8:
         w = jnp.asarray(q.codes).astype(jnp.float32) * jnp.asarray(q.scale, jnp.float32)[..., None]

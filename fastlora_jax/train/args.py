@@ -35,6 +35,12 @@ class TrainingArguments:
 
     A step whose loss or gradient norm is not finite is skipped (no update), counted and logged;
     max_consecutive_nonfinite_steps of them in a row stop the run with a TrainingError.
+
+    use_gradient_checkpointing (Unsloth's name and values) says how each decoder layer is
+    rematerialised in the backward: False keeps every activation, True keeps each layer's input,
+    "offload" (alias "unsloth") keeps it in pinned host memory, "dots" keeps the matmul outputs
+    (see `train.step.remat_wrapper`). It is a training setting, so it lives here and not on the
+    model.
     """
 
     output_dir: str = "outputs"
@@ -60,6 +66,7 @@ class TrainingArguments:
     max_seq_length: int | None = None
     train_on_responses_only: bool = False
     loss_chunk_size: int = 1024
+    use_gradient_checkpointing: bool | Literal["offload", "unsloth", "dots"] = True
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     disable_tqdm: bool = False
     mesh: MeshConfig | None = None
@@ -74,6 +81,8 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         coerce_instance(self, source="TrainingArguments")
+        if self.use_gradient_checkpointing == "unsloth":
+            self.use_gradient_checkpointing = "offload"
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                      "per_device_eval_batch_size", "loss_chunk_size",
                      "max_consecutive_nonfinite_steps"):
@@ -125,7 +134,6 @@ class ModelArguments:
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
-    use_gradient_checkpointing: bool | Literal["offload", "unsloth", "dots"] = True
     random_state: int = 3407
 
     def __post_init__(self) -> None:

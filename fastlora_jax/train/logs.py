@@ -6,7 +6,8 @@ dropped), an evaluation record `step` and `eval_loss` / `eval_perplexity`, and a
 first appends `{"event": "resume", "step": N}` and then continues: records of steps after N
 written before an interruption stay in the file, and the later record of a step is the one that
 counts (`read_log` applies this). A line cut short by a crash is closed with a newline before
-appending, and skipped by readers. `loss.png` is redrawn from the whole log and replaced in one
+appending, and skipped by readers. `loss.png` is redrawn from the whole log (the training loss with
+the evaluation loss beside it, then any other `curves`, e.g. GRPO's reward) and replaced in one
 rename.
 """
 
@@ -49,8 +50,10 @@ class RunLogger:
     """Appends every logged step to `log.jsonl` (and TensorBoard), drives the progress bar."""
 
     def __init__(self, output_dir: pathlib.Path, *, total_steps: int, start_step: int,
-                 tensorboard: bool, show_progress: bool) -> None:
+                 tensorboard: bool, show_progress: bool,
+                 curves: tuple[str, ...] = ("loss",)) -> None:
         self.output_dir = output_dir
+        self.curves = curves
         path = output_dir / LOG_NAME
         self.jsonl = open(path, "a+b")
         if self.jsonl.tell() > 0:
@@ -129,30 +132,36 @@ class RunLogger:
         self.plot()
 
     def plot(self) -> pathlib.Path | None:
-        """loss.png: training loss (and evaluation loss, if any) over steps, from log.jsonl."""
+        """loss.png: the training loss (with the evaluation loss, if any) and any other `curves`
+        over steps, from log.jsonl."""
         train, evals = read_log(self.output_dir / LOG_NAME)
-        points = sorted((s, r["loss"]) for s, r in train.items()
-                        if isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"]))
-        if not points:
+
+        def points(records: dict[int, dict[str, Any]], key: str) -> list[tuple[int, float]]:
+            return sorted((s, r[key]) for s, r in records.items()
+                          if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]))
+
+        curves = [c for c in self.curves if points(train, c)]
+        if not curves:
             return None
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([s for s, _ in points], [v for _, v in points], lw=1.5, label="training loss")
-        shown = sorted((s, r["eval_loss"]) for s, r in evals.items()
-                       if isinstance(r["eval_loss"], (int, float))
-                       and math.isfinite(r["eval_loss"]))
-        if shown:
-            ax.plot([s for s, _ in shown], [v for _, v in shown], "o-", lw=1.5,
-                    label="evaluation loss")
-            ax.legend()
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.set_title("fastlora_jax training loss")
-        ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(len(curves), 1, figsize=(6, 3.5 * len(curves)), squeeze=False)
+        for ax, key in zip(axes[:, 0], curves):
+            shown = points(train, key)
+            ax.plot([p[0] for p in shown], [p[1] for p in shown], lw=1.5,
+                    label="training loss" if key == "loss" else key)
+            held_out = points(evals, "eval_loss") if key == "loss" else []
+            if held_out:
+                ax.plot([p[0] for p in held_out], [p[1] for p in held_out], "o-", lw=1.5,
+                        label="evaluation loss")
+                ax.legend()
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("loss" if key == "loss" else key)
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_title("fastlora_jax training")
         fig.tight_layout()
         out = self.output_dir / PLOT_NAME
         with atomic_file(out, "wb") as handle:

@@ -24,6 +24,21 @@ def _chunk_loss(h: jax.Array, w: jax.Array, targets: jax.Array,
     return cross_entropy_reference(logits, targets)
 
 
+def token_chunks(h: jax.Array, targets: jax.Array, chunk: int,
+                 fill: int) -> tuple[jax.Array, jax.Array]:
+    """h [..., H], targets [...] -> ([n, C, H], [n, C]): tokens flattened, cut into chunks of
+    C = min(chunk, tokens), the last one padded (targets with `fill`)."""
+    hidden = h.shape[-1]
+    h = h.reshape(-1, hidden)
+    targets = targets.reshape(-1)
+    chunk = min(chunk, h.shape[0])
+    pad = (-h.shape[0]) % chunk
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        targets = jnp.pad(targets, (0, pad), constant_values=fill)
+    return h.reshape(-1, chunk, hidden), targets.reshape(-1, chunk)
+
+
 def cross_entropy_sum(h: jax.Array, w: jax.Array, targets: jax.Array, *, chunk: int = 1024,
                       softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token losses and count of counted tokens.
@@ -31,17 +46,7 @@ def cross_entropy_sum(h: jax.Array, w: jax.Array, targets: jax.Array, *, chunk: 
     h [..., H] final hidden states, w [V, H] the output matrix, targets [...] int32 with
     IGNORE (-100) for positions that carry no label. float32 results.
     """
-    hidden = h.shape[-1]
-    h = h.reshape(-1, hidden)
-    targets = targets.reshape(-1)
-    n = h.shape[0]
-    chunk = min(chunk, n)
-    pad = (-n) % chunk
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        targets = jnp.pad(targets, (0, pad), constant_values=IGNORE)
-    hc = h.reshape(-1, chunk, hidden)
-    tc = targets.reshape(-1, chunk)
+    hc, tc = token_chunks(h, targets, chunk, IGNORE)
 
     @jax.checkpoint
     def body(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, jax.Array]):

@@ -108,8 +108,6 @@ def _convert(value: Any, kind: Any) -> Any:
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
     if isinstance(value, str):
         text = value.strip().lower()
         if text in TRUE:

@@ -12,16 +12,16 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+import optax
 
 from fastlora_jax.errors import ConfigError, TrainingError
 from fastlora_jax.models.causal_lm import CausalLM
-from fastlora_jax.sharding import shard_params
 from fastlora_jax.converters.atomic import write_text_atomic
+from fastlora_jax.sharding import adapter_shardings, batch_sharding, replicated, shard_params
+from fastlora_jax.train import distributed
 from fastlora_jax.train.args import TrainingArguments
 from fastlora_jax.train.checkpoint import TrainCheckpoints
-from fastlora_jax.train.data import (DataStats, batch_at, build_rows, load_dataset_source,
-                                     tokenize_examples)
+from fastlora_jax.train.data import DataStats, build_rows, load_dataset_source, tokenize_examples
 from fastlora_jax.train.eval import BestTracker, EvalSet, evaluate
 from fastlora_jax.train.logs import RunLogger
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
@@ -30,7 +30,7 @@ from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
 def _writable_dir(path: pathlib.Path) -> pathlib.Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{jax.process_index()}"  # one per process: no races
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -46,7 +46,8 @@ class SFTTrainer:
     load_best_model_at_end, the best evaluated one) is put back on `model` (save it with
     `model.save_pretrained(dir)`). `eval_dataset` (same forms and processing as
     `train_dataset`) is evaluated as `args.eval_strategy` says and at the end of training;
-    `trainer.evaluate()` evaluates the model's current adapter.
+    `trainer.evaluate()` evaluates the model's current adapter. Every process holds the whole
+    (small) evaluation set; its batches are split over the mesh like the training batches.
     """
 
     def __init__(self, model: CausalLM, tokenizer: Any, train_dataset: Any,
@@ -62,22 +63,39 @@ class SFTTrainer:
             raise ConfigError("SFTTrainer needs a tokenizer (the model folder had none)")
         self.args = args or TrainingArguments()
         self.max_seq_length = self.args.max_seq_length or model.max_seq_length
+        dataset = load_dataset_source(train_dataset)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.rows, self.data_stats = self._rows(train_dataset, "train_dataset", formatting_func, pad)
+
+        def build(part: Any, name: str = "train_dataset") -> tuple[dict[str, np.ndarray], DataStats]:
+            examples = tokenize_examples(part, self.tokenizer,
+                                         dataset_text_field=self.args.dataset_text_field,
+                                         formatting_func=formatting_func,
+                                         train_on_responses_only=self.args.train_on_responses_only,
+                                         name=name)
+            return build_rows(examples, max_seq_length=self.max_seq_length,
+                              packing=self.args.packing, pad_token_id=pad, name=name)
+
         if eval_dataset is None and self.args.eval_strategy != "no":
             raise ConfigError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset "
                               f"(CLI: --eval_data FILE)")
-        eval_rows = (self._rows(eval_dataset, "eval_dataset", formatting_func, pad)[0]
-                     if eval_dataset is not None else None)
-        self.mesh = self.args.mesh.make_mesh() if self.args.mesh is not None else None
-        data_parallel = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        self.rows_per_step = (self.args.per_device_train_batch_size * data_parallel
-                              * self.args.gradient_accumulation_steps)
-        self.eval_set = None if eval_rows is None else EvalSet(
-            eval_rows, batch_rows=self.args.per_device_eval_batch_size * data_parallel,
-            packing=self.args.packing, pad_token_id=pad)
-        per_epoch = len(self.rows["input_ids"]) // self.rows_per_step
+        eval_rows = None if eval_dataset is None else build(
+            load_dataset_source(eval_dataset, name="eval_dataset"), "eval_dataset")[0]
+
+        self.mesh_config = self.args.mesh or distributed.default_mesh_config()
+        self.mesh = self.mesh_config.make_mesh() if self.mesh_config is not None else None
+        if self.mesh is not None:
+            self.mesh_config.check_model(model.config, self.mesh)
+        # each data x fsdp batch group reads its own shard of the data (train/distributed.py)
+        self.data = distributed.DataShards(dataset, build, self.mesh)
+        self.data_stats = self.data.stats
+        self.rows_per_group = (self.args.per_device_train_batch_size
+                               * self.args.gradient_accumulation_steps)
+        self.rows_per_step = self.rows_per_group * self.data.num_shards
+        per_epoch = self.data.steps_per_epoch(self.rows_per_group)
         self.steps_per_epoch = max(per_epoch, 1)
+        self.eval_set = None if eval_rows is None else EvalSet(
+            eval_rows, batch_rows=self.args.per_device_eval_batch_size * self.data.num_shards,
+            packing=self.args.packing, pad_token_id=pad)
         if self.args.max_steps > 0:
             self.total_steps = self.args.max_steps
         else:
@@ -91,47 +109,27 @@ class SFTTrainer:
             adam_beta1=self.args.adam_beta1, adam_beta2=self.args.adam_beta2,
             adam_epsilon=self.args.adam_epsilon)
         self.step_config = StepConfig(model=model.config, lora=model.lora_spec,
-                                      remat=model.use_gradient_checkpointing,
+                                      remat=self.args.use_gradient_checkpointing,
                                       loss_chunk=self.args.loss_chunk_size)
-
-    def _rows(self, data: Any, name: str, formatting_func: Callable[[dict[str, Any]], str] | None,
-              pad: int) -> tuple[dict[str, Any], DataStats]:
-        """Fixed-shape rows and statistics of one dataset (see train/data.py)."""
-        examples = tokenize_examples(load_dataset_source(data, name=name), self.tokenizer,
-                                     dataset_text_field=self.args.dataset_text_field,
-                                     formatting_func=formatting_func,
-                                     train_on_responses_only=self.args.train_on_responses_only,
-                                     name=name)
-        return build_rows(examples, max_seq_length=self.max_seq_length,
-                          packing=self.args.packing, pad_token_id=pad, name=name)
 
     # -----------------------------------------------------------------------------------------
     def _place(self, frozen: Any, lora: Any, opt_state: Any) -> tuple[Any, Any, Any]:
         if self.mesh is None:
             return frozen, lora, opt_state
-        replicated = NamedSharding(self.mesh, PartitionSpec())
+        lora_sh = adapter_shardings(lora, self.mesh, shard=self.mesh_config.shard_adapters)
+        opt_sh = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_state, lora_sh,
+                                       transform_non_params=lambda _: replicated(self.mesh))
         return (shard_params(frozen, self.model.config, self.mesh),
-                jax.device_put(lora, replicated), jax.device_put(opt_state, replicated))
+                distributed.put_from_host(lora, lora_sh),
+                distributed.put_from_host(opt_state, opt_sh))
 
     def _to_devices(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """An [A, B, T] host batch on the devices (B split over the mesh's batch axes)."""
+        """An [A, B, T] batch that every process holds in full, on the devices (B split over the
+        mesh's batch axes)."""
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in batch.items()}
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
-
-    def _batch(self, step: int) -> tuple[dict[str, jax.Array], int, float]:
-        """(the step's batch on the devices, its epoch, its number of real tokens).
-
-        Unpacked rows go without segment ids (see train/step.py: right padding needs none).
-        """
-        batch, epoch = batch_at(self.rows, step, rows_per_step=self.rows_per_step,
-                                accumulation=self.args.gradient_accumulation_steps,
-                                seed=self.args.seed)
-        tokens = float((batch["segment_ids"] > 0).sum())
-        if not self.args.packing:
-            batch = {k: v for k, v in batch.items() if k != "segment_ids"}
-        return self._to_devices(batch), epoch, tokens
+        return distributed.put_from_host(batch, {k: batch_sharding(self.mesh, v.shape, batch_axis=1)
+                                                 for k, v in batch.items()})
 
     def _eval_due(self, done: int) -> bool:
         if self.eval_set is None:
@@ -142,13 +140,29 @@ class SFTTrainer:
             return done % (self.args.eval_steps or self.args.logging_steps) == 0
         return self.args.eval_strategy == "epoch" and done % self.steps_per_epoch == 0
 
+    def _evaluate(self, lora: Any, frozen: Any) -> dict[str, float]:
+        with distributed.mesh_context(self.mesh):
+            return evaluate(self.eval_set, lora, frozen, self.step_config, self._to_devices)
+
     def evaluate(self) -> dict[str, float]:
         """eval_loss, eval_perplexity (exp of it), eval_tokens, eval_runtime of the model's
         current adapter on the eval_dataset."""
         if self.eval_set is None:
             raise ConfigError("evaluate() needs an eval_dataset; pass one to SFTTrainer")
-        frozen, lora, _ = self._place(self.model.params(), self.model.lora_params(), None)
-        return evaluate(self.eval_set, lora, frozen, self.step_config, self._to_devices)
+        lora = self.model.lora_params()
+        frozen, lora, _ = self._place(self.model.params(), lora, self.optimizer.init(lora))
+        return self._evaluate(lora, frozen)
+
+    def _batch(self, step: int) -> tuple[dict[str, jax.Array], int, float]:
+        """(the step's batch on the devices, its epoch, its number of real tokens).
+
+        Unpacked rows go without segment ids (see train/step.py: right padding needs none).
+        """
+        keys = ("input_ids", "targets", "positions") + (("segment_ids",) if self.args.packing
+                                                         else ())
+        return self.data.batch(step, rows_per_group=self.rows_per_group,
+                               accumulation=self.args.gradient_accumulation_steps,
+                               seed=self.args.seed, keys=keys)
 
     def train(self, resume_from_checkpoint: bool | str = False) -> dict[str, Any]:
         """Run to `total_steps` (or an early stop); returns stats (steps, losses, evaluation,
@@ -184,10 +198,12 @@ class SFTTrainer:
                 nonfinite_total = int(meta["nonfinite_total"])
         dropout = self.model.lora_spec.config.lora_dropout > 0
         base_key = jax.random.key(args.seed)
+        main = distributed.is_main_process()  # only process 0 writes the run's files
         logger = RunLogger(out_dir, total_steps=self.total_steps, start_step=start,
                            tensorboard=args.report_to == "tensorboard",
-                           show_progress=not args.disable_tqdm)
-        self._write_run_info(out_dir)
+                           show_progress=not args.disable_tqdm) if main else distributed.NullLogger()
+        if main:
+            self._write_run_info(out_dir)
         losses, tokens_done, window_tokens = [], 0.0, 0.0
         last_saved, done, in_a_row, last_eval, stopped_early = start, start, 0, None, False
         t0 = time.perf_counter()
@@ -195,10 +211,12 @@ class SFTTrainer:
             for step in range(start, self.total_steps):
                 batch, epoch, step_tokens = self._batch(step)
                 key = jax.random.fold_in(base_key, step) if dropout else None
-                lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch,
-                                                      cfg=self.step_config,
-                                                      optimizer=self.optimizer, dropout_key=key)
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                with distributed.mesh_context(self.mesh):
+                    lora, opt_state, metrics = train_step(lora, opt_state, frozen, batch,
+                                                          cfg=self.step_config,
+                                                          optimizer=self.optimizer,
+                                                          dropout_key=key)
+                m = {k: float(v) for k, v in distributed.to_host(metrics).items()}
                 skipped = m.pop("skipped") > 0
                 in_a_row = in_a_row + 1 if skipped else 0
                 nonfinite_total += skipped
@@ -223,8 +241,7 @@ class SFTTrainer:
                         f"{str(checkpoints.directory)!r} holds good weights. Lower learning_rate "
                         f"or check the data of these steps")
                 if self._eval_due(done):
-                    last_eval = evaluate(self.eval_set, lora, frozen, self.step_config,
-                                         self._to_devices)
+                    last_eval = self._evaluate(lora, frozen)
                     logger.log_eval(done, last_eval)
                     if tracker.update(last_eval, done) and keep_best:
                         best_lora = jax.tree.map(jnp.copy, lora)
@@ -248,7 +265,7 @@ class SFTTrainer:
             logger.close()
             checkpoints.close()
             final = best_lora if keep_best and tracker.best_step > 0 else lora
-            self.model.set_adapter(self.model.lora_spec, jax.device_get(final))
+            self.model.set_adapter(self.model.lora_spec, distributed.to_host(final))
         runtime = time.perf_counter() - t0
         stats = {"global_step": done, "start_step": start,
                  "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -260,7 +277,8 @@ class SFTTrainer:
         if last_eval is not None:
             stats.update(last_eval, best_metric=tracker.best, best_step=tracker.best_step,
                          loaded_best=keep_best and tracker.best_step > 0)
-        write_text_atomic(out_dir / "train_stats.json", json.dumps(stats, indent=2))
+        if main:
+            write_text_atomic(out_dir / "train_stats.json", json.dumps(stats, indent=2))
         return stats
 
     def _write_run_info(self, out_dir: pathlib.Path) -> None:

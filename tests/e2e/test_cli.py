@@ -7,15 +7,16 @@ import subprocess
 
 import pytest
 
-from tests.refenv import REPO
+from fastlora_jax.testing.refenv import REPO
 
 CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
 
 
 @pytest.mark.slow
 def test_chat_answers_the_prompt(smollm2_dir):
-    proc = subprocess.run([CLI, "chat", "--model", str(smollm2_dir)], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([CLI, "chat", "--model", str(smollm2_dir), "--prompt",
+                           "What is the capital of France?"], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "assistant: The capital of France is Paris." in proc.stdout
 
@@ -35,7 +36,7 @@ def test_demo_short_run_trains_evaluates_and_exports(smollm2_dir, tmp_path):
 
 
 def test_cli_reports_bad_model_path_cleanly(tmp_path):
-    proc = subprocess.run([CLI, "chat", "--model", str(tmp_path / "missing")],
+    proc = subprocess.run([CLI, "chat", "--model", str(tmp_path / "missing"), "--prompt", "hi"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -13,9 +13,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from fastlora_jax.demo import make_examples, write_jsonl
+from fastlora_jax.testing.refenv import REPO
 from fastlora_jax.train.logs import read_log
 from tests.checkpoints import tiny_chat_model
-from tests.refenv import REPO
 
 CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
 
@@ -64,6 +64,9 @@ def test_short_run_writes_adapter_logs_and_plot(setup, tmp_path):
     assert "done: 4 steps" in proc.stdout and "eval loss" in proc.stdout
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())[
         "target_modules"] == ["q_proj"]
+    # --use_gradient_checkpointing is a training argument: the trainer's step reads it from there
+    assert json.loads((out / "run_info.json").read_text())["args"][
+        "use_gradient_checkpointing"] is False
 
 
 def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):

@@ -1,4 +1,5 @@
-"""Flash attention (interpreted Pallas on CPU) vs the pure-jnp reference: forward and jax.grad."""
+"""Flash attention (interpreted Pallas on CPU: Triton and Mosaic GPU kernels) vs the pure-jnp
+reference: forward and jax.grad."""
 
 from __future__ import annotations
 
@@ -10,21 +11,33 @@ import numpy as np
 import pytest
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.kernels import flash_attention as fa
+from fastlora_jax.kernels.attention_mask import MaskSpec, block_visibility, visit_ranges
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
-from fastlora_jax.ops.attention import attention, gpu_default_impl
+from fastlora_jax.kernels.flash_attention import (MosaicBlockSizes, TritonBlockSizes,
+                                                  flash_attention)
+from fastlora_jax.kernels.flash_attention_mgpu import mosaic_forward_supports
+from fastlora_jax.kernels.flash_attention_mgpu_bwd import mosaic_backward_supports
+from fastlora_jax.ops import defaults
+from fastlora_jax.ops.attention import attention
 from fastlora_jax.ops.impl import Impl
-from tests.attention_inputs import attention_inputs, max_rel_error
+from fastlora_jax.testing import attention_inputs, max_rel_error, packed_segment_ids
 
-SMALL = fa.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32, block_q_dkv=32,
-                      block_kv_dkv=16)
+TRITON, MOSAIC = Impl.PALLAS_TRITON, Impl.PALLAS_MOSAIC
 
 
-def _compare(q, k, v, do, tol: float = 1e-2, block_sizes: fa.BlockSizes | None = SMALL,
-             backend: str = "interpret", **kw):
+def _blocks(head_dim: int = 64, **blocks) -> TritonBlockSizes:
+    return dataclasses.replace(TritonBlockSizes.for_head_dim(head_dim), **blocks)
+
+
+SMALL = _blocks(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32, block_q_dkv=32,
+                block_kv_dkv=16)
+
+
+def _compare(q, k, v, do, tol: float = 1e-2, triton_blocks: TritonBlockSizes | None = SMALL,
+             impl: Impl = TRITON, **kw):
     """Kernel on q's dtype vs the float32 reference on upcast inputs: output and dq, dk, dv."""
     def loss_kernel(q, k, v):
-        o = fa.flash_attention(q, k, v, block_sizes=block_sizes, backend=backend, **kw)
+        o = flash_attention(q, k, v, triton_blocks=triton_blocks, impl=impl, **kw)
         return jnp.sum(o.astype(jnp.float32) * do), o
 
     def loss_ref(q, k, v):
@@ -42,16 +55,6 @@ def _compare(q, k, v, do, tol: float = 1e-2, block_sizes: fa.BlockSizes | None =
         assert err <= tol, f"{name}: relative error {err:.3e} > {tol}"
 
 
-def _packed_ids(batch: int, seq: int, docs: int, seed: int) -> jax.Array:
-    """Sorted segment ids [batch, seq]: `docs` documents of random lengths per row."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, seq), size=docs - 1, replace=False))
-        rows.append(np.searchsorted(cuts, np.arange(seq), side="right"))
-    return jnp.asarray(np.stack(rows), jnp.int32)
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_gqa(causal: bool):
     _compare(*attention_inputs(0, 2, 64, 64, 4, 2, 64), causal=causal)
@@ -64,7 +67,7 @@ def test_mqa_ragged_lengths():
 
 def test_packed_segments():
     q, k, v, do = attention_inputs(2, 2, 96, 96, 2, 1, 64)
-    _compare(q, k, v, do, causal=True, segment_ids=_packed_ids(2, 96, 4, seed=3))
+    _compare(q, k, v, do, causal=True, segment_ids=packed_segment_ids(2, 96, 4, seed=3))
 
 
 def test_unsorted_segments_non_causal():
@@ -83,25 +86,25 @@ def test_softcap_and_scale():
 
 
 def test_head_dim_256_window_softcap():
-    bs = fa.BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16, block_q_dkv=16,
-                       block_kv_dkv=16)
-    _compare(*attention_inputs(6, 1, 32, 32, 2, 1, 256), block_sizes=bs, causal=True, sliding_window=12,
-             softcap=30.0)
+    bs = _blocks(256, block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16, block_q_dkv=16,
+                 block_kv_dkv=16)
+    _compare(*attention_inputs(6, 1, 32, 32, 2, 1, 256), triton_blocks=bs, causal=True,
+             sliding_window=12, softcap=30.0)
 
 
 def test_head_dim_not_power_of_two_default_blocks():
-    _compare(*attention_inputs(7, 1, 24, 24, 2, 1, 80), block_sizes=None, causal=True)
+    _compare(*attention_inputs(7, 1, 24, 24, 2, 1, 80), triton_blocks=None, causal=True)
 
 
-@pytest.mark.parametrize("backend", ["interpret", "mosaic_interpret"])
-def test_float16(backend: str):
+@pytest.mark.parametrize("impl", [TRITON, MOSAIC])
+def test_float16(impl: Impl):
     q, k, v, do = attention_inputs(17, 1, 128, 128, 2, 1, 64, dtype=jnp.float16)
-    _compare(q, k, v, do, block_sizes=None, backend=backend, causal=True, sliding_window=40)
+    _compare(q, k, v, do, triton_blocks=None, impl=impl, causal=True, sliding_window=40)
 
 
 def test_float32_tight():
     _compare(*attention_inputs(8, 1, 48, 48, 2, 1, 64, dtype=jnp.float32), tol=1e-5, causal=True,
-             segment_ids=_packed_ids(1, 48, 3, seed=4), softcap=5.0)
+             segment_ids=packed_segment_ids(1, 48, 3, seed=4), softcap=5.0)
 
 
 @pytest.mark.parametrize("head_dim, kw", [
@@ -111,16 +114,25 @@ def test_float32_tight():
 def test_mosaic_interpreted(head_dim: int, kw: dict):
     """The Hopper (Mosaic GPU) forward and backward kernels, interpreted; ragged lengths."""
     q, k, v, do = attention_inputs(14, 1, 200, 300, 2, 1, head_dim)
-    assert fa.mgpu.supported(head_dim, q.dtype) and fa.mgpu_bwd.supported(head_dim, q.dtype)
-    _compare(q, k, v, do, block_sizes=None, backend="mosaic_interpret", **kw)
+    assert mosaic_forward_supports(head_dim, q.dtype)
+    assert mosaic_backward_supports(head_dim, q.dtype)
+    _compare(q, k, v, do, triton_blocks=None, impl=MOSAIC, **kw)
 
 
 def test_mosaic_segments_interpreted():
-    """Segment ids in the Mosaic kernels (BlockSizes.mgpu_segments, the default), interpreted."""
-    q, k, v, do = attention_inputs(15, 1, 256, 256, 2, 1, 64)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_segments=True)
-    _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
-             segment_ids=_packed_ids(1, 256, 5, seed=6))
+    """Segment ids in the Mosaic kernels, interpreted: GQA group 2 (dk/dv summed over each kv
+    head's query heads in the kernel), a ragged length, several query tiles (taken last-first)
+    and a 3-slot backward ring."""
+    q, k, v, do = attention_inputs(15, 1, 200, 200, 4, 2, 64)
+    _compare(q, k, v, do, triton_blocks=None, impl=MOSAIC, causal=True,
+             segment_ids=packed_segment_ids(1, 200, 3, seed=7))
+
+
+def test_mosaic_window_several_tiles_interpreted():
+    """Several query tiles under a causal mask and a window (which blocks each CTA visits)."""
+    q, k, v, do = attention_inputs(18, 1, 384, 384, 2, 1, 64)
+    assert MosaicBlockSizes.for_head_dim(64).num_stages_bwd == 3
+    _compare(q, k, v, do, triton_blocks=None, impl=MOSAIC, causal=True, sliding_window=150)
 
 
 def test_segment_isolation_bit_identical():
@@ -133,8 +145,7 @@ def test_segment_isolation_bit_identical():
 
     def run(q, k, v):
         def loss(q, k, v):
-            o = fa.flash_attention(q, k, v, segment_ids=seg, block_sizes=SMALL,
-                                   backend="interpret")
+            o = flash_attention(q, k, v, segment_ids=seg, triton_blocks=SMALL, impl=TRITON)
             return jnp.sum(o.astype(jnp.float32) * do), o
         (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
         return [np.asarray(x[:, :40].astype(jnp.float32)) for x in (o, *g)]
@@ -149,9 +160,9 @@ def test_block_skipping_packed():
     """Blocks crossing documents are never visited: 8 docs per row visit 80 of 528 causal blocks."""
     seq, block = 4096, 128
     seg = jnp.repeat(jnp.arange(8, dtype=jnp.int32), seq // 8)[None]
-    spec = fa.portable.MaskSpec(seq_q=seq, seq_kv=seq, causal=True, sliding_window=None,
-                                has_segments=True, kv_padded=False)
-    r = fa._ranges(*fa._block_visibility(spec, block, block, seq, seq, seg, seg))
+    spec = MaskSpec(seq_q=seq, seq_kv=seq, causal=True, sliding_window=None, has_segments=True,
+                    kv_padded=False)
+    r = visit_ranges(*block_visibility(spec, block, block, seq, seq, seg, seg))
     visited = int(jnp.sum(r[:, 3] - r[:, 0]))
     unmasked = int(jnp.sum(r[:, 2] - r[:, 1]))
     assert unmasked == 8 * (4 * 3 // 2)  # all but the diagonal blocks skip the mask
@@ -164,8 +175,8 @@ def test_ranges_full_span_only_when_contiguous():
     any_ = jnp.asarray([[[True, True, True, True, False]]])
     gappy = jnp.asarray([[[False, True, False, True, False]]])  # full blocks 1 and 3, not 2
     dense = jnp.asarray([[[False, True, True, False, False]]])
-    np.testing.assert_array_equal(fa._ranges(any_, gappy)[0, :, 0], [0, 0, 0, 4])
-    np.testing.assert_array_equal(fa._ranges(any_, dense)[0, :, 0], [0, 1, 3, 4])
+    np.testing.assert_array_equal(visit_ranges(any_, gappy)[0, :, 0], [0, 0, 0, 4])
+    np.testing.assert_array_equal(visit_ranges(any_, dense)[0, :, 0], [0, 1, 3, 4])
 
 
 def test_unsorted_segments_with_uniform_blocks():
@@ -173,8 +184,8 @@ def test_unsorted_segments_with_uniform_blocks():
     q, k, v, do = attention_inputs(16, 1, 96, 96, 2, 1, 64)
     seg = jnp.asarray([[0] * 32 + [1] * 16 + [0] * 16 + [1] * 32], jnp.int32)
     _compare(q, k, v, do, causal=False, segment_ids=seg,
-             block_sizes=fa.BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16,
-                                       block_q_dkv=16, block_kv_dkv=16))
+             triton_blocks=_blocks(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=16,
+                                   block_q_dkv=16, block_kv_dkv=16))
 
 
 def test_memory_linear_in_seq_at_65536():
@@ -185,8 +196,8 @@ def test_memory_linear_in_seq_at_65536():
     seg = jax.ShapeDtypeStruct((1, seq), jnp.int32)
 
     def step(q, k, v, seg):
-        o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(
-            q, k, v, causal=True, segment_ids=seg, backend="interpret"), q, k, v)
+        o, vjp = jax.vjp(lambda q, k, v: flash_attention(
+            q, k, v, causal=True, segment_ids=seg, impl=TRITON), q, k, v)
         return vjp(o)
 
     mem = jax.jit(step).lower(q, k, k, seg).compile().memory_analysis()
@@ -195,98 +206,52 @@ def test_memory_linear_in_seq_at_65536():
     assert mem.temp_size_in_bytes < seq * seq  # one bf16 score matrix would be 8 GiB
 
 
-def test_dispatch_pallas():
+@pytest.mark.parametrize("impl", ["pallas_triton", "pallas_mosaic"])
+def test_dispatch_pallas(impl: str):
     q, k, v, _ = attention_inputs(12, 1, 32, 32, 4, 2, 64)
-    got = attention(q, k, v, impl="pallas", causal=True, sliding_window=8)
+    got = attention(q, k, v, impl=impl, causal=True, sliding_window=8)
     want = flash_attention_reference(q, k, v, causal=True, sliding_window=8)
     assert max_rel_error(got, want) <= 1e-2
 
 
-def test_gpu_default_rule():
-    seg = jnp.zeros((1, 8), jnp.int32)
-    assert gpu_default_impl(segment_ids=None, sliding_window=None, softcap=None) is Impl.CUDNN
-    assert gpu_default_impl(segment_ids=seg, sliding_window=None, softcap=None) is Impl.PALLAS
+def test_default_rules():
+    rule = defaults.attention_impl
+    assert rule(gpu=True, hopper=True, segments=False, softcap=False) is Impl.CUDNN
     # a window alone goes to cuDNN's local_window_size (faster there on the H200)
-    assert gpu_default_impl(segment_ids=None, sliding_window=4, softcap=None) is Impl.CUDNN
-    assert gpu_default_impl(segment_ids=seg, sliding_window=4, softcap=None) is Impl.PALLAS
-    assert gpu_default_impl(segment_ids=None, sliding_window=None, softcap=30.0) is Impl.PALLAS
-    assert fa.default_backend() is fa.Backend.INTERPRET  # CPU
+    assert rule(gpu=True, hopper=True, segments=True, softcap=False) is Impl.PALLAS_MOSAIC
+    assert rule(gpu=True, hopper=False, segments=True, softcap=False) is Impl.PALLAS_TRITON
+    assert rule(gpu=True, hopper=True, segments=False, softcap=True) is Impl.PALLAS_MOSAIC
+    assert rule(gpu=False, hopper=False, segments=True, softcap=True) is Impl.REFERENCE
+    assert defaults.flash_attention_impl(hopper=False) is Impl.PALLAS_TRITON
+
+
+def test_tiles_come_from_the_defaults_table():
+    assert TritonBlockSizes.for_head_dim(64).num_warps == 4
+    assert TritonBlockSizes.for_head_dim(80).num_warps == 8      # the 128 row
+    assert TritonBlockSizes.for_head_dim(256).block_q == 64
+    assert MosaicBlockSizes.for_head_dim(128).block_kv == 128
+    assert MosaicBlockSizes.for_head_dim(192).block_kv == 64     # the 256 row
 
 
 @pytest.mark.parametrize("field, value", [("block_q", 48), ("block_kv_dkv", 8), ("num_warps", 3),
                                           ("num_stages", 0)])
 def test_block_sizes_errors_name_value(field: str, value: int):
     with pytest.raises(KernelError, match=f"{field}={value}"):
-        fa.BlockSizes(**{field: value})
+        _blocks(**{field: value})
 
 
 def test_shape_errors_name_value():
     q, k, v, _ = attention_inputs(13, 1, 16, 16, 3, 2, 64)
     with pytest.raises(KernelError, match="heads=3"):
-        fa.flash_attention(q, k, v)
+        flash_attention(q, k, v)
     q, k, v, _ = attention_inputs(13, 1, 16, 16, 2, 1, 64)
     with pytest.raises(KernelError, match="sliding_window=0"):
-        fa.flash_attention(q, k, v, sliding_window=0)
+        flash_attention(q, k, v, sliding_window=0)
     with pytest.raises(KernelError, match="segment_ids.shape"):
-        fa.flash_attention(q, k, v, segment_ids=jnp.zeros((1, 15), jnp.int32))
-    with pytest.raises(KernelError, match="mgpu_block_kv=96"):
-        fa.BlockSizes(mgpu_block_kv=96)
-    with pytest.raises(KernelError, match="backend='cuda'"):
-        fa.flash_attention(q, k, v, backend="cuda")
-
-
-@pytest.mark.parametrize("group_in_kernel", [True, False])
-def test_mosaic_dkv_group_interpreted(group_in_kernel: bool):
-    """dk/dv summed over each kv head's query-head group inside the Mosaic kernel
-    (BlockSizes.mgpu_dkv_group, the default) or per query head and summed after; interpreted:
-    GQA group 2, ragged length, segments."""
-    q, k, v, do = attention_inputs(16, 1, 200, 200, 4, 2, 64)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_dkv_group=group_in_kernel,
-                             mgpu_segments=True)
-    _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
-             segment_ids=_packed_ids(1, 200, 3, seed=7))
-
-
-def test_mosaic_reverse_tiles_three_stages_interpreted():
-    """Query tiles launched last-first (BlockSizes.mgpu_reverse_tiles) with a 3-slot backward
-    ring, interpreted: several query tiles under a causal mask and a window."""
-    q, k, v, do = attention_inputs(18, 1, 384, 384, 2, 1, 64)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_reverse_tiles=True,
-                             mgpu_num_stages_bwd=3)
-    _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret", causal=True,
-             sliding_window=150)
-
-
-@pytest.mark.parametrize("kw", [dict(causal=True, softcap=5.0, scale=0.2),
-                                dict(causal=True, sliding_window=70)])
-@pytest.mark.parametrize("overlap, stats_tma", [(True, False), (False, True), (True, True)])
-def test_mosaic_bwd_schedules_interpreted(kw: dict, overlap: bool, stats_tma: bool):
-    """The backward kernels with the do/v product issued before the probabilities
-    (BlockSizes.mgpu_bwd_overlap) and lse / delta through the TMA ring (mgpu_bwd_stats_tma),
-    interpreted: GQA, segments, softcap / window."""
-    q, k, v, do = attention_inputs(19, 1, 256, 256, 4, 2, 64)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), mgpu_bwd_overlap=overlap,
-                             mgpu_bwd_stats_tma=stats_tma)
-    _compare(q, k, v, do, block_sizes=bs, backend="mosaic_interpret",
-             segment_ids=_packed_ids(1, 256, 3, seed=8), **kw)
-
-
-@pytest.mark.parametrize("overrides", [dict(mgpu_bwd_overlap=True, mgpu_bwd_stats_tma=True),
-                                       dict(mgpu_bwd_stats_tma=True, mgpu_dkv_group=False),
-                                       dict(mgpu_pingpong=False, mgpu_dkv_group=False,
-                                            mgpu_reverse_tiles=False, mgpu_segments=False)])
-def test_mosaic_schedules_lower_for_gpu(overrides: dict):
-    """The Mosaic kernels lower for CUDA (three Mosaic GPU kernels: forward, dq, dk/dv) with the
-    GPU-only schedules (pingpong is off under the interpreter) and with every option off."""
-    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
-    bs = dataclasses.replace(fa.BlockSizes.for_head_dim(64), **overrides)
-
-    def step(q, k, v):
-        o, vjp = jax.vjp(lambda q, k, v: fa.flash_attention(
-            q, k, v, causal=True, sliding_window=100, block_sizes=bs, backend="mosaic_gpu"),
-            q, k, v)
-        return vjp(o)
-
-    text = jax.jit(step).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu") == 3
+        flash_attention(q, k, v, segment_ids=jnp.zeros((1, 15), jnp.int32))
+    with pytest.raises(KernelError, match="block_kv=96"):
+        dataclasses.replace(MosaicBlockSizes.for_head_dim(64), block_kv=96)
+    with pytest.raises(KernelError, match="impl='cuda'"):
+        flash_attention(q, k, v, impl="cuda")
+    with pytest.raises(KernelError, match="impl='cudnn' is not a Pallas"):
+        flash_attention(q, k, v, impl=Impl.CUDNN)

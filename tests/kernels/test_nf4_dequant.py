@@ -16,16 +16,14 @@ import numpy as np
 import pytest
 
 from fastlora_jax.errors import KernelError
-from fastlora_jax.kernels.nf4_dequant import (ASM_ABSMAX, ASM_EXACT, NF4_F32_BITS, DequantTuning,
-                                              dequant_dx, dequant_then_dot, emulate_f32_lookup,
+from fastlora_jax.kernels.nf4_dequant import (ASM_EXACT, NF4_F32_BITS, DequantTuning, dequant_dx,
+                                              dequant_then_dot, emulate_f32_lookup,
                                               nf4_dequantize)
 from fastlora_jax.kernels.nf4_matmul import nf4_matmul_reference
-from fastlora_jax.ops import linear
-from fastlora_jax.ops.linear import Dequant, pallas_dequant_is_default
+from fastlora_jax.ops import defaults
 from fastlora_jax.quant import QTensor, QuantKind, dequantize, quantize_int8, quantize_nf4
 
 SMALL = DequantTuning(block_rows=64, num_warps=4)
-SMALL_IN_KERNEL = DequantTuning(block_rows=64, num_warps=4, absmax_in_kernel=True)
 
 
 def _quantized(n: int, k: int, seed: int, dtype: str = "bfloat16") -> QTensor:
@@ -53,25 +51,20 @@ def _same_bits(a: jax.Array, b: jax.Array) -> bool:
 
 # Odd N, K from one block to 7 blocks per row; 37 x 448 = 259 blocks: several programs of 64
 # blocks, a masked last tile and two nested-absmax blocks of 256.
-# Called eagerly, so XLA's absmax decode (default tuning) is not FMA-contracted either.
+# Called eagerly, so XLA's absmax decode is not FMA-contracted either.
 @pytest.mark.parametrize("n,k", [(7, 64), (33, 192), (37, 448), (16, 1024)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("tuning", [SMALL, SMALL_IN_KERNEL], ids=["xla_absmax", "kernel_absmax"])
-def test_exact_kernel_equals_dequantize_bit_for_bit(n: int, k: int, dtype: str,
-                                                    tuning: DequantTuning) -> None:
+def test_kernel_equals_dequantize_bit_for_bit(n: int, k: int, dtype: str) -> None:
     for w in (_quantized(n, k, seed=n + k), _random_bytes(n, k, seed=n * k)):
-        assert _same_bits(nf4_dequantize(w, dtype, tuning=tuning, interpret=True),
+        assert _same_bits(nf4_dequantize(w, dtype, tuning=SMALL, interpret=True),
                           dequantize(w, dtype))
 
 
-def test_exact_at_a_real_size_under_jit() -> None:
-    """4M weights (65536 absmax blocks): under jit XLA fuses dyn * nested + offset into an FMA,
-    which flips a few bf16 roundings; the in-kernel decode keeps bitsandbytes' two roundings. The
-    default tuning takes the absmax from XLA (`nf4_block_scales`), so those few may flip."""
+def test_at_a_real_size_under_jit() -> None:
+    """4M weights (65536 absmax blocks): under jit XLA fuses the absmax's dyn * nested + offset
+    into an FMA, which may flip a few bf16 roundings against the eager reference."""
     w = _quantized(1024, 4096, seed=0)
     ref = dequantize(w)
-    in_kernel = DequantTuning(absmax_in_kernel=True)
-    assert _same_bits(jax.jit(lambda w: nf4_dequantize(w, tuning=in_kernel))(w), ref)
     via_xla = jax.jit(nf4_dequantize)(w)
     differ = jax.lax.bitcast_convert_type(via_xla, jnp.uint16) != jax.lax.bitcast_convert_type(
         ref, jnp.uint16)
@@ -82,21 +75,8 @@ def test_default_dtype_and_ragged_last_block() -> None:
     """N*K % 64 != 0 (K = 40): the ragged tail is padded and cut; dtype defaults to w.dtype."""
     for n, k in [(3, 40), (5, 100)]:
         w = _quantized(n, k, seed=k, dtype="float16")
-        for tuning in (SMALL, SMALL_IN_KERNEL):
-            out = nf4_dequantize(w, tuning=tuning, interpret=True)
-            assert out.dtype == jnp.float16 and _same_bits(out, dequantize(w))
-
-
-def test_fast_path_within_bf16_rounding() -> None:
-    """bf16(NF4) x bf16(absmax), one rounding: at most ~1.5 bf16 ulp (3 * 2^-8 relative)."""
-    w = _random_bytes(37, 448, seed=5)
-    ref = dequantize(w).astype(jnp.float32)
-    for absmax_in_kernel in (False, True):
-        t = DequantTuning(block_rows=64, exact=False, absmax_in_kernel=absmax_in_kernel)
-        fast = nf4_dequantize(w, tuning=t, interpret=True)
-        err = jnp.abs(fast.astype(jnp.float32) - ref)
-        assert float(jnp.max(err - 3 * 2.0 ** -8 * jnp.abs(ref))) <= 0.0
-        assert 0.0 < float(jnp.mean(err > 0)) < 0.6
+        out = nf4_dequantize(w, tuning=SMALL, interpret=True)
+        assert out.dtype == jnp.float16 and _same_bits(out, dequantize(w))
 
 
 def test_f32_prmt_lookup_replay() -> None:
@@ -109,9 +89,9 @@ def test_f32_prmt_lookup_replay() -> None:
 
 
 @pytest.mark.skipif(shutil.which("ptxas") is None, reason="needs ptxas")
-@pytest.mark.parametrize("name", ["bfloat16", "float16", "absmax"])
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
 def test_asm_assembles(name: str, tmp_path) -> None:
-    body, nops = (ASM_ABSMAX, 4) if name == "absmax" else (ASM_EXACT[name], 9)
+    body, nops = ASM_EXACT[name], 9
     body = re.sub(r"\$(\d+)", lambda m: f"%r{m.group(1)}", body)
     loads = "\n".join(f"ld.param.u32 %r{i}, [p + {4 * i}];" for i in range(nops))
     stores = "\n".join(f"st.global.u32 [%rd1 + {4 * i}], %r{i};" for i in range(nops))
@@ -129,15 +109,13 @@ def test_errors_name_the_value() -> None:
     w = _quantized(8, 64, seed=1)
     with pytest.raises(KernelError, match="dtype='float32'"):
         nf4_dequantize(w, jnp.float32, interpret=True)
-    with pytest.raises(KernelError, match="exact=True"):
-        nf4_dequantize(w, jnp.float16, tuning=DequantTuning(exact=False), interpret=True)
     with pytest.raises(KernelError, match="leading axes"):
         nf4_dequantize(jax.tree_util.tree_map(lambda a: a[None], w), interpret=True)
     w8 = jax.tree_util.tree_map(jnp.asarray, quantize_int8(np.ones((8, 64), np.float32)))
     with pytest.raises(KernelError, match="w.kind=int8"):
         nf4_dequantize(w8, interpret=True)
     with pytest.raises(KernelError, match="block_rows=100"):
-        DequantTuning(block_rows=100)
+        DequantTuning(block_rows=100, num_warps=4)
     with pytest.raises(KernelError, match=r"dy.shape=\(2, 9\)"):
         dequant_dx(jnp.ones((2, 9), jnp.bfloat16), w, interpret=True)
 
@@ -164,30 +142,14 @@ def test_dequant_then_dot_forward_and_grad(m: int, k: int, n: int) -> None:
                                rtol=1e-2, atol=1e-2)
 
 
-def test_linear_dequant_option_on_cpu() -> None:
-    """CPU default stays XLA; dequant=Dequant.PALLAS runs the kernel (interpreted), same result."""
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 40, 128), dtype=np.float32), jnp.bfloat16)
-    w = _quantized(48, 128, seed=4)
-    y_xla = linear(x, w)
-    for dequant in (Dequant.PALLAS, "pallas"):
-        y = linear(x, w, dequant=dequant)
-        assert y.shape == (2, 40, 48) and y.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_xla, np.float32),
-                                   rtol=1e-2, atol=1e-2)
-    with pytest.raises(KernelError, match="dequant='cuda'"):
-        linear(x, w, dequant="cuda")
-    with pytest.raises(KernelError, match="x.dtype=float32"):
-        linear(x.astype(jnp.float32), w, dequant=Dequant.PALLAS)
-
-
-def test_gpu_default_rule_for_dequant() -> None:
-    """Our dequant kernel is the GPU default only where it measured faster: 64 < M <= 2048, NF4,
-    bf16 / fp16 x (below 64 the fused kernels run; on CPU `linear` never consults this rule)."""
+def test_default_tuning_and_rule() -> None:
+    """The kernel's tuning is the table's; ops.linear uses the kernel by default only where it
+    measured faster: NF4 with 64-weight blocks, bf16 / fp16 x, 64 < M <= 2048 (below, the fused
+    kernels; never on the CPU)."""
+    assert DequantTuning.measured() == DequantTuning(*defaults.DEQUANT_BLOCKS)
     w = _quantized(8, 64, seed=2)
-    w8 = jax.tree_util.tree_map(jnp.asarray, quantize_int8(np.ones((8, 64), np.float32)))
-    assert pallas_dequant_is_default(2048, w, jnp.bfloat16)
-    assert pallas_dequant_is_default(128, w, jnp.float16)
-    assert not pallas_dequant_is_default(8192, w, jnp.bfloat16)
-    assert not pallas_dequant_is_default(2048, w, jnp.float32)
-    assert not pallas_dequant_is_default(2048, w8, jnp.bfloat16)
+    assert defaults.dequant_applies(w.kind, w.blocksize, jnp.float16)
+    assert not defaults.dequant_applies(w.kind, w.blocksize, jnp.float32)
+    assert not defaults.dequant_applies(QuantKind.INT8, 64, jnp.bfloat16)
+    assert not defaults.dequant_applies(w.kind, 128, jnp.bfloat16)
+    assert defaults.DEQUANT_MAX_M == 2048

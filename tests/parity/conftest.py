@@ -3,7 +3,7 @@ instruction to run scripts/setup.sh (the same in every file), never a silent ski
 
 import pytest
 
-from tests import refenv
+from fastlora_jax.testing import refenv
 
 
 @pytest.fixture(autouse=True, scope="session")

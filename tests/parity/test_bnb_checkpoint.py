@@ -8,7 +8,7 @@ import pytest
 
 from fastlora_jax import FastLanguageModel
 from fastlora_jax.quant import QTensor, QuantKind, dequantize
-from tests.refenv import run_reference
+from fastlora_jax.testing.refenv import run_reference
 
 pytestmark = pytest.mark.reference
 

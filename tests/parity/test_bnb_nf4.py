@@ -10,7 +10,7 @@ import pytest
 
 from fastlora_jax.quant import DYNAMIC_MAP, dequantize, from_bnb_4bit, quantize_nf4, to_bnb_4bit
 from fastlora_jax.quant.nf4 import _double_quantize, _torch_mean
-from tests.refenv import run_reference
+from fastlora_jax.testing.refenv import run_reference
 
 pytestmark = pytest.mark.reference
 

@@ -18,7 +18,7 @@ from fastlora_jax import FastLanguageModel
 from fastlora_jax.converters.merged import save_merged
 from fastlora_jax.lora.layer import dense
 from fastlora_jax.models.registry import FAMILIES
-from tests.refenv import run_reference
+from fastlora_jax.testing.refenv import run_reference
 
 pytestmark = pytest.mark.reference
 
@@ -216,7 +216,7 @@ def test_our_adapter_on_nf4_base_loads_in_peft_with_same_logits(exported, case):
 
 @pytest.mark.parametrize("case", list(_first_cases().values()))
 def test_merged_export_loads_in_transformers_with_same_logits(exported, case):
-    """transformers on our merged checkpoint (its config.json written by our to_hf_config)
+    """transformers on our merged checkpoint (its config.json written by our config_to_hf)
     computes what our adapted model computes."""
     _, results, ref = exported
     np.testing.assert_allclose(ref[f"{case}-merged"], results[case], atol=1e-4, rtol=0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fastlora_jax import FastLanguageModel
-from tests.refenv import REFENV_PYTHON, REPO, run_reference
+from fastlora_jax.testing.refenv import REFENV_PYTHON, REPO, run_reference
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
@@ -51,6 +51,7 @@ def test_gemma3_270m_real_weights_match_transformers(gemma3_dir):
     ref = run_reference(REF, {"ids": ids}, path=str(gemma3_dir), new_tokens=20)
     ours = np.asarray(model(jnp.asarray(ids, jnp.int32)))
     assert np.abs(ours - ref["logits"]).max() <= 1e-3
-    continuation = model.generate(ids[0].tolist(), max_new_tokens=20)
+    continuation = model.generate(ids[0].tolist(), max_new_tokens=20,
+                                  eos_token_id=[]).tokens[0]
     assert continuation == ref["continuation"].tolist()
     assert len(set(continuation)) > 3  # a real continuation, not a repeated token

@@ -10,7 +10,7 @@ import pytest
 
 from fastlora_jax import FastLanguageModel
 from fastlora_jax.models import decoder
-from tests.refenv import run_reference
+from fastlora_jax.testing.refenv import run_reference
 
 pytestmark = pytest.mark.reference
 

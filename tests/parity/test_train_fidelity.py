@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from fastlora_jax import FastLanguageModel
+from fastlora_jax.testing.refenv import run_reference
 from fastlora_jax.train.loss import IGNORE
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
-from tests.refenv import run_reference
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
@@ -64,8 +64,7 @@ OUTPUTS["losses"] = np.array(losses)
 
 def test_accumulated_steps_match_hf_peft(smollm2_dir, tmp_path):
     model, tokenizer = FastLanguageModel.from_pretrained(smollm2_dir, dtype="float32")
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16,
-                                             use_gradient_checkpointing=False)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
     model.save_pretrained(tmp_path / "init")  # both sides start from these exact weights
     text = open(smollm2_dir / "tokenizer.json").read()[:400_000]
     stream = np.asarray(tokenizer(text)["input_ids"][: STEPS * A * B * T], np.int64)

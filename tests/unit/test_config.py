@@ -1,11 +1,12 @@
-"""ModelConfig: strict parsing of both rope dialects and the inverse `to_hf_config`."""
+"""ModelConfig: strict parsing of both rope dialects and the inverse `config_to_hf`."""
 
 from __future__ import annotations
 
 import pytest
 
-from fastlora_jax import ConfigError, ModelConfig
+from fastlora_jax import ConfigError
 from fastlora_jax.config import HARMLESS_KEYS, RopeKind
+from fastlora_jax.models.registry import config_from_hf, config_to_hf
 from tests.checkpoints import TINY_LLAMA
 
 LLAMA31 = dict(TINY_LLAMA, rope_theta=500000.0, rope_scaling={
@@ -14,69 +15,69 @@ LLAMA31 = dict(TINY_LLAMA, rope_theta=500000.0, rope_scaling={
 
 
 def test_v4_and_v5_dialects_parse_to_the_same_config():
-    v4 = ModelConfig.from_hf_config(LLAMA31)
+    v4 = config_from_hf(LLAMA31)
     v5_dict = {k: v for k, v in LLAMA31.items() if k not in ("rope_theta", "rope_scaling")}
     v5_dict["rope_parameters"] = dict(LLAMA31["rope_scaling"], rope_theta=500000.0)
-    assert ModelConfig.from_hf_config(v5_dict) == v4
+    assert config_from_hf(v5_dict) == v4
     assert v4.rope.kind is RopeKind.LLAMA3 and v4.rope.theta == 500000.0
 
 
 def test_legacy_type_spelling():
     cfg = dict(TINY_LLAMA, rope_scaling={"type": "linear", "factor": 2.0})
-    assert ModelConfig.from_hf_config(cfg).rope.kind is RopeKind.LINEAR
+    assert config_from_hf(cfg).rope.kind is RopeKind.LINEAR
 
 
 @pytest.mark.parametrize("hf", [TINY_LLAMA, LLAMA31, dict(TINY_LLAMA, tie_word_embeddings=True,
                                                          head_dim=16, attention_bias=True)])
 def test_round_trip(hf):
-    cfg = ModelConfig.from_hf_config(hf)
-    again = ModelConfig.from_hf_config(cfg.to_hf_config())
+    cfg = config_from_hf(hf)
+    again = config_from_hf(config_to_hf(cfg))
     assert again == cfg
-    out = cfg.to_hf_config()
+    out = config_to_hf(cfg)
     assert out["architectures"] == ["LlamaForCausalLM"] and out["model_type"] == "llama"
     assert out["torch_dtype"] == "float32"  # harmless keys are kept verbatim
 
 
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match="'use_magic'"):
-        ModelConfig.from_hf_config(dict(TINY_LLAMA, use_magic=True))
+        config_from_hf(dict(TINY_LLAMA, use_magic=True))
 
 
 def test_unknown_rope_key_is_named():
     with pytest.raises(ConfigError, match="'beta_fast'"):
-        ModelConfig.from_hf_config(dict(TINY_LLAMA, rope_scaling={"rope_type": "linear",
+        config_from_hf(dict(TINY_LLAMA, rope_scaling={"rope_type": "linear",
                                                                   "factor": 2.0, "beta_fast": 3}))
 
 
 def test_unsupported_rope_type():
     with pytest.raises(ConfigError, match="'yarn'"):
-        ModelConfig.from_hf_config(dict(TINY_LLAMA, rope_scaling={"rope_type": "yarn",
+        config_from_hf(dict(TINY_LLAMA, rope_scaling={"rope_type": "yarn",
                                                                   "factor": 2.0}))
 
 
 def test_llama3_needs_its_parameters():
     with pytest.raises(ConfigError, match="low_freq_factor"):
-        ModelConfig.from_hf_config(dict(TINY_LLAMA, rope_scaling={"rope_type": "llama3",
+        config_from_hf(dict(TINY_LLAMA, rope_scaling={"rope_type": "llama3",
                                                                   "factor": 8.0}))
 
 
 def test_wrong_type_and_missing_required():
     with pytest.raises(ConfigError, match="'hidden_size' must be a int"):
-        ModelConfig.from_hf_config(dict(TINY_LLAMA, hidden_size="32"))
+        config_from_hf(dict(TINY_LLAMA, hidden_size="32"))
     cfg = dict(TINY_LLAMA)
     del cfg["vocab_size"]
     with pytest.raises(ConfigError, match="'vocab_size' is missing"):
-        ModelConfig.from_hf_config(cfg)
+        config_from_hf(cfg)
 
 
 def test_heads_must_divide():
     with pytest.raises(ConfigError, match="num_key_value_heads=3"):
-        ModelConfig.from_hf_config(dict(TINY_LLAMA, num_key_value_heads=3))
+        config_from_hf(dict(TINY_LLAMA, num_key_value_heads=3))
 
 
 def test_both_dialects_at_once_is_an_error():
     with pytest.raises(ConfigError, match="both"):
-        ModelConfig.from_hf_config(dict(LLAMA31, rope_parameters={"rope_type": "default"}))
+        config_from_hf(dict(LLAMA31, rope_parameters={"rope_type": "default"}))
 
 
 def test_allow_list_is_documented_and_harmless():
@@ -86,4 +87,4 @@ def test_allow_list_is_documented_and_harmless():
 def test_layer_count_is_bounded_before_any_per_layer_list_is_built():
     for layers in (0, -1, 10 ** 12):
         with pytest.raises(ConfigError, match=f"num_hidden_layers={layers} must be between 1"):
-            ModelConfig.from_hf_config(dict(TINY_LLAMA, model_type="gemma2", num_hidden_layers=layers))
+            config_from_hf(dict(TINY_LLAMA, model_type="gemma2", num_hidden_layers=layers))

@@ -26,10 +26,10 @@ def folder(tmp_path_factory, smollm2_dir):
 
 def make(folder, out, *, eval_rows=HELD_OUT, **kw):
     model, tokenizer = FastLanguageModel.from_pretrained(folder, dtype="float32", max_seq_length=24)
-    model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False,
-                                             use_gradient_checkpointing=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False)
     kw = dict(dict(per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                   learning_rate=5e-3, max_steps=6, disable_tqdm=True), **kw)
+                   learning_rate=5e-3, max_steps=6, disable_tqdm=True,
+                   use_gradient_checkpointing=False), **kw)
     return SFTTrainer(model, tokenizer, datasets.Dataset.from_list(TRAIN),
                       eval_dataset=datasets.Dataset.from_list(eval_rows),
                       args=TrainingArguments(output_dir=str(out), **kw))

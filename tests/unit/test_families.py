@@ -16,7 +16,7 @@ from fastlora_jax.config import Activation, RopeKind
 from fastlora_jax.lora.layer import init_lora
 from fastlora_jax.lora.spec import LoraConfig, projections, resolve
 from fastlora_jax.models import causal_lm, decoder
-from fastlora_jax.models.registry import FAMILIES, family_for
+from fastlora_jax.models.registry import FAMILIES, config_from_hf, config_to_hf, family_for
 from fastlora_jax.models.rope import longrope_attention_factor
 from tests.checkpoints import TINY_LLAMA
 
@@ -95,50 +95,50 @@ REAL = {"mistral": MISTRAL_7B, "gemma": GEMMA_7B, "gemma2": GEMMA2_9B, "phi3": P
 
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_released_configs_parse_and_round_trip(name):
-    cfg = ModelConfig.from_hf_config(REAL[name])
-    out = cfg.to_hf_config()
-    assert ModelConfig.from_hf_config(out) == cfg
+    cfg = config_from_hf(REAL[name])
+    out = config_to_hf(cfg)
+    assert config_from_hf(out) == cfg
     assert out["model_type"] == REAL[name]["model_type"]
     assert out["architectures"] == [family_for(cfg.model_type).architecture]
     assert out["torch_dtype"] == "bfloat16"  # harmless keys are kept verbatim
 
 
 def test_mistral_slides_every_layer_and_null_means_full():
-    cfg = ModelConfig.from_hf_config(MISTRAL_7B)
+    cfg = config_from_hf(MISTRAL_7B)
     assert [cfg.layer_window(i) for i in (0, 31)] == [4096, 4096]
-    assert ModelConfig.from_hf_config(dict(MISTRAL_7B, sliding_window=None)).layer_window(0) is None
+    assert config_from_hf(dict(MISTRAL_7B, sliding_window=None)).layer_window(0) is None
     absent = {k: v for k, v in MISTRAL_7B.items() if k != "sliding_window"}
-    assert ModelConfig.from_hf_config(absent).sliding_window == 4096  # MistralConfig's default
+    assert config_from_hf(absent).sliding_window == 4096  # MistralConfig's default
 
 
 def test_gemma_quirks():
-    cfg = ModelConfig.from_hf_config(GEMMA_7B)
+    cfg = config_from_hf(GEMMA_7B)
     assert cfg.norm_offset == 1.0 and cfg.embed_scale == pytest.approx(math.sqrt(3072))
     assert cfg.mlp_activation is Activation.GELU_TANH  # legacy "gelu" means tanh-GELU
     assert cfg.tie_embeddings and cfg.head_dim == 256 and cfg.q_size == 4096 != cfg.hidden_size
     with pytest.raises(ConfigError, match="use_bidirectional_attention"):
-        ModelConfig.from_hf_config(dict(GEMMA_7B, use_bidirectional_attention=True))
+        config_from_hf(dict(GEMMA_7B, use_bidirectional_attention=True))
 
 
 def test_gemma2_quirks():
-    cfg = ModelConfig.from_hf_config(GEMMA2_9B)
+    cfg = config_from_hf(GEMMA2_9B)
     assert cfg.post_norms and cfg.attn_logit_softcap == 50.0 and cfg.final_logit_softcap == 30.0
     assert cfg.attention_scale == 256 ** -0.5
     assert [cfg.layer_window(i) for i in range(4)] == [4096, None, 4096, None]
     assert decoder.layer_segments(cfg) == ((0, 42, 2),)
     with pytest.raises(ConfigError, match="hidden_activation"):  # exact GELU is another model
-        ModelConfig.from_hf_config(dict(GEMMA2_9B, hidden_activation="gelu"))
+        config_from_hf(dict(GEMMA2_9B, hidden_activation="gelu"))
 
 
 def test_gemma3_layer_types_and_ropes():
-    cfg = ModelConfig.from_hf_config(GEMMA3_270M)
+    cfg = config_from_hf(GEMMA3_270M)
     assert cfg.qk_norm and cfg.attn_logit_softcap is None and cfg.final_logit_softcap is None
     assert decoder.layer_segments(cfg) == ((0, 18, 6),)
-    one_b = ModelConfig.from_hf_config(dict(GEMMA3_270M, num_hidden_layers=26, layer_types=(
+    one_b = config_from_hf(dict(GEMMA3_270M, num_hidden_layers=26, layer_types=(
         ["sliding_attention"] * 5 + ["full_attention"]) * 4 + ["sliding_attention"] * 2))
     assert decoder.layer_segments(one_b) == ((0, 24, 6), (24, 26, 1))  # Gemma 3 1B: 26 layers
     assert cfg.layer_rope(0).theta == 10000.0 and cfg.layer_rope(5).theta == 1000000.0
-    v4 = ModelConfig.from_hf_config(GEMMA3_4B_TEXT_V4)
+    v4 = config_from_hf(GEMMA3_4B_TEXT_V4)
     assert v4.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)
     assert v4.rope.kind is RopeKind.LINEAR and v4.rope.factor == 8.0  # global layers only
     assert v4.local_rope.kind is RopeKind.DEFAULT and v4.local_rope.theta == 10000.0
@@ -148,38 +148,38 @@ def test_gemma3_layer_types_and_ropes():
     v5["rope_parameters"] = {
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
-    assert ModelConfig.from_hf_config(v5) == v4
+    assert config_from_hf(v5) == v4
 
 
 def test_phi3_fused_projections_and_longrope():
-    cfg = ModelConfig.from_hf_config(PHI3_MINI_4K)
+    cfg = config_from_hf(PHI3_MINI_4K)
     assert cfg.fused_qkv and cfg.fused_gate_up and cfg.layer_window(0) == 2047
     shapes = {s.path: s.layer_shape for s in decoder.param_specs(cfg)}
     assert shapes[("layers", "self_attn", "qkv_proj", "weight")] == (3 * 3072, 3072)
     assert shapes[("layers", "mlp", "gate_up_proj", "weight")] == (2 * 8192, 3072)
     assert ("layers", "self_attn", "q_proj", "weight") not in shapes
-    long = ModelConfig.from_hf_config(PHI35_MINI)
+    long = config_from_hf(PHI35_MINI)
     assert long.rope.kind is RopeKind.LONGROPE and long.rope.original_max_position_embeddings == 4096
     assert longrope_attention_factor(long) == pytest.approx(
         math.sqrt(1 + math.log(32) / math.log(4096)))
-    medium = ModelConfig.from_hf_config(PHI3_MEDIUM_128K)  # GQA inside the fused qkv_proj
+    medium = config_from_hf(PHI3_MEDIUM_128K)  # GQA inside the fused qkv_proj
     assert medium.rope.kind is RopeKind.LONGROPE and medium.head_dim == 128
     assert {s.path: s.layer_shape for s in decoder.param_specs(medium)}[
         ("layers", "self_attn", "qkv_proj", "weight")] == (40 * 128 + 2 * 10 * 128, 5120)
     with pytest.raises(ConfigError, match="short_factor must have rotary_dim/2 = 48"):
-        ModelConfig.from_hf_config(dict(PHI35_MINI, rope_scaling=dict(
+        config_from_hf(dict(PHI35_MINI, rope_scaling=dict(
             PHI35_MINI["rope_scaling"], short_factor=[1.0] * 47)))
 
 
 def test_qwen_windows_and_biases():
-    cfg = ModelConfig.from_hf_config(QWEN25_7B)
+    cfg = config_from_hf(QWEN25_7B)
     assert cfg.qkv_bias and not cfg.o_bias and cfg.sliding_window is None  # use_sliding_window off
-    on = ModelConfig.from_hf_config(dict(QWEN25_7B, use_sliding_window=True, sliding_window=4096,
+    on = config_from_hf(dict(QWEN25_7B, use_sliding_window=True, sliding_window=4096,
                                          max_window_layers=20))
     assert [on.layer_window(i) for i in (19, 20, 27)] == [None, 4096, 4096]
     assert decoder.layer_segments(on) == ((0, 20, 1), (20, 28, 1))
     assert decoder.layer_segments(cfg) == ((0, 28, 1),)
-    q3 = ModelConfig.from_hf_config(QWEN3_8B)
+    q3 = config_from_hf(QWEN3_8B)
     assert q3.qk_norm and not q3.qkv_bias and q3.head_dim == 128
 
 
@@ -189,7 +189,7 @@ def test_default_lora_targets_per_family():
     by_type["llama"] = TINY_LLAMA
     assert set(by_type) == set(FAMILIES)
     for family in FAMILIES.values():
-        cfg = ModelConfig.from_hf_config(by_type[family.model_type])
+        cfg = config_from_hf(by_type[family.model_type])
         assert sorted(family.default_target_modules) == sorted(n for _, n in projections(cfg))
         spec = resolve(LoraConfig(), cfg, family.default_target_modules)
         assert {n for _, n in spec.targets} == set(family.default_target_modules)
@@ -199,14 +199,14 @@ def test_default_lora_targets_per_family():
 
 
 def test_llama_target_names_on_phi3_list_the_fused_ones():
-    cfg = ModelConfig.from_hf_config(PHI3_MINI_4K)
+    cfg = config_from_hf(PHI3_MINI_4K)
     with pytest.raises(ConfigError, match="'gate_up_proj'.*'qkv_proj'"):
         resolve(LoraConfig(target_modules=("q_proj", "v_proj")), cfg, ())
 
 
 def test_unsupported_model_type_lists_the_supported_ones():
     with pytest.raises(ConfigError) as err:
-        ModelConfig.from_hf_config(dict(MISTRAL_7B, model_type="falcon"))
+        config_from_hf(dict(MISTRAL_7B, model_type="falcon"))
     message = str(err.value)
     assert "'falcon' is not supported" in message
     for model_type in ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "qwen2",
@@ -222,15 +222,15 @@ def test_unsupported_checkpoint_fails_naming_the_file_and_the_supported_types(tm
 
 
 def test_family_allow_lists_are_per_family():
-    assert ModelConfig.from_hf_config(PHI3_MINI_4K)  # auto_map is harmless for phi3 ...
+    assert config_from_hf(PHI3_MINI_4K)  # auto_map is harmless for phi3 ...
     with pytest.raises(ConfigError, match="'auto_map'"):  # ... and not understood elsewhere
-        ModelConfig.from_hf_config(dict(QWEN25_7B, auto_map={"AutoConfig": "x.Y"}))
+        config_from_hf(dict(QWEN25_7B, auto_map={"AutoConfig": "x.Y"}))
     with pytest.raises(ConfigError, match="'resid_pdrop'"):
-        ModelConfig.from_hf_config(dict(PHI3_MINI_4K, resid_pdrop=0.1))
+        config_from_hf(dict(PHI3_MINI_4K, resid_pdrop=0.1))
     with pytest.raises(ConfigError, match="'use_magic'"):
-        ModelConfig.from_hf_config(dict(GEMMA2_9B, use_magic=1))
+        config_from_hf(dict(GEMMA2_9B, use_magic=1))
     with pytest.raises(ConfigError, match="layer_types holds"):
-        ModelConfig.from_hf_config(dict(GEMMA2_9B, num_hidden_layers=2,
+        config_from_hf(dict(GEMMA2_9B, num_hidden_layers=2,
                                         layer_types=["sliding_attention", "chunked_attention"]))
 
 
@@ -257,7 +257,7 @@ def test_fused_forward_equals_unfused_forward():
 
 def test_gemma_embedding_scale_is_rounded_to_the_compute_dtype():
     """As transformers: sqrt(3072) = 55.4256 becomes 55.5 in bfloat16 before multiplying."""
-    cfg = ModelConfig.from_hf_config(dict(GEMMA_7B, vocab_size=8, num_hidden_layers=1))
+    cfg = config_from_hf(dict(GEMMA_7B, vocab_size=8, num_hidden_layers=1))
     w = jax.random.normal(jax.random.key(0), (8, 3072))
     h = decoder.embed(cfg, {"embed_tokens": {"weight": w}}, jnp.arange(8)[None], jnp.bfloat16)
     assert float(jnp.asarray(cfg.embed_scale, jnp.bfloat16)) == 55.5
@@ -281,7 +281,7 @@ def _tiny(cfg: ModelConfig) -> ModelConfig:
 def test_every_adapter_of_every_family_trains(name):
     """Gradients of the next-token loss reach every LoRA array (default targets: Phi-3's fused
     ones too), through post-norms, q/k norms and per-layer ropes, and a step lowers the loss."""
-    cfg = _tiny(ModelConfig.from_hf_config(REAL[name]))
+    cfg = _tiny(config_from_hf(REAL[name]))
     frozen = decoder.init_params(cfg, jax.random.key(0))
     frozen = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape),
                           frozen)  # non-trivial norms (Gemma's start at 0 = identity)

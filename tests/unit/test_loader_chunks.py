@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fastlora_jax import ConfigError
-from fastlora_jax.api import quantizing_convert
 from fastlora_jax.converters.chunks import row_chunks
 from fastlora_jax.converters.hf import load_checkpoint
+from fastlora_jax.quant import QTensor, QuantKind
 from tests.checkpoints import TINY_LLAMA, llama_tensors, write_checkpoint
 
 # TINY_LLAMA: embedding [61, 32] float32 = 128 bytes a row; 7 rows a chunk, so 61 rows split
@@ -48,25 +48,23 @@ def assert_same(a, b):
 def test_chunked_load_gives_identical_arrays(tmp_path, file_dtype, dtype, quantize):
     tensors = {k: v.astype(file_dtype) for k, v in llama_tensors(TINY_LLAMA).items()}
     folder = write_checkpoint(tmp_path / "ckpt", dict(TINY_LLAMA), tensors, shards=2)
-    convert = quantizing_convert("nf4", jnp.dtype(dtype)) if quantize else None
-    _, whole = load_checkpoint(folder, dtype=dtype, convert=convert, chunk_bytes=10 ** 9)
-    _, chunked = load_checkpoint(folder, dtype=dtype, convert=convert, chunk_bytes=SMALL)
+    kind = QuantKind.NF4 if quantize else None
+    _, whole = load_checkpoint(folder, dtype=dtype, quantize=kind, chunk_bytes=10 ** 9)
+    _, chunked = load_checkpoint(folder, dtype=dtype, quantize=kind, chunk_bytes=SMALL)
     assert_same(whole, chunked)
     embed = np.asarray(chunked["embed_tokens"]["weight"])
     np.testing.assert_array_equal(embed, tensors["model.embed_tokens.weight"].astype(dtype))
+    up = chunked["layers"]["mlp"]["up_proj"]["weight"]
+    assert isinstance(up, QTensor) == quantize
     if not quantize:
         up = np.asarray(chunked["layers"]["mlp"]["up_proj"]["weight"])
         np.testing.assert_array_equal(up[1], tensors["model.layers.1.mlp.up_proj.weight"])
 
 
-def test_convert_hook_must_keep_rows_of_chunked_tensors(tmp_path):
+def test_quantize_takes_a_quant_kind(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt", dict(TINY_LLAMA), llama_tensors(TINY_LLAMA))
-
-    def summing(spec, array):  # not row-wise: collapses the chunk
-        return array.sum(axis=0) if not spec.stacked else array
-
-    with pytest.raises(ConfigError, match=r"rows 0:7 of .*row chunks"):
-        load_checkpoint(folder, convert=summing, chunk_bytes=SMALL)
+    with pytest.raises(ConfigError, match="quantize='nf4' must be a QuantKind"):
+        load_checkpoint(folder, quantize="nf4")
 
 
 @pytest.mark.parametrize("chunk_bytes", [0, -1, 1.5])

@@ -51,9 +51,9 @@ def test_random_state_is_reproducible(base):
 
 
 def test_peft_matching_rules():
-    from fastlora_jax import ModelConfig
+    from fastlora_jax.models.registry import config_from_hf
 
-    cfg = ModelConfig.from_hf_config(TINY_LLAMA)
+    cfg = config_from_hf(TINY_LLAMA)
     spec = resolve(LoraConfig.create(target_modules=["self_attn.q_proj", "down_proj"]), cfg, ALL)
     assert spec.targets == (("self_attn", "q_proj"), ("mlp", "down_proj"))
     spec = resolve(LoraConfig.create(target_modules=r"model\.layers\.1\.mlp\.up_proj"), cfg, ALL)
@@ -69,7 +69,8 @@ def test_peft_matching_rules():
     (dict(lora_alpha=-1.5), "lora_alpha=-1.5"), (dict(lora_dropout=1.0), "lora_dropout=1.0"),
     (dict(lora_dropout=-0.1), "lora_dropout=-0.1"), (dict(bias="all"), "bias='all'"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
-    (dict(use_gradient_checkpointing="sometimes"), "use_gradient_checkpointing"),
+    (dict(use_gradient_checkpointing="unsloth"),
+     "TrainingArguments(use_gradient_checkpointing='unsloth')"),
 ])
 def test_bad_lora_arguments(base, kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -162,6 +163,16 @@ def test_save_without_adapter_is_an_error(base, tmp_path):
         model_of(base).save_pretrained(tmp_path / "x")
 
 
+def test_save_pretrained_merged_methods(base, tmp_path):
+    m = FastLanguageModel.get_peft_model(model_of(base))
+    with pytest.raises(ExportError, match="save_method='gguf' must be one of"):
+        m.save_pretrained_merged(tmp_path / "bad", save_method="gguf")
+    assert not (tmp_path / "bad").exists()
+    m.save_pretrained_merged(tmp_path / "ad", save_method="lora")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json",
+                                                                 "adapter_model.safetensors"]
+
+
 def test_nf4_and_int8_loading_quantize_only_projections(base):
     from fastlora_jax.models import decoder
     from fastlora_jax.quant import QTensor, QuantKind, dequantize
@@ -181,3 +192,19 @@ def test_nf4_and_int8_loading_quantize_only_projections(base):
         np.testing.assert_allclose(np.asarray(m(ids)), expected, atol=1e-5)
         full = np.asarray(model_of(base)(ids))
         assert not np.allclose(expected, full, atol=1e-3)  # quantization really happened
+
+
+def test_merged_export_of_a_quantized_model_without_adapters(base, tmp_path):
+    """With nothing to fold in, the merged export is the dequantized model (it used to hand the
+    QTensors to the writer and fail)."""
+    from fastlora_jax.quant import QTensor, dequantize
+
+    m = model_of(base, load_in_4bit=True)
+    m.save_pretrained_merged(tmp_path / "merged", dtype="float32")
+    back = model_of(tmp_path / "merged")
+    w = m.params()["layers"]["mlp"]["down_proj"]["weight"]
+    assert isinstance(w, QTensor)
+    np.testing.assert_array_equal(np.asarray(back.params()["layers"]["mlp"]["down_proj"]["weight"]),
+                                  np.asarray(dequantize(w, jnp.float32)))
+    ids = jnp.arange(8, dtype=jnp.int32)[None]
+    np.testing.assert_allclose(np.asarray(back(ids)), np.asarray(m(ids)), atol=1e-5)

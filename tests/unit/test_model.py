@@ -25,17 +25,31 @@ def ids(batch=2, seq=12, seed=0):
 
 
 def test_pure_form_equals_module_call():
+    """split has one shape with or without adapters; apply of its parts is the module's call."""
+    from fastlora_jax.lora import LoraConfig, init_lora, resolve
+    from fastlora_jax.lora.spec import PROJECTIONS
+
     m = model()
-    graphdef, params = split(m)
     x = ids()
-    out = jax.jit(apply, static_argnums=0)(graphdef, params, x)
+    pure = jax.jit(apply, static_argnums=0)
+    graphdef, frozen, lora = split(m)
+    assert not jax.tree.leaves(lora)
+    out = pure(graphdef, frozen, lora, x)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(m(x)))
     assert out.shape == (2, 12, CFG.vocab_size)
+    spec = resolve(LoraConfig.create(r=2, init_lora_weights=False), CFG,
+                   tuple(n for _, n in PROJECTIONS))
+    m.set_adapter(spec, init_lora(spec, CFG, m.params()))
+    graphdef, frozen, lora = split(m)
+    assert len(jax.tree.leaves(lora)) == 2 * len(PROJECTIONS)
+    with_lora = pure(graphdef, frozen, lora, x)
+    np.testing.assert_array_equal(np.asarray(with_lora), np.asarray(m(x)))
+    assert not np.allclose(np.asarray(with_lora), np.asarray(out))
 
 
 def test_every_param_has_logical_axes():
     m = model()
-    _, state = split(m)
+    _, state, _ = split(m)
     leaves = jax.tree.leaves(state, is_leaf=lambda v: hasattr(v, "get_metadata"))
     assert leaves
     for var in leaves:

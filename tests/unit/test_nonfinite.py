@@ -66,9 +66,10 @@ def trainer(folder, data, out, **kw):
     import datasets
 
     model, tokenizer = FastLanguageModel.from_pretrained(folder, dtype="float32", max_seq_length=24)
-    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    model = FastLanguageModel.get_peft_model(model, r=4)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1,
                              gradient_accumulation_steps=1, learning_rate=1e-2,
+                             use_gradient_checkpointing=False,
                              save_total_limit=None, report_to="none", disable_tqdm=True, **kw)
     return SFTTrainer(model, tokenizer, datasets.Dataset.from_list(data), args=args)
 

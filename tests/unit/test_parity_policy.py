@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from tests.refenv import REPO
+from fastlora_jax.testing.refenv import REPO
 
 PARITY = sorted((REPO / "tests" / "parity").glob("test_*.py"))
 

@@ -10,10 +10,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fastlora_jax.errors import CheckpointError, KernelError
+from fastlora_jax.errors import CheckpointError, ConfigError, KernelError
 from fastlora_jax.quant import (DYNAMIC_MAP, NF4_MAP, QTensor, QuantKind, dequantize,
-                                from_bnb_4bit, nf4_block_scales,
-                                from_bnb_int8, quantize_int8, quantize_nf4, stack, to_bnb_4bit)
+                                from_bnb_4bit, nf4_block_scales, from_bnb_int8, quantize,
+                                quantize_int8, quantize_nf4, stack, to_bnb_4bit)
 from fastlora_jax.quant.nf4 import _double_quantize, _torch_mean
 
 
@@ -215,3 +215,14 @@ def test_dequantize_block_aligned_path_matches_general(shape: tuple[int, ...]) -
         nib = np.stack([codes[i] >> 4, codes[i] & 0xF], axis=-1).reshape(-1)[: n * k]
         ref = NF4_MAP[nib] * np.repeat(scales[i], 64)[: n * k]
         np.testing.assert_array_equal(fast.reshape(-1, n * k)[i], ref)
+
+
+def test_quantize_is_keyed_by_quant_kind() -> None:
+    w = _w((2, 16, 64), seed=9).astype(ml_dtypes.bfloat16)
+    for kind, direct in ((QuantKind.NF4, quantize_nf4), (QuantKind.INT8, quantize_int8)):
+        got, want = quantize(w, kind, dtype="float32"), direct(w, dtype="float32")
+        assert got.kind is kind and got.dtype == "float32"
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ConfigError, match="kind='nf4' is not a QuantKind"):
+        quantize(w, "nf4")

@@ -54,7 +54,7 @@ def test_yaml_booleans_lists_and_nulls(tmp_path):
                   "resume_from_checkpoint: on\n")
     assert args.packing is True and args.disable_tqdm is False and args.save_total_limit is None
     assert model.target_modules == ("q_proj", "v_proj")
-    assert model.use_gradient_checkpointing == "offload" and launch.resume_from_checkpoint is True
+    assert args.use_gradient_checkpointing == "offload" and launch.resume_from_checkpoint is True
 
 
 @pytest.mark.parametrize("text, fragments", [
@@ -120,7 +120,9 @@ def test_python_arguments_are_converted_and_checked():
     with pytest.raises(ConfigError, match="load_best_model_at_end.*eval_strategy='no'"):
         TrainingArguments(load_best_model_at_end=True)
     with pytest.raises(ConfigError, match="use_gradient_checkpointing='sometimes'"):
-        ModelArguments(use_gradient_checkpointing="sometimes")
+        TrainingArguments(use_gradient_checkpointing="sometimes")
+    with pytest.raises(ConfigError, match="r='eight' is not an integer"):
+        ModelArguments(r="eight")
 
 
 @pytest.mark.parametrize("cls", RUN_SECTIONS)

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastlora_jax import ModelConfig
+from fastlora_jax import ConfigError, ModelConfig, TrainingArguments
 from fastlora_jax.lora import LoraConfig, init_lora, resolve
 from fastlora_jax.lora.spec import PROJECTIONS
 from fastlora_jax.models import decoder
+from fastlora_jax.train.args import run_settings
 from fastlora_jax.train.loss import IGNORE, cross_entropy_sum
 from fastlora_jax.train.step import (StepConfig, accumulated_grads, lr_schedule, make_optimizer,
                                      train_step)
@@ -171,3 +172,20 @@ def test_right_padded_rows_need_no_segment_ids():
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_a)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_use_gradient_checkpointing_is_a_training_argument():
+    from fastlora_jax.cli import build_parser
+
+    assert TrainingArguments().use_gradient_checkpointing is True
+    assert TrainingArguments(use_gradient_checkpointing="unsloth").use_gradient_checkpointing == \
+        "offload"
+    for bad in ("sometimes", 0, None):
+        with pytest.raises(ConfigError, match="use_gradient_checkpointing="):
+            TrainingArguments(use_gradient_checkpointing=bad)
+    def from_flag(text):
+        flag = build_parser().parse_args(["train", "--use_gradient_checkpointing", text])
+        settings = {"use_gradient_checkpointing": flag.use_gradient_checkpointing}
+        return run_settings((settings, "command line"))[2].use_gradient_checkpointing
+
+    assert from_flag("false") is False and from_flag("dots") == "dots"

