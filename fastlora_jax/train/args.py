@@ -80,7 +80,7 @@ class TrainingArguments:
     max_consecutive_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
-        coerce_instance(self, source="TrainingArguments")
+        coerce_instance(self, source=type(self).__name__)
         if self.use_gradient_checkpointing == "unsloth":
             self.use_gradient_checkpointing = "offload"
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",

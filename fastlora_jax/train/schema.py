@@ -11,10 +11,12 @@ type expected. What it accepts, per declared type:
 - `bool`: a bool or `true/false/yes/no/on/off/1/0` in any case;
 - `str`; `Literal[...]`: one of the listed values;
 - `tuple[str, ...]`: a list of strings, or a comma-separated string (`q_proj` is a list of one);
+- `list[X]`: a list of X, or comma-separated text (`0.5,1`);
 - `MeshConfig`: `[data, fsdp, tensor]`, `"2,4,1"`, or a mapping `{data: 2, fsdp: 4}`;
 - `X | None`: None (YAML null, or the text `none` / `null` unless X is `str` or lists that
   text), else X;
-- a union of the above (e.g. `bool | Literal["offload", "dots"]`): the first member that takes it.
+- a union of the above (e.g. `bool | Literal["offload", "dots"]`): the member whose plain type
+  the value already has, else the first member that takes it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def describe(kind: Any) -> str:
         return text + " or null" if len(members) < len(typing.get_args(kind)) else text
     if origin is tuple:
         return "a list of strings (or one comma-separated string)"
+    if origin is list:
+        return f"a list, each {describe(typing.get_args(kind)[0])} (or comma-separated text)"
     if kind is MeshConfig:
         return "a mesh: [data, fsdp, tensor] sizes, e.g. [2, 4, 1] or '2,4,1' (-1 = the rest)"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
@@ -74,6 +78,10 @@ def _convert(value: Any, kind: Any) -> Any:
         if (type(None) in members and isinstance(value, str) and not takes_text
                 and value.strip().lower() in NULL):
             return None
+        for member in members:  # a value already of a plain member type keeps that type
+            if isinstance(member, type) and member is not type(None) and isinstance(value, member) \
+                    and not (isinstance(value, bool) and member is not bool):
+                return _convert(value, member)
         reasons = []
         for member in members:
             if member is type(None):
@@ -90,6 +98,8 @@ def _convert(value: Any, kind: Any) -> Any:
         raise _Mismatch("")
     if origin is tuple:
         return _string_tuple(value)
+    if origin is list:
+        return _list(value, typing.get_args(kind)[0])
     if kind is bool:
         return _bool(value)
     if kind is int:
@@ -162,6 +172,15 @@ def _string_tuple(value: Any) -> tuple[str, ...]:
     if not items or not all(isinstance(i, str) and i.strip() for i in items):
         raise _Mismatch("every entry must be a non-empty name")
     return tuple(i.strip() for i in items)
+
+
+def _list(value: Any, inner: Any) -> list[Any]:
+    """A list of `inner` values from a list or from comma-separated text."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    if not isinstance(value, (list, tuple)):
+        raise _Mismatch(f"found {type(value).__name__}")
+    return [_convert(item, inner) for item in value]
 
 
 def _mesh(value: Any) -> MeshConfig:

@@ -101,7 +101,7 @@ def test_early_stopping_after_patience_evaluations_without_improvement(folder, t
              early_stopping_threshold=100.0, max_steps=60)
     stats = t.train()
     # the first evaluation sets the best; the next two do not beat it by 100: stop after the third
-    per_epoch = len(t.rows["input_ids"]) // 2
+    per_epoch = len(t.data.rows[0]["input_ids"]) // 2
     assert stats["stopped_early"] and stats["global_step"] == 3 * per_epoch < 60
     _, evals = read_log(tmp_path / "o" / "log.jsonl")
     assert sorted(evals) == [per_epoch, 2 * per_epoch, 3 * per_epoch]

@@ -78,7 +78,7 @@ def poisoned_steps(t, total, ids):
     """The steps (1-based) whose batch holds a poisoned token."""
     out = []
     for step in range(total):
-        b, _ = batch_at(t.rows, step, rows_per_step=1, accumulation=1, seed=t.args.seed)
+        b, _ = batch_at(t.data.rows[0], step, rows_per_step=1, accumulation=1, seed=t.args.seed)
         out += [step + 1] if np.isin(b["input_ids"], ids).any() else []
     return out
 

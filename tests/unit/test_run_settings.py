@@ -13,6 +13,7 @@ from fastlora_jax import ConfigError, FastLanguageModel, TrainingArguments
 from fastlora_jax.cli import main
 from fastlora_jax.sharding import MeshConfig
 from fastlora_jax.train.args import RUN_SECTIONS, ModelArguments, load_yaml, run_settings
+from fastlora_jax.train.rl_config import DPOConfig, GRPOConfig
 from fastlora_jax.train.schema import convert, field_types
 from tests.checkpoints import TINY_LLAMA, llama_tensors, write_checkpoint
 
@@ -125,7 +126,7 @@ def test_python_arguments_are_converted_and_checked():
         ModelArguments(r="eight")
 
 
-@pytest.mark.parametrize("cls", RUN_SECTIONS)
+@pytest.mark.parametrize("cls", RUN_SECTIONS + (GRPOConfig, DPOConfig))
 def test_every_field_round_trips_its_default_and_its_text(cls):
     """The schema covers every declared type: a default and its command-line text convert back
     to the default."""
@@ -139,8 +140,8 @@ def test_every_field_round_trips_its_default_and_its_text(cls):
             text = "null"
         elif isinstance(default, MeshConfig):
             text = f"{default.data},{default.fsdp},{default.tensor}"
-        elif isinstance(default, tuple):
-            text = ",".join(default)
+        elif isinstance(default, (tuple, list)):
+            text = ",".join(map(str, default))
         else:
             text = str(default)
         assert convert(text, kind, key=field.name, source="t") == default, field.name
