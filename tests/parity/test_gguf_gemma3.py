@@ -9,7 +9,7 @@ import pytest
 from fastlora_jax import FastLanguageModel
 from tests.llamacpp_ref import llama_cpp_jobs
 from tests.parity.test_gemma3_real import gemma3_dir  # noqa: F401  (the fixture)
-from tests.parity.test_gguf_llama_cpp import NEW, TOKENIZER_TEXTS
+from tests.parity.test_gguf_llama_cpp import NEW, TOKENIZER_TEXTS, greedy
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
@@ -20,10 +20,10 @@ def test_gemma3_270m_f16_greedy_and_tokenizer_match(gemma3_dir, tmp_path):  # no
                                       show_progress=False)
     ids = tokenizer("The three primary colors are red, yellow and")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id
-    expected = model.generate(ids, max_new_tokens=NEW)
-    greedy, tokens = llama_cpp_jobs([dict(kind="greedy", path=path, ids=ids, n=NEW),
+    expected = greedy(model, ids)
+    theirs, tokens = llama_cpp_jobs([dict(kind="greedy", path=path, ids=ids, n=NEW),
                                      dict(kind="tokenize", path=path, texts=TOKENIZER_TEXTS)])
-    assert greedy.tolist() == expected
+    assert theirs.tolist() == expected
     assert len(set(expected)) > 8
     wrong = {text: (got, tokenizer(text, add_special_tokens=False)["input_ids"])
              for text, got in zip(TOKENIZER_TEXTS, tokens)

@@ -89,6 +89,11 @@ def tiny_model(hf: dict, seed: int) -> CausalLM:
     return CausalLM(config, params)
 
 
+def greedy(model: CausalLM, ids: list[int], n: int = NEW) -> list[int]:
+    """Our greedy continuation: n tokens, not stopping at EOS (as the llama.cpp side runs)."""
+    return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[]).tokens[0]
+
+
 def decisive_model(hf: dict, ids: list[int], first_seed: int,
                    margin: float = 0.03) -> tuple[CausalLM, list[int]]:
     """The first tiny model (seeds from `first_seed`) whose greedy continuation of `ids` is a
@@ -97,7 +102,7 @@ def decisive_model(hf: dict, ids: list[int], first_seed: int,
     a real difference."""
     for seed in range(first_seed, first_seed + 40):
         model = tiny_model(hf, seed)
-        out = model.generate(ids, max_new_tokens=NEW)
+        out = greedy(model, ids)
         logits = np.asarray(model(jnp.asarray([ids + out])))[0, len(ids) - 1:-1]
         top2 = np.sort(logits, axis=-1)[:, -2:]
         if np.min(top2[:, 1] - top2[:, 0]) > margin and len(set(out)) >= NEW // 2:
@@ -141,14 +146,14 @@ def test_smollm2_f16_greedy_and_lora_adapter_equal_ours(smollm2_dir, tmp_path):
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     base = model.save_pretrained_gguf(tmp_path / "base", tokenizer, quantization_method="f16",
                                       show_progress=False)
-    expected_base = model.generate(ids, max_new_tokens=NEW)
+    expected_base = greedy(model, ids)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_rslora=True,
                                              init_lora_weights=False, random_state=1)
     adapter = model.save_pretrained_gguf(tmp_path / "lora", save_method="lora",
                                          show_progress=False)
     merged = model.save_pretrained_gguf(tmp_path / "merged", tokenizer,
                                         quantization_method="f16", show_progress=False)
-    expected = model.generate(ids, max_new_tokens=NEW)
+    expected = greedy(model, ids)
     assert expected != expected_base  # the adapter changes the answer
     got_base, got_lora, got_merged = llama_cpp_jobs([
         dict(kind="greedy", path=base, ids=ids, n=NEW),
