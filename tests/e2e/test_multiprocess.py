@@ -162,7 +162,8 @@ def test_resume_on_a_different_mesh_shape(setup, tmp_path):
     _, s_lora, s_opt = second._place(second.model.params(), lora, second.optimizer.init(lora))
     assert any(x.sharding.spec != () for x in jax.tree.leaves(s_lora))  # adapters split
     ckpt = TrainCheckpoints(tmp_path / "run", max_to_keep=None)
-    restored, _, meta = ckpt.restore(2, s_lora, s_opt)
+    state, meta = ckpt.restore(2, {"lora": s_lora, "opt_state": s_opt})
+    restored = state["lora"]
     ckpt.close()
     assert meta["step"] == 2
     flat = lambda t: {jax.tree_util.keystr(k): v for k, v in
