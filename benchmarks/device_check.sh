@@ -19,6 +19,13 @@
 #   profile-nf4   in-kernel profile of the Mosaic NF4 decode kernel (M = 1, 16)
 #   profile-attn  in-kernel profile of the Mosaic attention kernels (causal 4K and 16K)
 #   ptx-nf4       PTX of the Mosaic NF4 decode kernel at its default tuning, under OUT/ptx
+#   trace         Llama-3-8B QLoRA fast step (NF4, no remat, 2 x 4 x 2048) under jax.profiler for
+#                 3 steps after 2: time by category (GEMM, attention, dequant, copies, idle ...)
+#                 and the top ops, OUT/step_trace-<date>.json, the trace under OUT/step_trace
+#                 (about 1.5 minutes)
+#   speed         train_e2e.py parts ours_fast, ours_fast_dense (the quantized matmuls'
+#                 dense-weight residuals, as before the codes-only backward) and plain_xla, 10
+#                 steps after 2 each: tokens/s and peak HBM side by side (about 3 minutes)
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
 set -u
@@ -90,6 +97,13 @@ w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(np.ones((1024, 4096), np.fl
 x = jnp.ones((1, 4096), jnp.bfloat16)
 jax.block_until_ready(jax.jit(lambda x: nf4_matmul_mosaic(x, w))(x))
 " ;;
+    trace)
+      run "$stage" 240 python3 benchmarks/e2e_jax.py --run trace --quant nf4 --remat none \
+        --loss-chunk 4096 --micro-batch 2 --accumulation 4 --seq 2048 --steps 3 --warmup 2 \
+        "${bench[@]}" ;;
+    speed)
+      run "$stage" 480 python3 benchmarks/train_e2e.py "${bench[@]}" \
+        --parts ours_fast,ours_fast_dense,plain_xla --steps 10 --warmup 2 --part-timeout-s 200 ;;
     *)
       echo "unknown stage $stage"; exit 2 ;;
   esac
