@@ -19,6 +19,7 @@ import pathlib
 from typing import Any, Callable, Iterator
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -47,7 +48,7 @@ class _Tensor:
     name: str
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
-    value: Callable[[], np.ndarray]
+    value: Callable[[], np.ndarray | jax.Array]
 
 
 def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tuple[tuple[int, ...],
@@ -73,11 +74,22 @@ def _lora_entry(lora: Params | None, spec: LoraSpec | None, path: tuple[str, ...
     if ranks[layer] == 0:
         return None
     r = ranks[layer]
-    arrays = lora["layers"][path[1]][path[2]]
-    entry = {"lora_A": arrays["lora_A"][layer, :r], "lora_B": arrays["lora_B"][layer, :, :r]}
+    arrays = _take_layer(lora["layers"][path[1]][path[2]], layer)
+    entry = {"lora_A": arrays["lora_A"][:r], "lora_B": arrays["lora_B"][:, :r]}
     if "lora_magnitude" in arrays:
-        entry["lora_magnitude"] = arrays["lora_magnitude"][layer]
+        entry["lora_magnitude"] = arrays["lora_magnitude"]
     return entry, scales[layer]
+
+
+@jax.jit
+def _index(tree: Any, layer: jax.Array) -> Any:
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), tree)
+
+
+def _take_layer(tree: Any, layer: int) -> Any:
+    """Layer `layer` of stacked arrays / QTensors (one compiled gather per shape, not an eager
+    indexing op per tensor)."""
+    return _index(tree, jnp.int32(layer))
 
 
 def _model_tensors(config: ModelConfig, frozen: Params, lora: Params | None,
@@ -93,11 +105,12 @@ def _model_tensors(config: ModelConfig, frozen: Params, lora: Params | None,
 
         def value() -> np.ndarray:
             w = get_path(frozen, path)
-            w = w if layer is None else w[layer]
+            w = w if layer is None else _take_layer(w, layer)
             adapter = _lora_entry(lora, spec, path, layer)
             merged = (merge_weight(w, adapter[0], jnp.float32(adapter[1])) if adapter
                       else dense(w))
-            return gguf_names.to_gguf_layout(config, path, np.asarray(merged, np.float32))
+            # stays on the device: the K-quant encoders run there
+            return gguf_names.to_gguf_layout(config, path, merged.astype(jnp.float32))
 
         qtype = gguf_quants.tensor_type(method, name, shape, n_layers=config.num_layers,
                                         tied=tied, arch=arch)

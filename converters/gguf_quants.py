@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import gguf
+import jax
 import numpy as np
 
 from fastlora_jax.errors import ExportError
@@ -107,17 +108,17 @@ def tensor_type(method_name: str, name: str, shape: tuple[int, ...], *, n_layers
     return _fallback(new, ncols)
 
 
-def encode(value: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """float32 [*shape] -> what GGUFWriter.add_tensor takes for `qtype` (float arrays for
-    F32 / F16, uint8 bytes [*shape[:-1], row bytes] otherwise)."""
-    value = np.ascontiguousarray(value, np.float32)
+def encode(value: np.ndarray | jax.Array, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """float32 [*shape] (host or device) -> what GGUFWriter writes for `qtype` (float arrays
+    for F32 / F16, uint8 bytes [*shape[:-1], row bytes] otherwise). K-quants are computed where
+    the value lives; the rest on the host."""
+    if qtype.name in gguf_kquants.QUANTIZE:
+        return gguf_kquants.quantize_rows(value, qtype.name)
+    value = np.ascontiguousarray(np.asarray(value, np.float32))
     if qtype == T.F32:
         return value
     if qtype == T.F16:
         return value.astype(np.float16)
-    name = qtype.name
-    if name in gguf_kquants.QUANTIZE:
-        return gguf_kquants.quantize_rows(value, name)
     return gguf.quants.quantize(value, qtype)
 
 

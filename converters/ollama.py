@@ -30,8 +30,11 @@ _SYS, _USER, _USER2, _ASSIST = "FLJXSYSTEMX", "FLJXUSERONEX", "FLJXUSERTWOX", "F
 @dataclasses.dataclass(frozen=True)
 class ChatLayout:
     """The text around each role's content. `system_in_user`: the system prompt is written at
-    the start of the first user turn followed by `system_suffix` (no system turn of its own)."""
+    the start of the first user turn followed by `system_suffix` (no system turn of its own).
+    `preamble`: text the template writes before everything (a BOS token the tokenizer itself
+    does not add)."""
 
+    preamble: str
     user_prefix: str
     user_suffix: str
     assistant_prefix: str
@@ -45,7 +48,7 @@ class ChatLayout:
         """What the Go template renders for `messages` (the layout's own rendering)."""
         system = next((m["content"] for m in messages if m["role"] == "system"),
                       self.default_system)
-        out, first_user = [], True
+        out, first_user = [self.preamble], True
         if system is not None and not self.system_in_user:
             out.append(self.system_prefix + system + self.system_suffix)
         for m in messages:
@@ -72,12 +75,15 @@ def _between(text: str, start: str | None, end: str | None) -> str:
     return text[lo:hi]
 
 
+def _adds_bos(tokenizer: Any) -> bool:
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(tokenizer("a")["input_ids"]) > len(plain)
+
+
 def _strip_bos(tokenizer: Any, text: str) -> str:
     """Drop a leading BOS the template writes: llama.cpp / Ollama add it when tokenizing."""
     bos = tokenizer.bos_token
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    adds_bos = len(tokenizer("a")["input_ids"]) > len(plain)
-    if bos and adds_bos and text.startswith(bos):
+    if bos and _adds_bos(tokenizer) and text.startswith(bos):
         return text[len(bos):]
     return text
 
@@ -97,6 +103,12 @@ def chat_layout(tokenizer: Any) -> ChatLayout | None:
     except Exception as err:  # a template may refuse probe conversations (raise_exception)
         log.warning("the chat template could not render a probe conversation (%s)", err)
         return None
+    preamble = ""
+    bos = tokenizer.bos_token
+    if bos and all(r.startswith(bos) for r in (only_user, with_gen, turn, chat, system)):
+        preamble = bos  # written by the template, not added by the tokenizer: keep it literal
+        only_user, with_gen, turn, chat, system = (r[len(bos):] for r in (
+            only_user, with_gen, turn, chat, system))
     try:
         head = _between(only_user, None, _USER)
         user_suffix = _between(only_user, _USER, None)
@@ -112,7 +124,7 @@ def chat_layout(tokenizer: Any) -> ChatLayout | None:
     default_block = head[:len(head) - len(user_prefix)]
     candidates = []
     if sys_head.endswith(user_prefix) and sys_head == user_prefix:  # folded into the first turn
-        candidates.append(ChatLayout(user_prefix, user_suffix, assistant_prefix,
+        candidates.append(ChatLayout(preamble, user_prefix, user_suffix, assistant_prefix,
                                      assistant_suffix, "", sys_tail, True, None))
     elif sys_tail.endswith(user_prefix):
         sys_suffix = sys_tail[:len(sys_tail) - len(user_prefix)]
@@ -121,7 +133,7 @@ def chat_layout(tokenizer: Any) -> ChatLayout | None:
             if not (default_block.startswith(sys_head) and default_block.endswith(sys_suffix)):
                 return None
             default = default_block[len(sys_head):len(default_block) - len(sys_suffix)]
-        candidates.append(ChatLayout(user_prefix, user_suffix, assistant_prefix,
+        candidates.append(ChatLayout(preamble, user_prefix, user_suffix, assistant_prefix,
                                      assistant_suffix, sys_head, sys_suffix, False, default))
     probes = [([u1], True), ([u1, a1, u2], True), ([s1, u1, a1, u2], True), ([u1, a1], False)]
     for layout in candidates:
@@ -146,14 +158,14 @@ def go_template(layout: ChatLayout) -> str:
                  f'{{{{ end }}}}')
     tail = f'{{{{ if and $last (ne .Role "assistant") }}}}{L(layout.assistant_prefix)}{{{{ end }}}}'
     if layout.system_in_user:
-        return ('{{ $sys := "" }}{{ range .Messages }}{{ if eq .Role "system" }}'
+        return (L(layout.preamble) + '{{ $sys := "" }}{{ range .Messages }}{{ if eq .Role "system" }}'
                 '{{ $sys = .Content }}{{ end }}{{ end }}{{ $first := true }}'
                 '{{ range $i, $_ := .Messages }}' + last +
                 f'{{{{ if eq .Role "user" }}}}{L(layout.user_prefix)}{{{{ if and $first $sys }}}}'
                 f'{{{{ $sys }}}}{L(layout.system_suffix)}{{{{ end }}}}{{{{ .Content }}}}'
                 f'{L(layout.user_suffix)}{{{{ $first = false }}}}' + assistant +
                 '{{ end }}' + tail + '{{ end }}')
-    return ('{{ range $i, $_ := .Messages }}' + last +
+    return (L(layout.preamble) + '{{ range $i, $_ := .Messages }}' + last +
             f'{{{{ if eq .Role "system" }}}}{L(layout.system_prefix)}{{{{ .Content }}}}'
             f'{L(layout.system_suffix)}'
             f'{{{{ else if eq .Role "user" }}}}{L(layout.user_prefix)}{{{{ .Content }}}}'

@@ -6,7 +6,8 @@
                          [LoRA flags] [--config run.yaml]
   fastlora-jax grpo      --model DIR --data FILE --reward_funcs file.py:fn[,...] [GRPOConfig flags]
   fastlora-jax dpo       --model DIR --data FILE [DPOConfig flags]
-  fastlora-jax export    --model DIR --adapter DIR --output_dir DIR --method peft|merged
+  fastlora-jax export    --model DIR [--adapter DIR] --output_dir DIR --method peft|merged|gguf
+                         [--quantization q4_k_m] [--lora]
   fastlora-jax chat      --model DIR [--adapter DIR] [--load_in_4bit] [--prompt "..."]
                          interactive multi-turn chat (streamed); --prompt answers once
 """
@@ -115,7 +116,15 @@ def export(ns: argparse.Namespace) -> None:
     from fastlora_jax import FastLanguageModel
 
     model, tokenizer = FastLanguageModel.from_pretrained(ns.model, dtype=ns.dtype)
-    model.load_adapter(ns.adapter)
+    if ns.adapter is not None:
+        model.load_adapter(ns.adapter)
+    if ns.method == "gguf":
+        path = model.save_pretrained_gguf(ns.output_dir, tokenizer,
+                                          quantization_method=ns.quantization,
+                                          save_method="lora" if ns.lora else "merged",
+                                          overwrite=ns.overwrite)
+        print(f"wrote {path}", flush=True)
+        return
     if ns.method == "peft":
         model.save_pretrained(ns.output_dir, tokenizer, overwrite=ns.overwrite)
     else:
@@ -159,11 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     rl_cli.add_parser(sub, "grpo", GRPOConfig, "GRPO on prompts with reward functions")
     rl_cli.add_parser(sub, "dpo", DPOConfig, "DPO on prompt/chosen/rejected pairs")
 
-    e = sub.add_parser("export", help="write a PEFT adapter or a merged 16-bit checkpoint")
+    e = sub.add_parser("export", help="write a PEFT adapter, a merged 16-bit checkpoint, or a "
+                                      "GGUF for llama.cpp / Ollama")
     e.add_argument("--model", type=pathlib.Path, required=True)
-    e.add_argument("--adapter", type=pathlib.Path, required=True)
+    e.add_argument("--adapter", type=pathlib.Path, default=None,
+                   help="PEFT adapter folder to merge or export (gguf: optional)")
     e.add_argument("--output_dir", type=pathlib.Path, required=True)
-    e.add_argument("--method", choices=("peft", "merged"), default="merged")
+    e.add_argument("--method", choices=("peft", "merged", "gguf"), default="merged")
+    e.add_argument("--quantization", default="q8_0",
+                   help="gguf: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k_m | "
+                        "q5_k_m | q6_k")
+    e.add_argument("--lora", action="store_true",
+                   help="gguf: write the adapter alone (adapter.gguf, for llama.cpp --lora)")
     e.add_argument("--merged_dtype", default=None, help="bfloat16 (default) | float16 | float32")
     e.add_argument("--dtype", default="float32", help="compute dtype while merging")
     e.add_argument("--overwrite", action="store_true")

@@ -2,8 +2,8 @@
 
 `llama_cpp_jobs([...])` runs a list of jobs in one reference subprocess and returns one result
 per job, through llama.cpp's C API (llama_cpp's bindings): every model loads with a float32 KV
-cache, 2 threads, a context of n_ctx (default 512) tokens decoded in one batch, and without the
-CPU's extra buffer types (see the script). Jobs (dicts):
+cache and plain (not flash) attention, 2 threads, a context of n_ctx (default 512) tokens
+decoded in one batch, and without the CPU's extra buffer types (see the script). Jobs (dicts):
 
 - {"kind": "greedy", "path", "ids", "n", "lora"?}: the greedy continuation (argmax of the logits,
   n new tokens, no stop) -> int array [n]
@@ -44,6 +44,7 @@ def open_model(job):
     cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
     cparams.n_threads = cparams.n_threads_batch = 2
     cparams.type_k = cparams.type_v = 0  # float32 KV cache
+    cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its CPU kernel rounds K/V
     ctx = lc.llama_init_from_model(model, cparams)
     if job.get("lora"):
         adapter = lc.llama_adapter_lora_init(model, job["lora"].encode())

@@ -67,22 +67,47 @@ NEW = 32
 
 
 def tiny_model(hf: dict, seed: int) -> CausalLM:
-    """A random model whose weights are float16 numbers, with decisive next-token logits."""
+    """A random model whose weights are float16 numbers. Gemma-style models (inputs scaled by
+    sqrt(hidden), output tied to the input) get a small embedding, so the blocks move the
+    residual stream, and a large final norm, so the logits spread like the others'."""
     config = config_from_hf(hf)
     rng = np.random.default_rng(seed)
+    scaled = config.embed_scale is not None
     params: dict = {}
     for spec in param_specs(config):
         if spec.path[-2].endswith("norm"):
             value = (1.0 - config.norm_offset) + 0.1 * rng.standard_normal(spec.shape)
+            if scaled and spec.path == ("norm", "weight"):
+                value += 9.0
         elif spec.path[-1] == "bias":
             value = 0.1 * rng.standard_normal(spec.shape)
         elif spec.path[0] in ("embed_tokens", "lm_head"):
-            value = rng.standard_normal(spec.shape) * (0.5 if config.embed_scale is None else
-                                                        0.05)
+            value = (0.05 if scaled else 0.5) * rng.standard_normal(spec.shape)
         else:
             value = 2.0 * rng.standard_normal(spec.shape) / np.sqrt(spec.shape[-1])
         set_path(params, spec.path, jnp.asarray(np.float16(value).astype(np.float32)))
     return CausalLM(config, params)
+
+
+def greedy(model: CausalLM, ids: list[int], n: int = NEW) -> list[int]:
+    """Our greedy continuation: n tokens, not stopping at EOS (as the llama.cpp side runs)."""
+    return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[]).tokens[0]
+
+
+def decisive_model(hf: dict, ids: list[int], first_seed: int,
+                   margin: float = 0.03) -> tuple[CausalLM, list[int]]:
+    """The first tiny model (seeds from `first_seed`) whose greedy continuation of `ids` is a
+    varied one (>= 16 distinct tokens, not a repeated token) that never hinges on a near-tie: at every step the top logit leads the runner-up by `margin`, above the
+    float16 noise of llama.cpp's arithmetic near the top (0.01-0.03 measured), so that a mismatch is
+    a real difference."""
+    for seed in range(first_seed, first_seed + 40):
+        model = tiny_model(hf, seed)
+        out = greedy(model, ids)
+        logits = np.asarray(model(jnp.asarray([ids + out])))[0, len(ids) - 1:-1]
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        if np.min(top2[:, 1] - top2[:, 0]) > margin and len(set(out)) >= NEW // 2:
+            return model, out
+    raise AssertionError("no decisive tiny model in 40 seeds")
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +117,15 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
+@pytest.mark.slow
 def test_f16_greedy_continuation_equals_ours_on_every_family(tokenizer, tmp_path):
     ids = tokenizer(PROMPT)["input_ids"]
     jobs, ours = [], {}
     for i, (name, hf) in enumerate(FAMILIES.items()):
-        model = tiny_model(hf, seed=i)
+        model, ours[name] = decisive_model(hf, ids, first_seed=10 * i)
         # (folder names become general.name, which llama.cpp reads for Phi-3 token quirks)
         path = model.save_pretrained_gguf(tmp_path / f"model{i}", tokenizer,
                                           quantization_method="f16", show_progress=False)
-        ours[name] = model.generate(ids, max_new_tokens=NEW)
         # n_ctx 256 (llama.cpp pads it to a multiple of 256): within Phi-3's original context,
         # where llama.cpp picks LongRoPE's short factors (by n_ctx; HF by the sequence length)
         jobs.append(dict(kind="greedy", path=path, ids=ids, n=NEW, n_ctx=256))
@@ -108,9 +133,9 @@ def test_f16_greedy_continuation_equals_ours_on_every_family(tokenizer, tmp_path
     mismatched = {name: (expected, got.tolist()) for (name, expected), got in
                   zip(ours.items(), results) if got.tolist() != expected}
     assert not mismatched
-    assert all(len(set(expected)) >= 16 for expected in ours.values()), ours  # not one token
 
 
+@pytest.mark.slow
 def test_smollm2_f16_greedy_and_lora_adapter_equal_ours(smollm2_dir, tmp_path):
     """SmolLM2: f16 export's greedy continuation; then a LoRA (on q/k too: the rope permutation
     of B's rows; rsLoRA: the scale folded into B) as adapter.gguf on that base equals our merged
@@ -121,14 +146,14 @@ def test_smollm2_f16_greedy_and_lora_adapter_equal_ours(smollm2_dir, tmp_path):
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     base = model.save_pretrained_gguf(tmp_path / "base", tokenizer, quantization_method="f16",
                                       show_progress=False)
-    expected_base = model.generate(ids, max_new_tokens=NEW)
+    expected_base = greedy(model, ids)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_rslora=True,
                                              init_lora_weights=False, random_state=1)
     adapter = model.save_pretrained_gguf(tmp_path / "lora", save_method="lora",
                                          show_progress=False)
     merged = model.save_pretrained_gguf(tmp_path / "merged", tokenizer,
                                         quantization_method="f16", show_progress=False)
-    expected = model.generate(ids, max_new_tokens=NEW)
+    expected = greedy(model, ids)
     assert expected != expected_base  # the adapter changes the answer
     got_base, got_lora, got_merged = llama_cpp_jobs([
         dict(kind="greedy", path=base, ids=ids, n=NEW),

@@ -87,6 +87,7 @@ def _dequantized_params(model, path: pathlib.Path):
     return params
 
 
+@pytest.mark.slow
 def test_our_quantized_files_equal_llama_cpp_quantizing_our_f16(smollm2_dir, tmp_path):
     from transformers import AutoTokenizer
 

@@ -205,4 +205,7 @@ def test_smollm2_adapter_with_random_b_matches_peft(smollm2_dir, tmp_path):
     got = ours(model, ids)
     base = ours(FastLanguageModel.from_pretrained(smollm2_dir, dtype="float32")[0], ids)
     assert np.abs(got - base).max() > 1.0  # the random adapter really changes the model
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    # float32 summation order over 30 layers differs between XLA and torch by up to ~1e-5 of a
+    # logit's size (logits reach ~30 here; a max |diff| of 1.17e-4 was measured on this CPU), so the
+    # bound is 1e-4 plus 1e-5 relative, not a flat 1e-4
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
