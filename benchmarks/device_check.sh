@@ -19,6 +19,9 @@
 #   profile-nf4   in-kernel profile of the Mosaic NF4 decode kernel (M = 1, 16)
 #   profile-attn  in-kernel profile of the Mosaic attention kernels (causal 4K and 16K)
 #   ptx-nf4       PTX of the Mosaic NF4 decode kernel at its default tuning, under OUT/ptx
+#   generate      benchmarks/generate.py --preset llama3-8b: Llama-3-8B shapes, NF4, batch 1 / 8
+#                 / 64, prefill and decode, vs HF generate + bitsandbytes NF4 (installed from
+#                 .whl/ when its wheel is there), and the HBM roofline fraction (under 7 minutes)
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
 set -u
@@ -90,6 +93,12 @@ w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(np.ones((1024, 4096), np.fl
 x = jnp.ones((1, 4096), jnp.bfloat16)
 jax.block_until_ready(jax.jit(lambda x: nf4_matmul_mosaic(x, w))(x))
 " ;;
+    generate)
+      for wheel in .whl/bitsandbytes-*.whl; do
+        [ -e "$wheel" ] && python3 -m pip install -q --no-deps "$wheel"
+      done
+      run "$stage" 420 python3 benchmarks/generate.py "${bench[@]}" --preset llama3-8b \
+        --batches 1,8,64 --prompt_len 128 --new_tokens 64 --repeats 2 ;;
     *)
       echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -15,11 +15,18 @@ tokens/s = batch x prompt / (time to the first new token); decode tokens/s = bat
 - --stacked: ours on the model's stacked weights (scanned layers) against the per-layer copy
   the CPU default uses; --matvec: the CPU quantized product for a few rows, the fused
   multiply-and-reduce (`ops/matvec.py`) against dequantize-then-dot, on SmolLM2's shapes.
+- --preset llama3-8b (the GPU case): Llama-3-8B's shapes with random weights made on the device,
+  NF4 frozen weights, bf16 compute, batch 1 / 8 / 64, against HF transformers `generate` with
+  bitsandbytes NF4 (benchmarks/generate_hf.py, run first in its own process), plus each batch's
+  fraction of the HBM roofline: (weight bytes + KV-cache bytes at the mean context) read per
+  decode step / --hbm_bytes_per_s, over the measured step time. --preset tiny-llama is the same
+  on a small model (a CPU smoke run).
 
 Usage: .venv/bin/python benchmarks/generate.py [--batches 1,8] [--quant nf4,int8] [--tunix]
        [--stacked] [--matvec] [--tag NAME]
-Writes benchmarks/results/generate-<date>[-tag].json, with the `uptime` load before and after
-(other work on the machine slows every side); prints the table.
+       python3 benchmarks/generate.py --preset llama3-8b [--out DIR --commit SHA]
+Writes benchmarks/results/generate-<date>[-tag].json (or under --out), with the `uptime` load
+before and after (other work on the machine slows every side); prints the table.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import os
 import pathlib
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -41,6 +49,8 @@ import numpy as np
 
 import common  # a sibling: benchmarks/ is on the path when a benchmark runs
 from fastlora_jax import FastLanguageModel
+from fastlora_jax.models.causal_lm import CausalLM
+from fastlora_jax.models.registry import config_from_hf
 from fastlora_jax.generation import Generator, SamplingConfig, engine
 from fastlora_jax.ops.matvec import quantized_matvec
 from fastlora_jax.quant import dequantize, quantize_int8, quantize_nf4
@@ -52,6 +62,10 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_TYPES = {"nf4": "Q4_1", "int8": "Q8_0"}
 BASELINES = (("hf", "HF transformers generate (torch CPU)", 2.0),
              ("tunix", "Tunix Sampler (jax)", 1.3))
+PRESETS = {"llama3-8b": ("Llama-3-8B shapes", common.LLAMA3_8B),
+           "tiny-llama": ("tiny Llama", common.TINY_LLAMA)}
+H200_HBM_BYTES_PER_S = 4.8e12
+PRESET_TARGETS = {"decode vs HF": 10.0, "roofline": 0.5}     # batch 1
 
 HF_SCRIPT = """
 import time, torch
@@ -132,11 +146,12 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def weight_bytes(frozen: Any) -> int:
-    """Bytes of weights one decode step reads (every frozen leaf; the embedding table is read
-    whole once when it doubles as the output projection)."""
-    return int(sum(np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape)
-                   for leaf in jax.tree.leaves(frozen)))
+def weight_bytes(frozen: Any, tied: bool = True) -> int:
+    """Bytes of weights one decode step reads: every frozen leaf, less the embedding table when
+    it is not also the output projection (then the step gathers only its batch's rows)."""
+    leaves = jax.tree.leaves(frozen if tied else {k: v for k, v in frozen.items()
+                                                  if k != "embed_tokens"})
+    return int(sum(np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape) for leaf in leaves))
 
 
 def time_ours(model: Any, ids: np.ndarray, batches: list[int], new_tokens: int, repeats: int,
@@ -168,7 +183,7 @@ def time_ours(model: Any, ids: np.ndarray, batches: list[int], new_tokens: int, 
         out[f"decode_{b}"] = statistics.median(dec)
         print(f"ours batch {b}: prefill {out[f'prefill_{b}']:.3f}s decode "
               f"{out[f'decode_{b}']:.3f}s", flush=True)
-    return out, weight_bytes(gen.frozen)
+    return out, weight_bytes(gen.frozen, model.config.tie_embeddings)
 
 
 def ours(model_dir: pathlib.Path, quant: str | None, ids: np.ndarray, batches: list[int],
@@ -292,6 +307,99 @@ def speed_rows(times: dict[str, dict[str, float]], nbytes: dict[str, int],
     return rows
 
 
+def preset_model(raw: dict, max_seq_length: int) -> CausalLM:
+    """A Llama-architecture model of config `raw` with random bf16 weights made on the default
+    device, its decoder projections NF4 (`e2e_jax.make_frozen`)."""
+    import e2e_jax  # a sibling; imported here: it pulls in the training stack
+
+    config = config_from_hf(raw)
+    return CausalLM(config, e2e_jax.make_frozen(config, "nf4"), max_seq_length=max_seq_length)
+
+
+def hf_preset(raw: dict, batches: list[int], prompt_len: int, new_tokens: int, repeats: int,
+              device: str) -> dict[str, Any]:
+    """benchmarks/generate_hf.py in its own process: this Python on the GPU (the image's torch;
+    bitsandbytes imported there, lazily), the reference environment's on the CPU."""
+    python = sys.executable if device == "cuda" else str(REFENV_PYTHON)
+    proc = subprocess.run(
+        [python, str(REPO / "benchmarks" / "generate_hf.py"), "--config", json.dumps(raw),
+         "--batches", ",".join(map(str, batches)), "--prompt_len", str(prompt_len),
+         "--new_tokens", str(new_tokens), "--repeats", str(repeats), "--device", device],
+        capture_output=True, text=True, timeout=3600)
+    if proc.returncode:
+        raise RuntimeError(f"HF side failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def kv_bytes_per_step(config: Any, batch: int, context: float, itemsize: int) -> float:
+    """Keys and values one decode step reads: every layer, `context` slots of each row."""
+    return (2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim
+            * itemsize)
+
+
+def preset_rows(name: str, config: Any, times: dict[str, dict[str, float]], nbytes: int,
+                batches: list[int], prompt_len: int, new_tokens: int,
+                hbm_bytes_per_s: float) -> list[dict]:
+    """Decode / prefill tokens/s against HF (when measured), and each batch's decode step time
+    against the HBM roofline (weights + the KV cache at the mean context, prompt + new / 2,
+    bf16): that row's ratio is the roofline fraction."""
+    rows = []
+    hf_name = "HF transformers generate + bitsandbytes NF4"
+    for b in batches:
+        case = (f"{name}, NF4 frozen weights (bf16 compute), batch {b}, prompt {prompt_len}, "
+                f"{new_tokens} new tokens")
+        ours, hf_t = times["ours"], times.get("hf", {})
+        step = ours[f"decode_{b}"] / (new_tokens - 1)
+        dec, pre = b / step, b * prompt_len / ours[f"prefill_{b}"]
+        hf_dec = hf_pre = None
+        if f"decode_{b}" in hf_t:
+            hf_dec = b * (new_tokens - 1) / hf_t[f"decode_{b}"]
+            hf_pre = b * prompt_len / hf_t[f"prefill_{b}"]
+        first = b == batches[0]
+        rows.append(common.row(case, "decode tokens/s", dec, hf_name, hf_dec,
+                               target=PRESET_TARGETS["decode vs HF"] if first else None))
+        rows.append(common.row(case, "prefill tokens/s", pre, hf_name, hf_pre))
+        moved = nbytes + kv_bytes_per_step(config, b, prompt_len + new_tokens / 2, 2)
+        rows.append(common.row(           # ratio = roofline time / ours: the roofline fraction
+            case, "decode step ms", step * 1e3,
+            f"HBM roofline ({moved / 1e9:.2f} GB at {hbm_bytes_per_s / 1e12:.1f} TB/s)",
+            moved / hbm_bytes_per_s * 1e3, higher_is_better=False,
+            target=PRESET_TARGETS["roofline"] if first else None, bytes_per_step=moved))
+    return rows
+
+
+def run_preset(args: argparse.Namespace) -> dict:
+    """The --preset run: HF first (its own process, before JAX initialises the device and takes
+    its memory), then ours; returns the result document."""
+    name, raw = PRESETS[args.preset]
+    batches = [int(b) for b in (args.batches or "1,8,64").split(",")]
+    times: dict[str, dict[str, float]] = {}
+    errors, extra, load_before = {}, {}, uptime()
+    if not args.no_hf:
+        try:
+            hf_out = hf_preset(raw, batches, args.prompt_len, args.new_tokens, args.repeats,
+                               args.hf_device)
+            extra["hf_versions"], extra["hf_setup_s"] = hf_out.pop("versions"), hf_out.pop(
+                "setup_s")
+            times["hf"] = hf_out
+        except (RuntimeError, subprocess.TimeoutExpired) as err:   # ours is still measured
+            errors["hf"] = str(err)[-3000:]
+    doc = common.jax_envelope("generate", commit=args.commit, load_before=load_before,
+                              preset=args.preset, prompt_len=args.prompt_len,
+                              new_tokens=args.new_tokens, seconds=times, errors=errors, **extra)
+    common.write(doc, out=args.out, tag=args.tag)      # a run cut short keeps what it measured
+    t0 = time.perf_counter()
+    model = preset_model(raw, args.prompt_len + args.new_tokens)
+    doc["ours_setup_s"] = time.perf_counter() - t0
+    ids = np.random.default_rng(0).integers(0, raw["vocab_size"],
+                                            size=(max(batches), args.prompt_len))
+    times["ours"], nbytes = time_ours(model, ids, batches, args.new_tokens, args.repeats)
+    doc["weight_bytes_per_step"] = nbytes
+    doc["rows"] = preset_rows(name, model.config, times, nbytes, batches, args.prompt_len,
+                              args.new_tokens, args.hbm_bytes_per_s)
+    return doc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -310,20 +418,36 @@ def main() -> None:
     parser.add_argument("--matvec", action="store_true",
                         help="also the CPU quantized product rows (fused vs dequantize-then-dot)")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="random NF4 weights at a preset's shapes instead of --model")
+    parser.add_argument("--hf_device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the preset's HF side runs")
+    parser.add_argument("--hbm_bytes_per_s", type=float, default=H200_HBM_BYTES_PER_S)
+    parser.add_argument("--out", type=pathlib.Path, default=common.RESULTS)
+    parser.add_argument("--commit", default="", help="recorded commit (default: HEAD)")
     args = parser.parse_args()
+    if args.preset:
+        args.tag = args.tag or args.preset
+        doc = run_preset(args)
+        doc["load_after"] = uptime()
+        path = common.write(doc, out=args.out, tag=args.tag)
+        print(common.markdown_table(doc["rows"]))
+        print(f"errors: {doc['errors']}" if doc["errors"] else "", f"wrote {path}")
+        return
     on_gpu = jax.default_backend() == "gpu"
     batches = [int(b) for b in (args.batches or ("1,8,64" if on_gpu else "1,8")).split(",")]
     threads = os.cpu_count() or 1
     ids = np.random.default_rng(0).integers(100, 40000, size=(max(batches), args.prompt_len))
     n = args.new_tokens
-    doc = common.jax_envelope("generate", load_before=uptime(), cpu_threads=threads)
+    doc = common.jax_envelope("generate", commit=args.commit, load_before=uptime(),
+                              cpu_threads=threads)
     times: dict[str, dict[str, float]] = {}
     nbytes: dict[str, int] = {}
     doc["seconds"], doc["errors"] = times, {}
 
     def measured(side: str, value: dict[str, float]) -> None:
         times[side] = value
-        common.write(doc, tag=args.tag)         # a run cut short keeps what it measured
+        common.write(doc, out=args.out, tag=args.tag)  # a run cut short keeps what it measured
 
     times["ours"], nbytes["ours"] = ours(args.model, None, ids, batches, n, args.repeats)
     if args.stacked:
@@ -344,13 +468,13 @@ def main() -> None:
                                                     threads))
             except RuntimeError as err:          # a crash of llama.cpp loses only its rows
                 doc["errors"][f"llama.cpp {GGUF_TYPES[q]}"] = str(err)[-2000:]
-            common.write(doc, tag=args.tag)
+            common.write(doc, out=args.out, tag=args.tag)
     doc["rows"] = speed_rows(times, nbytes, batches, quants, args.prompt_len, n)
     if args.matvec:
         doc["rows"] += matvec_rows({"gate_proj": (576, 1536), "down_proj": (1536, 576)},
                                    (1, 2, 4, 8), repeats=20)
     doc["load_after"] = uptime()
-    path = common.write(doc, tag=args.tag)
+    path = common.write(doc, out=args.out, tag=args.tag)
     print(f"\nload before: {doc['load_before']}\nload after:  {doc['load_after']}\n")
     print(common.markdown_table(doc["rows"]))
     print(f"wrote {path}")
