@@ -26,6 +26,9 @@
 #   speed         train_e2e.py parts ours_fast, ours_fast_dense (the quantized matmuls'
 #                 dense-weight residuals, as before the codes-only backward) and plain_xla, 10
 #                 steps after 2 each: tokens/s and peak HBM side by side (about 3 minutes)
+#   generate      benchmarks/generate.py --preset llama3-8b: Llama-3-8B shapes, NF4, batch 1 / 8
+#                 / 64, prefill and decode, vs HF generate + bitsandbytes NF4 (installed from
+#                 .whl/ when its wheel is there), and the HBM roofline fraction (under 7 minutes)
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
 set -u
@@ -104,6 +107,12 @@ jax.block_until_ready(jax.jit(lambda x: nf4_matmul_mosaic(x, w))(x))
     speed)
       run "$stage" 480 python3 benchmarks/train_e2e.py "${bench[@]}" \
         --parts ours_fast,ours_fast_dense,plain_xla --steps 10 --warmup 2 --part-timeout-s 200 ;;
+    generate)
+      for wheel in .whl/bitsandbytes-*.whl; do
+        [ -e "$wheel" ] && python3 -m pip install -q --no-deps "$wheel"
+      done
+      run "$stage" 420 python3 benchmarks/generate.py "${bench[@]}" --preset llama3-8b \
+        --batches 1,8,64 --prompt_len 128 --new_tokens 64 --repeats 2 ;;
     *)
       echo "unknown stage $stage"; exit 2 ;;
   esac
