@@ -19,6 +19,10 @@
 #   profile-nf4   in-kernel profile of the Mosaic NF4 decode kernel (M = 1, 16)
 #   profile-attn  in-kernel profile of the Mosaic attention kernels (causal 4K and 16K)
 #   ptx-nf4       PTX of the Mosaic NF4 decode kernel at its default tuning, under OUT/ptx
+#   grpo          benchmarks/grpo.py --preset llama3-8b: one GRPO step (8 prompts x 8 completions,
+#                 256 tokens, rollout + update) on Llama-3-8B shapes, NF4, ours against TRL's
+#                 GRPOTrainer + PEFT + bitsandbytes when trl, datasets and bitsandbytes import
+#                 (wheels carried in .whl/ are installed first, offline); else ours alone
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
 set -u
@@ -90,6 +94,14 @@ w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(np.ones((1024, 4096), np.fl
 x = jnp.ones((1, 4096), jnp.bfloat16)
 jax.block_until_ready(jax.jit(lambda x: nf4_matmul_mosaic(x, w))(x))
 " ;;
+    grpo)
+      if [ -d .whl ]; then  # the TRL baseline's packages, if carried (see benchmarks/grpo.py)
+        for pkg in bitsandbytes datasets trl; do
+          python3 -m pip install -q --no-index --find-links .whl "$pkg" >> "$out/grpo-pip.log" 2>&1 \
+            || echo "   (could not install $pkg from .whl: see grpo-pip.log)"
+        done
+      fi
+      run "$stage" 300 python3 benchmarks/grpo.py "${bench[@]}" --preset llama3-8b --budget_s 285 ;;
     *)
       echo "unknown stage $stage"; exit 2 ;;
   esac
