@@ -8,7 +8,7 @@ own Python, which then needs trl and datasets (and bitsandbytes for --quant nf4)
 Shared with our side (imported by grpo.py; only the standard library at import time):
 - `chat_prompts`: SmolLM2's chat prompts; `token_prompts` + `synthetic_tokenizer`: prompts for a
   random-weight model (no real tokenizer exists for it): a word-level tokenizer whose word
-  "t<i>" is token i, so both trainers tokenize, decode and pad the same way;
+  "t<i>" is token i (i >= 3), so both trainers tokenize, decode and pad the same way;
 - `reward_even`: the reward both trainers use, a cheap verifiable one read from the completion
   ids (the share of even token ids), so scoring costs the same on both sides.
 """
@@ -28,20 +28,22 @@ def chat_prompts(n: int) -> list[list[dict[str, str]]]:
 
 
 def token_prompts(n: int, length: int, vocab: int) -> list[str]:
-    """n prompts of `length` random words of the synthetic tokenizer (never EOS or padding)."""
+    """n prompts of `length` random words of the synthetic tokenizer (no special token)."""
     rng = random.Random(0)
-    return [" ".join(f"t{rng.randrange(2, vocab)}" for _ in range(length)) for _ in range(n)]
+    return [" ".join(f"t{rng.randrange(3, vocab)}" for _ in range(length)) for _ in range(n)]
 
 
 def synthetic_tokenizer(vocab: int):
-    """A transformers fast tokenizer with words t0..t<vocab-1> (t0 pads, t1 ends)."""
+    """A transformers fast tokenizer: <pad> (0), </s> (1, the end), <unk> (2), then word t<i> is
+    token i. (Special tokens are matched inside words, so they must not look like one.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    words = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {f"t{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1",
-                                   unk_token="t2")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
 
 
 def reward_even(completion_ids, **_):
