@@ -172,6 +172,8 @@ def main() -> None:
                             help="default: the preset's (see DEFAULTS)")
     parser.add_argument("--quant", choices=("nf4", "bf16"), default=None,
                         help="random presets' frozen weights (default nf4)")
+    parser.add_argument("--remat", choices=("on", "off"), default=None,
+                        help="gradient checkpointing on both sides (default: on for the GPU)")
     parser.add_argument("--no-trl", action="store_true", help="measure our side only")
     parser.add_argument("--budget_s", type=float, default=3600.0,
                         help="wall-clock budget of the whole run; the TRL side gets what is left")
@@ -194,7 +196,8 @@ def main() -> None:
     load_before = pathlib.Path("/proc/loadavg").read_text().split()[:3]
     with tempfile.TemporaryDirectory() as tmp:
         shared = dict(preset=args.preset, model=args.model, config=PRESETS[args.preset],
-                      quant=args.quant, device=args.device, remat=args.device == "cuda",
+                      quant=args.quant, device=args.device,
+                      remat=args.remat == "on" if args.remat else args.device == "cuda",
                       targets=list(common.LORA_TARGETS),
                       **{k: getattr(args, k) for k in DEFAULTS["smollm2"]})
         ours, why = side(sys.executable, "ours", dict(shared, out=f"{tmp}/ours"),
