@@ -27,6 +27,7 @@ from fastlora_jax.config import ModelConfig
 from fastlora_jax.converters import gguf_names, gguf_quants
 from fastlora_jax.converters.atomic import atomic_folder
 from fastlora_jax.converters.gguf_vocab import add_tokenizer
+from fastlora_jax.converters.gguf_writer import GGUFWriter
 from fastlora_jax.converters.ollama import MODELFILE_NAME, modelfile
 from fastlora_jax.errors import ExportError
 from fastlora_jax.lora.layer import dense, merge_weight
@@ -184,7 +185,7 @@ def save_gguf(folder: str | pathlib.Path, config: ModelConfig, frozen: Params, t
     file_name = gguf_file_name(method_name)
     tensors = _model_tensors(config, frozen, lora, lora_spec, method_name, arch)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        writer = gguf.GGUFWriter(None, arch)
+        writer = GGUFWriter(None, arch)
         _add_metadata(writer, config, name or folder.name)
         writer.add_file_type(method.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -231,7 +232,7 @@ def save_gguf_lora(folder: str | pathlib.Path, config: ModelConfig, lora: Params
                     config, path, np.asarray(b, np.float32) * fold)))
     folder = pathlib.Path(folder)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        writer = gguf.GGUFWriter(None, arch)
+        writer = GGUFWriter(None, arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
