@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="llama3-8b decoder layers")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--workdir", type=pathlib.Path, default=None)
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("--tokenizer", type=pathlib.Path, default=SMOLLM2,
                         help="tokenizer folder (SmolLM2's tokenizer files are enough for llama3-8b)")
     args = parser.parse_args()
@@ -151,7 +152,7 @@ def main() -> None:
                        ["q4_k_m", "q6_k"] if case == "llama3-small" else ["q4_k_m"])
             doc["rows"] += run_case(case, methods, pathlib.Path(tmp) / case, args.layers,
                                  args.tokenizer)
-            out = write(doc, args.out)
+            out = write(doc, args.out, args.tag)
     print(markdown_table(doc["rows"]))
     print(f"wrote {out}")
 

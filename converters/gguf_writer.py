@@ -34,11 +34,8 @@ class GGUFWriter(gguf.GGUFWriter):
             return head + np.asarray(val, f"{order}{_NUMPY[element]}").tobytes()
         byteorder = "little" if order == "<" else "big"
         encoded = [s.encode("utf-8") for s in val]
-        parts = [head]
-        for e in encoded:
-            parts.append(len(e).to_bytes(8, byteorder))
-            parts.append(e)
-        return b"".join(parts)
+        return head + b"".join([part for e in encoded
+                                for part in (len(e).to_bytes(8, byteorder), e)])
 
 
 __all__ = ["GGUFWriter"]

@@ -4,8 +4,9 @@ The jitted quantizers take float32 blocks [n, block] and return bytes [n, block 
 feeds them a tensor in chunks of a fixed number of blocks, so each type compiles a handful of
 executables whatever the tensor shapes, and memory stays bounded:
 
-- full chunks of `chunk` blocks, then the rest in halving sizes down to `chunk / 32`, the last
-  piece padded with zero blocks (so a small tensor does not pay for a whole padded chunk);
+- full chunks of `chunk` blocks, then (legacy types) the rest in halving sizes down to
+  `chunk / 32`, the last piece padded with zero blocks, so a small tensor does not pay for a
+  whole padded chunk; the K-quants, slow to compile, keep one chunk size;
 - on the CPU the chunks are small (a call's working set stays in cache: measured 3-5x faster per
   weight for the K-quants at 512 blocks than at 16K, and 6x for Q8_0 at 16K blocks than at the
   whole tensor) and sliced from a host view of the tensor (no device op per slice); on an
@@ -28,11 +29,13 @@ BLOCK = {**{t: gguf_legacy.BLOCK for t in gguf_legacy.QUANTIZE},
 CPU_CHUNK = {**{t: 1 << 14 for t in gguf_legacy.QUANTIZE},
              **{t: 512 for t in gguf_kquants.QUANTIZE}}
 ACCELERATOR_CHUNK = 1 << 16
+HALVINGS = {**{t: 5 for t in gguf_legacy.QUANTIZE}, **{t: 0 for t in gguf_kquants.QUANTIZE}}
 
 
-def _pieces(n: int, chunk: int) -> list[tuple[int, int, int]]:
-    """(start, blocks, padded size) covering n blocks: full chunks, then halving sizes."""
-    out, start, smallest = [], 0, max(1, chunk // 32)
+def _pieces(n: int, chunk: int, halvings: int) -> list[tuple[int, int, int]]:
+    """(start, blocks, padded size) covering n blocks: full chunks, then up to `halvings`
+    halving sizes."""
+    out, start, smallest = [], 0, max(1, chunk >> halvings)
     size = chunk
     while start < n:
         while size > smallest and n - start < size:
@@ -60,7 +63,7 @@ def quantize_rows(x: np.ndarray | jax.Array, qtype: str, *,
         blocks = jnp.asarray(x, jnp.float32).reshape(-1, block)
     fn, n = QUANTIZE[qtype], blocks.shape[0]
     out = np.empty((n, nbytes), np.uint8)
-    for start, take, size in _pieces(n, chunk_blocks):
+    for start, take, size in _pieces(n, chunk_blocks, HALVINGS[qtype]):
         part = blocks[start:start + take]
         if take < size:
             pad = ((0, size - take), (0, 0))

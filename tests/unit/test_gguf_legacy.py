@@ -89,10 +89,11 @@ def test_chunking_and_padding_do_not_change_the_bytes():
 
 def test_pieces_cover_every_block_once():
     for n in (1, 31, 32, 33, 1000, 16384, 40000):
-        pieces = gguf_rows._pieces(n, 1024)
+        pieces = gguf_rows._pieces(n, 1024, 5)
         assert [p[0] for p in pieces] == list(np.cumsum([0] + [p[1] for p in pieces[:-1]]))
         assert sum(p[1] for p in pieces) == n and all(p[1] <= p[2] for p in pieces)
         assert {p[2] for p in pieces} <= {1024 >> k for k in range(6)}
+        assert {p[2] for p in gguf_rows._pieces(n, 1024, 0)} == {1024}
 
 
 def test_rows_not_filling_blocks_are_refused():
