@@ -137,10 +137,13 @@ def _affine_k(xt: jax.Array, nmax: int, rmin: float, rdelta: float, nstep: int):
     return d16, dmin16, ls, lm, levels.T.reshape(n, QK_K).astype(jnp.uint8)
 
 
-def _columns(x: jax.Array | np.ndarray, size: int) -> jax.Array:
+def _columns(x: jax.Array | np.ndarray, size: int) -> jax.Array | np.ndarray:
     """float32 [n, 256] -> sub-block columns [size, n*256/size], materialised outside the jitted
     quantizers so that every sub-block element row is contiguous (a transpose inside the jit
-    may become a strided layout, several times slower on the CPU)."""
+    may become a strided layout, several times slower on the CPU). A host array is transposed on
+    the host (no device op)."""
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, size).T)
     x = jnp.asarray(x, f32)
     return jnp.transpose(x.reshape(-1, size))
 

@@ -63,12 +63,16 @@ def quantize_rows(x: np.ndarray | jax.Array, qtype: str, *,
         blocks = jnp.asarray(x, jnp.float32).reshape(-1, block)
     fn, n = QUANTIZE[qtype], blocks.shape[0]
     out = np.empty((n, nbytes), np.uint8)
+    # every piece is dispatched before any is read, so the device computes while Python slices
+    pending = []
     for start, take, size in _pieces(n, chunk_blocks, HALVINGS[qtype]):
         part = blocks[start:start + take]
         if take < size:
             pad = ((0, size - take), (0, 0))
             part = np.pad(part, pad) if on_cpu else jnp.pad(part, pad)
-        out[start:start + take] = np.asarray(fn(part))[:take]
+        pending.append((start, take, fn(part)))
+    for start, take, result in pending:
+        out[start:start + take] = np.asarray(result)[:take]
     return out.reshape(shape[:-1] + (shape[-1] // block * nbytes,))
 
 
