@@ -150,6 +150,9 @@ def run_trace(config: ModelConfig, args: argparse.Namespace) -> dict:
     hlo = compiled.as_text()
     module = hlo.split(",", 1)[0].removeprefix("HloModule ").strip()
     summary = step_trace.summarize(trace_dir, hlo, args.steps, module=module)
+    if jax.default_backend() == "gpu" and not any("/device:GPU" in k for k in summary["lines"]):
+        raise RuntimeError(f"the trace under {trace_dir} holds no GPU kernels (CUPTI missing?); "
+                           f"lines read: {sorted(summary['lines'])[:8]}")
     (trace_dir / "module.hlo.txt").write_text(hlo)
     print(step_trace.format_summary(summary))
     doc = common.jax_envelope("step_trace", commit=args.commit, setup=(
