@@ -16,7 +16,7 @@ warm; the ratio uses warm. llama.cpp runs in the reference environment (.refenv)
 and times its own call. Rows follow benchmarks/common.py: ratio = baseline seconds / our
 seconds (> 1: we are faster); target 1.0 (at most its time).
 Usage: .venv/bin/python benchmarks/gguf_export.py [--cases smollm2,llama3-small] [--out DIR]
-       python3 benchmarks/gguf_export.py --cases llama3-8b --layers 32   (on the GPU machine)
+       python3 benchmarks/gguf_export.py --cases llama3-8b --layers 32 --tokenizer DIR   (GPU)
 """
 
 from __future__ import annotations
@@ -92,13 +92,14 @@ def llama3_model(layers: int, overrides: dict | None = None):
     return CausalLM(config, params)
 
 
-def run_case(case: str, methods: list[str], work: pathlib.Path, layers: int) -> list[dict]:
+def run_case(case: str, methods: list[str], work: pathlib.Path, layers: int,
+             tokenizer_dir: pathlib.Path) -> list[dict]:
     from transformers import AutoTokenizer
 
     from fastlora_jax import FastLanguageModel
     from fastlora_jax.converters.gguf_quants import method as gguf_method
 
-    tokenizer = AutoTokenizer.from_pretrained(str(SMOLLM2))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if case == "smollm2":
         model, tokenizer = FastLanguageModel.from_pretrained(SMOLLM2, dtype="float32")
     elif case == "llama3-small":
@@ -138,6 +139,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32, help="llama3-8b decoder layers")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     parser.add_argument("--workdir", type=pathlib.Path, default=None)
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
+    parser.add_argument("--tokenizer", type=pathlib.Path, default=SMOLLM2,
+                        help="tokenizer folder (SmolLM2's tokenizer files are enough for llama3-8b)")
     args = parser.parse_args()
     doc = jax_envelope("gguf_export", backend=jax.default_backend(), cpu_threads=os.cpu_count(),
                        load_average=os.getloadavg())
@@ -146,8 +150,9 @@ def main() -> None:
             methods = (args.methods.split(",") if args.methods else
                        ["q8_0", "q4_k_m", "q6_k"] if case == "smollm2" else
                        ["q4_k_m", "q6_k"] if case == "llama3-small" else ["q4_k_m"])
-            doc["rows"] += run_case(case, methods, pathlib.Path(tmp) / case, args.layers)
-            out = write(doc, args.out)
+            doc["rows"] += run_case(case, methods, pathlib.Path(tmp) / case, args.layers,
+                                 args.tokenizer)
+            out = write(doc, args.out, args.tag)
     print(markdown_table(doc["rows"]))
     print(f"wrote {out}")
 

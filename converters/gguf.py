@@ -15,6 +15,7 @@ dequantizes the frozen weight if it is NF4 / int8, folds in that layer's adapter
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any, Callable, Iterator
 
@@ -27,6 +28,7 @@ from fastlora_jax.config import ModelConfig
 from fastlora_jax.converters import gguf_names, gguf_quants
 from fastlora_jax.converters.atomic import atomic_folder
 from fastlora_jax.converters.gguf_vocab import add_tokenizer
+from fastlora_jax.converters.gguf_writer import GGUFWriter
 from fastlora_jax.converters.ollama import MODELFILE_NAME, modelfile
 from fastlora_jax.errors import ExportError
 from fastlora_jax.lora.layer import dense, merge_weight
@@ -63,8 +65,9 @@ def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tuple[t
 
 
 def _lora_entry(lora: Params | None, spec: LoraSpec | None, path: tuple[str, ...],
-                layer: int | None) -> tuple[Params, float] | None:
-    """This layer's adapter arrays and scale for weight `path`, or None if it has none."""
+                layer: int | None) -> tuple[Params, int, float] | None:
+    """The stacked adapter arrays of weight `path`, this layer's rank and scale, or None if the
+    layer has no adapter there."""
     if lora is None or spec is None or layer is None or path[-1] != "weight" or len(path) != 4:
         return None
     module = (path[1], path[2])
@@ -73,23 +76,28 @@ def _lora_entry(lora: Params | None, spec: LoraSpec | None, path: tuple[str, ...
     ranks, scales = spec.entry(module)
     if ranks[layer] == 0:
         return None
-    r = ranks[layer]
-    arrays = _take_layer(lora["layers"][path[1]][path[2]], layer)
-    entry = {"lora_A": arrays["lora_A"][:r], "lora_B": arrays["lora_B"][:, :r]}
-    if "lora_magnitude" in arrays:
-        entry["lora_magnitude"] = arrays["lora_magnitude"]
-    return entry, scales[layer]
+    return lora["layers"][path[1]][path[2]], ranks[layer], scales[layer]
 
 
-@jax.jit
-def _index(tree: Any, layer: jax.Array) -> Any:
-    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), tree)
+@functools.partial(jax.jit, static_argnames=("config", "path", "rank"))
+def _merged_value(w: Any, layer: jax.Array | None, adapter: Params | None, scale: jax.Array,
+                  *, config: ModelConfig, path: tuple[str, ...], rank: int) -> jax.Array:
+    """One tensor as the file stores it, in float32 on w's device: layer `layer` of the stacked
+    w (or w itself when layer is None), dequantized, its adapter folded in, in GGUF layout. One
+    compiled call per tensor: eager slicing, merging and permuting were several device ops each."""
+    def take(a: jax.Array) -> jax.Array:
+        return a if layer is None else jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
 
-
-def _take_layer(tree: Any, layer: int) -> Any:
-    """Layer `layer` of stacked arrays / QTensors (one compiled gather per shape, not an eager
-    indexing op per tensor)."""
-    return _index(tree, jnp.int32(layer))
+    w = jax.tree.map(take, w)
+    if adapter is None:
+        merged = dense(w)
+    else:
+        entry = {"lora_A": take(adapter["lora_A"])[:rank],
+                 "lora_B": take(adapter["lora_B"])[:, :rank]}
+        if "lora_magnitude" in adapter:
+            entry["lora_magnitude"] = take(adapter["lora_magnitude"])
+        merged = merge_weight(w, entry, scale)
+    return gguf_names.to_gguf_layout(config, path, merged.astype(jnp.float32))
 
 
 def _model_tensors(config: ModelConfig, frozen: Params, lora: Params | None,
@@ -103,14 +111,12 @@ def _model_tensors(config: ModelConfig, frozen: Params, lora: Params | None,
     def make(path: tuple[str, ...], layer: int | None, shape: tuple[int, ...]) -> _Tensor:
         name = gguf_names.gguf_tensor_name(config, path, layer)
 
-        def value() -> np.ndarray:
-            w = get_path(frozen, path)
-            w = w if layer is None else _take_layer(w, layer)
-            adapter = _lora_entry(lora, spec, path, layer)
-            merged = (merge_weight(w, adapter[0], jnp.float32(adapter[1])) if adapter
-                      else dense(w))
-            # stays on the device: the K-quant encoders run there
-            return gguf_names.to_gguf_layout(config, path, merged.astype(jnp.float32))
+        def value() -> jax.Array:
+            lora_entry = _lora_entry(lora, spec, path, layer)
+            adapter, rank, scale = lora_entry if lora_entry else (None, 0, 0.0)
+            # stays on the device: the quantizers run there
+            return _merged_value(get_path(frozen, path), None if layer is None else np.int32(layer),
+                                 adapter, np.float32(scale), config=config, path=path, rank=rank)
 
         qtype = gguf_quants.tensor_type(method, name, shape, n_layers=config.num_layers,
                                         tied=tied, arch=arch)
@@ -184,7 +190,7 @@ def save_gguf(folder: str | pathlib.Path, config: ModelConfig, frozen: Params, t
     file_name = gguf_file_name(method_name)
     tensors = _model_tensors(config, frozen, lora, lora_spec, method_name, arch)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        writer = gguf.GGUFWriter(None, arch)
+        writer = GGUFWriter(None, arch)
         _add_metadata(writer, config, name or folder.name)
         writer.add_file_type(method.file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -231,7 +237,7 @@ def save_gguf_lora(folder: str | pathlib.Path, config: ModelConfig, lora: Params
                     config, path, np.asarray(b, np.float32) * fold)))
     folder = pathlib.Path(folder)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        writer = gguf.GGUFWriter(None, arch)
+        writer = GGUFWriter(None, arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

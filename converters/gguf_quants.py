@@ -13,7 +13,8 @@ without an importance matrix, which is what its users run):
 - A K-quant whose rows are not a multiple of 256 falls back to Q5_0 / Q5_1 / Q8_0 (Q4_K / Q5_K /
   Q6_K), and any type whose block does not divide the row falls back to F16.
 
-Legacy types are encoded by the `gguf` package; K-quants by `fastlora_jax.quant.gguf_kquants`.
+Every quantized type is encoded by our JAX quantizers (`fastlora_jax.quant.gguf_rows`: the legacy
+types byte for byte as the `gguf` package writes them, the K-quants as ggml's reference does).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 
 from fastlora_jax.errors import ExportError
-from fastlora_jax.quant import gguf_kquants
+from fastlora_jax.quant import gguf_rows
 
 T = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
@@ -110,16 +111,16 @@ def tensor_type(method_name: str, name: str, shape: tuple[int, ...], *, n_layers
 
 def encode(value: np.ndarray | jax.Array, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """float32 [*shape] (host or device) -> what GGUFWriter writes for `qtype` (float arrays
-    for F32 / F16, uint8 bytes [*shape[:-1], row bytes] otherwise). K-quants are computed where
-    the value lives; the rest on the host."""
-    if qtype.name in gguf_kquants.QUANTIZE:
-        return gguf_kquants.quantize_rows(value, qtype.name)
+    for F32 / F16, uint8 bytes [*shape[:-1], row bytes] otherwise). Quantized types are
+    computed where the value lives, float types on the host."""
+    if qtype.name in gguf_rows.QUANTIZE:
+        return gguf_rows.quantize_rows(value, qtype.name)
     value = np.ascontiguousarray(np.asarray(value, np.float32))
     if qtype == T.F32:
         return value
     if qtype == T.F16:
         return value.astype(np.float16)
-    return gguf.quants.quantize(value, qtype)
+    return gguf.quants.quantize(value, qtype)  # BF16
 
 
 __all__ = ["METHODS", "Method", "encode", "method", "tensor_type", "use_more_bits"]

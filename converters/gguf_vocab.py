@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
 import re
-import tempfile
 from typing import Any
 
 import gguf
@@ -55,6 +53,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = (
     int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNUSED), int(gguf.TokenType.BYTE))
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 SPACE_MARK = "\u2581"  # SentencePiece's visible space
+SPACE_BYTE = "\u0120"  # byte-level BPE's spelling of a space
 
 
 def _looks_special(token: str) -> bool:
@@ -167,13 +166,15 @@ def _spm_scores(tj: dict[str, Any], tokens: list[str], types: list[int]) -> list
 
 
 def _merges(tj: dict[str, Any]) -> list[str]:
-    """The merges in llama.cpp's spelling ("a b"), converted by the gguf package."""
-    with tempfile.TemporaryDirectory() as tmp:
-        (pathlib.Path(tmp) / "tokenizer.json").write_text(json.dumps(tj))
-        merges = gguf.SpecialVocab(tmp, load_merges=True).merges
+    """The merges in llama.cpp's spelling: "a b", a space inside a token written as U+0120 (the
+    `gguf` package's conversion of the list form `[a, b]`; the string form is already spelled so).
+    """
+    merges = (tj.get("model") or {}).get("merges") or []
     if not merges:
         raise ExportError("the BPE tokenizer has no merges; llama.cpp cannot run it")
-    return merges
+    if isinstance(merges[0], str):
+        return list(merges)
+    return [f"{a.replace(' ', SPACE_BYTE)} {b.replace(' ', SPACE_BYTE)}" for a, b in merges]
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:

@@ -19,6 +19,7 @@ At the end every expected parameter must have been filled and every tensor in th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import pathlib
@@ -33,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.converters.chunks import (CHUNK_BYTES, device_zeros, read_rows, read_whole,
                                             row_chunks, write_rows)
-from fastlora_jax.converters.names import hf_to_path
+from fastlora_jax.converters.names import hf_to_path, path_to_hf
 from fastlora_jax.errors import CheckpointError, ConfigError
 from fastlora_jax.quant import QuantKind, from_bnb_4bit, from_bnb_int8, quantize as quantize_weight
 from fastlora_jax.models.decoder import ParamSpec, Params, is_projection, param_specs, set_path
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FLOAT_DTYPES = {"F32": np.float32, "BF16": "bfloat16", "F16": np.float16}
+MISSING_SHOWN = 8  # missing tensor names an error lists before "and N more"
+CONVERT_BIN = ("convert it once in a PyTorch environment: AutoModelForCausalLM.from_pretrained("
+               "DIR).save_pretrained(OUT) with transformers writes model.safetensors")
 
 
 def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -79,9 +83,14 @@ def weight_files(folder: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{str(index)!r} is not a safetensors index (expected JSON with "
                                   f"a 'weight_map' object): {err}") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(n, str) and isinstance(f, str) and f and pathlib.Path(f).name == f
+                for n, f in weight_map.items()):
+            raise CheckpointError(f"{str(index)!r}: 'weight_map' must map tensor names to shard "
+                                  f"file names in the same folder, found {str(weight_map)[:120]}")
         files: dict[pathlib.Path, list[str]] = {}
         for name, shard in weight_map.items():
             files.setdefault(folder / shard, []).append(name)
@@ -97,23 +106,53 @@ def weight_files(folder: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:
     found = sorted(folder.glob("*.safetensors"))
     if len(found) == 1:
         return {found[0]: None}
-    if (folder / "pytorch_model.bin").exists() or list(folder.glob("*.bin")):
-        raise CheckpointError(f"{str(folder)!r} holds only pickle (.bin) weights; fastlora_jax never "
-                              f"unpickles. Convert them to safetensors first")
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt")) + sorted(p.name for p in folder.glob("*.pth"))
+    if pickles:
+        raise CheckpointError(f"{str(folder)!r} holds its weights only as pickle files "
+                              f"({', '.join(pickles[:4])}{' …' if len(pickles) > 4 else ''}), "
+                              f"which fastlora_jax never unpickles (they can run code); "
+                              f"{CONVERT_BIN}")
     raise CheckpointError(f"{str(folder)!r} has no {SINGLE_NAME} and no {INDEX_NAME}"
                           + (f" but several *.safetensors ({[f.name for f in found]}): add the index"
                              if found else ""))
 
 
+def _open(file: pathlib.Path) -> Any:
+    """A safetensors handle of `file` (its header parsed), or a CheckpointError."""
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{str(file)!r} is not a readable safetensors file ({err}); it "
+                              f"is truncated or corrupt — re-download it") from None
+
+
+def check_layer_count(folder: pathlib.Path, config: ModelConfig) -> None:
+    """The files hold tensors of exactly the layers 0..num_layers-1 that config.json names
+    (checked on the headers, before any [num_layers, ...] buffer is allocated)."""
+    layers: set[int] = set()
+    for file, names in weight_files(folder).items():
+        if names is None:
+            with _open(file) as f:
+                names = list(f.keys())
+        layers.update(layer for layer in (hf_to_path(n)[1] for n in names) if layer is not None)
+    want = config.num_layers
+    if layers and max(layers) >= want:
+        raise CheckpointError(f"{str(folder)!r}: the checkpoint holds layer {max(layers)} but "
+                              f"config.json has num_hidden_layers={want}; the checkpoint and its "
+                              f"config disagree")
+    if len(layers) < want:
+        absent = list(itertools.islice((i for i in range(want) if i not in layers), 8))
+        raise CheckpointError(f"{str(folder)!r}: config.json has num_hidden_layers={want} but the "
+                              f"checkpoint holds no tensor of {want - len(layers)} of them (layers "
+                              f"{absent}{' …' if want - len(layers) > 8 else ''}); the download "
+                              f"is incomplete or config.json describes another model")
+
+
 def iter_tensors(folder: pathlib.Path) -> Iterator[tuple[str, pathlib.Path, Any]]:
     """Yield (name, file, safetensors slice) for every tensor, file by file, with clear errors."""
     for file, names in weight_files(folder).items():
-        try:
-            handle = safe_open(str(file), framework="numpy")
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{str(file)!r} is not a readable safetensors file ({err}); it "
-                                  f"is truncated or corrupt — re-download it") from None
-        with handle as f:
+        with _open(file) as f:
             keys = list(f.keys())
             if names is not None:
                 missing = sorted(set(names) - set(keys))
@@ -162,6 +201,7 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
     if quantize is not None and not isinstance(quantize, QuantKind):
         raise ConfigError(f"quantize={quantize!r} must be a QuantKind or None")
     folder = checkpoint_dir(folder)
+    check_layer_count(folder, config)
     specs = {spec.path: spec for spec in param_specs(config)}
     np_dtype = jnp.dtype(dtype)
     pending: dict[tuple[str, ...], tuple[Any, list[bool]]] = {}
@@ -263,15 +303,18 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
         raise CheckpointError(f"{str(folder)!r}: quantized weight {name!r} is incomplete (found "
                               f"parts {sorted(group)}); the checkpoint is truncated or not a "
                               f"bitsandbytes nf4 / int8 checkpoint")
-    missing = []
+    missing = []  # HF names of the tensors the config needs and the files did not hold
     for path, spec in specs.items():
-        want = config.num_layers if spec.stacked else 1
-        if filled.get(path, 0) != want:
-            missing.append(".".join(path) + (f" ({filled.get(path, 0)}/{want} layers)"
-                                             if spec.stacked else ""))
+        if not spec.stacked:
+            missing += [] if path in filled else [path_to_hf(path, None)]
+        elif filled.get(path, 0) != config.num_layers:
+            seen = pending[path][1] if path in pending else [False] * config.num_layers
+            missing += [path_to_hf(path, layer) for layer, ok in enumerate(seen) if not ok]
     if missing:
-        raise CheckpointError(f"{str(folder)!r}: the checkpoint lacks parameters the config needs: "
-                              f"{missing[:8]}{' …' if len(missing) > 8 else ''}; the download is "
+        shown = ", ".join(repr(n) for n in missing[:MISSING_SHOWN])
+        more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+        raise CheckpointError(f"{str(folder)!r}: the checkpoint lacks {len(missing)} tensor(s) "
+                              f"that config.json needs: {shown}{more}; the download is "
                               f"incomplete or config.json describes another model")
     return params
 

@@ -29,6 +29,21 @@ PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"  # the PEFT release whose format this writes (checked by tests)
 
 
+# adapter_config.json keys we read: (accepted JSON types, what to tell the user); null = default.
+CONFIG_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "r": ((int,), "a positive integer"),
+    "lora_alpha": ((int, float), "a positive number"),
+    "lora_dropout": ((int, float), "a number in [0, 1)"),
+    "target_modules": ((str, list), "a list of module names or a regex string"),
+    "use_rslora": ((bool,), "true or false"),
+    "use_dora": ((bool,), "true or false"),
+    "rank_pattern": ((dict,), "an object of module regex -> rank"),
+    "alpha_pattern": ((dict,), "an object of module regex -> alpha"),
+    "init_lora_weights": ((bool, str), "true, false or a method name"),
+    "base_model_name_or_path": ((str,), "a path string"),
+}
+
+
 def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> dict[str, Any]:
     """The adapter_config.json PEFT would write for `spec`."""
     cfg = spec.config
@@ -101,9 +116,12 @@ def read_adapter_config(folder: str | pathlib.Path) -> dict[str, Any]:
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         found = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise CheckpointError(f"{str(path)!r}: peft_type must be 'LORA', found {found!r}")
-    for key, kind in (("r", int), ("lora_alpha", (int, float))):
-        if key in cfg and not isinstance(cfg[key], kind):
-            raise CheckpointError(f"{str(path)!r}: {key}={cfg[key]!r} has the wrong type")
+    for key, (kinds, expected) in CONFIG_TYPES.items():
+        value = cfg.get(key)
+        if key in cfg and value is not None and (
+                not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+                or (isinstance(value, list) and not all(isinstance(v, str) for v in value))):
+            raise CheckpointError(f"{str(path)!r}: {key}={value!r} must be {expected}")
     unsupported = {k: cfg.get(k) for k in ("lora_bias", "fan_in_fan_out", "modules_to_save",
                                            "layers_to_transform", "layer_replication",
                                            "trainable_token_indices", "target_parameters")
@@ -160,27 +178,30 @@ def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
     used = set()
     for (group, name), ranks, _ in spec.modules:
         out_dim, in_dim = shapes[("layers", group, name, "weight")]
-        L, rmax = model_config.num_layers, max(ranks)
-        a = np.zeros((L, rmax, in_dim), np.float32)
-        b = np.zeros((L, out_dim, rmax), np.float32)
-        m = np.zeros((L, out_dim), np.float32) if lora_cfg.use_dora else None
-        for layer, r in enumerate(ranks):
+        parts: dict[str, list[tuple[int, np.ndarray]]] = {"a": [], "b": [], "m": []}
+        for layer, r in enumerate(ranks):  # every tensor is found and checked before allocating
             if r == 0:
                 continue
             key = PREFIX + hf_module_name(layer, group, name)
-            for suffix, want, dest in ((".lora_A.weight", (r, in_dim), a),
-                                       (".lora_B.weight", (out_dim, r), b)):
-                t = _take(tensors, key + suffix, want, path)
-                if suffix == ".lora_A.weight":
-                    dest[layer, :r] = t
-                else:
-                    dest[layer, :, :r] = t
-                used.add(key + suffix)
-            if m is not None:
-                m[layer] = _take(tensors, key + ".lora_magnitude_vector", (out_dim,), path)
+            parts["a"].append((layer, _take(tensors, key + ".lora_A.weight", (r, in_dim), path)))
+            parts["b"].append((layer, _take(tensors, key + ".lora_B.weight", (out_dim, r), path)))
+            used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
+            if lora_cfg.use_dora:
+                parts["m"].append((layer, _take(tensors, key + ".lora_magnitude_vector",
+                                                (out_dim,), path)))
                 used.add(key + ".lora_magnitude_vector")
+        L, rmax = model_config.num_layers, max(ranks)
+        a = np.zeros((L, rmax, in_dim), np.float32)
+        b = np.zeros((L, out_dim, rmax), np.float32)
+        for layer, t in parts["a"]:
+            a[layer, :t.shape[0]] = t
+        for layer, t in parts["b"]:
+            b[layer, :, :t.shape[1]] = t
         entry = {"lora_A": jnp.asarray(a, dtype), "lora_B": jnp.asarray(b, dtype)}
-        if m is not None:
+        if lora_cfg.use_dora:
+            m = np.zeros((L, out_dim), np.float32)
+            for layer, t in parts["m"]:
+                m[layer] = t
             entry["lora_magnitude"] = jnp.asarray(m, dtype)
         tree["layers"].setdefault(group, {})[name] = entry
     extra = sorted(set(tensors) - used)

@@ -54,7 +54,13 @@ def load_tokenizer(folder: pathlib.Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # transformers and tokenizers raise many types for broken files
+        reason = " ".join(str(err).split())[:300]  # one line, however transformers wraps it
+        raise CheckpointError(f"the tokenizer files in {str(folder)!r} could not be loaded "
+                              f"({type(err).__name__}: {reason}); re-download them or copy a "
+                              f"working tokenizer into the folder") from None
 
 
 class FastLanguageModel:

@@ -2,8 +2,8 @@
 
   fastlora-jax demo      fine-tune the default model (SmolLM2-135M-Instruct) on the CPU and show
                          held-out accuracy before and after; exports a PEFT adapter
-  fastlora-jax train     --model DIR --data FILE --output_dir DIR [TrainingArguments flags]
-                         [LoRA flags] [--config run.yaml]
+  fastlora-jax train     --model DIR --data FILE [--eval_data FILE] --output_dir DIR
+                         [TrainingArguments flags] [LoRA flags] [--config run.yaml]
   fastlora-jax grpo      --model DIR --data FILE --reward_funcs file.py:fn[,...] [GRPOConfig flags]
   fastlora-jax dpo       --model DIR --data FILE [DPOConfig flags]
   fastlora-jax export    --model DIR [--adapter DIR] --output_dir DIR --method peft|merged|gguf
@@ -19,97 +19,67 @@ import dataclasses
 import logging
 import pathlib
 import sys
-import typing
 from typing import Any
 
 from fastlora_jax import chat
 from fastlora_jax.errors import ConfigError, FastLoRAError
-from fastlora_jax.model_flags import MODEL_FLAGS, _bool, load_peft_model
+from fastlora_jax.model_flags import load_peft_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
-def _bool_or_str(text: str) -> bool | str:
-    """true/false (as `_bool`) or any other word as it is (e.g. 'offload')."""
-    try:
-        return _bool(text)
-    except argparse.ArgumentTypeError:
-        return text
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per run setting (launch, model/LoRA, TrainingArguments), named as the field. The
+    raw text is converted by the same schema as a --config YAML file (train/schema.py)."""
+    from fastlora_jax.train.args import RUN_SECTIONS
+    from fastlora_jax.train.schema import describe, field_types
 
-
-def _add_training_flags(parser: argparse.ArgumentParser) -> None:
-    from fastlora_jax.train.args import TrainingArguments
-
-    hints = typing.get_type_hints(TrainingArguments)
-    for field in dataclasses.fields(TrainingArguments):
-        if field.name == "mesh":
-            parser.add_argument("--mesh", default=None,
-                                help="data,fsdp,tensor sizes, e.g. 2,4,1 (-1 = the rest)")
-            continue
-        kind = hints[field.name]
-        conv = _bool if kind is bool else _bool_or_str if kind == bool | str else \
-            int if kind in (int, int | None) else float if kind is float else str
-        parser.add_argument(f"--{field.name}", type=conv, default=None,
-                            help=f"(default {field.default!r})")
+    for cls in RUN_SECTIONS:
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, kind in field_types(cls).items():
+            parser.add_argument(f"--{name}", default=None, metavar="VALUE",
+                                help=f"{describe(kind)} (default {defaults[name]!r})")
 
 
 def train(ns: argparse.Namespace) -> dict[str, Any]:
     """`fastlora-jax train`: flags override the --config YAML, which overrides the defaults."""
-    from fastlora_jax import SFTTrainer, TrainingArguments
+    from fastlora_jax import SFTTrainer
+    from fastlora_jax.converters.hf import checkpoint_dir
     from fastlora_jax.train import distributed
-    from fastlora_jax.train.args import load_yaml
+    from fastlora_jax.train.args import load_yaml, run_settings
+    from fastlora_jax.train.trainer import data_summary
 
-    values: dict[str, Any] = load_yaml(ns.config) if ns.config else {}
-    for key, value in vars(ns).items():
-        if key not in ("command", "config", "resume_from_checkpoint") and value is not None:
-            values[key] = value
-    resume = bool(values.pop("resume_from_checkpoint", False) or ns.resume_from_checkpoint)
-    model_dir = values.pop("model", None)
-    data = values.pop("data", None)
-    if model_dir is None or data is None:
-        raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file)")
-    model_kw = {k: values.pop(k, default) for k, default in MODEL_FLAGS.items()}
-    if isinstance(values.get("mesh"), str):
-        values["mesh"] = parse_mesh(values["mesh"])
-    distributed.initialize(distributed.find_launch(values.pop("coordinator_address", None),
-                                                   values.pop("num_processes", None),
-                                                   values.pop("process_id", None)))
-    if values.get("mesh") is not None:
+    flags = {k: v for k, v in vars(ns).items() if k not in ("command", "config") and v is not None}
+    layers = [(load_yaml(ns.config), f"config file {str(ns.config)!r}")] if ns.config else []
+    launch, model_args, args = run_settings(*layers, (flags, "command line"))
+    if launch.model is None or launch.data is None:
+        raise ConfigError("train needs --model (a checkpoint folder) and --data (a dataset file), "
+                          "as flags or in the --config file")
+    checkpoint_dir(launch.model)  # a wrong path fails here, before any process group forms
+    distributed.initialize(distributed.find_launch(launch.coordinator_address,
+                                                   launch.num_processes, launch.process_id))
+    if args.mesh is not None:
         import jax
 
         # a mesh that does not fit this launch's devices fails here, before the model loads
-        values["mesh"].shape(jax.device_count())
-    args = TrainingArguments.from_dict(values, source=str(ns.config or "command line"))
-    model, tokenizer = load_peft_model(model_dir, model_kw, args.max_seq_length or 2048)
-    trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=data, args=args)
-    from fastlora_jax.train.trainer import data_summary
-
+        args.mesh.shape(jax.device_count())
+    model, tokenizer = load_peft_model(launch.model, model_args, args.max_seq_length or 2048)
+    trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=launch.data,
+                         eval_dataset=launch.eval_data, args=args)
     main = distributed.is_main_process()  # only process 0 prints and writes the adapter
     if main:
         print(f"data: {data_summary(trainer.data_stats)}; {trainer.total_steps} steps",
               flush=True)
-    stats = trainer.train(resume_from_checkpoint=resume)
+    stats = trainer.train(resume_from_checkpoint=launch.resume_from_checkpoint)
     adapter = pathlib.Path(args.output_dir) / "adapter"
     if not main:
         return stats
     model.save_pretrained(adapter, tokenizer, overwrite=True)
-    print(f"done: {stats['global_step']} steps, final loss {stats['final_loss']:.4f}, "
-          f"{stats['train_tokens_per_second']:.0f} tokens/s; adapter: {adapter}; "
+    evaluated = (f", eval loss {stats['eval_loss']:.4f}" if "eval_loss" in stats else "")
+    print(f"done: {stats['global_step']} steps, final loss {stats['final_loss']:.4f}"
+          f"{evaluated}, {stats['train_tokens_per_second']:.0f} tokens/s; adapter: {adapter}; "
           f"loss curve: {pathlib.Path(args.output_dir) / 'loss.png'}", flush=True)
     return stats
-
-
-def parse_mesh(text: str) -> Any:
-    """`--mesh data,fsdp,tensor` (-1 = the remaining devices) -> MeshConfig."""
-    from fastlora_jax.sharding import MeshConfig
-
-    try:
-        sizes = [int(v) for v in text.split(",")]
-    except ValueError:
-        sizes = []
-    if len(sizes) != 3:
-        raise ConfigError(f"--mesh {text!r} must be three integers data,fsdp,tensor, e.g. 2,4,1")
-    return MeshConfig(*sizes)
 
 
 def export(ns: argparse.Namespace) -> None:
@@ -147,20 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="LoRA/QLoRA SFT on a local dataset file")
     t.add_argument("--config", type=pathlib.Path, default=None, help="run.yaml with these flags")
-    t.add_argument("--model", default=None)
-    t.add_argument("--data", default=None)
-    t.add_argument("--resume_from_checkpoint", type=_bool, default=False)
-    t.add_argument("--coordinator_address", default=None,
-                   help="multi-process (jax.distributed): HOST:PORT of process 0; or set "
-                        "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, or run under "
-                        "srun")
-    t.add_argument("--num_processes", type=int, default=None)
-    t.add_argument("--process_id", type=int, default=None)
-    for name, default in MODEL_FLAGS.items():
-        conv = _bool if isinstance(default, bool) else int if isinstance(default, int) else \
-            float if isinstance(default, float) else str
-        t.add_argument(f"--{name}", type=conv, default=None, help=f"(default {default!r})")
-    _add_training_flags(t)
+    _add_run_flags(t)
 
     from fastlora_jax import rl_cli
     from fastlora_jax.train.rl_config import DPOConfig, GRPOConfig

@@ -182,6 +182,7 @@ class ModelConfig:
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+MAX_LAYERS = 4096  # far beyond any released decoder; bounds what a config can make us build
 
 # --------------------------------------------------------------------------------------------
 # Keys that do not change the forward math. Their values are kept verbatim (round trip) and never
@@ -345,8 +346,8 @@ class _Reader:
             high_freq_factor=sub.take("high_freq_factor", float, None),
             original_max_position_embeddings=sub.take("original_max_position_embeddings", int,
                                                       None),
-            short_factor=_float_tuple(sub.take("short_factor", list, None)),
-            long_factor=_float_tuple(sub.take("long_factor", list, None)),
+            short_factor=_float_tuple(sub.take("short_factor", list, None), source, "short_factor"),
+            long_factor=_float_tuple(sub.take("long_factor", list, None), source, "long_factor"),
             attention_factor=sub.take("attention_factor", float, None),
             partial_rotary_factor=sub.take("partial_rotary_factor", float, 1.0),
         )
@@ -385,8 +386,12 @@ class _Reader:
         return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in self._extras.items()))
 
 
-def _float_tuple(values: list | None) -> tuple[float, ...] | None:
-    return None if values is None else tuple(float(v) for v in values)
+def _float_tuple(values: list | None, source: str, key: str) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{source}: {key} must be a list of numbers, found {values!r}")
+    return tuple(float(v) for v in values)
 
 
 def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def run_grpo_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, max_step
     adapter = output_dir / "adapter"
     model.save_pretrained(adapter, tokenizer, overwrite=True)
     result = {"before": before, "after": after, "train": stats, "adapter": str(adapter)}
-    (output_dir / "demo_result.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(output_dir / "demo_result.json", json.dumps(result, indent=2))
     print(f"held-out after GRPO: exact-match accuracy {after['accuracy']:.1%}, sum right "
           f"{after['correct_reward']:.1%}, mean reward {after['mean_reward']:.3f}; e.g. {after['examples'][0]['answer']!r}; "
           f"{stats['global_step']} steps in {stats['train_runtime']:.0f}s; adapter: {adapter}",

@@ -26,7 +26,8 @@ from jax.experimental.pallas import triton as plt
 from fastlora_jax.quant import NF4_MAP
 
 _NF4 = [float(v) for v in NF4_MAP]
-NF4_BF16_BITS: np.ndarray = np.asarray(jnp.asarray(NF4_MAP).astype(jnp.bfloat16)).view(np.uint16)
+# numpy (ml_dtypes) rounding, not a jnp op: importing this module inside a jit must not trace.
+NF4_BF16_BITS: np.ndarray = np.asarray(NF4_MAP, np.float32).astype(jnp.bfloat16).view(np.uint16)
 
 
 def table_words(byte_of: np.ndarray) -> list[int]:

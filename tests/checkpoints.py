@@ -76,3 +76,28 @@ def tiny_chat_model(folder: pathlib.Path, tokenizer_dir: pathlib.Path) -> pathli
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, folder / name)
     return folder
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}"
+                      "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant "
+                      "{% endif %}")
+
+
+def tiny_tokenizer(folder: pathlib.Path, vocab_size: int = TINY_LLAMA["vocab_size"]) -> pathlib.Path:
+    """A word-level tokenizer of `vocab_size` entries (special tokens, a few words, then
+    w0, w1, ...) with a chat template, saved by transformers: quick to load, for fuzz tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    words = special + ["system", "user", "assistant", "the", "cat", "sat", "hello", "world", "."]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": special[2:]})
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(folder))
+    return folder

@@ -85,14 +85,15 @@ def with_constants(lora: Params, spec: LoraSpec, dropout_key: jax.Array | None) 
     return out
 
 
-def lora_project(spec: LoraSpec, *, train: bool) -> Project:
-    """The projection used by the decoder when adapters are present."""
+def lora_project(spec: LoraSpec, *, train: bool, linear_impl: Any = None) -> Project:
+    """The projection used by the decoder when adapters are present; `linear_impl` picks the
+    frozen matmul's implementation (`ops.Impl`; None = the measured default)."""
     cfg = spec.config
     rate = cfg.lora_dropout if train else 0.0
 
     def project(x: jax.Array, name: str, frozen: Params, lora: Params | None) -> jax.Array:
         axes = LINEAR_AXES.get(name)
-        base = ops.linear(x, frozen["weight"], axes=axes)
+        base = ops.linear(x, frozen["weight"], impl=linear_impl, axes=axes)
         bias = frozen.get("bias")
         if lora is None:
             return base if bias is None else base + bias.astype(base.dtype)
@@ -112,7 +113,8 @@ def lora_project(spec: LoraSpec, *, train: bool) -> Project:
                                         @ lora["lora_A"].astype(jnp.float32))
             norm = jax.lax.stop_gradient(jnp.linalg.norm(merged, axis=-1))
             g = lora["lora_magnitude"].astype(jnp.float32) / norm             # [out]
-            base_for_dora = base if xl is x else ops.linear(xl, frozen["weight"], axes=axes)
+            base_for_dora = (base if xl is x else
+                             ops.linear(xl, frozen["weight"], impl=linear_impl, axes=axes))
             y = (base.astype(jnp.float32) + (g - 1.0) * base_for_dora.astype(jnp.float32)
                  + g * delta.astype(jnp.float32)).astype(x.dtype)
         else:

@@ -64,6 +64,24 @@ class LoraConfig:
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} must be True, False "
                               f"or 'gaussian'")
+        targets = self.target_modules
+        if targets is not None and not isinstance(targets, str) and not (
+                isinstance(targets, tuple) and all(isinstance(t, str) for t in targets)):
+            raise ConfigError(f"target_modules={targets!r} must be a list of module names, a "
+                              f"regex string, or None")
+        patterns = [("target_modules", targets)] if isinstance(targets, str) else []
+        for field, pairs in (("rank_pattern", self.rank_pattern),
+                             ("alpha_pattern", self.alpha_pattern)):
+            for key, _ in pairs:
+                if not isinstance(key, str):
+                    raise ConfigError(f"{field} key {key!r} must be a string (a module regex)")
+                patterns.append((f"{field} key", key))
+        for what, pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"{what} {pattern!r} is not a valid regular expression "
+                                  f"({err})") from None
         for key, value in self.rank_pattern:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"rank_pattern[{key!r}]={value!r} must be a positive int")

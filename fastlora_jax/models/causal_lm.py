@@ -118,7 +118,8 @@ class CausalLM(nnx.Module):
 
     def save_pretrained(self, folder: str, tokenizer: Any = None, *,
                         overwrite: bool = False) -> None:
-        """Write the adapter as PEFT does (adapter_config.json + adapter_model.safetensors)."""
+        """Write the adapter as PEFT does (adapter_config.json + adapter_model.safetensors, and
+        the tokenizer's files when given), all in one atomic folder write."""
         save_adapter(folder, self.lora_spec, self.lora_params(),
                      base_model_name_or_path=self.name_or_path or None, tokenizer=tokenizer,
                      overwrite=overwrite)

@@ -20,6 +20,8 @@ def parse_llama_like(r: _Reader, model_type: str, *, head_dim: int | None = None
     the caller. The MLP activation is read by each family."""
     hidden = r.take("hidden_size", int)
     heads = r.take("num_attention_heads", int)
+    if heads <= 0:
+        raise ConfigError(f"{r.source}: num_attention_heads={heads} must be a positive int")
     head_dim = r.take("head_dim", int, head_dim or hidden // heads)
     r.expect("attention_dropout", (0.0, 0), "attention dropout is not implemented; set it to 0.0")
     fields = dict(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from fastlora_jax.config import ModelConfig, _Reader
+from fastlora_jax.config import MAX_LAYERS, ModelConfig, _Reader
 from fastlora_jax.errors import ConfigError
 from fastlora_jax.models.family import Family
 from fastlora_jax.models.gemma import GEMMA
@@ -41,6 +41,10 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> Mod
     if not isinstance(hf, Mapping):
         raise ConfigError(f"{source}: expected a JSON object, found {type(hf).__name__}")
     family = family_for(hf.get("model_type"), source=source)
+    layers = hf.get("num_hidden_layers")  # checked first: families build per-layer lists
+    if isinstance(layers, int) and not 0 < layers <= MAX_LAYERS:
+        raise ConfigError(f"{source}: num_hidden_layers={layers} must be between 1 and "
+                          f"{MAX_LAYERS}")
     reader = _Reader(dict(hf), source)
     fields = family.parse_config(reader)
     reader.finish(family.model_type, family.harmless_keys)

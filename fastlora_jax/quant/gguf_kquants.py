@@ -19,7 +19,8 @@ scales[12], qh[32], qs[128]; Q6_K 210 = ql[128], qh[64], scales[16], d. Sub-bloc
 processed as columns [elements, sub-blocks] so every step is a contiguous vector operation.
 
 Entry points take float32 [n_blocks, 256] and return uint8 [n_blocks, bytes]; jit-compiled, they
-run on whatever device holds the input (the GPU when there is one).
+run on whatever device holds the input (the GPU when there is one). `gguf_rows.quantize_rows`
+feeds them a whole tensor.
 """
 
 from __future__ import annotations
@@ -136,10 +137,13 @@ def _affine_k(xt: jax.Array, nmax: int, rmin: float, rdelta: float, nstep: int):
     return d16, dmin16, ls, lm, levels.T.reshape(n, QK_K).astype(jnp.uint8)
 
 
-def _columns(x: jax.Array | np.ndarray, size: int) -> jax.Array:
+def _columns(x: jax.Array | np.ndarray, size: int) -> jax.Array | np.ndarray:
     """float32 [n, 256] -> sub-block columns [size, n*256/size], materialised outside the jitted
     quantizers so that every sub-block element row is contiguous (a transpose inside the jit
-    may become a strided layout, several times slower on the CPU)."""
+    may become a strided layout, several times slower on the CPU). A host array is transposed on
+    the host (no device op)."""
+    if isinstance(x, np.ndarray):
+        return np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1, size).T)
     x = jnp.asarray(x, f32)
     return jnp.transpose(x.reshape(-1, size))
 
@@ -307,35 +311,5 @@ QUANTIZE = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
 DEQUANTIZE = {"Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
 
 
-# Blocks per quantizer call: small on the CPU, where the working set of a call should stay in
-# cache (measured: 256-512 blocks run 3-5x faster per weight than 16K), large on accelerators.
-CHUNK_BLOCKS = {"cpu": 512}
-DEFAULT_CHUNK_BLOCKS = 1 << 16
-
-
-def quantize_rows(x: np.ndarray | jax.Array, qtype: str, *,
-                  chunk_blocks: int | None = None) -> np.ndarray:
-    """A float tensor [..., cols] (cols % 256 == 0) -> its K-quant bytes [..., cols/256 * bytes].
-
-    Blocks go through the jitted quantizer `chunk_blocks` at a time (default: per backend), the
-    last chunk padded with zeros, so every tensor reuses one compiled executable per type and
-    memory stays bounded.
-    """
-    shape = tuple(x.shape)
-    if shape[-1] % QK_K:
-        raise ValueError(f"{qtype} needs rows of a multiple of {QK_K} values, found {shape[-1]}")
-    if chunk_blocks is None:
-        chunk_blocks = CHUNK_BLOCKS.get(jax.default_backend(), DEFAULT_CHUNK_BLOCKS)
-    blocks = jnp.asarray(x, f32).reshape(-1, QK_K)
-    fn, n = QUANTIZE[qtype], blocks.shape[0]
-    out = np.empty((n, BLOCK_BYTES[qtype]), np.uint8)
-    for start in range(0, n, chunk_blocks):
-        part = blocks[start:start + chunk_blocks]
-        if part.shape[0] < chunk_blocks:
-            part = jnp.pad(part, ((0, chunk_blocks - part.shape[0]), (0, 0)))
-        out[start:start + chunk_blocks] = np.asarray(fn(part))[:min(chunk_blocks, n - start)]
-    return out.reshape(shape[:-1] + (shape[-1] // QK_K * BLOCK_BYTES[qtype],))
-
-
 __all__ = ["BLOCK_BYTES", "DEQUANTIZE", "QK_K", "QUANTIZE", "dequantize_q4_k", "dequantize_q5_k",
-           "dequantize_q6_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k", "quantize_rows"]
+           "dequantize_q6_k", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]

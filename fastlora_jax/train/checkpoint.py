@@ -1,7 +1,8 @@
-"""Training checkpoints with orbax: LoRA params, optimizer state, step (= data position, since a
-step's batch depends only on its index), and the run's seed. orbax writes each checkpoint under
-a temporary name and finalises it atomically, so a run killed mid-save leaves the last complete
-checkpoint intact."""
+"""Training checkpoints with orbax: a state tree (LoRA params, optimizer state, and the best
+adapter when the run keeps one) and JSON metadata (step = data position, since a step's batch
+depends only on its index; the seed; evaluation bookkeeping). orbax writes each checkpoint under
+a temporary name and renames it into place once complete, so a run killed mid-save leaves the
+last complete checkpoint as the latest; the next run's manager deletes the unfinished one."""
 
 from __future__ import annotations
 
@@ -21,29 +22,29 @@ class TrainCheckpoints:
         self.directory = pathlib.Path(output_dir).resolve() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                                 create=True))
+                                                                 create=True,
+                                                                 cleanup_tmp_directories=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, lora: Any, opt_state: Any, meta: dict[str, Any]) -> None:
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"lora": lora, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave(dict(meta, step=step))))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, step=step))))
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, lora: Any, opt_state: Any) -> tuple[Any, Any, dict[str, Any]]:
-        """Restore into the structure (and shardings) of the given templates."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"lora": lora,
-                                                                  "opt_state": opt_state})
+    def restore(self, step: int, template: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(state, meta) of checkpoint `step`, restored into the structure (and shardings) of
+        the `template` state tree."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as err:  # orbax raises several types for mismatched or broken trees
             raise CheckpointError(f"checkpoint {str(self.directory / str(step))!r} could not be "
                                   f"restored into this run ({type(err).__name__}: {err}); was it "
-                                  f"written with other LoRA settings?") from None
-        return out["state"]["lora"], out["state"]["opt_state"], out["meta"]
+                                  f"written with other LoRA or evaluation settings?") from None
+        return out["state"], out["meta"]
 
     def close(self) -> None:
         self.manager.close()

@@ -17,6 +17,7 @@ example, else -100), `positions`, `segment_ids`, all int32 [max_seq_length].
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from typing import Any, Callable, Sequence
 
@@ -40,8 +41,9 @@ class DataStats:
     label_tokens: int = 0
 
 
-def load_dataset_source(data: Any) -> Any:
-    """A `datasets.Dataset` from a Dataset or a local file path (clear errors otherwise)."""
+def load_dataset_source(data: Any, *, name: str = "train_dataset") -> Any:
+    """A `datasets.Dataset` from a Dataset or a local file path (clear errors otherwise); `name`
+    is the argument errors mention."""
     import datasets
 
     if isinstance(data, datasets.Dataset):
@@ -57,27 +59,61 @@ def load_dataset_source(data: Any) -> Any:
                             f"{sorted(FILE_FORMATS)}")
         if path.stat().st_size == 0:
             raise DataError(f"data file {str(path)!r} is empty")
+        if fmt == "json":
+            check_json_rows(path)
         try:
             dataset = datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types for unreadable files
             raise DataError(f"data file {str(path)!r} could not be read as {fmt}: {err}") from None
     else:
-        raise DataError(f"train_dataset must be a datasets.Dataset or a file path, found "
+        raise DataError(f"{name} must be a datasets.Dataset or a file path, found "
                         f"{type(data).__name__}")
     if len(dataset) == 0:
-        raise DataError(f"the dataset {getattr(data, 'name', data)!s} has no examples")
+        raise DataError(f"{name} ({data!s}) has no examples")
     return dataset
 
 
-def _assistant_mask(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+def check_json_rows(path: pathlib.Path) -> None:
+    """A .json / .jsonl data file holds one JSON object per example: a JSON array of objects, or
+    JSON Lines of objects. Checked here, before `datasets` reads it, because its JSON reader
+    (pyarrow) crashes the process on lines that are not objects (e.g. `null`)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            rows = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"data file {str(path)!r} is not valid JSON ({err})") from None
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise DataError(f"data file {str(path)!r}: entry {bad} of the JSON array is "
+                            f"{type(rows[bad]).__name__}, expected an object (one example)")
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataError(f"data file {str(path)!r}, line {number}: not valid JSON ({err}); "
+                                f"a .json/.jsonl file holds one JSON object per line (JSON Lines) "
+                                f"or one JSON array of objects") from None
+            if not isinstance(row, dict):
+                raise DataError(f"data file {str(path)!r}, line {number}: found "
+                                f"{type(row).__name__}, expected a JSON object (one example)")
+
+
+def _assistant_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
+                    ) -> tuple[list[int], list[bool]]:
     """Token ids of the templated conversation and True on assistant-turn tokens."""
-    ids = _render(tokenizer, messages, add_generation_prompt=False)
+    ids = _render(tokenizer, messages, where, add_generation_prompt=False)
     mask = [False] * len(ids)
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if message["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end_ids = _render(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        start = len(_render(tokenizer, messages[:i], where, add_generation_prompt=True)) if i else 0
+        end_ids = _render(tokenizer, messages[:i + 1], where, add_generation_prompt=False)
         if end_ids != ids[:len(end_ids)]:
             raise DataError("the tokenizer's chat template does not render a conversation's "
                             "prefix as a prefix of the whole; train_on_responses_only cannot "
@@ -87,37 +123,70 @@ def _assistant_mask(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[lis
     return ids, mask
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+def _render(tokenizer: Any, messages: list[dict[str, str]], where: str, *,
+            add_generation_prompt: bool) -> list[int]:
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as err:  # templates raise on turns they do not accept
+        raise DataError(f"{where}: the tokenizer's chat template refused the conversation "
+                        f"({err}); fix the 'messages' of this example") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """A chat example's turns: a non-empty list of {"role": str, "content": str}."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} "
+                        f"turns, found {_short(messages)}")
+    for turn in messages:
+        if (not isinstance(turn, dict) or not isinstance(turn.get("role"), str)
+                or not isinstance(turn.get("content"), str)):
+            raise DataError(f"{where}: every turn of 'messages' must be {{'role': str, "
+                            f"'content': str}}, found {_short(turn)}")
+    return [{"role": t["role"], "content": t["content"]} for t in messages]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def tokenize_examples(dataset: Any, tokenizer: Any, *, dataset_text_field: str = "text",
                       formatting_func: Callable[[dict[str, Any]], str] | None = None,
-                      train_on_responses_only: bool = False,
+                      train_on_responses_only: bool = False, name: str = "the dataset",
                       ) -> list[tuple[list[int], list[bool]]]:
-    """(token ids, train mask) for every example."""
+    """(token ids, train mask) for every example; `name` is how errors call the dataset."""
     columns = list(dataset.column_names)
     chat = formatting_func is None and "messages" in columns and dataset_text_field not in columns
     if formatting_func is None and not chat and dataset_text_field not in columns:
-        raise DataError(f"the dataset has no {dataset_text_field!r} column (columns: {columns}); "
+        raise DataError(f"{name} has no {dataset_text_field!r} column (columns: {columns}); "
                         f"set dataset_text_field, pass formatting_func, or provide a 'messages' "
                         f"column for chat data")
     if train_on_responses_only and not chat:
         raise DataError("train_on_responses_only needs chat data (a 'messages' column of "
                         "{'role', 'content'} turns)")
+    if chat and tokenizer.chat_template is None:
+        raise DataError(f"{name} holds chat data (a 'messages' column) but the tokenizer "
+                        f"({tokenizer.name_or_path or type(tokenizer).__name__}) has no chat "
+                        f"template; use a model folder whose tokenizer has one "
+                        f"(tokenizer_config.json 'chat_template' or chat_template.jinja), or "
+                        f"give text rows (dataset_text_field) or a formatting_func")
     eos = tokenizer.eos_token_id
     out = []
-    for example in dataset:
+    for index, example in enumerate(dataset):
+        where = f"{name}, example {index}"
         if chat:
-            ids, mask = _assistant_mask(tokenizer, example["messages"]) if train_on_responses_only \
-                else (_render(tokenizer, example["messages"], add_generation_prompt=False), None)
+            messages = _check_messages(example["messages"], where)
+            ids, mask = _assistant_mask(tokenizer, messages, where) if train_on_responses_only \
+                else (_render(tokenizer, messages, where, add_generation_prompt=False), None)
             mask = mask if mask is not None else [True] * len(ids)
         else:
             text = formatting_func(example) if formatting_func else example[dataset_text_field]
             if not isinstance(text, str):
-                raise DataError(f"expected text (str) from "
+                raise DataError(f"{where}: expected text (str) from "
                                 f"{'formatting_func' if formatting_func else dataset_text_field!r}, "
                                 f"found {type(text).__name__}")
             ids = list(tokenizer(text)["input_ids"])
@@ -129,7 +198,8 @@ def tokenize_examples(dataset: Any, tokenizer: Any, *, dataset_text_field: str =
 
 
 def build_rows(examples: Sequence[tuple[list[int], list[bool]]], *, max_seq_length: int,
-               packing: bool, pad_token_id: int = 0) -> tuple[dict[str, np.ndarray], DataStats]:
+               packing: bool, pad_token_id: int = 0, name: str = "the dataset"
+               ) -> tuple[dict[str, np.ndarray], DataStats]:
     """Fixed-shape rows [N, max_seq_length] (see module doc) and the pipeline's statistics."""
     stats = DataStats(examples=len(examples))
     seqs = []
@@ -144,8 +214,8 @@ def build_rows(examples: Sequence[tuple[list[int], list[bool]]], *, max_seq_leng
             continue
         seqs.append((ids, targets))
     if not seqs:
-        raise DataError(f"every label is masked: none of the {len(examples)} examples has a "
-                        f"trained token after templating and truncation to "
+        raise DataError(f"every label is masked: none of the {len(examples)} examples of {name} "
+                        f"has a trained token after templating and truncation to "
                         f"max_seq_length={max_seq_length} (assistant turns cut off?)")
     rows: list[list[tuple[list[int], list[int]]]] = []
     for seq in seqs:

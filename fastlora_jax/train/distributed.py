@@ -97,6 +97,12 @@ class NullLogger:
     def log(self, step: int, metrics: dict[str, float], tokens: float) -> dict[str, Any]:
         return {}
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        return {}
+
+    def event(self, name: str, step: int, **extra: Any) -> None:
+        return None
+
     def close(self) -> None:
         return None
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastlora_jax.converters.atomic import write_text_atomic
 from fastlora_jax.errors import ConfigError, DataError
 from fastlora_jax.models.causal_lm import CausalLM
 from fastlora_jax.train.data import epoch_order, load_dataset_source
@@ -123,5 +124,5 @@ class DPOTrainer:
                  "train_loss": float(np.mean(losses)) if losses else math.nan,
                  "final_loss": losses[-1] if losses else math.nan,
                  "dropped_examples": self.rows.dropped}
-        (run.out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+        write_text_atomic(run.out_dir / "train_stats.json", json.dumps(stats, indent=2))
         return stats

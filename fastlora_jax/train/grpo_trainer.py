@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from fastlora_jax.converters.atomic import write_text_atomic
 from fastlora_jax.errors import ConfigError, DataError
 from fastlora_jax.models.causal_lm import CausalLM
 from fastlora_jax.train.data import epoch_order, load_dataset_source
@@ -271,5 +272,5 @@ class GRPOTrainer:
                  "train_loss": float(np.mean([h["loss"] for h in history])) if history else math.nan,
                  "first_reward": rewards[0] if rewards else math.nan,
                  "last_reward": rewards[-1] if rewards else math.nan}
-        (run.out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+        write_text_atomic(run.out_dir / "train_stats.json", json.dumps(stats, indent=2))
         return stats

@@ -77,12 +77,12 @@ def sequence_hidden(cfg: StepConfig, frozen: Params, lora: Params | None, input_
     positions, segments = positions_and_segments(attention_mask)
     kwargs = dict(positions=positions, segment_ids=segments, attention_impl=cfg.attention_impl,
                   remat=remat_wrapper(cfg.remat))
-    if lora is None:
-        return decoder.hidden_states(cfg.model, frozen, input_ids, **kwargs)
+    project = lora_project(cfg.lora, train=dropout_key is not None, linear_impl=cfg.linear_impl)
+    if lora is None:                                # the reference pass: adapters off
+        return decoder.hidden_states(cfg.model, frozen, input_ids, project=project, **kwargs)
     return decoder.hidden_states(cfg.model, frozen, input_ids,
                                  lora=with_constants(lora, cfg.lora, dropout_key),
-                                 project=lora_project(cfg.lora, train=dropout_key is not None),
-                                 **kwargs)
+                                 project=project, **kwargs)
 
 
 def completion_logprobs(cfg: StepConfig, frozen: Params, lora: Params | None,

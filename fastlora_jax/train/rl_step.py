@@ -126,8 +126,9 @@ class TrainRun:
                 self.checkpoints.close()
                 raise ConfigError(f"resume_from_checkpoint: no checkpoint in "
                                   f"{str(self.checkpoints.directory)!r}")
-            self.lora, self.opt_state, meta = self.checkpoints.restore(latest, self.lora,
-                                                                       self.opt_state)
+            state, meta = self.checkpoints.restore(latest, {"lora": self.lora,
+                                                            "opt_state": self.opt_state})
+            self.lora, self.opt_state = state["lora"], state["opt_state"]
             self.start = int(meta["step"])
         self.last_saved = self.start
         self.logger = RunLogger(self.out_dir, total_steps=total_steps, start_step=self.start,
@@ -162,7 +163,7 @@ class TrainRun:
         if logged:
             self.logger.log(done, record, tokens)
         if (a.save_steps and done % a.save_steps == 0) or done == self.total_steps:
-            self.checkpoints.save(done, self.lora, self.opt_state,
+            self.checkpoints.save(done, {"lora": self.lora, "opt_state": self.opt_state},
                                   {"seed": a.seed, "total_steps": self.total_steps})
             self.last_saved = done
         return logged

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,8 @@ from fastlora_jax.models.decoder import Params
 from fastlora_jax.train.loss import IGNORE, cross_entropy_sum
 
 LAYER_INPUT = decoder.LAYER_INPUT
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+ScheduleName = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+SCHEDULES: tuple[str, ...] = typing.get_args(ScheduleName)
 
 
 def remat_wrapper(mode: bool | str) -> Callable[[Callable], Callable] | None:
@@ -110,6 +112,7 @@ class StepConfig:
     remat: bool | str = True
     loss_chunk: int = 1024
     attention_impl: Any = None
+    linear_impl: Any = None        # the frozen matmuls' `ops.Impl` (None = the measured default)
 
 
 def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.Array],
@@ -118,7 +121,8 @@ def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.A
     h = decoder.hidden_states(
         cfg.model, frozen, mb["input_ids"], positions=mb["positions"],
         segment_ids=mb.get("segment_ids"), lora=with_constants(lora, cfg.lora, dropout_key),
-        project=lora_project(cfg.lora, train=dropout_key is not None),
+        project=lora_project(cfg.lora, train=dropout_key is not None,
+                             linear_impl=cfg.linear_impl),
         attention_impl=cfg.attention_impl, remat=remat_wrapper(cfg.remat))
     return cross_entropy_sum(h, decoder.lm_head_weight(cfg.model, frozen), mb["targets"],
                              chunk=cfg.loss_chunk, softcap=cfg.model.final_logit_softcap)
@@ -153,12 +157,21 @@ def accumulated_grads(cfg: StepConfig, lora: Params, frozen: Params, batch: dict
 def train_step(lora: Params, opt_state: Any, frozen: Params, batch: dict[str, jax.Array], *,
                cfg: StepConfig, optimizer: optax.GradientTransformation,
                dropout_key: jax.Array | None = None) -> tuple[Params, Any, dict[str, jax.Array]]:
-    """One optimizer step over an [A, B, T] batch; returns new LoRA params, state, metrics."""
+    """One optimizer step over an [A, B, T] batch; returns new LoRA params, state, metrics.
+
+    A step whose loss or gradient norm is not finite changes nothing (params and optimizer
+    state, its step count included, come back as they went in); metrics["skipped"] is 1 then.
+    """
     loss, tokens, grads = accumulated_grads(cfg, lora, frozen, batch, dropout_key)
-    updates, opt_state = optimizer.update(grads, opt_state, lora)
-    lora = optax.apply_updates(lora, updates)
-    metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": current_lr(opt_state)}
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_state = optimizer.update(grads, opt_state, lora)
+    new_lora = optax.apply_updates(lora, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    lora, opt_state = jax.tree.map(keep, new_lora, lora), jax.tree.map(keep, new_state, opt_state)
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm,
+               "learning_rate": current_lr(new_state),
+               "skipped": jnp.logical_not(finite).astype(jnp.float32)}
     return lora, opt_state, metrics
 
 
@@ -171,13 +184,14 @@ def current_lr(opt_state: Any) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def eval_loss(lora: Params, frozen: Params, batch: dict[str, jax.Array], *,
+def eval_sums(lora: Params, frozen: Params, batch: dict[str, jax.Array], *,
               cfg: StepConfig) -> tuple[jax.Array, jax.Array]:
-    """(mean loss, counted tokens) of an [A, B, T] batch without dropout or updates."""
+    """(sum of token losses, counted tokens) of an [A, B, T] batch, without dropout or updates:
+    sums over batches divide into the token-weighted mean loss of a whole evaluation set."""
 
     def micro(carry: tuple[jax.Array, jax.Array], mb: dict[str, jax.Array]):
         loss, count = loss_sums(cfg, lora, frozen, mb, None)
         return (carry[0] + loss, carry[1] + count), None
 
     (loss, tokens), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)
-    return loss / jnp.maximum(tokens, 1.0), tokens
+    return loss, tokens

@@ -22,15 +22,24 @@ def test_chat_answers_the_prompt(smollm2_dir):
 
 
 @pytest.mark.slow
-def test_demo_short_run_trains_evaluates_and_exports(smollm2_dir, tmp_path):
+def test_demo_as_the_readme_runs_it_learns_the_held_out_tags(smollm2_dir, tmp_path):
+    """The README's main command, unshortened (41 steps; ~3 minutes on 2 idle cores): the tag
+    accuracy on held-out sentences, whose nouns no training sentence contains, goes from the base
+    model's ~0 to far above chance (1/3); it trains, evaluates and exports its files."""
+    from fastlora_jax.demo import HELD_OUT_NOUNS, TRAIN_NOUNS
+
     out = tmp_path / "demo"
-    proc = subprocess.run([CLI, "demo", "--model", str(smollm2_dir), "--output_dir", str(out),
-                           "--max_steps", "2"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([CLI, "demo", "--model", str(smollm2_dir), "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr
     assert "held-out tag accuracy before training" in proc.stdout
     assert "held-out tag accuracy after training" in proc.stdout
     result = json.loads((out / "demo_result.json").read_text())
-    assert result["train"]["global_step"] == 2 and 0.0 <= result["accuracy_after"] <= 1.0
+    assert result["accuracy_before"] <= 0.34 and result["accuracy_after"] >= 0.9, result
+    seen = {noun for nouns in TRAIN_NOUNS.values() for noun in nouns}
+    assert set(result["held_out_nouns"]) == {n for ns in HELD_OUT_NOUNS.values() for n in ns}
+    assert not seen & set(result["held_out_nouns"])
+    assert result["train"]["global_step"] == 41
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "loss.png").exists()
 

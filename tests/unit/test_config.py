@@ -82,3 +82,9 @@ def test_both_dialects_at_once_is_an_error():
 
 def test_allow_list_is_documented_and_harmless():
     assert "bos_token_id" in HARMLESS_KEYS and "hidden_size" not in HARMLESS_KEYS
+
+
+def test_layer_count_is_bounded_before_any_per_layer_list_is_built():
+    for layers in (0, -1, 10 ** 12):
+        with pytest.raises(ConfigError, match=f"num_hidden_layers={layers} must be between 1"):
+            config_from_hf(dict(TINY_LLAMA, model_type="gemma2", num_hidden_layers=layers))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -128,3 +129,36 @@ def test_file_formats(tmp_path, fmt):
     getattr(ds, f"to_{fmt}")(str(path))
     assert load_dataset_source(path)["text"] == ["a b", "c d"]
     assert load_dataset_source(ds) is ds
+
+
+def test_chat_data_needs_a_chat_template(tmp_path, smollm2_dir):
+    plain = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    plain.chat_template = None
+    ds = load_dataset_source(write(tmp_path, [chat("Hi?", "Hello.")]))
+    with pytest.raises(DataError, match="has no chat template.*formatting_func"):
+        tokenize_examples(ds, plain)
+
+
+@pytest.mark.parametrize("messages, fragment", [
+    ([], "non-empty list"),
+    ([{"role": "user"}], "every turn"),
+    ([{"role": "user", "content": None}], "every turn"),
+])
+def test_malformed_turns_name_the_example(tokenizer, messages, fragment):
+    import datasets
+
+    ds = datasets.Dataset.from_list([chat("a", "b"), {"messages": messages}])
+    with pytest.raises(DataError, match=f"example 1: .*{fragment}"):
+        tokenize_examples(ds, tokenizer, name="eval_dataset")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("null\nnull\n", "line 1: found NoneType, expected a JSON object"),  # crashes pyarrow
+    ('{"text": "a"}\n[1]\n', "line 2: found list"),
+    ('{"text": "a"}\n{"text": \n', "line 2: not valid JSON"),
+    ('[{"text": "a"}, 3]', "entry 1 of the JSON array is int"),
+])
+def test_json_rows_must_be_objects(tmp_path, text, fragment):
+    (tmp_path / "d.jsonl").write_text(text)
+    with pytest.raises(DataError, match=re.escape(fragment)):
+        load_dataset_source(tmp_path / "d.jsonl")

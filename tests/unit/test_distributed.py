@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastlora_jax.cli import parse_mesh
+from fastlora_jax.train.args import run_settings
 from fastlora_jax.errors import ConfigError
 from fastlora_jax.sharding import MeshConfig
 from fastlora_jax.train.distributed import Launch, find_launch
@@ -35,6 +35,6 @@ def test_incomplete_or_inconsistent_launch_is_one_error(flags, pattern):
 
 
 def test_mesh_flag():
-    assert parse_mesh("2,-1,1") == MeshConfig(data=2, fsdp=-1, tensor=1)
-    with pytest.raises(ConfigError, match="'2,2' must be three integers"):
-        parse_mesh("2,2")
+    assert run_settings(({"mesh": "2,-1,1"}, "command line"))[2].mesh == MeshConfig(2, -1, 1)
+    with pytest.raises(ConfigError, match="mesh='2,2' is not a mesh.*expected 3 sizes"):
+        run_settings(({"mesh": "2,2"}, "command line"))

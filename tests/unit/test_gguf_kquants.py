@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastlora_jax.quant import gguf_kquants as kq
+from fastlora_jax.quant import gguf_rows
 from fastlora_jax.testing.refenv import run_reference
 
 TYPES = ("Q4_K", "Q5_K", "Q6_K")
@@ -32,7 +33,7 @@ def test_our_dequantization_equals_the_gguf_package_bit_for_bit(qtype):
     from gguf.quants import dequantize
 
     x = _weights(1)
-    q = kq.quantize_rows(x, qtype)
+    q = gguf_rows.quantize_rows(x, qtype)
     assert q.shape == (x.shape[0], x.shape[1] // 256 * kq.BLOCK_BYTES[qtype])
     theirs = dequantize(q, getattr(gguf.GGMLQuantizationType, qtype))
     ours = np.asarray(kq.DEQUANTIZE[qtype](q.reshape(-1, kq.BLOCK_BYTES[qtype]))).reshape(x.shape)
@@ -46,13 +47,13 @@ def test_our_dequantization_equals_the_gguf_package_bit_for_bit(qtype):
 
 def test_rows_not_filling_256_blocks_are_refused():
     with pytest.raises(ValueError, match="multiple of 256"):
-        kq.quantize_rows(np.zeros((2, 576), np.float32), "Q4_K")
+        gguf_rows.quantize_rows(np.zeros((2, 576), np.float32), "Q4_K")
 
 
 def test_chunking_does_not_change_the_bytes():
     x = _weights(2, rows=8)
-    assert np.array_equal(kq.quantize_rows(x, "Q4_K", chunk_blocks=5),
-                          kq.quantize_rows(x, "Q4_K"))
+    assert np.array_equal(gguf_rows.quantize_rows(x, "Q4_K", chunk_blocks=5),
+                          gguf_rows.quantize_rows(x, "Q4_K"))
 
 
 GGML_QUANTIZE = """
@@ -97,7 +98,7 @@ def test_our_bytes_match_llama_cpp_on_gaussian_and_real_weights(smollm2_dir):
     ref = ggml_quantize(x)
     need = {"Q4_K": 0.97, "Q5_K": 0.995, "Q6_K": 0.999}
     for qtype in TYPES:
-        ours = kq.quantize_rows(x, qtype)
+        ours = gguf_rows.quantize_rows(x, qtype)
         b = kq.BLOCK_BYTES[qtype]
         same = (ours.reshape(-1, b) == ref[qtype].reshape(-1, b)).all(axis=1)
         assert same.mean() >= need[qtype], (qtype, same.mean())

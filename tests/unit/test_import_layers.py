@@ -48,8 +48,8 @@ ALLOWED = {
     "generation": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora"},
     "model_object": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "converters",
                      "generation"},
-    "train": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "sharding", "generation",
-              "model_object"},
+    "train": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "sharding",
+              "converters", "generation", "model_object"},
     "entry": set(LAYERS),
 }
 

@@ -93,7 +93,26 @@ def test_missing_tensor(tmp_path):
     tensors = llama_tensors(TINY_LLAMA)
     del tensors["model.layers.1.mlp.down_proj.weight"]
     folder = write_checkpoint(tmp_path / "c", dict(TINY_LLAMA), tensors)
-    expect(CheckpointError, folder, "layers.mlp.down_proj.weight", "1/2 layers")
+    expect(CheckpointError, folder, "lacks 1 tensor(s)", "'model.layers.1.mlp.down_proj.weight'")
+
+
+def test_many_missing_tensors_are_named_and_counted(tmp_path):
+    tensors = {k: v for k, v in llama_tensors(TINY_LLAMA).items()
+               if "layers.1." not in k or "input_layernorm" in k}
+    del tensors["model.norm.weight"]
+    folder = write_checkpoint(tmp_path / "c", dict(TINY_LLAMA), tensors)
+    err = expect(CheckpointError, folder, "lacks 9 tensor(s)",
+                 "'model.layers.1.self_attn.q_proj.weight'", "and 1 more")
+    assert str(err).count("'model.") == 8  # the first few by name, then how many more
+
+
+@pytest.mark.parametrize("layers, fragment", [
+    (4000, "no tensor of 3998 of them (layers [2, 3, 4, 5, 6, 7, 8, 9] …)"),  # checked before allocating
+    (1, "holds layer 1 but config.json has num_hidden_layers=1")])
+def test_layer_count_must_match_the_files(tmp_path, layers, fragment):
+    folder = write_checkpoint(tmp_path / "c", dict(TINY_LLAMA, num_hidden_layers=layers),
+                              llama_tensors(TINY_LLAMA))
+    expect(CheckpointError, folder, fragment)
 
 
 def test_unexpected_tensor(tmp_path):
@@ -151,7 +170,7 @@ def test_index_names_missing_shard(tmp_path):
 def test_pickle_only_checkpoint_refused(tmp_path):
     folder = good(tmp_path)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    expect(CheckpointError, folder, "never unpickles")
+    expect(CheckpointError, folder, "pytorch_model.bin", "never unpickles", "save_pretrained")
 
 
 def test_bad_dtype_argument(tmp_path):
