@@ -6,7 +6,9 @@ accuracy (the greedy answer, stripped, is the sum) starts at zero. Two verifiabl
 GRPO: `correct` (1 when the last number in the answer is the sum) and `concise` (up to 0.5 for
 an answer that ends within few tokens, read from the completion's token ids: 0.5 at two tokens,
 falling to 0 at the budget; 0 for an answer the budget cut). Held-out problems are new pairs;
-accuracy and mean reward are measured with greedy decoding before and after training.
+accuracy and mean reward are measured with greedy decoding before and after training (30 steps by
+default). Mean reward and right sums rise; in the measured run the policy converged on restating
+the sum ("21 + 2 = 23"), so exact match (the bare number) can stay low while the sum is right.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def run_grpo_demo(model_dir: pathlib.Path, output_dir: pathlib.Path, *, max_step
     args = GRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=16,
                       gradient_accumulation_steps=2, num_generations=8,
                       max_completion_length=MAX_TOKENS,
-                      max_steps=max_steps if max_steps > 0 else 40, learning_rate=1e-4,
+                      max_steps=max_steps if max_steps > 0 else 30, learning_rate=1e-4,
                       warmup_steps=2, lr_scheduler_type="constant_with_warmup", beta=0.0,
                       loss_type="dapo", temperature=0.7, logging_steps=1, save_steps=0,
                       num_completions_to_print=4, seed=3407,
