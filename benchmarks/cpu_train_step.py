@@ -3,12 +3,16 @@
 SmolLM2-135M-Instruct (float32), LoRA r=16 alpha=16 on all seven projections, one micro-batch of
 [batch, seq] tokens, AdamW, no gradient checkpointing on either side. Median step time over
 --steps steps after --warmup steps, both measured in this run (torch in the reference env, as a
-subprocess). Usage: .venv/bin/python benchmarks/cpu_train_step.py [--batch 4 --seq 256]
+subprocess).
+Usage: .venv/bin/python benchmarks/cpu_train_step.py [--batch 4 --seq 256] [--trace DIR]
+The result records the load average (1, 5, 15 min) at the end of the run: on a shared machine the
+two sides' times move with it, and not by the same factor.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import platform
 import statistics
@@ -19,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import common  # a sibling: benchmarks/ is on the path when a benchmark runs
+import step_trace
 from fastlora_jax import FastLanguageModel
 from fastlora_jax.testing.refenv import run_reference
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
 
 REPO = common.REPO
+TRACED_STEPS = 2
 
 TORCH_STEP = """
 import time, torch
@@ -47,7 +53,10 @@ OUTPUTS["threads"] = np.array(torch.get_num_threads())
 """
 
 
-def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int) -> list[float]:
+def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int,
+         trace: pathlib.Path | None = None) -> tuple[list[float], dict | None]:
+    """Our step's seconds per step; with `trace`, two more steps under jax.profiler.trace into
+    that folder and their step_trace summary."""
     model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
     cfg = StepConfig(model=model.config, lora=model.lora_spec, remat=False)
@@ -61,13 +70,25 @@ def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int) -> l
              "targets": jnp.asarray(targets[None], jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, b, t)),
              "segment_ids": jnp.ones((1, b, t), jnp.int32)}
+    compiled = train_step.lower(lora, state, frozen, batch, cfg=cfg, optimizer=opt).compile()
     times = []
     for _ in range(warmup + steps):
         start = time.perf_counter()
-        lora, state, metrics = train_step(lora, state, frozen, batch, cfg=cfg, optimizer=opt)
+        lora, state, metrics = compiled(lora, state, frozen, batch)
         metrics["loss"].block_until_ready()
         times.append(time.perf_counter() - start)
-    return times[warmup:]
+    summary = None
+    if trace is not None:  # after the timed steps: the profiler's overhead stays out of them
+        with jax.profiler.trace(str(trace)):
+            for _ in range(TRACED_STEPS):
+                lora, state, metrics = compiled(lora, state, frozen, batch)
+                metrics["loss"].block_until_ready()
+        hlo = compiled.as_text()
+        (pathlib.Path(trace) / "module.hlo.txt").write_text(hlo)
+        summary = step_trace.summarize(pathlib.Path(trace), hlo, TRACED_STEPS,
+                                       module="jit_train_step")
+        print(step_trace.format_summary(summary))
+    return times[warmup:], summary
 
 
 def main() -> None:
@@ -78,9 +99,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--trace", type=pathlib.Path, default=None,
+                        help="also trace two of our steps into this folder (step_trace.py)")
     args = parser.parse_args()
     ids = np.random.default_rng(0).integers(0, 49152, size=(args.batch, args.seq)).astype(np.int64)
-    ours_t = statistics.median(ours(args.model, ids, args.warmup, args.steps))
+    ours_times, summary = ours(args.model, ids, args.warmup, args.steps, args.trace)
+    ours_t = statistics.median(ours_times)
     ref = run_reference(TORCH_STEP, {"ids": ids}, model=str(args.model),
                         targets=list(common.LORA_TARGETS),
                         warmup=args.warmup, steps=args.steps)
@@ -91,7 +115,8 @@ def main() -> None:
         "cpu_train_step",
         device=f"CPU {platform.processor() or platform.machine()}, {jax.device_count()} JAX "
                f"device(s), torch threads {int(ref['threads'])}",
-        versions={"jax": jax.__version__})
+        versions={"jax": jax.__version__}, load_average=os.getloadavg(),
+        step_trace=summary)
     base = "HF transformers + PEFT (torch CPU)"
     result["rows"] = [
         common.row(case, "median step time (s)", ours_t, base, theirs_t, higher_is_better=False,

@@ -19,6 +19,20 @@
 #   profile-nf4   in-kernel profile of the Mosaic NF4 decode kernel (M = 1, 16)
 #   profile-attn  in-kernel profile of the Mosaic attention kernels (causal 4K and 16K)
 #   ptx-nf4       PTX of the Mosaic NF4 decode kernel at its default tuning, under OUT/ptx
+#   trace         Llama-3-8B QLoRA fast step (NF4, no remat, 2 x 4 x 2048) under jax.profiler for
+#                 3 steps after 2: time by category (GEMM, attention, dequant, copies, idle ...)
+#                 and the top ops, OUT/step_trace-<date>.json, the trace under OUT/step_trace
+#                 (about 1.5 minutes)
+#   speed         train_e2e.py parts ours_fast, ours_fast_dense (the quantized matmuls'
+#                 dense-weight residuals, as before the codes-only backward) and plain_xla, 10
+#                 steps after 2 each: tokens/s and peak HBM side by side (about 3 minutes)
+#   generate      benchmarks/generate.py --preset llama3-8b: Llama-3-8B shapes, NF4, batch 1 / 8
+#                 / 64, prefill and decode, vs HF generate + bitsandbytes NF4 (installed from
+#                 .whl/ when its wheel is there), and the HBM roofline fraction (under 7 minutes)
+#   grpo          benchmarks/grpo.py --preset llama3-8b: one GRPO step (8 prompts x 8 completions,
+#                 256 tokens, rollout + update) on Llama-3-8B shapes, NF4, ours against TRL's
+#                 GRPOTrainer + PEFT + bitsandbytes when trl, datasets and bitsandbytes import
+#                 (wheels carried in .whl/ are installed first, offline); else ours alone
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
 set -u
@@ -90,6 +104,27 @@ w = jax.tree_util.tree_map(jnp.asarray, quantize_nf4(np.ones((1024, 4096), np.fl
 x = jnp.ones((1, 4096), jnp.bfloat16)
 jax.block_until_ready(jax.jit(lambda x: nf4_matmul_mosaic(x, w))(x))
 " ;;
+    trace)
+      run "$stage" 240 python3 benchmarks/e2e_jax.py --run trace --quant nf4 --remat none \
+        --loss-chunk 4096 --micro-batch 2 --accumulation 4 --seq 2048 --steps 3 --warmup 2 \
+        "${bench[@]}" ;;
+    speed)
+      run "$stage" 480 python3 benchmarks/train_e2e.py "${bench[@]}" \
+        --parts ours_fast,ours_fast_dense,plain_xla --steps 10 --warmup 2 --part-timeout-s 200 ;;
+    generate)
+      for wheel in .whl/bitsandbytes-*.whl; do
+        [ -e "$wheel" ] && python3 -m pip install -q --no-deps "$wheel"
+      done
+      run "$stage" 420 python3 benchmarks/generate.py "${bench[@]}" --preset llama3-8b \
+        --batches 1,8,64 --prompt_len 128 --new_tokens 64 --repeats 2 ;;
+    grpo)
+      if [ -d .whl ]; then  # the TRL baseline's packages, if carried (see benchmarks/grpo.py)
+        for pkg in bitsandbytes datasets trl; do
+          python3 -m pip install -q --no-index --find-links .whl "$pkg" >> "$out/grpo-pip.log" 2>&1 \
+            || echo "   (could not install $pkg from .whl: see grpo-pip.log)"
+        done
+      fi
+      run "$stage" 300 python3 benchmarks/grpo.py "${bench[@]}" --preset llama3-8b --budget_s 285 ;;
     *)
       echo "unknown stage $stage"; exit 2 ;;
   esac

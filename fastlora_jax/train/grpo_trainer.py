@@ -55,6 +55,26 @@ def tokenize_prompt(tokenizer: Any, prompt: Any, max_prompt_length: int | None) 
     return list(ids[-max_prompt_length:] if max_prompt_length else ids)
 
 
+def prompt_columns(data: Any) -> dict[str, list[Any]]:
+    """The prompt dataset as columns. A list of row dicts (prompts built in memory) is taken as
+    is, without `datasets`; a `datasets.Dataset` or a data file goes through
+    `load_dataset_source`. Prompt sets are small, so the columns are held in memory."""
+    if isinstance(data, list):
+        if not data:
+            raise DataError("train_dataset is an empty list; it needs one dict per example")
+        for i, r in enumerate(data):
+            if not isinstance(r, dict):
+                raise DataError(f"train_dataset row {i} is a {type(r).__name__}; a list "
+                                f"dataset holds one dict per example (with a 'prompt' key)")
+        keys = list(data[0])
+        for i, r in enumerate(data):
+            if sorted(r) != sorted(keys):
+                raise DataError(f"train_dataset row {i} has keys {sorted(r)}, row 0 has "
+                                f"{sorted(keys)}; every row needs the same keys")
+        return {k: [r[k] for r in data] for k in keys}
+    return load_dataset_source(data).to_dict()
+
+
 class GRPOTrainer:
     """GRPO on a model returned by `FastLanguageModel.get_peft_model` (TRL's arguments).
 
@@ -80,16 +100,17 @@ class GRPOTrainer:
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} entries for "
                               f"{len(self.reward_funcs)} reward functions")
-        self.dataset = load_dataset_source(train_dataset)
-        if "prompt" not in self.dataset.column_names:
+        self.columns = prompt_columns(train_dataset)
+        if "prompt" not in self.columns:
             raise DataError(f"the GRPO dataset needs a 'prompt' column; found "
-                            f"{self.dataset.column_names}")
+                            f"{list(self.columns)}")
+        self.num_rows = len(self.columns["prompt"])
         self.prompt_ids = [tokenize_prompt(self.tokenizer, p, a.max_prompt_length)
-                           for p in self.dataset["prompt"]]
+                           for p in self.columns["prompt"]]
         self.prompt_width = max(len(p) for p in self.prompt_ids)
-        if len(self.dataset) < a.prompts_per_generation:
+        if self.num_rows < a.prompts_per_generation:
             raise DataError(f"a generation round needs {a.prompts_per_generation} prompts but the "
-                            f"dataset has {len(self.dataset)}")
+                            f"dataset has {self.num_rows}")
         self.rollout = rollout or sample_completions
         eos = self.tokenizer.eos_token_id
         self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
@@ -101,7 +122,7 @@ class GRPOTrainer:
                                        min_p=a.min_p)
         self.steps_per_round = a.steps_per_generation * a.num_iterations \
             // a.gradient_accumulation_steps
-        rounds_per_epoch = len(self.dataset) // a.prompts_per_generation
+        rounds_per_epoch = self.num_rows // a.prompts_per_generation
         self.total_steps = a.max_steps if a.max_steps > 0 else max(
             1, int(math.ceil(a.num_train_epochs * rounds_per_epoch)) * self.steps_per_round)
         self.optimizer, self.warmup_steps = optimizer_for(a, self.total_steps)
@@ -123,9 +144,9 @@ class GRPOTrainer:
     def _round_prompts(self, round_index: int) -> list[int]:
         """Dataset indices of a round's prompts (epochs walked in a seeded order)."""
         per_round = self.args.prompts_per_generation
-        per_epoch = len(self.dataset) // per_round
+        per_epoch = self.num_rows // per_round
         epoch, within = divmod(round_index, per_epoch)
-        order = epoch_order(len(self.dataset), epoch, self.args.seed)
+        order = epoch_order(self.num_rows, epoch, self.args.seed)
         return order[within * per_round:(within + 1) * per_round].tolist()
 
     def generate_round(self, round_index: int, frozen: Any, lora: Any) -> dict[str, Any]:
@@ -139,10 +160,10 @@ class GRPOTrainer:
                                       a.seed * 1_000_003 + round_index)
         rollout_time = time.perf_counter() - t0
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        raw_prompts = [self.dataset[i]["prompt"] for i in indices]
+        raw_prompts = [self.columns["prompt"][i] for i in indices]
         completions = ([[{"role": "assistant", "content": t}] for t in texts]
                        if is_conversational(raw_prompts[0]) else texts)
-        columns = {k: [self.dataset[i][k] for i in indices] for k in self.dataset.column_names
+        columns = {k: [column[i] for i in indices] for k, column in self.columns.items()
                    if k not in ("prompt", "completion", "completion_ids")}
         per_func = score(self.reward_funcs, raw_prompts, completions, completion_ids, columns)
         adv, total, std = advantages(per_func, self.reward_weights, G, a.scale_rewards)
@@ -236,7 +257,7 @@ class GRPOTrainer:
                 m = run.accept(step, metrics, lora, opt_state)
                 m["time/update"] = time.perf_counter() - t1
                 record = dict(m, **rollout["stats"], epoch=round_index * a.prompts_per_generation
-                              / len(self.dataset))
+                              / self.num_rows)
                 history.append(record)
                 if run.after_step(step + 1, record, rollout["tokens"] / self.steps_per_round) \
                         and a.log_completions:

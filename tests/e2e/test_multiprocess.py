@@ -4,7 +4,6 @@ devices, only process 0 writes the run's files, and a SIGKILL of both + resume c
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from safetensors.numpy import load_file
 from fastlora_jax.demo import make_examples, write_jsonl
 from tests.checkpoints import TINY_LLAMA, llama_tensors, write_checkpoint
 from fastlora_jax.testing.refenv import REPO
+from fastlora_jax.train.logs import read_log
 
 CLI = str(REPO / ".venv" / "bin" / "fastlora-jax")
 STEPS = ["--max_steps", "5", "--save_steps", "1"]
@@ -83,8 +83,9 @@ def files(folder):
 
 
 def losses(folder):
-    return {r["step"]: r["loss"] for r in map(json.loads, (folder / "log.jsonl").read_text()
-                                               .splitlines())}
+    """{step: training loss} of the run's log (a resume marker and later rewrites folded in)."""
+    train, _ = read_log(folder / "log.jsonl")
+    return {step: record["loss"] for step, record in train.items()}
 
 
 def test_two_processes_equal_one_process_only_rank0_writes_and_resume(setup, tmp_path):
@@ -111,6 +112,7 @@ def test_two_processes_equal_one_process_only_rank0_writes_and_resume(setup, tmp
     assert files(out) == files(tmp_path / "one")
     assert len(list((out / "runs").rglob("events.*"))) == 2  # the killed run's and the resumed
     ref, got = losses(tmp_path / "one"), losses(out)
+    assert '"event": "resume", "step": 2' in (out / "log.jsonl").read_text()
     assert sorted(got) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(got)],
                                rtol=1e-5)

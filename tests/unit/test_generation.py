@@ -17,9 +17,15 @@ from fastlora_jax.models.causal_lm import CausalLM
 from fastlora_jax.models.kv_cache import cached_hidden_states, init_cache
 from fastlora_jax.models.registry import FAMILIES, config_from_hf
 from fastlora_jax.quant import quantize_nf4
-from tests.parity.test_families_parity import CASES
+from tests.parity.test_families_parity import BASE, CASES
 
 MODEL_TYPE = {f.architecture: t for t, f in FAMILIES.items()}
+# The families' cases plus Llama (llama3 rope scaling), so that every family has one here.
+CASES = dict(CASES, llama_llama3_rope=(
+    "LlamaConfig", "LlamaForCausalLM",
+    dict(BASE, tie_word_embeddings=True, max_position_embeddings=64,
+         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                           high_freq_factor=4.0, original_max_position_embeddings=16))))
 
 
 def tiny(case: str, seed: int = 0) -> CausalLM:
@@ -44,14 +50,15 @@ def prompts(vocab: int, lengths: tuple[int, ...], seed: int = 3) -> list[list[in
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("case", ["mistral_window", "gemma2_small_caps", "gemma3_local_rope",
+@pytest.mark.parametrize("case", ["llama_llama3_rope", "mistral_window", "gemma_mqa_legacy_gelu",
+                                  "gemma2_small_caps", "gemma3_local_rope", "phi3_window",
                                   "phi3_longrope_partial", "qwen2_sliding_top_layers",
                                   "qwen3_bias_tied"])
 def test_cached_logits_equal_full_recompute(case):
     """Prefill a left-padded ragged batch, then feed tokens one by one: the logits at every
     step equal the forward over each row's whole prefix (float32, <= 1e-4), past the sliding
-    windows (5-7) of these models. (Phi-3 stays within its original context of 16 here;
-    crossing it is the engine's business: see the next test.)"""
+    windows (5-7) of these models, for every family. (Phi-3 stays within its original context
+    of 16 here; crossing it is the engine's business: see the next test.)"""
     model = tiny(case)
     cfg, params = model.config, model.params()
     steps = 8 if case.startswith("phi3") else 16
@@ -231,6 +238,7 @@ def test_nf4_generation_keeps_weights_quantized():
     (dict(eos_token_id=[1, 999]), "eos_token_id"),
     (dict(num_return_sequences=2), "num_return_sequences"),
     (dict(max_new_tokens=60), "max_new_tokens"),
+    (dict(prompts=[list(range(1, 71))], max_new_tokens=1), r"longest prompt \(70 tokens\)"),
     (dict(prompts=[]), "empty batch"),
     (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
     (dict(prompts=[[1, 500]]), "outside the model's vocabulary"),

@@ -124,3 +124,28 @@ def test_grpo_and_dpo_commands(tiny, tmp_path):
                  "--gradient_accumulation_steps", "1", "--loss_type", "sigmoid,hinge",
                  "--report_to", "none", "--disable_tqdm", "true"]) == 0
     assert (tmp_path / "d" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_grpo_trainer_takes_a_list_of_rows_like_a_dataset(tiny, tmp_path):
+    """Prompts built in memory (no `datasets`) make the same round as the same rows in a Dataset;
+    a malformed list is one clear error."""
+    from fastlora_jax.errors import DataError
+
+    model, tok = _model(tiny)
+    rows = [{"prompt": [{"role": "user", "content": f"say {i}"}], "answer": str(i)}
+            for i in range(4)]
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                      num_generations=4, max_completion_length=4, report_to="none",
+                      disable_tqdm=True, use_gradient_checkpointing=False)
+    rounds = []
+    for data in (rows, Dataset.from_list(rows)):
+        trainer = GRPOTrainer(model, has_answer, args=args, train_dataset=data,
+                              processing_class=tok)
+        rounds.append(trainer.generate_round(1, model.params(), model.lora_params()))
+    for key in ("input_ids", "completion_mask", "advantages"):
+        np.testing.assert_array_equal(rounds[0][key], rounds[1][key])
+    assert rounds[0]["samples"] == rounds[1]["samples"]
+    for bad, says in (([], "empty list"), (rows[:1] + ["x"], "row 1 is a str"),
+                      (rows[:1] + [{"prompt": "p"}], "row 1 has keys")):
+        with pytest.raises(DataError, match=says):
+            GRPOTrainer(model, has_answer, args=args, train_dataset=bad, processing_class=tok)
