@@ -43,7 +43,7 @@ class GRPOConfig(TrainingArguments):
     delta: float | None = None
     loss_type: str = "dapo"
     importance_sampling_level: str = "token"
-    scale_rewards: str = "group"
+    scale_rewards: str | bool = "group"     # TRL also takes True ("group") / False ("none")
     reward_weights: list[float] | None = None
     mask_truncated_completions: bool = False
     use_bias_correction_kl: bool = True
@@ -52,8 +52,9 @@ class GRPOConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards,
-                                                                  self.scale_rewards)
+        # TRL's booleans, also as a YAML / command-line string
+        self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
+            self.scale_rewards, self.scale_rewards)
         checks = [(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} must be one of "
                                                  f"{list(LOSS_TYPES)}"),
                   (self.importance_sampling_level in IMPORTANCE_LEVELS,
