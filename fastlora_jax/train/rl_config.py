@@ -13,13 +13,14 @@ steps_per_generation x num_iterations a multiple of gradient_accumulation_steps.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from fastlora_jax.errors import ConfigError
 from fastlora_jax.train.args import TrainingArguments
 from fastlora_jax.train.dpo_loss import DPO_LOSS_TYPES
 from fastlora_jax.train.grpo_loss import IMPORTANCE_LEVELS, LOSS_TYPES
 
-SCALE_REWARDS = ("group", "batch", "none")
+ScaleRewards = Literal["group", "batch", "none"]
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ class GRPOConfig(TrainingArguments):
     delta: float | None = None
     loss_type: str = "dapo"
     importance_sampling_level: str = "token"
-    scale_rewards: str | bool = "group"     # TRL also takes True ("group") / False ("none")
+    scale_rewards: bool | ScaleRewards = "group"   # TRL's True = "group", False = "none"
     reward_weights: list[float] | None = None
     mask_truncated_completions: bool = False
     use_bias_correction_kl: bool = True
@@ -52,16 +53,13 @@ class GRPOConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # TRL's booleans, also as a YAML / command-line string
-        self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
-            self.scale_rewards, self.scale_rewards)
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards,
+                                                                  self.scale_rewards)
         checks = [(self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r} must be one of "
                                                  f"{list(LOSS_TYPES)}"),
                   (self.importance_sampling_level in IMPORTANCE_LEVELS,
                    f"importance_sampling_level={self.importance_sampling_level!r} must be one of "
                    f"{list(IMPORTANCE_LEVELS)}"),
-                  (self.scale_rewards in SCALE_REWARDS,
-                   f"scale_rewards={self.scale_rewards!r} must be one of {list(SCALE_REWARDS)}"),
                   (self.num_generations >= 2,
                    f"num_generations={self.num_generations}: GRPO needs at least 2 generations "
                    f"per prompt to compute group-relative advantages"),
