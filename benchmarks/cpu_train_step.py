@@ -5,6 +5,7 @@ SmolLM2-135M-Instruct (float32), LoRA r=16 alpha=16 on all seven projections, on
 --steps steps after --warmup steps, both measured in this run (torch in the reference env, as a
 subprocess).
 Usage: .venv/bin/python benchmarks/cpu_train_step.py [--batch 4 --seq 256] [--trace DIR]
+       [--label LABEL]
 The result records the load average (1, 5, 15 min) at the end of the run: on a shared machine the
 two sides' times move with it, and not by the same factor.
 """
@@ -101,6 +102,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--trace", type=pathlib.Path, default=None,
                         help="also trace two of our steps into this folder (step_trace.py)")
+    parser.add_argument("--label", default="",
+                        help="suffix of the result file (cpu_train_step-<date>-<label>.json)")
     args = parser.parse_args()
     ids = np.random.default_rng(0).integers(0, 49152, size=(args.batch, args.seq)).astype(np.int64)
     ours_times, summary = ours(args.model, ids, args.warmup, args.steps, args.trace)
@@ -122,7 +125,7 @@ def main() -> None:
         common.row(case, "median step time (s)", ours_t, base, theirs_t, higher_is_better=False,
                    target=1.0),
         common.row(case, "tokens/s", tokens / ours_t, base, tokens / theirs_t, target=1.0)]
-    out = common.write(result)
+    out = common.write(result, tag=args.label)
     print(common.markdown_table(result["rows"]))
     print(f"wrote {out}")
 
