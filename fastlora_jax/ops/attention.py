@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from fastlora_jax.kernels.attention_mask import dense_mask
+from fastlora_jax.kernels.attention_dense import dense_attention
 from fastlora_jax.kernels.attention_reference import flash_attention_reference
 from fastlora_jax.ops import defaults, partition
 from fastlora_jax.ops.impl import Impl, as_impl, is_hopper, on_gpu
@@ -40,6 +41,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         which = defaults.attention_impl(gpu=on_gpu(), hopper=is_hopper(),
                                         segments=segment_ids is not None,
                                         softcap=softcap is not None)
+    if which is Impl.XLA and not on_gpu():
+        return dense_attention(q, k, v, segment_ids, segment_ids, causal, sliding_window, softcap,
+                               q.shape[-1] ** -0.5 if scale is None else scale)
     if which is Impl.REFERENCE or (softcap is not None and not which.pallas):
         # Under a gradient, keep q, k, v for the backward and recompute the scores there:
         # autodiff of the softmax otherwise keeps three float32 [B, H, T, T] arrays per layer

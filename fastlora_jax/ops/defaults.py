@@ -24,10 +24,18 @@ from fastlora_jax.quant import QuantKind
 # (attention-2026-11-28.json, "causal_gqa32/8_d128_s*": mosaic_gpu vs triton columns).
 
 
+# ---- loss -------------------------------------------------------------------------------------
+def loss_grad_in_forward(*, gpu: bool) -> bool:
+    """Whether the chunked cross-entropy computes its gradients in the forward (`train/loss.py`).
+    CPU: yes, two lm_head GEMMs per chunk instead of three (cpu_train_step, RESULTS.md). GPU: the
+    rematerialised chunk, as measured so far."""
+    return not gpu
+
+
 def attention_impl(*, gpu: bool, hopper: bool, segments: bool, softcap: bool) -> Impl:
     """The default implementation of `ops.attention` for one call."""
     if not gpu:
-        return Impl.REFERENCE
+        return Impl.XLA
     if segments or softcap:
         return Impl.PALLAS_MOSAIC if hopper else Impl.PALLAS_TRITON
     return Impl.CUDNN

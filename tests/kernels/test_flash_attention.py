@@ -221,7 +221,7 @@ def test_default_rules():
     assert rule(gpu=True, hopper=True, segments=True, softcap=False) is Impl.PALLAS_MOSAIC
     assert rule(gpu=True, hopper=False, segments=True, softcap=False) is Impl.PALLAS_TRITON
     assert rule(gpu=True, hopper=True, segments=False, softcap=True) is Impl.PALLAS_MOSAIC
-    assert rule(gpu=False, hopper=False, segments=True, softcap=True) is Impl.REFERENCE
+    assert rule(gpu=False, hopper=False, segments=True, softcap=True) is Impl.XLA
     assert defaults.flash_attention_impl(hopper=False) is Impl.PALLAS_TRITON
 
 
