@@ -24,8 +24,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     segment_ids [B, T] int32: tokens attend only within their segment (packing).
     See `kernels/attention_reference.py` for the exact semantics every implementation follows.
     impl None: `defaults.attention_impl` (GPU: cuDNN, or our kernels for segment ids and
-    softcap; CPU: the reference). XLA / CUDNN run jax.nn.dot_product_attention, which has no
-    softcap: with one they run the reference.
+    softcap; CPU: XLA). XLA on the CPU runs `kernels/attention_dense.py` (the reference's math
+    with a hand-written backward; softcap included); XLA on the GPU and CUDNN run
+    jax.nn.dot_product_attention, which has no softcap: with one they run the reference.
     Under a context mesh it runs per shard (`ops/partition.py`: batch over data x fsdp, heads
     over tensor).
     """
