@@ -113,6 +113,7 @@ class StepConfig:
     loss_chunk: int = 1024
     attention_impl: Any = None
     linear_impl: Any = None        # the frozen matmuls' `ops.Impl` (None = the measured default)
+    loss_grad_in_forward: bool | None = None  # train/loss.py (None = the platform's default)
 
 
 def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.Array],
@@ -125,7 +126,8 @@ def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.A
                              linear_impl=cfg.linear_impl),
         attention_impl=cfg.attention_impl, remat=remat_wrapper(cfg.remat))
     return cross_entropy_sum(h, decoder.lm_head_weight(cfg.model, frozen), mb["targets"],
-                             chunk=cfg.loss_chunk, softcap=cfg.model.final_logit_softcap)
+                             chunk=cfg.loss_chunk, softcap=cfg.model.final_logit_softcap,
+                             grad_in_forward=cfg.loss_grad_in_forward)
 
 
 def accumulated_grads(cfg: StepConfig, lora: Params, frozen: Params, batch: dict[str, jax.Array],

@@ -60,10 +60,12 @@ def float64_loss_and_grads(h, w, t, softcap):
     return loss, (dz @ w).reshape(h.shape), dz.T @ hf
 
 
+@pytest.mark.parametrize("grad_in_forward", [False, True])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_chunked_loss_equals_an_independent_float64_loss(softcap):
+def test_chunked_loss_equals_an_independent_float64_loss(softcap, grad_in_forward):
     """Against the loss and gradients written out in numpy (not the reference it is built on);
-    37 * 3 tokens in chunks of 16 also exercise the padded last chunk."""
+    37 * 3 tokens in chunks of 16 also exercise the padded last chunk. Both backward passes,
+    the loss scaled as the step scales it (the cotangent is not 1)."""
     rng = np.random.default_rng(11)
     h = rng.normal(size=(3, 37, 16)).astype(np.float32)
     w = (rng.normal(size=(50, 16)) / 2).astype(np.float32)
@@ -71,24 +73,31 @@ def test_chunked_loss_equals_an_independent_float64_loss(softcap):
     t[0, :5] = IGNORE
     t[2, -3:] = IGNORE
     want_loss, want_dh, want_dw = float64_loss_and_grads(h, w, t, softcap)
-    def loss_sum(h, w):
-        return cross_entropy_sum(h, w, jnp.asarray(t), chunk=16, softcap=softcap)[0]
+    kw = dict(chunk=16, softcap=softcap, grad_in_forward=grad_in_forward)
 
-    loss, count = cross_entropy_sum(h, w, jnp.asarray(t), chunk=16, softcap=softcap)
-    dh, dw = jax.grad(loss_sum, (0, 1))(h, w)
+    def loss_sum(h, w):
+        return cross_entropy_sum(h, w, jnp.asarray(t), **kw)[0] / 3.0
+
+    loss, count = cross_entropy_sum(h, w, jnp.asarray(t), **kw)
+    dh, dw = jax.jit(jax.grad(loss_sum, (0, 1)))(h, w)
+    dh_only = jax.grad(loss_sum)(h, w)  # w not differentiated: the fused path skips dw
     assert float(count) == (t != IGNORE).sum()
     np.testing.assert_allclose(float(loss), want_loss, rtol=2e-6)
-    np.testing.assert_allclose(np.asarray(dh), want_dh, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dh), want_dh / 3.0, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw), want_dw / 3.0, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dh_only), want_dh / 3.0, rtol=1e-4, atol=1e-6)
 
 
-def test_chunked_loss_keeps_logits_chunked():
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_chunked_loss_keeps_logits_chunked(grad_in_forward):
     """The compiled loss+grad never holds [tokens, vocab] float32 logits at once."""
     tokens, vocab, hidden = 8192, 4096, 64
     h = jnp.zeros((tokens, hidden))
     w = jnp.zeros((vocab, hidden))
     t = jnp.zeros((tokens,), jnp.int32)
-    f = jax.jit(jax.grad(lambda h, w: cross_entropy_sum(h, w, t, chunk=512)[0], (0, 1)))
+    f = jax.jit(jax.grad(lambda h, w: cross_entropy_sum(h, w, t, chunk=512,
+                                                        grad_in_forward=grad_in_forward)[0],
+                         (0, 1)))
     temp = f.lower(h, w).compile().memory_analysis().temp_size_in_bytes
     assert temp < tokens * vocab * 4 / 4, temp  # well under the full logits' 128 MiB
 
@@ -118,7 +127,9 @@ def test_remat_modes_give_the_same_gradients(remat):
     got = jax.jit(lambda l: accumulated_grads(StepConfig(model=CFG, lora=spec, remat=remat), l,
                                               frozen, b, None))(lora)
     for a, c in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
+        # float32 rounding, scaled to the leaf: remat recomputes the attention forward inside
+        # the backward, where XLA fuses (and rounds) it differently (seen: 1e-5 of the max)
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
 
 
 def test_train_step_decreases_loss_and_only_lora_changes():
