@@ -7,7 +7,10 @@ subprocess).
 Usage: .venv/bin/python benchmarks/cpu_train_step.py [--batch 4 --seq 256] [--trace DIR]
        [--label LABEL]
 The result records the load average (1, 5, 15 min) at the end of the run: on a shared machine the
-two sides' times move with it, and not by the same factor.
+two sides' times move with it, and not by the same factor. --before also times our step with the
+CPU defaults that preceded the dense attention and the in-forward loss gradient
+(PREVIOUS_CPU_DEFAULTS), one step of each in turn in the same process, so the load blurs both
+alike: that row measures what those defaults bought.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
 
 REPO = common.REPO
 TRACED_STEPS = 2
+# StepConfig fields that give our step the CPU defaults before kernels/attention_dense.py and the
+# loss's in-forward gradient (train/loss.py).
+PREVIOUS_CPU_DEFAULTS = {"attention_impl": "reference", "loss_grad_in_forward": False}
 
 TORCH_STEP = """
 import time, torch
@@ -55,15 +61,14 @@ OUTPUTS["threads"] = np.array(torch.get_num_threads())
 
 
 def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int,
-         trace: pathlib.Path | None = None) -> tuple[list[float], dict | None]:
+         trace: pathlib.Path | None = None, before: bool = False
+         ) -> tuple[list[float], dict | None, list[float] | None]:
     """Our step's seconds per step; with `trace`, two more steps under jax.profiler.trace into
-    that folder and their step_trace summary."""
+    that folder and their step_trace summary; with `before`, the seconds per step of the step
+    with PREVIOUS_CPU_DEFAULTS, timed in turn with ours."""
     model, _ = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
-    cfg = StepConfig(model=model.config, lora=model.lora_spec, remat=False)
     opt = make_optimizer(learning_rate=1e-4, warmup_steps=0, total_steps=1000, max_grad_norm=None)
-    lora = jax.tree.map(jnp.copy, model.lora_params())
-    state = opt.init(lora)
     frozen = model.params()
     b, t = ids.shape
     targets = np.concatenate([ids[:, 1:], np.full((b, 1), -100)], axis=1)
@@ -71,13 +76,22 @@ def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int,
              "targets": jnp.asarray(targets[None], jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, b, t)),
              "segment_ids": jnp.ones((1, b, t), jnp.int32)}
-    compiled = train_step.lower(lora, state, frozen, batch, cfg=cfg, optimizer=opt).compile()
-    times = []
+    runs = {}  # name -> [compiled step, lora, optimizer state, seconds per step]
+    for name, overrides in [("ours", {})] + ([("before", PREVIOUS_CPU_DEFAULTS)] if before else []):
+        cfg = StepConfig(model=model.config, lora=model.lora_spec, remat=False, **overrides)
+        lora = jax.tree.map(jnp.copy, model.lora_params())
+        state = opt.init(lora)
+        compiled = train_step.lower(lora, state, frozen, batch, cfg=cfg, optimizer=opt).compile()
+        runs[name] = [compiled, lora, state, []]
     for _ in range(warmup + steps):
-        start = time.perf_counter()
-        lora, state, metrics = compiled(lora, state, frozen, batch)
-        metrics["loss"].block_until_ready()
-        times.append(time.perf_counter() - start)
+        for run in runs.values():
+            compiled, lora, state, times = run
+            start = time.perf_counter()
+            lora, state, metrics = compiled(lora, state, frozen, batch)
+            metrics["loss"].block_until_ready()
+            times.append(time.perf_counter() - start)
+            run[1:3] = lora, state
+    compiled, lora, state, times = runs["ours"]
     summary = None
     if trace is not None:  # after the timed steps: the profiler's overhead stays out of them
         with jax.profiler.trace(str(trace)):
@@ -89,7 +103,7 @@ def ours(model_dir: pathlib.Path, ids: np.ndarray, warmup: int, steps: int,
         summary = step_trace.summarize(pathlib.Path(trace), hlo, TRACED_STEPS,
                                        module="jit_train_step")
         print(step_trace.format_summary(summary))
-    return times[warmup:], summary
+    return times[warmup:], summary, runs["before"][3][warmup:] if before else None
 
 
 def main() -> None:
@@ -102,11 +116,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--trace", type=pathlib.Path, default=None,
                         help="also trace two of our steps into this folder (step_trace.py)")
+    parser.add_argument("--before", action="store_true",
+                        help="also time our step with PREVIOUS_CPU_DEFAULTS, in turn with ours")
     parser.add_argument("--label", default="",
                         help="suffix of the result file (cpu_train_step-<date>-<label>.json)")
     args = parser.parse_args()
     ids = np.random.default_rng(0).integers(0, 49152, size=(args.batch, args.seq)).astype(np.int64)
-    ours_times, summary = ours(args.model, ids, args.warmup, args.steps, args.trace)
+    ours_times, summary, before_times = ours(args.model, ids, args.warmup, args.steps, args.trace,
+                                             args.before)
     ours_t = statistics.median(ours_times)
     ref = run_reference(TORCH_STEP, {"ids": ids}, model=str(args.model),
                         targets=list(common.LORA_TARGETS),
@@ -125,6 +142,11 @@ def main() -> None:
         common.row(case, "median step time (s)", ours_t, base, theirs_t, higher_is_better=False,
                    target=1.0),
         common.row(case, "tokens/s", tokens / ours_t, base, tokens / theirs_t, target=1.0)]
+    if before_times:
+        result["rows"].append(common.row(
+            case, "median step time (s), same process, alternating", ours_t,
+            f"fastlora_jax with {PREVIOUS_CPU_DEFAULTS}", statistics.median(before_times),
+            higher_is_better=False))
     out = common.write(result, tag=args.label)
     print(common.markdown_table(result["rows"]))
     print(f"wrote {out}")
