@@ -55,6 +55,7 @@ def llama3_config(hf: dict):
 def run(a: dict) -> dict:
     import jax
     import jax.numpy as jnp
+    import numpy as np
     import optax
     import qwix
     import transformers
@@ -140,7 +141,9 @@ def run(a: dict) -> dict:
     algo = grpo_learner.GRPOConfig(num_generations=a["generations"], num_iterations=1,
                                    beta=0.0, epsilon=0.2, loss_agg_mode="token-mean")
     learner = TimedLearner(rl_cluster=cluster, algo_config=algo, reward_fns=reward)
-    learner.train([{"prompts": prompts} for _ in range(total)])
+    # A batch is {"prompts": array of strings}, as Tunix's data pipelines yield it (the learner
+    # repeats each leaf num_generations times).
+    learner.train([{"prompts": np.array(prompts)} for _ in range(total)])
     if len(steps) != total:
         raise SystemExit(f"Tunix ran {len(steps)} optimizer steps, not {total}")
     from importlib import metadata
