@@ -224,18 +224,14 @@ def main() -> None:
                          args.budget_s)
         if ours is None:
             raise SystemExit(why)
-        theirs, note = None, "not run (--no-trl)"
-        if not args.no_trl:
-            python, note = trl_python(args)
-            if python:
-                theirs, note = side(python, "trl", dict(shared, out=f"{tmp}/trl"),
-                                    args.budget_s - (time.perf_counter() - start))
-        tunix, tunix_note = None, "not run (--no-tunix)"
-        if not args.no_tunix:
-            python, tunix_note = tunix_python(args)
-            if python:
-                tunix, tunix_note = side(python, "tunix", dict(shared, out=f"{tmp}/tunix"),
-                                         args.budget_s - (time.perf_counter() - start))
+        done = {}  # baseline -> (its JSON or None, why not)
+        for which, skip, find in (("trl", args.no_trl, trl_python),
+                                  ("tunix", args.no_tunix, tunix_python)):
+            python, why = ("", f"not run (--no-{which})") if skip else find(args)
+            done[which] = (side(python, which, dict(shared, out=f"{tmp}/{which}"),
+                                args.budget_s - (time.perf_counter() - start))
+                           if python else (None, why))
+    (theirs, note), (tunix, tunix_note) = done["trl"], done["tunix"]
     load_after = pathlib.Path("/proc/loadavg").read_text().split()[:3]
     model = "SmolLM2-135M fp32" if args.preset == "smollm2" else \
         f"{args.preset} {args.quant} random weights"
