@@ -1,0 +1,1 @@
+"""Vision-language models: vision towers and projectors feeding the shared text decoder."""
