@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,15 +66,19 @@ def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> 
     }.items()))
 
 
-def adapter_tensors(spec: LoraSpec, lora: Params) -> dict[str, np.ndarray]:
-    """Flat {PEFT key: float32 array} for every targeted (layer, projection)."""
+def adapter_tensors(spec: LoraSpec, lora: Params,
+                    module_name: Callable[[int, str, str], str] = hf_module_name
+                    ) -> dict[str, np.ndarray]:
+    """Flat {PEFT key: float32 array} for every targeted (layer, projection); `module_name`
+    gives the HF module name of (layer, group, name) (a vision-language model's text decoder
+    and tower live under other prefixes)."""
     out: dict[str, np.ndarray] = {}
     for (group, name), ranks, _ in spec.modules:
         entry = {k: np.asarray(v, np.float32) for k, v in lora["layers"][group][name].items()}
         for layer, r in enumerate(ranks):
             if r == 0:
                 continue
-            key = PREFIX + hf_module_name(layer, group, name)
+            key = PREFIX + module_name(layer, group, name)
             out[key + ".lora_A.weight"] = np.ascontiguousarray(entry["lora_A"][layer, :r])
             out[key + ".lora_B.weight"] = np.ascontiguousarray(entry["lora_B"][layer, :, :r])
             if "lora_magnitude" in entry:
@@ -93,9 +97,16 @@ def save_adapter(folder: str | pathlib.Path, spec: LoraSpec | None, lora: Params
         raise ExportError("the model has no adapter to save; call "
                           "FastLanguageModel.get_peft_model(model, ...) first, or "
                           "save_pretrained_merged for the full model")
+    return write_adapter(folder, adapter_config_dict(spec, base_model_name_or_path),
+                         adapter_tensors(spec, lora), tokenizer=tokenizer, overwrite=overwrite)
+
+
+def write_adapter(folder: str | pathlib.Path, config: dict[str, Any],
+                  tensors: dict[str, np.ndarray], *, tokenizer: Any = None,
+                  overwrite: bool = False) -> pathlib.Path:
+    """adapter_config.json + adapter_model.safetensors (+ the tokenizer's or processor's files)
+    in one atomic folder write."""
     folder = pathlib.Path(folder)
-    config = adapter_config_dict(spec, base_model_name_or_path)
-    tensors = adapter_tensors(spec, lora)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))

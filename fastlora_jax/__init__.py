@@ -10,10 +10,11 @@ from fastlora_jax.train.dpo_trainer import DPOTrainer
 from fastlora_jax.train.grpo_trainer import GRPOTrainer
 from fastlora_jax.train.rl_config import DPOConfig, GRPOConfig
 from fastlora_jax.train.trainer import SFTTrainer
+from fastlora_jax.vision import FastVisionModel, VisionLM
 
 __version__ = "0.1.0"
 
-__all__ = ["FastLanguageModel", "ModelConfig", "CausalLM", "split", "apply", "SFTTrainer",
+__all__ = ["FastLanguageModel", "FastVisionModel", "VisionLM", "ModelConfig", "CausalLM", "split", "apply", "SFTTrainer",
            "TrainingArguments", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
            "FastLoRAError", "ConfigError", "CheckpointError", "DataError",
            "ExportError", "GenerationError", "KernelError", "TrainingError"]

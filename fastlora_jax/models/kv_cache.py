@@ -59,8 +59,9 @@ def init_cache(config: ModelConfig, start: jax.Array, cache_len: int, dtype: Any
 
 
 def _cache_attend(config: ModelConfig, cache: KVCache, t: int, fresh: bool,
-                  attention_impl: Any) -> Attend:
-    """Write each layer's new k / v at slots [length, length + t), then attend."""
+                  attention_impl: Any, bidirectional_ids: jax.Array | None = None) -> Attend:
+    """Write each layer's new k / v at slots [length, length + t), then attend
+    (`bidirectional_ids`: a prefill's image blocks, see `decoder.self_attention`)."""
     slots = cache.length + jnp.arange(t, dtype=jnp.int32)                       # [T]
     segment_ids = (slots[None, :] >= cache.start[:, None]).astype(jnp.int32)    # [B, T] 0 = pad
 
@@ -74,7 +75,8 @@ def _cache_attend(config: ModelConfig, cache: KVCache, t: int, fresh: bool,
         if fresh:
             out = ops.attention(q, k, v, segment_ids=segment_ids, causal=True,
                                 sliding_window=window, softcap=config.attn_logit_softcap,
-                                scale=config.attention_scale, impl=attention_impl)
+                                scale=config.attention_scale, impl=attention_impl,
+                                bidirectional_ids=bidirectional_ids)
         else:
             out = cached_attention(q, k_all[layer], v_all[layer], q_slot=cache.length,
                                    kv_start=cache.start, sliding_window=window,
@@ -88,21 +90,29 @@ def _cache_attend(config: ModelConfig, cache: KVCache, t: int, fresh: bool,
 def cached_hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array,
                          cache: KVCache, *, fresh: bool, lora: Params | None = None,
                          project: Project = frozen_project, attention_impl: Any = None,
-                         seq_len: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                         seq_len: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+                         bidirectional_ids: jax.Array | None = None
+                         ) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, H] of input_ids [B, T] at the cache's next T slots, and
     the cache with them written. `fresh` promises cache.length == 0 (a prefill). `seq_len` [B]
     is the row length that length-dependent rope scaling keys on (default: through the new
-    tokens)."""
+    tokens). inputs_embeds [B, T, H] replaces the token embeddings (a prefill with image
+    features); bidirectional_ids [B, T] (fresh only) marks image blocks seen both ways."""
     c = config
     t = input_ids.shape[1]
     slots = cache.length + jnp.arange(t, dtype=jnp.int32)
     positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)           # [B, T]
     if seq_len is None:
         seq_len = cache.length + t - cache.start                                # [B]
-    h = embed(c, params, input_ids, cache.k.dtype)
+    if inputs_embeds is None:
+        h = embed(c, params, input_ids, cache.k.dtype)
+    else:
+        h = inputs_embeds.astype(cache.k.dtype)
+    if bidirectional_ids is not None and not fresh:
+        raise ValueError("bidirectional_ids apply to a prefill (fresh=True) only")
     ropes = {c.layer_rope(i) for i in range(c.num_layers)}
     tables = {rope: cos_sin(c, positions, rope, seq_len=seq_len) for rope in ropes}
-    attend = _cache_attend(c, cache, t, fresh, attention_impl)
+    attend = _cache_attend(c, cache, t, fresh, attention_impl, bidirectional_ids)
     h, (k, v) = run_layers(c, params, lora, h, tables, project, attend, (cache.k, cache.v))
     h = rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
     return h, KVCache(k=k, v=v, start=cache.start, length=cache.length + t)

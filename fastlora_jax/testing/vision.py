@@ -1,0 +1,266 @@
+"""Tiny random vision-language checkpoints, saved by transformers in the reference environment
+(`save_pretrained` of the model and of its processor), a tiny one written by our own exporter
+(no torch), and the images and synthetic image tasks the tests and benchmarks feed them.
+
+The processor is built from SmolLM2's tokenizer (one `<image>` token added) and a CLIP / SigLIP
+image processor; its chat template renders `{"type": "image"}` parts as the image token, which
+the processor then expands to one placeholder per image feature.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from fastlora_jax.testing.refenv import REPO, run_reference
+
+TOKENIZER = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+            tie_word_embeddings=False)
+CLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            image_size=28, patch_size=7, projection_dim=16)
+
+BUILD_LLAVA = """
+import torch, transformers
+from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig,
+                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+torch.manual_seed(ARGS["seed"])
+tok = AutoTokenizer.from_pretrained(ARGS["tokenizer"])
+tok.add_tokens(["<image>"], special_tokens=True)
+image_id = tok.convert_tokens_to_ids("<image>")
+text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **ARGS["text"])
+vision = CLIPVisionConfig(**ARGS["vision"])
+config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
+                     vision_feature_layer=-2, vision_feature_select_strategy="default",
+                     image_seq_length=(vision.image_size // vision.patch_size) ** 2)
+model = LlavaForConditionalGeneration(config).eval()
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "norm" in n or n.endswith("bias"):
+            p.add_(0.1 * torch.randn_like(p))
+size = ARGS["vision"]["image_size"]
+image_processor = CLIPImageProcessor(size={"shortest_edge": size},
+                                     crop_size={"height": size, "width": size})
+processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok,
+                           patch_size=ARGS["vision"]["patch_size"],
+                           vision_feature_select_strategy="default",
+                           num_additional_image_tokens=1, chat_template=ARGS["chat_template"])
+model.save_pretrained(ARGS["folder"])
+processor.save_pretrained(ARGS["folder"])
+"""
+
+
+def build_llava(folder: pathlib.Path, seed: int = 0, *, text: dict | None = None,
+                vision: dict | None = None) -> pathlib.Path:
+    """A tiny LlavaForConditionalGeneration (CLIP tower, Llama text model) with its processor;
+    `text` / `vision` override the sizes (LlamaConfig / CLIPVisionConfig keyword arguments)."""
+    run_reference(BUILD_LLAVA, folder=str(folder), seed=seed, tokenizer=str(TOKENIZER),
+                  text=dict(TEXT, **(text or {})), vision=dict(CLIP, **(vision or {})),
+                  chat_template=CHAT_TEMPLATE)
+    return folder
+
+
+GEMMA3_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   max_position_embeddings=512, rms_norm_eps=1e-6, sliding_window=3,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   query_pre_attn_scalar=16, rope_theta=1000.0, rope_local_base_freq=100.0)
+SIGLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+              image_size=32, patch_size=8, vision_use_head=False)
+
+BUILD_GEMMA3 = """
+import torch, transformers
+from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration,
+                          Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig,
+                          SiglipVisionConfig)
+torch.manual_seed(ARGS["seed"])
+special = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+           "image_token": "<image_soft_token>"}
+tok = AutoTokenizer.from_pretrained(ARGS["tokenizer"], extra_special_tokens=special)
+ids = {k: tok.convert_tokens_to_ids(v) for k, v in special.items()}
+text = Gemma3TextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        **ARGS["text"])
+vision = SiglipVisionConfig(**ARGS["vision"])
+config = Gemma3Config(text_config=text, vision_config=vision,
+                      mm_tokens_per_image=ARGS["mm_tokens"], image_token_index=ids["image_token"],
+                      boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"])
+model = Gemma3ForConditionalGeneration(config).eval()
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "norm" in n or n.endswith("bias"):
+            p.add_(0.1 * torch.randn_like(p))
+        if "mm_input_projection" in n:
+            p.normal_(0, 0.2)
+size = ARGS["vision"]["image_size"]
+image_processor = Gemma3ImageProcessor(size={"height": size, "width": size})
+processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok,
+                            image_seq_length=ARGS["mm_tokens"],
+                            chat_template=ARGS["chat_template"])
+model.save_pretrained(ARGS["folder"])
+processor.save_pretrained(ARGS["folder"])
+OUTPUTS["image_token"] = np.array(ids["image_token"])
+"""
+
+GEMMA3_TEMPLATE = CHAT_TEMPLATE.replace("<image>", "<start_of_image>")
+
+
+def build_gemma3(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A tiny Gemma3ForConditionalGeneration (SigLIP tower, 3 text layers with a sliding window
+    shorter than an image's block) with its processor."""
+    run_reference(BUILD_GEMMA3, folder=str(folder), seed=seed, tokenizer=str(TOKENIZER),
+                  text=GEMMA3_TEXT, vision=SIGLIP, mm_tokens=4, chat_template=GEMMA3_TEMPLATE)
+    return folder
+
+
+def images(sizes: tuple[tuple[int, int], ...] = ((40, 30), (17, 23)), seed: int = 0) -> list:
+    """PIL images of the given (width, height): random blocks of colour (real RGB images)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for w, h in sizes:
+        coarse = rng.integers(0, 256, size=(max(h // 4, 1), max(w // 4, 1), 3), dtype=np.uint8)
+        big = np.kron(coarse, np.ones((4, 4, 1), np.uint8))[:h, :w]
+        pad = np.zeros((h, w, 3), np.uint8)
+        pad[:big.shape[0], :big.shape[1]] = big
+        out.append(Image.fromarray(pad))
+    return out
+
+
+# transformers' logits on inputs our side built with the processor (the same arrays both ways).
+HF_LOGITS = """
+import torch, transformers
+cls = getattr(transformers, ARGS["cls"])
+model = cls.from_pretrained(ARGS["folder"], dtype=torch.float32).eval()
+inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
+with torch.no_grad():
+    OUTPUTS["logits"] = model(**inputs).logits.numpy()
+"""
+
+
+def hf_logits(folder: pathlib.Path, arrays: dict[str, np.ndarray],
+              cls: str = "LlavaForConditionalGeneration") -> np.ndarray:
+    return run_reference(HF_LOGITS, arrays, folder=str(folder), cls=cls)["logits"]
+
+
+def tiny_processor(tokenizer_dir: pathlib.Path = TOKENIZER, *, image_size: int = 28,
+                   patch_size: int = 7) -> tuple[object, int]:
+    """(a LlavaProcessor built in this environment, the `<image>` token id)."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens(["<image>"], special_tokens=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok,
+                               patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    return processor, tok.convert_tokens_to_ids("<image>")
+
+
+def tiny_gemma3_processor(tokenizer_dir: pathlib.Path = TOKENIZER, *, image_size: int = 32,
+                          mm_tokens: int = 4) -> tuple[object, dict[str, int]]:
+    """(a Gemma3Processor built in this environment, its special token ids)."""
+    from transformers import AutoTokenizer, Gemma3ImageProcessor, Gemma3Processor
+
+    special = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+               "image_token": "<image_soft_token>"}
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), extra_special_tokens=special)
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in special.items()}
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tok, image_seq_length=mm_tokens, chat_template=GEMMA3_TEMPLATE)
+    return processor, ids
+
+
+def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
+                   seed: int = 0) -> pathlib.Path:
+    """A tiny random LLaVA or Gemma 3 checkpoint written by our own exporter (no torch): for
+    data, training and CLI tests that need a model, not transformers' numbers."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastlora_jax.models import decoder
+    from fastlora_jax.models.decoder import set_path
+    from fastlora_jax.models.registry import config_from_hf
+    from fastlora_jax.vision.checkpoint import save_vlm_merged
+    from fastlora_jax.vision.gemma3_mm import GEMMA3_VLM, Gemma3VisionConfig
+    from fastlora_jax.vision.llava import LLAVA, LlavaConfig
+    from fastlora_jax.vision.vit import VisionConfig
+
+    if model_type == "llava":
+        processor, image_id = tiny_processor()
+        text_raw = dict(TEXT, model_type="llama", num_hidden_layers=2)
+        vision = VisionConfig.from_hf(dict(CLIP, model_type="clip_vision_model",
+                                           num_hidden_layers=2), "tiny")
+    else:
+        processor, ids = tiny_gemma3_processor()
+        text_raw = dict(GEMMA3_TEXT, model_type="gemma3_text")
+        vision = VisionConfig.from_hf(dict(SIGLIP, model_type="siglip_vision_model"), "tiny")
+    tok = processor.tokenizer
+    text = config_from_hf(dict(text_raw, vocab_size=len(tok), eos_token_id=tok.eos_token_id))
+    if model_type == "llava":
+        arch, config = LLAVA, LlavaConfig(model_type="llava", text=text, vision=vision,
+                                          image_token_id=image_id)
+    else:
+        arch, config = GEMMA3_VLM, Gemma3VisionConfig(
+            model_type="gemma3", text=text, vision=vision, image_token_id=ids["image_token"],
+            mm_tokens_per_image=4, boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"])
+    key = jax.random.key(seed)
+    params = {"language": decoder.init_params(text, key), "vision": {}}
+    for i, spec in enumerate(arch.vision_specs(config)):
+        if spec.path[-1] == "bias" or "mm_soft_emb_norm" in spec.path:
+            value = jnp.zeros(spec.shape)
+        elif "norm" in "".join(spec.path):
+            value = jnp.ones(spec.shape)
+        else:
+            value = 0.05 * jax.random.normal(jax.random.fold_in(key, 1000 + i), spec.shape)
+        set_path(params["vision"], spec.path, value)
+    save_vlm_merged(folder, arch, config, params, None, None, dtype=jnp.float32,
+                    processor=processor)
+    return folder
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
+
+
+def shapes_dataset(folder: pathlib.Path, n: int = 24, seed: int = 0) -> pathlib.Path:
+    """A synthetic task: an image of a coloured square or disc on white -> name its colour.
+    Writes PNGs and `images.jsonl` (rows in TRL's conversational vision format)."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    names = sorted(COLOURS)
+    for i in range(n):
+        colour = names[i % len(names)]
+        w, h = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+        image = Image.new("RGB", (w, h), (255, 255, 255))
+        draw = ImageDraw.Draw(image)
+        box = (w // 5, h // 5, 4 * w // 5, 4 * h // 5)
+        (draw.ellipse if i % 2 else draw.rectangle)(box, fill=COLOURS[colour])
+        image.save(folder / f"shape{i}.png")
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "What colour is the shape?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": colour}]}],
+            "images": [f"shape{i}.png"]})
+    path = folder / "images.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
