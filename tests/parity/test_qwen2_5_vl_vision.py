@@ -1,6 +1,7 @@
 """Qwen2.5-VL's vision tower against transformers' Qwen2_5_VisionTransformerPretrainedModel
 (torch, float32) on a tiny random checkpoint, with pixel rows from the checkpoint's own image
-processor for a square and a non-square picture, alone and together (two images in one call).
+processor (transformers' Qwen2VLImageProcessor, run here: the reference environment has no
+Pillow) for a square and a non-square picture, alone and together (two images in one call).
 
 The tiny tower has windows of 2 x 2 merge blocks over grids of 6 x 6 and 5 x 9 merge blocks, so
 windows are cut at the right and bottom edges, and two of its four blocks attend over the whole
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fastlora_jax.models.decoder import set_path
+from fastlora_jax.models.decoder import get_path, set_path
 from fastlora_jax.vision.qwen2_5_vit import (encode, parse_vision_config, tower_tensor_name,
                                               tower_tensor_path, vision_layout,
                                               vision_param_specs)
@@ -32,12 +33,9 @@ PROCESSOR = dict(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=6
 SIZES = ((48, 48), (40, 72))  # (height, width): square, then non-square
 
 BUILD = """
-import json, pathlib, torch, transformers
-from transformers import AutoImageProcessor
+import torch, transformers
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from PIL import Image
 torch.manual_seed(0)
 cfg = transformers.Qwen2_5_VLVisionConfig(**ARGS["vision"])
 model = Qwen2_5_VisionTransformerPretrainedModel(cfg).eval()
@@ -45,19 +43,12 @@ with torch.no_grad():
     for name, p in model.named_parameters():
         if "norm" in name or "ln_q" in name or name.endswith("bias"):
             p.add_(0.3 * torch.randn_like(p))     # non-trivial norms and biases
-folder = pathlib.Path(ARGS["folder"])
-model.save_pretrained(folder, safe_serialization=True)
-Qwen2VLImageProcessorPil(**ARGS["processor"]).save_pretrained(folder)
-processor = AutoImageProcessor.from_pretrained(folder)
-images = [Image.fromarray(INPUTS[f"image{i}"]) for i in range(ARGS["n_images"])]
-for name, subset in (("one", images[:1]), ("two", images)):
-    batch = processor(images=subset, return_tensors="pt")
-    OUTPUTS[name + "/pixels"] = batch["pixel_values"].numpy()
-    OUTPUTS[name + "/grid"] = batch["image_grid_thw"].numpy()
+model.save_pretrained(ARGS["folder"], safe_serialization=True)
+for name in ARGS["cases"]:
     with torch.no_grad():
-        out = model(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-    OUTPUTS[name + "/embeds"] = out.pooler_output.numpy()
-OUTPUTS["config"] = np.array(json.dumps(json.loads((folder / "config.json").read_text())))
+        out = model(torch.from_numpy(INPUTS[name + "/pixels"]),
+                    grid_thw=torch.from_numpy(INPUTS[name + "/grid"]))
+    OUTPUTS[name] = out.pooler_output.numpy()
 """
 
 
@@ -87,44 +78,40 @@ def load_vision_params(folder: pathlib.Path, config) -> dict:
             layers.setdefault(path, {})[layer] = value
     for path, by_layer in layers.items():
         set_path(params, path, np.stack([by_layer[i] for i in range(config.depth)]))
-    assert sorted(map(str, jax.tree.leaves(jax.tree.map(np.shape, params)))) == sorted(
-        map(str, (spec.shape for spec in specs.values())))
+    for path, spec in specs.items():
+        assert get_path(params, path).shape == spec.shape, path
     return params
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen2_5_vit")
-    images = {f"image{i}": picture(h, w, i) for i, (h, w) in enumerate(SIZES)}
-    ref = run_reference(BUILD, images, vision=VISION, processor=PROCESSOR, folder=str(folder),
-                        n_images=len(SIZES))
-    return folder, images, ref
-
-
-def test_vision_tower_matches_transformers(reference):
+def test_vision_tower_matches_transformers(tmp_path):
+    """Pixels from the checkpoint's image processor (saved with it, read back by
+    AutoImageProcessor), the same arrays into both towers."""
     import json
 
-    from transformers import AutoImageProcessor
     from PIL import Image
+    from transformers import AutoImageProcessor, Qwen2VLImageProcessor
 
-    folder, images, ref = reference
-    hf = json.loads(str(ref["config"]))
-    config = parse_vision_config(hf, "config.json")
-    assert config.fullatt_block_indexes == (1, 3) and config.window_units == 2
-    params = load_vision_params(folder, config)
-    processor = AutoImageProcessor.from_pretrained(folder)
-    pictures = [Image.fromarray(images[f"image{i}"]) for i in range(len(SIZES))]
-    run = jax.jit(lambda p, x, layout: encode(config, p, x, layout))
+    Qwen2VLImageProcessor(**PROCESSOR).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    pictures = [Image.fromarray(picture(h, w, i)) for i, (h, w) in enumerate(SIZES)]
+    arrays = {}
     for name, subset in (("one", pictures[:1]), ("two", pictures)):
         batch = processor(images=subset, return_tensors="np")
-        grid = np.asarray(batch["image_grid_thw"])
-        np.testing.assert_array_equal(grid, ref[name + "/grid"])
-        np.testing.assert_allclose(batch["pixel_values"], ref[name + "/pixels"], atol=1e-6, rtol=0)
+        arrays[name + "/pixels"] = np.asarray(batch["pixel_values"], np.float32)
+        arrays[name + "/grid"] = np.asarray(batch["image_grid_thw"], np.int64)
+    # the non-square picture is 10 x 18 patches: windows are cut at the right and bottom edges
+    assert arrays["two/grid"].tolist() == [[1, 12, 12], [1, 10, 18]]
+    ref = run_reference(BUILD, arrays, vision=VISION, folder=str(tmp_path),
+                        cases=["one", "two"])
+    config = parse_vision_config(json.loads((tmp_path / "config.json").read_text()),
+                                 "config.json")
+    assert config.fullatt_block_indexes == (1, 3) and config.window_units == 2
+    params = load_vision_params(tmp_path, config)
+    run = jax.jit(lambda p, x, layout: encode(config, p, x, layout))
+    for name in ("one", "two"):
+        grid = arrays[name + "/grid"]
         layout = vision_layout(config, grid.tolist())
-        ours = np.asarray(run(params, np.asarray(batch["pixel_values"], np.float32), layout))
-        expected = ref[name + "/embeds"]
-        assert ours.shape == expected.shape == (int(grid.prod(-1).sum()) // 4, 24)
-        np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
-        assert np.abs(expected).max() > 0.5  # not a comparison of near-zeros
-    # the non-square grid is 10 x 18 patches: windows cut at the edges
-    assert ref["two/grid"].tolist() == [[1, 12, 12], [1, 10, 18]]
+        ours = np.asarray(run(params, arrays[name + "/pixels"], layout))
+        assert ours.shape == ref[name].shape == (int(grid.prod(-1).sum()) // 4, 24)
+        np.testing.assert_allclose(ours, ref[name], atol=1e-4, rtol=0)
+        assert np.abs(ref[name]).max() > 0.5  # not a comparison of near-zeros
