@@ -41,21 +41,26 @@ class KVCache:
     v: jax.Array       # [L, B, S, Hkv, D]
     start: jax.Array   # [B] int32: first real slot of each row (left padding before it)
     length: jax.Array  # [] int32: slots written so far (the same for every row)
+    offset: jax.Array  # [B] int32: added to a row's positions (M-RoPE's rope delta; else 0)
 
     @property
     def cache_len(self) -> int:
         return self.k.shape[2]
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "start", "length"],
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "start", "length", "offset"],
                                  meta_fields=[])
 
 
-def init_cache(config: ModelConfig, start: jax.Array, cache_len: int, dtype: Any) -> KVCache:
-    """An empty cache of `cache_len` slots for rows whose real tokens begin at `start` [B]."""
+def init_cache(config: ModelConfig, start: jax.Array, cache_len: int, dtype: Any,
+               offset: jax.Array | None = None) -> KVCache:
+    """An empty cache of `cache_len` slots for rows whose real tokens begin at `start` [B]
+    (positions shifted by `offset` [B], default 0)."""
     shape = (config.num_layers, start.shape[0], cache_len, config.num_kv_heads, config.head_dim)
+    offset = jnp.zeros_like(start, jnp.int32) if offset is None else offset
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   start=jnp.asarray(start, jnp.int32), length=jnp.zeros((), jnp.int32))
+                   start=jnp.asarray(start, jnp.int32), length=jnp.zeros((), jnp.int32),
+                   offset=jnp.asarray(offset, jnp.int32))
 
 
 def _cache_attend(config: ModelConfig, cache: KVCache, t: int, fresh: bool,
@@ -91,17 +96,21 @@ def cached_hidden_states(config: ModelConfig, params: Params, input_ids: jax.Arr
                          cache: KVCache, *, fresh: bool, lora: Params | None = None,
                          project: Project = frozen_project, attention_impl: Any = None,
                          seq_len: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
-                         bidirectional_ids: jax.Array | None = None
-                         ) -> tuple[jax.Array, KVCache]:
+                         bidirectional_ids: jax.Array | None = None,
+                         positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, H] of input_ids [B, T] at the cache's next T slots, and
     the cache with them written. `fresh` promises cache.length == 0 (a prefill). `seq_len` [B]
     is the row length that length-dependent rope scaling keys on (default: through the new
     tokens). inputs_embeds [B, T, H] replaces the token embeddings (a prefill with image
-    features); bidirectional_ids [B, T] (fresh only) marks image blocks seen both ways."""
+    features); bidirectional_ids [B, T] (fresh only) marks image blocks seen both ways.
+    positions: the new tokens' rope positions if not (slot - start + offset), e.g. a
+    multimodal prompt's M-RoPE positions [3, B, T]."""
     c = config
     t = input_ids.shape[1]
     slots = cache.length + jnp.arange(t, dtype=jnp.int32)
-    positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)           # [B, T]
+    if positions is None:
+        positions = (jnp.maximum(slots[None, :] - cache.start[:, None], 0)
+                     + cache.offset[:, None])                                   # [B, T]
     if seq_len is None:
         seq_len = cache.length + t - cache.start                                # [B]
     if inputs_embeds is None:
@@ -115,4 +124,4 @@ def cached_hidden_states(config: ModelConfig, params: Params, input_ids: jax.Arr
     attend = _cache_attend(c, cache, t, fresh, attention_impl, bidirectional_ids)
     h, (k, v) = run_layers(c, params, lora, h, tables, project, attend, (cache.k, cache.v))
     h = rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
-    return h, KVCache(k=k, v=v, start=cache.start, length=cache.length + t)
+    return h, KVCache(k=k, v=v, start=cache.start, length=cache.length + t, offset=cache.offset)

@@ -51,6 +51,11 @@ class VisionArch:
     image_features: pixels to embeddings (see `ImageFeatures`), in image order.
     input_keys: the processor outputs, beside input_ids, that the forward reads.
     image_blocks: each image's tokens attend to each other both ways (Gemma 3).
+    host_inputs: (config, the processor's output as numpy arrays) -> more arrays for the
+      forward that the image sizes fix and a jitted forward cannot derive (Qwen2.5-VL: the
+      vision tower's window layout and the M-RoPE `positions` [3, B, T]); None: nothing.
+    load_processor: checkpoint folder -> its processor, where transformers' AutoProcessor
+      needs help (None: AutoProcessor.from_pretrained).
     """
 
     model_type: str
@@ -66,3 +71,5 @@ class VisionArch:
     image_features: ImageFeatures
     input_keys: tuple[str, ...] = ("pixel_values",)
     image_blocks: bool = False
+    host_inputs: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
+    load_processor: Callable[[Any], Any] | None = None

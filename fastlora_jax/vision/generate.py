@@ -94,7 +94,8 @@ def generate(model: "VisionLM", inputs: Mapping[str, Any], *, max_new_tokens: in
     language = model.frozen["language"]
     state = engine.prefill_jit(espec, language, lang_lora, ids, jnp.asarray(start), key,
                                jnp.asarray(max_new_tokens, jnp.int32), inputs_embeds=embeds,
-                               bidirectional_ids=blocks)
+                               bidirectional_ids=blocks, positions=batch.get("positions"),
+                               position_offset=batch.get("rope_deltas"))
     state = engine.decode_jit(espec, language, lang_lora, state)
     tokens, mask, _ = engine.completions(state, p)
     sequences, completion = np.asarray(tokens), np.asarray(mask)

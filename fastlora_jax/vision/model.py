@@ -166,6 +166,10 @@ class VisionLM:
         for key in self.arch.input_keys:
             if key in inputs and inputs[key] is not None:
                 out[key] = jnp.asarray(np.asarray(inputs[key]))
+        if self.arch.host_inputs is not None:
+            extra = self.arch.host_inputs(self.config, {k: np.asarray(v) for k, v in
+                                                        inputs.items() if v is not None})
+            out.update({k: jnp.asarray(v) for k, v in extra.items()})
         check_image_tokens(self, out)
         return out
 
@@ -247,7 +251,7 @@ class FastVisionModel:
         folder = resolve_model_path(model_name)
         quantize = QuantKind.NF4 if load_in_4bit else QuantKind.INT8 if load_in_8bit else None
         arch, config, params = load_vlm(folder, dtype=resolve_dtype(dtype), quantize=quantize)
-        processor = load_processor(folder)
+        processor = load_processor(folder, arch)
         model = VisionLM(arch, config, params, max_seq_length=max_seq_length,
                          name_or_path=str(model_name), processor=processor)
         return model, processor
@@ -304,13 +308,16 @@ class FastVisionModel:
         return model
 
 
-def load_processor(folder: pathlib.Path) -> Any:
-    """The checkpoint's AutoProcessor (chat template, tokenizer and image processor)."""
+def load_processor(folder: pathlib.Path, arch: VisionArch | None = None) -> Any:
+    """The checkpoint's AutoProcessor (chat template, tokenizer and image processor), or what
+    the architecture's `load_processor` builds."""
     from fastlora_jax.errors import CheckpointError
 
     try:
         from transformers import AutoProcessor
 
+        if arch is not None and arch.load_processor is not None:
+            return arch.load_processor(folder)
         return AutoProcessor.from_pretrained(str(folder))
     except Exception as err:  # transformers raises many types for missing / broken files
         reason = " ".join(str(err).split())[:300]

@@ -10,7 +10,8 @@ host from the token ids and each image's `image_grid_thw`, as transformers' `get
 does; a text-only sequence gets the plain 0, 1, 2, ... positions.
 
 Image embeddings (one per merged 2 x 2 patch block) replace the token embeddings at the
-`<|image_pad|>` tokens, image after image in order, exactly as many as the processor expanded.
+`<|image_pad|>` tokens, image after image in order, exactly as many as the processor expanded
+(`vision/model.py` composes it; `QWEN2_5_VL` is the record it reads).
 
 Tensor names: transformers >= 4.52 stores `model.visual.*`, `model.language_model.*` and
 `lm_head.weight`; earlier checkpoints (most of the Hub) `visual.*`, `model.*` and
@@ -20,21 +21,24 @@ Tensor names: transformers >= 4.52 stores `model.visual.*`, `model.language_mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.config import HARMLESS_KEYS, ModelConfig, _Reader
+from fastlora_jax.config import ModelConfig, _Reader
 from fastlora_jax.errors import CheckpointError, ConfigError, DataError
 from fastlora_jax.models.decoder import Params, Project
 from fastlora_jax.models.registry import config_from_hf, config_to_hf
-from fastlora_jax.vision.qwen2_5_vit import (Qwen25VisionConfig, VisionLayout, encode,
-                                              num_image_tokens, parse_vision_config,
-                                              tower_tensor_name, tower_tensor_path, vision_layout,
-                                              vision_to_hf)
+from fastlora_jax.vision.arch import VisionArch
+from fastlora_jax.vision.qwen2_5_vit import (VISION_PROJECTIONS, Qwen25VisionConfig,
+                                              VisionLayout, encode, num_image_tokens,
+                                              parse_vision_config, tower_tensor_name,
+                                              tower_tensor_path, vision_layout,
+                                              vision_param_specs, vision_to_hf)
 
 MODEL_TYPE = "qwen2_5_vl"
 ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
@@ -142,8 +146,6 @@ def to_hf_config(config: Qwen25VLConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Tensor names
 
-LANGUAGE_PREFIX = "model.language_model"   # PEFT's module names on the HF class
-VISION_LAYERS = "model.visual.blocks"
 
 
 def tensor_part(name: str) -> tuple[str, str]:
@@ -170,11 +172,35 @@ def tensor_name(path: tuple[str, ...], layer: int | None) -> str:
     return "model.visual." + tower_tensor_name(path, layer)
 
 
-def language_tensor_name(text_name: str) -> str:
-    """The HF name a merged export writes for the text model's `model.*` / `lm_head` tensor."""
-    if text_name.startswith("model."):
-        return LANGUAGE_PREFIX + text_name[len("model"):]
-    return text_name
+# ---------------------------------------------------------------------------------------------
+# The processor
+
+def load_processor(folder: str | pathlib.Path) -> Any:
+    """The checkpoint's AutoProcessor. transformers builds Qwen2.5-VL's processor with a video
+    processor, which needs torch and torchvision and its own config file; without them it is
+    built without one (images and text, through transformers' own processor code; videos are
+    not supported here anyway)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(folder))
+    except (ImportError, OSError):
+        return _images_only_processor().from_pretrained(str(folder))
+
+
+@functools.cache
+def _images_only_processor() -> type:
+    from transformers import Qwen2_5_VLProcessor as Full
+
+    class Qwen2_5_VLProcessor(Full):  # the same name, so saved processors name the real class
+        """transformers' Qwen2_5_VLProcessor with only its image processor and tokenizer."""
+
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None,
+                     chat_template: Any = None, **kwargs: Any) -> None:
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer,
+                             chat_template=chat_template, **kwargs)
+
+    return Qwen2_5_VLProcessor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,23 +263,11 @@ def rope_positions(config: Qwen25VLConfig, input_ids: np.ndarray,
 
 
 # ---------------------------------------------------------------------------------------------
-# Image embeddings into the token embeddings
-
-def scatter_images(token_embeds: jax.Array, input_ids: jax.Array, image_embeds: jax.Array,
-                   image_token_id: int) -> jax.Array:
-    """token_embeds [B, T, H] with the rows at image tokens (row-major order) replaced by
-    image_embeds [n, H]; the batch must hold exactly n image tokens (checked by the caller on
-    the host, e.g. `rope_positions`)."""
-    B, T, H = token_embeds.shape
-    n = image_embeds.shape[0]
-    flat = token_embeds.reshape(B * T, H)
-    where = jnp.nonzero((input_ids == image_token_id).reshape(-1), size=n, fill_value=B * T)[0]
-    flat = flat.at[where].set(image_embeds.astype(flat.dtype), mode="drop")
-    return flat.reshape(B, T, H)
-
-
-# ---------------------------------------------------------------------------------------------
 # The forward
+
+# Batch keys of the vision tower's layout arrays: "vision_" + the VisionLayout field.
+LAYOUT_PREFIX = "vision_"
+
 
 def image_features(config: Qwen25VLConfig, params: Params, lora: Params | None,
                    project: Project, images: Mapping[str, jax.Array], attention_impl: Any,
@@ -261,8 +275,8 @@ def image_features(config: Qwen25VLConfig, params: Params, lora: Params | None,
     """Image embeddings [image tokens, text hidden] of a batch's images, in image order.
 
     images: `pixel_values` [N, K] (the processor's rows) and the `VisionLayout` arrays that
-    `host_inputs` derived from `image_grid_thw` (under their field names)."""
-    layout = VisionLayout(*(images[key] for key in VisionLayout._fields))
+    `host_inputs` derived from `image_grid_thw` (as `vision_<field>`)."""
+    layout = VisionLayout(*(images[LAYOUT_PREFIX + key] for key in VisionLayout._fields))
     return encode(config.vision, params, images["pixel_values"], layout,
                   lora=None if lora is None else lora.get("tower"), project=project,
                   attention_impl=attention_impl, remat=remat)
@@ -270,12 +284,33 @@ def image_features(config: Qwen25VLConfig, params: Params, lora: Params | None,
 
 def host_inputs(config: Qwen25VLConfig, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What `image_grid_thw` fixes, computed on the host before a jitted forward: the vision
-    tower's layout arrays and the M-RoPE `positions` [3, B, T] of `input_ids` (with
-    `attention_mask` when the batch has one)."""
+    tower's layout arrays, the M-RoPE `positions` [3, B, T] of `input_ids` (with
+    `attention_mask` when the batch has one) and the `rope_deltas` [B] generation continues
+    from."""
     grid = batch.get("image_grid_thw")
     out: dict[str, np.ndarray] = {}
     if grid is not None and len(grid):
-        out.update(vision_layout(config.vision, np.asarray(grid).tolist())._asdict())
-    out["positions"], _ = rope_positions(config, np.asarray(batch["input_ids"]), grid,
-                                         batch.get("attention_mask"))
+        layout = vision_layout(config.vision, np.asarray(grid).tolist())
+        out.update({LAYOUT_PREFIX + k: v for k, v in layout._asdict().items()})
+    out["positions"], out["rope_deltas"] = rope_positions(
+        config, np.asarray(batch["input_ids"]), grid, batch.get("attention_mask"))
     return out
+
+
+QWEN2_5_VL = VisionArch(
+    model_type=MODEL_TYPE,
+    architecture=ARCHITECTURE,
+    parse_config=parse_config,
+    config_to_hf=to_hf_config,
+    vision_specs=lambda config: vision_param_specs(config.vision),
+    tensor_part=tensor_part,
+    tensor_name=tensor_name,
+    language_prefix="model.language_model",
+    vision_layers="model.visual.blocks",
+    vision_projections=VISION_PROJECTIONS,
+    image_features=image_features,
+    host_inputs=host_inputs,
+    load_processor=load_processor,
+)
+
+__all__ = ["QWEN2_5_VL", "Qwen25VLConfig", "parse_config", "rope_positions"]

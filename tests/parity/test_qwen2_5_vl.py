@@ -4,7 +4,7 @@ PIL image processor, a chat template with image parts), on real pictures of two 
 non-square), one or two images per conversation:
 
 - M-RoPE position ids (get_rope_index, with and without padding) and the rotary cos / sin;
-- logits of the whole model.
+- logits of the whole model, one conversation at a time and as a left-padded batch.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import pytest
 
 from fastlora_jax.models.rope import cos_sin
 from fastlora_jax.testing.refenv import run_reference
+from fastlora_jax.vision import FastVisionModel
 from fastlora_jax.vision.qwen2_5_vl import parse_config, rope_positions
 from tests.parity.test_qwen2_5_vl_vision import PROCESSOR, picture
 
@@ -53,22 +54,9 @@ CONVERSATIONS = [
 IMAGES_OF = [[1], [1, 0]]  # picture indexes of each conversation's image parts
 
 BUILD = """
-import json, pathlib, torch, transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoProcessor, PreTrainedTokenizerFast, Qwen2_5_VLProcessor
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from PIL import Image
+import pathlib, torch, transformers
 folder = pathlib.Path(ARGS["folder"])
-words = ARGS["specials"] + ARGS["words"]
-core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
-core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<|endoftext|>",
-                              pad_token="<|endoftext|>", eos_token="<|im_end|>")
-tok.add_special_tokens({"additional_special_tokens": ARGS["specials"][1:]})
-ids = {t: tok.convert_tokens_to_ids(t) for t in ARGS["specials"]}
-processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**ARGS["processor"]),
-                                tokenizer=tok, chat_template=ARGS["chat_template"])
-processor.save_pretrained(folder)
+ids = ARGS["ids"]
 torch.manual_seed(0)
 cfg = transformers.Qwen2_5_VLConfig(
     text_config=dict(ARGS["text"], initializer_range=0.2), vision_config=ARGS["vision"],
@@ -81,51 +69,88 @@ with torch.no_grad():
         if "norm" in name or "ln_q" in name or name.endswith("bias"):
             p.add_(0.3 * torch.randn_like(p))
 model.save_pretrained(folder, safe_serialization=True)
-processor = AutoProcessor.from_pretrained(folder)
-pictures = [Image.fromarray(INPUTS[f"image{i}"]) for i in range(len(ARGS["sizes"]))]
-texts = [processor.apply_chat_template(c, tokenize=False) for c in ARGS["conversations"]]
-images = [[pictures[i] for i in idx] for idx in ARGS["images_of"]]
-for k, (text, imgs) in enumerate(zip(texts, images)):
-    batch = processor(text=[text], images=imgs, return_tensors="pt")
-    for key in ("input_ids", "pixel_values", "image_grid_thw"):
-        OUTPUTS[f"{k}/{key}"] = batch[key].numpy()
+for case in ARGS["cases"]:
+    batch = {k.split("/")[1]: torch.from_numpy(v) for k, v in INPUTS.items()
+             if k.startswith(case + "/")}
     with torch.no_grad():
-        out = model(**batch)
-    OUTPUTS[f"{k}/logits"] = out.logits.numpy()
-    OUTPUTS[f"{k}/text"] = np.array(text)
-processor.tokenizer.padding_side = "left"
-batch = processor(text=texts, images=[p for imgs in images for p in imgs], return_tensors="pt",
-                  padding=True)
+        OUTPUTS[case + "/logits"] = model(**batch).logits.numpy()
+batch = {k.split("/")[1]: torch.from_numpy(v) for k, v in INPUTS.items()
+         if k.startswith("batch/")}
 pos, deltas = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                          image_grid_thw=batch["image_grid_thw"],
                                          attention_mask=batch["attention_mask"])
-OUTPUTS["batch/input_ids"] = batch["input_ids"].numpy()
-OUTPUTS["batch/attention_mask"] = batch["attention_mask"].numpy()
-OUTPUTS["batch/image_grid_thw"] = batch["image_grid_thw"].numpy()
 OUTPUTS["batch/positions"] = pos.numpy()
 OUTPUTS["batch/deltas"] = deltas.numpy()
-x = torch.zeros(1, dtype=torch.float32)
-cos, sin = model.model.language_model.rotary_emb(x, pos)
+cos, sin = model.model.language_model.rotary_emb(torch.zeros(1), pos)
 OUTPUTS["batch/cos"] = cos.numpy()
 OUTPUTS["batch/sin"] = sin.numpy()
-OUTPUTS["config"] = np.array((folder / "config.json").read_text())
 """
+
+
+def build_processor(folder: pathlib.Path) -> dict[str, int]:
+    """Save the tiny processor (word-level tokenizer with Qwen's special tokens, transformers'
+    Qwen2VLImageProcessor, the chat template) into `folder`; its special token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor
+
+    from fastlora_jax.vision.qwen2_5_vl import _images_only_processor
+
+    words = SPECIALS + WORDS
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                      unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    processor = _images_only_processor()(image_processor=Qwen2VLImageProcessor(**PROCESSOR),
+                                         tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(folder)
+    return {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
+
+
+def _pictures(images, indexes):
+    from PIL import Image
+
+    return [Image.fromarray(images[i]) for i in indexes]
+
+
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+              "mm_token_type_ids")
+
+
+def processed(processor, images, conversations, indexes, **kwargs) -> dict[str, np.ndarray]:
+    texts = [processor.apply_chat_template(c, tokenize=False) for c in conversations]
+    batch = processor(text=texts, images=_pictures(images, indexes), return_tensors="np",
+                      **kwargs)
+    return {k: np.asarray(batch[k]) for k in INPUT_KEYS}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    from fastlora_jax.vision.qwen2_5_vl import load_processor
+
     folder = tmp_path_factory.mktemp("qwen2_5_vl")
-    images = {f"image{i}": picture(h, w, i) for i, (h, w) in enumerate(SIZES)}
-    ref = run_reference(BUILD, images, folder=str(folder), specials=SPECIALS, words=WORDS,
-                        chat_template=CHAT_TEMPLATE, processor=PROCESSOR, text=TEXT,
-                        vision=VISION, sizes=SIZES, conversations=CONVERSATIONS,
-                        images_of=IMAGES_OF)
-    return folder, images, ref
+    ids = build_processor(folder)
+    processor = load_processor(folder)
+    images = [picture(h, w, i) for i, (h, w) in enumerate(SIZES)]
+    arrays = {}
+    for k, indexes in enumerate(IMAGES_OF):
+        for key, value in processed(processor, images, CONVERSATIONS[k:k + 1],
+                                    indexes).items():
+            arrays[f"{k}/{key}"] = value
+    processor.tokenizer.padding_side = "left"
+    for key, value in processed(processor, images, CONVERSATIONS, sum(IMAGES_OF, []),
+                                padding=True).items():
+        arrays[f"batch/{key}"] = value
+    assert not arrays["batch/attention_mask"].all()
+    ref = run_reference(BUILD, arrays, folder=str(folder), ids=ids, text=TEXT, vision=VISION,
+                        cases=[str(k) for k in range(len(IMAGES_OF))] + ["batch"])
+    return folder, arrays, ref
 
 
 def test_config_reads_the_saved_checkpoint(reference):
-    folder, _, ref = reference
-    config = parse_config(json.loads(str(ref["config"])))
+    folder, _, _ = reference
+    config = parse_config(json.loads((folder / "config.json").read_text()))
     assert config.text.rope.mrope_section == (2, 3, 3)
     assert config.text.head_dim == 16 and config.text.qkv_bias and not config.text.o_bias
     assert config.vision.fullatt_block_indexes == (1,)
@@ -133,10 +158,11 @@ def test_config_reads_the_saved_checkpoint(reference):
 
 
 def test_mrope_positions_and_tables_match_transformers(reference):
-    _, _, ref = reference
-    config = parse_config(json.loads(str(ref["config"])))
-    positions, deltas = rope_positions(config, ref["batch/input_ids"],
-                                       ref["batch/image_grid_thw"], ref["batch/attention_mask"])
+    folder, arrays, ref = reference
+    config = parse_config(json.loads((folder / "config.json").read_text()))
+    positions, deltas = rope_positions(config, arrays["batch/input_ids"],
+                                       arrays["batch/image_grid_thw"],
+                                       arrays["batch/attention_mask"])
     np.testing.assert_array_equal(positions, ref["batch/positions"])
     np.testing.assert_array_equal(deltas, ref["batch/deltas"][:, 0])
     # padding on the left of the shorter row, two images in the longer: not plain 0..T-1
@@ -151,3 +177,57 @@ def test_mrope_positions_and_tables_match_transformers(reference):
     for a, b in zip(cos_sin(config.text, jnp.asarray(positions)),
                     cos_sin(config.text, jnp.asarray(plain))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_logits_match_transformers(reference):
+    folder, arrays, ref = reference
+    model, processor = FastVisionModel.from_pretrained(folder, dtype="float32")
+    assert model.config.model_type == "qwen2_5_vl"
+    for case in [str(k) for k in range(len(IMAGES_OF))] + ["batch"]:
+        inputs = {k: arrays[f"{case}/{k}"] for k in INPUT_KEYS}
+        ours = np.asarray(model(**inputs))
+        want = ref[case + "/logits"]
+        assert ours.shape == want.shape
+        mask = inputs["attention_mask"].astype(bool)  # padding's logits are not compared
+        np.testing.assert_allclose(ours[mask], want[mask], atol=1e-4, rtol=0)
+        assert np.abs(want).max() > 0.5
+
+
+PEFT_AND_MERGED = """
+import torch
+from peft import PeftModel
+from transformers import Qwen2_5_VLForConditionalGeneration as Model
+inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
+base = Model.from_pretrained(ARGS["base"], dtype=torch.float32).eval()
+peft_model = PeftModel.from_pretrained(base, ARGS["adapter"]).eval()
+names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+OUTPUTS["vision_modules"] = np.array(sum(".visual." in n for n in names))
+OUTPUTS["language_modules"] = np.array(sum("language_model" in n for n in names))
+with torch.no_grad():
+    OUTPUTS["peft"] = peft_model(**inputs).logits.numpy()
+merged = Model.from_pretrained(ARGS["merged"], dtype=torch.float32).eval()
+with torch.no_grad():
+    OUTPUTS["merged"] = merged(**inputs).logits.numpy()
+"""
+
+
+def test_peft_adapter_and_merged_export_load_in_transformers(reference, tmp_path):
+    from tests.parity.test_llava_parity import randomize_b
+
+    folder, arrays, _ = reference
+    model, processor = FastVisionModel.from_pretrained(folder, dtype="float32")
+    inputs = {k: arrays[f"1/{k}"] for k in INPUT_KEYS}
+    base = np.asarray(model(**inputs))
+    FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert model.lora_spec.language is not None and model.lora_spec.vision is not None
+    randomize_b(model)
+    ours = np.asarray(model(**inputs))
+    assert np.abs(ours - base).max() > 1e-2  # the adapters matter
+    model.save_pretrained(tmp_path / "adapter")
+    model.save_pretrained_merged(tmp_path / "merged", processor, dtype=jnp.float32)
+    ref = run_reference(PEFT_AND_MERGED, inputs, base=str(folder),
+                        adapter=str(tmp_path / "adapter"), merged=str(tmp_path / "merged"))
+    # 2 language layers x 7 projections, 2 vision blocks x 5 projections
+    assert int(ref["language_modules"]) == 14 and int(ref["vision_modules"]) == 10
+    np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=0)
