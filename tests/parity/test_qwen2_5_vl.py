@@ -231,3 +231,30 @@ def test_peft_adapter_and_merged_export_load_in_transformers(reference, tmp_path
     assert int(ref["language_modules"]) == 14 and int(ref["vision_modules"]) == 10
     np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=0)
+
+
+HF_GENERATE = """
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration as Model
+model = Model.from_pretrained(ARGS["folder"], dtype=torch.float32).eval()
+inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
+with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=ARGS["new"], do_sample=False,
+                         eos_token_id=ARGS["eos"], pad_token_id=ARGS["eos"])
+OUTPUTS["tokens"] = out[:, inputs["input_ids"].shape[1]:].numpy()
+"""
+
+
+def test_greedy_generation_with_images_matches_transformers(reference):
+    """Two left-padded rows (one image; two images of different shapes): the prefill's M-RoPE
+    positions and each row's rope delta in the decode steps."""
+    folder, arrays, _ = reference
+    model, processor = FastVisionModel.from_pretrained(folder, dtype="float32")
+    inputs = {k: arrays[f"batch/{k}"] for k in INPUT_KEYS}
+    eos = processor.tokenizer.eos_token_id
+    ours = model.generate(inputs, max_new_tokens=8, eos_token_id=eos)
+    ref = run_reference(HF_GENERATE, inputs, folder=str(folder), new=8, eos=eos)["tokens"]
+    for row, want in zip(ours.tokens, ref.tolist()):
+        if eos in want:
+            want = want[:want.index(eos) + 1]
+        assert row == want
