@@ -51,6 +51,8 @@ class VisionArch:
     image_features: pixels to embeddings (see `ImageFeatures`), in image order.
     input_keys: the processor outputs, beside input_ids, that the forward reads.
     image_blocks: each image's tokens attend to each other both ways (Gemma 3).
+    positions: (config, input_ids [B, T], the batch) -> the text decoder's positions, for an
+      architecture whose positions depend on the images (None: the batch's, or 0..T-1).
     """
 
     model_type: str
@@ -66,3 +68,4 @@ class VisionArch:
     image_features: ImageFeatures
     input_keys: tuple[str, ...] = ("pixel_values",)
     image_blocks: bool = False
+    positions: Callable[[Any, jax.Array, Mapping[str, jax.Array]], jax.Array] | None = None
