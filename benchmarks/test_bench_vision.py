@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 
 from fastlora_jax.testing.vision import tiny_vlm_numpy
-from fastlora_jax.vision import FastVisionModel
+from fastlora_jax import FastVisionModel
 
 import vision_step  # a sibling: pytest puts benchmarks/ on the path for these tests
 

@@ -29,7 +29,7 @@ from fastlora_jax.testing.refenv import run_reference
 from fastlora_jax.testing.vision import build_llava, images
 from fastlora_jax.train.loss import IGNORE
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
-from fastlora_jax.vision import FastVisionModel
+from fastlora_jax import FastVisionModel
 
 # A small LLaVA: big enough that the step is compute, not dispatch.
 TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,

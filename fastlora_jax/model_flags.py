@@ -40,7 +40,7 @@ def load_peft_model(model_dir: str, settings: ModelArguments | dict[str, Any],
         settings = ModelArguments(**convert_fields(ModelArguments, settings,
                                                    source="command line"))
     if is_vision_checkpoint(model_dir):
-        from fastlora_jax.vision import FastVisionModel
+        from fastlora_jax.api import FastVisionModel
 
         if settings.use_dora:
             raise ConfigError("use_dora is not supported for vision-language models yet")

@@ -1,5 +1,5 @@
-"""Tiny random vision-language checkpoints, saved by transformers in the reference environment
-(`save_pretrained` of the model and of its processor), a tiny one written by our own exporter
+"""Tiny random vision-language checkpoints: models saved by transformers in the reference
+environment with processors saved beside them here, tiny ones written by our own exporter
 (no torch), and the images and synthetic image tasks the tests and benchmarks feed them.
 
 The processor is built from SmolLM2's tokenizer (one `<image>` token added) and a CLIP / SigLIP
@@ -30,18 +30,16 @@ TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
 CLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
             image_size=28, patch_size=7, projection_dim=16)
 
+# The model is built and saved by transformers (the reference environment has no image library);
+# the processor is built and saved here, into the same folder.
 BUILD_LLAVA = """
-import torch, transformers
-from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig,
-                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration)
 torch.manual_seed(ARGS["seed"])
-tok = AutoTokenizer.from_pretrained(ARGS["tokenizer"])
-tok.add_tokens(["<image>"], special_tokens=True)
-image_id = tok.convert_tokens_to_ids("<image>")
-text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **ARGS["text"])
+text = LlamaConfig(**ARGS["tokens"], **ARGS["text"])
 vision = CLIPVisionConfig(**ARGS["vision"])
-config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
+config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ARGS["image_id"],
                      vision_feature_layer=-2, vision_feature_select_strategy="default",
                      image_seq_length=(vision.image_size // vision.patch_size) ** 2)
 model = LlavaForConditionalGeneration(config).eval()
@@ -49,25 +47,26 @@ with torch.no_grad():
     for n, p in model.named_parameters():
         if "norm" in n or n.endswith("bias"):
             p.add_(0.1 * torch.randn_like(p))
-size = ARGS["vision"]["image_size"]
-image_processor = CLIPImageProcessor(size={"shortest_edge": size},
-                                     crop_size={"height": size, "width": size})
-processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok,
-                           patch_size=ARGS["vision"]["patch_size"],
-                           vision_feature_select_strategy="default",
-                           num_additional_image_tokens=1, chat_template=ARGS["chat_template"])
 model.save_pretrained(ARGS["folder"])
-processor.save_pretrained(ARGS["folder"])
 """
+
+
+def _token_args(tok) -> dict[str, int | None]:
+    return dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def build_llava(folder: pathlib.Path, seed: int = 0, *, text: dict | None = None,
                 vision: dict | None = None) -> pathlib.Path:
     """A tiny LlavaForConditionalGeneration (CLIP tower, Llama text model) with its processor;
     `text` / `vision` override the sizes (LlamaConfig / CLIPVisionConfig keyword arguments)."""
-    run_reference(BUILD_LLAVA, folder=str(folder), seed=seed, tokenizer=str(TOKENIZER),
-                  text=dict(TEXT, **(text or {})), vision=dict(CLIP, **(vision or {})),
-                  chat_template=CHAT_TEMPLATE)
+    vision = dict(CLIP, **(vision or {}))
+    processor, image_id = tiny_processor(image_size=vision["image_size"],
+                                         patch_size=vision["patch_size"])
+    run_reference(BUILD_LLAVA, folder=str(folder), seed=seed, image_id=image_id,
+                  tokens=_token_args(processor.tokenizer), text=dict(TEXT, **(text or {})),
+                  vision=vision)
+    processor.save_pretrained(str(folder))
     return folder
 
 
@@ -80,18 +79,12 @@ SIGLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
               image_size=32, patch_size=8, vision_use_head=False)
 
 BUILD_GEMMA3 = """
-import torch, transformers
-from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration,
-                          Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig,
+import torch
+from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
                           SiglipVisionConfig)
 torch.manual_seed(ARGS["seed"])
-special = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-           "image_token": "<image_soft_token>"}
-tok = AutoTokenizer.from_pretrained(ARGS["tokenizer"], extra_special_tokens=special)
-ids = {k: tok.convert_tokens_to_ids(v) for k, v in special.items()}
-text = Gemma3TextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                        **ARGS["text"])
+ids = ARGS["ids"]
+text = Gemma3TextConfig(**ARGS["tokens"], **ARGS["text"])
 vision = SiglipVisionConfig(**ARGS["vision"])
 config = Gemma3Config(text_config=text, vision_config=vision,
                       mm_tokens_per_image=ARGS["mm_tokens"], image_token_index=ids["image_token"],
@@ -103,14 +96,7 @@ with torch.no_grad():
             p.add_(0.1 * torch.randn_like(p))
         if "mm_input_projection" in n:
             p.normal_(0, 0.2)
-size = ARGS["vision"]["image_size"]
-image_processor = Gemma3ImageProcessor(size={"height": size, "width": size})
-processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok,
-                            image_seq_length=ARGS["mm_tokens"],
-                            chat_template=ARGS["chat_template"])
 model.save_pretrained(ARGS["folder"])
-processor.save_pretrained(ARGS["folder"])
-OUTPUTS["image_token"] = np.array(ids["image_token"])
 """
 
 GEMMA3_TEMPLATE = CHAT_TEMPLATE.replace("<image>", "<start_of_image>")
@@ -119,8 +105,11 @@ GEMMA3_TEMPLATE = CHAT_TEMPLATE.replace("<image>", "<start_of_image>")
 def build_gemma3(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """A tiny Gemma3ForConditionalGeneration (SigLIP tower, 3 text layers with a sliding window
     shorter than an image's block) with its processor."""
-    run_reference(BUILD_GEMMA3, folder=str(folder), seed=seed, tokenizer=str(TOKENIZER),
-                  text=GEMMA3_TEXT, vision=SIGLIP, mm_tokens=4, chat_template=GEMMA3_TEMPLATE)
+    processor, ids = tiny_gemma3_processor(image_size=SIGLIP["image_size"], mm_tokens=4)
+    run_reference(BUILD_GEMMA3, folder=str(folder), seed=seed, ids=ids,
+                  tokens=_token_args(processor.tokenizer), text=GEMMA3_TEXT, vision=SIGLIP,
+                  mm_tokens=4)
+    processor.save_pretrained(str(folder))
     return folder
 
 
@@ -153,6 +142,60 @@ with torch.no_grad():
 def hf_logits(folder: pathlib.Path, arrays: dict[str, np.ndarray],
               cls: str = "LlavaForConditionalGeneration") -> np.ndarray:
     return run_reference(HF_LOGITS, arrays, folder=str(folder), cls=cls)["logits"]
+
+
+HF_PEFT_AND_MERGED = """
+import torch, transformers
+from peft import PeftModel
+cls = getattr(transformers, ARGS["cls"])
+inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
+base = cls.from_pretrained(ARGS["base"], dtype=torch.float32).eval()
+peft_model = PeftModel.from_pretrained(base, ARGS["adapter"]).eval()
+names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+OUTPUTS["vision_modules"] = np.array(sum("vision_tower" in n for n in names))
+OUTPUTS["language_modules"] = np.array(sum("language_model" in n for n in names))
+with torch.no_grad():
+    OUTPUTS["peft"] = peft_model(**inputs).logits.numpy()
+merged = cls.from_pretrained(ARGS["merged"], dtype=torch.float32).eval()
+with torch.no_grad():
+    OUTPUTS["merged"] = merged(**inputs).logits.numpy()
+"""
+
+
+# transformers' greedy continuation (the new tokens) of the same inputs.
+HF_GENERATE = """
+import torch, transformers
+model = getattr(transformers, ARGS["cls"]).from_pretrained(ARGS["folder"],
+                                                           dtype=torch.float32).eval()
+inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
+with torch.no_grad():
+    out = model.generate(**inputs, max_new_tokens=ARGS["new"], do_sample=False,
+                         eos_token_id=ARGS["eos"], pad_token_id=ARGS["eos"])
+OUTPUTS["tokens"] = out[:, inputs["input_ids"].shape[1]:].numpy()
+"""
+
+
+def hf_peft_and_merged(base: pathlib.Path, adapter: pathlib.Path, merged: pathlib.Path,
+                       arrays: dict[str, np.ndarray],
+                       cls: str = "LlavaForConditionalGeneration") -> dict[str, np.ndarray]:
+    """transformers' logits with our PEFT adapter on the base (`PeftModel.from_pretrained`) and
+    of our merged export, plus how many vision / language modules PEFT adapted."""
+    return run_reference(HF_PEFT_AND_MERGED, arrays, base=str(base), adapter=str(adapter),
+                         merged=str(merged), cls=cls)
+
+
+def randomize_b(model, seed: int = 5) -> None:
+    """Non-zero B everywhere on a `VisionLM`, so that every adapter changes the logits."""
+    import jax
+
+    keys = iter(jax.random.split(jax.random.key(seed), 256))
+
+    def fill(path, leaf):
+        if path[-1].key == "lora_B":
+            return 0.5 * jax.random.normal(next(keys), leaf.shape, leaf.dtype)
+        return leaf
+
+    model.set_adapter(model.lora_spec, jax.tree_util.tree_map_with_path(fill, model.lora))
 
 
 def tiny_processor(tokenizer_dir: pathlib.Path = TOKENIZER, *, image_size: int = 28,

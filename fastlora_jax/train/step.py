@@ -33,7 +33,7 @@ from fastlora_jax.lora.spec import LoraSpec
 from fastlora_jax.models import decoder
 from fastlora_jax.models.decoder import Params
 from fastlora_jax.train.loss import IGNORE, cross_entropy_sum
-from fastlora_jax.vision import model as vision_model
+from fastlora_jax.vision import forward as vision_forward
 
 LAYER_INPUT = decoder.LAYER_INPUT
 ScheduleName = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -144,7 +144,7 @@ def _vision_loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[st
     if "pixel_values" in batch:
         pv = batch["pixel_values"]
         batch["pixel_values"] = pv.reshape((-1,) + pv.shape[2:])
-    h = vision_model.hidden_states(arch, config, cfg.lora, frozen, lora, batch,
+    h = vision_forward.hidden_states(arch, config, cfg.lora, frozen, lora, batch,
                                    dropout_key=dropout_key, attention_impl=cfg.attention_impl,
                                    linear_impl=cfg.linear_impl, remat=remat_wrapper(cfg.remat))
     return cross_entropy_sum(h, decoder.lm_head_weight(cfg.model, frozen["language"]),

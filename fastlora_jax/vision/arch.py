@@ -56,6 +56,8 @@ class VisionArch:
       vision tower's window layout and the M-RoPE `positions` [3, B, T]); None: nothing.
     load_processor: checkpoint folder -> its processor, where transformers' AutoProcessor
       needs help (None: AutoProcessor.from_pretrained).
+    positions: (config, input_ids [B, T], the batch) -> the text decoder's positions, for an
+      architecture whose positions depend on the images (None: the batch's, or 0..T-1).
     """
 
     model_type: str
@@ -73,3 +75,4 @@ class VisionArch:
     image_blocks: bool = False
     host_inputs: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
     load_processor: Callable[[Any], Any] | None = None
+    positions: Callable[[Any, jax.Array, Mapping[str, jax.Array]], jax.Array] | None = None

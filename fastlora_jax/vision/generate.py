@@ -19,6 +19,7 @@ import numpy as np
 from fastlora_jax.errors import GenerationError
 from fastlora_jax.generation import engine
 from fastlora_jax.generation.sampling import SamplingConfig
+from fastlora_jax.vision.forward import input_embeddings
 
 if TYPE_CHECKING:
     from fastlora_jax.vision.model import VisionLM
@@ -38,14 +39,7 @@ class VisionGenerateOutput:
         return [row[mask].tolist() for row, mask in zip(self.sequences, self.completion_mask)]
 
 
-def _embeddings(arch: Any, config: Any, spec: Any, frozen: Any, lora: Any,
-                batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array | None]:
-    from fastlora_jax.vision.model import input_embeddings
-
-    return input_embeddings(arch, config, spec, frozen, lora, batch)
-
-
-_embeddings_jit = jax.jit(_embeddings, static_argnums=(0, 1, 2))
+_embeddings_jit = jax.jit(input_embeddings, static_argnums=(0, 1, 2))
 
 
 def _start(inputs: Mapping[str, Any], shape: tuple[int, int]) -> np.ndarray:

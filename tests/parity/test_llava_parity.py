@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastlora_jax.vision import FastVisionModel
+from fastlora_jax import FastVisionModel
 from fastlora_jax.testing.refenv import run_reference
-from fastlora_jax.testing.vision import build_llava, hf_logits, images
+from fastlora_jax.testing.vision import (HF_GENERATE, build_llava, hf_logits,
+                                        hf_peft_and_merged, images, randomize_b)
 
 pytestmark = pytest.mark.reference
 
@@ -42,36 +42,6 @@ def test_llava_logits_match_transformers(llava_dir: pathlib.Path) -> None:
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-PEFT_AND_MERGED = """
-import torch
-from peft import PeftModel
-from transformers import LlavaForConditionalGeneration
-inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
-base = LlavaForConditionalGeneration.from_pretrained(ARGS["base"], dtype=torch.float32).eval()
-peft_model = PeftModel.from_pretrained(base, ARGS["adapter"]).eval()
-names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
-OUTPUTS["vision_modules"] = np.array(sum("vision_tower" in n for n in names))
-OUTPUTS["language_modules"] = np.array(sum("language_model" in n for n in names))
-with torch.no_grad():
-    OUTPUTS["peft"] = peft_model(**inputs).logits.numpy()
-merged = LlavaForConditionalGeneration.from_pretrained(ARGS["merged"], dtype=torch.float32).eval()
-with torch.no_grad():
-    OUTPUTS["merged"] = merged(**inputs).logits.numpy()
-"""
-
-
-def randomize_b(model) -> None:
-    """Non-zero B everywhere, so every adapter changes the logits."""
-    keys = iter(jax.random.split(jax.random.key(5), 64))
-
-    def fill(path, leaf):
-        if path[-1].key == "lora_B":
-            return 0.5 * jax.random.normal(next(keys), leaf.shape, leaf.dtype)
-        return leaf
-
-    model.set_adapter(model.lora_spec, jax.tree_util.tree_map_with_path(fill, model.lora))
-
-
 def test_llava_peft_adapter_and_merged_export(llava_dir: pathlib.Path,
                                               tmp_path: pathlib.Path) -> None:
     model, processor = FastVisionModel.from_pretrained(llava_dir, dtype="float32")
@@ -84,24 +54,11 @@ def test_llava_peft_adapter_and_merged_export(llava_dir: pathlib.Path,
     assert np.abs(ours - base).max() > 1e-2  # the adapters matter
     model.save_pretrained(tmp_path / "adapter")
     model.save_pretrained_merged(tmp_path / "merged", processor, dtype=jnp.float32)
-    ref = run_reference(PEFT_AND_MERGED, inputs, base=str(llava_dir),
-                        adapter=str(tmp_path / "adapter"), merged=str(tmp_path / "merged"))
+    ref = hf_peft_and_merged(llava_dir, tmp_path / "adapter", tmp_path / "merged", inputs)
     # 2 language layers x 7 projections, 3 tower layers x 6 projections
     assert int(ref["language_modules"]) == 14 and int(ref["vision_modules"]) == 18
     np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=1e-4)
-
-
-HF_GENERATE = """
-import torch
-from transformers import LlavaForConditionalGeneration
-model = LlavaForConditionalGeneration.from_pretrained(ARGS["folder"], dtype=torch.float32).eval()
-inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=ARGS["new"], do_sample=False,
-                         eos_token_id=ARGS["eos"], pad_token_id=ARGS["eos"])
-OUTPUTS["tokens"] = out[:, inputs["input_ids"].shape[1]:].numpy()
-"""
 
 
 def test_llava_greedy_generation_matches_transformers(llava_dir: pathlib.Path) -> None:
@@ -109,7 +66,8 @@ def test_llava_greedy_generation_matches_transformers(llava_dir: pathlib.Path) -
     inputs = chat_inputs(processor, images(((36, 28),), seed=2))
     eos = processor.tokenizer.eos_token_id
     ours = model.generate(inputs, max_new_tokens=10, eos_token_id=eos)
-    ref = run_reference(HF_GENERATE, inputs, folder=str(llava_dir), new=10, eos=eos)["tokens"]
+    ref = run_reference(HF_GENERATE, inputs, folder=str(llava_dir), new=10, eos=eos,
+                        cls="LlavaForConditionalGeneration")["tokens"]
     want = [t for t in ref[0].tolist()]
     if eos in want:
         want = want[:want.index(eos) + 1]

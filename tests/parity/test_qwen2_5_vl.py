@@ -19,7 +19,7 @@ import pytest
 
 from fastlora_jax.models.rope import cos_sin
 from fastlora_jax.testing.refenv import run_reference
-from fastlora_jax.vision import FastVisionModel
+from fastlora_jax import FastVisionModel
 from fastlora_jax.vision.qwen2_5_vl import parse_config, rope_positions
 from tests.parity.test_qwen2_5_vl_vision import PROCESSOR, picture
 
