@@ -279,9 +279,11 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220)}
 
 
-def shapes_dataset(folder: pathlib.Path, n: int = 24, seed: int = 0) -> pathlib.Path:
+def shapes_dataset(folder: pathlib.Path, n: int = 24, seed: int = 0,
+                   size: tuple[int, int] | None = None) -> pathlib.Path:
     """A synthetic task: an image of a coloured square or disc on white -> name its colour.
-    Writes PNGs and `images.jsonl` (rows in TRL's conversational vision format)."""
+    Writes PNGs and `images.jsonl` (rows in TRL's conversational vision format). Images are
+    `size` (width, height), or of random sizes."""
     import json
 
     from PIL import Image, ImageDraw
@@ -293,6 +295,8 @@ def shapes_dataset(folder: pathlib.Path, n: int = 24, seed: int = 0) -> pathlib.
     for i in range(n):
         colour = names[i % len(names)]
         w, h = int(rng.integers(24, 64)), int(rng.integers(24, 64))
+        if size is not None:
+            w, h = size
         image = Image.new("RGB", (w, h), (255, 255, 255))
         draw = ImageDraw.Draw(image)
         box = (w // 5, h // 5, 4 * w // 5, 4 * h // 5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -86,8 +87,10 @@ class SFTTrainer:
 
         def build(part: Any, name: str = "train_dataset") -> tuple[dict[str, np.ndarray], DataStats]:
             if vision:
+                host = (None if model.arch.host_inputs is None
+                        else functools.partial(model.arch.host_inputs, model.config))
                 return build_vision_rows(data_collator, part, max_seq_length=self.max_seq_length,
-                                         pad_token_id=pad, name=name)
+                                         pad_token_id=pad, name=name, host_inputs=host)
             examples = tokenize_examples(part, self.tokenizer,
                                          dataset_text_field=self.args.dataset_text_field,
                                          formatting_func=formatting_func,
@@ -136,7 +139,11 @@ class SFTTrainer:
             model=model.config.text if vision else model.config, lora=model.lora_spec,
             remat=self.args.use_gradient_checkpointing, loss_chunk=self.args.loss_chunk_size,
             vision=(model.arch, model.config) if vision else None)
-        self.images = vision and "pixel_values" in self.data.rows[self.data.local[0]]
+        # a vision model's rows carry the image arrays (and what the architecture derives from
+        # them) beside the token arrays
+        text_keys = ("input_ids", "targets", "positions", "segment_ids")
+        self.image_keys = tuple(k for k in self.data.rows[self.data.local[0]]
+                                if k not in text_keys) if vision else ()
 
     # -----------------------------------------------------------------------------------------
     def _place(self, frozen: Any, lora: Any, opt_state: Any) -> tuple[Any, Any, Any]:
@@ -185,8 +192,7 @@ class SFTTrainer:
         Unpacked rows go without segment ids (see train/step.py: right padding needs none).
         """
         keys = ("input_ids", "targets", "positions") + (("segment_ids",) if self.args.packing
-                                                         else ()) + (
-            ("pixel_values",) if self.images else ())
+                                                         else ()) + self.image_keys
         return self.data.batch(step, rows_per_group=self.rows_per_group,
                                accumulation=self.args.gradient_accumulation_steps,
                                seed=self.args.seed, keys=keys)

@@ -77,6 +77,15 @@ def load_image(source: Any, root: pathlib.Path | None, where: str) -> Any:
                         f"replace or remove it") from None
 
 
+# Processor outputs about the text, not the images.
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"})
+
+
+def _image_arrays(processed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    out = {k: v for k, v in processed.items() if k not in _TEXT_KEYS}
+    return out if "pixel_values" in out else None
+
+
 @dataclasses.dataclass
 class VisionCollator:
     """Builds the training rows of a vision-language model from conversational image rows.
@@ -105,8 +114,11 @@ class VisionCollator:
                              add_special_tokens=False)
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def example(self, row: dict[str, Any], where: str) -> tuple[list[int], list[bool], Any]:
-        """(token ids, train mask, pixel_values [images, C, H, W] or None) of one row."""
+    def example(self, row: dict[str, Any], where: str
+                ) -> tuple[list[int], list[bool], dict[str, np.ndarray] | None]:
+        """(token ids, train mask, the processor's image arrays or None) of one row: at least
+        pixel_values ([images, C, H, W]; Qwen2.5-VL: patch rows [patches, K] and
+        image_grid_thw [images, 3])."""
         if not isinstance(row, dict) or "messages" not in row:
             raise DataError(f"{where}: a vision row needs 'messages' (and 'images')")
         messages = _check_messages(row["messages"], where)
@@ -123,7 +135,7 @@ class VisionCollator:
         full = self._process(messages, images, where, add_generation_prompt=False)
         ids = full["input_ids"][0].tolist()
         if not self.train_on_responses_only:
-            return ids, [True] * len(ids), full.get("pixel_values")
+            return ids, [True] * len(ids), _image_arrays(full)
         mask = [False] * len(ids)
         for i, turn in enumerate(messages):
             if turn["role"] != "assistant":
@@ -141,7 +153,7 @@ class VisionCollator:
                                 f"cannot locate assistant turns with this template")
             for j in range(start, len(end)):
                 mask[j] = True
-        return ids, mask, full.get("pixel_values")
+        return ids, mask, _image_arrays(full)
 
 
 def vision_collator(model: Any, processor: Any, *, train_on_responses_only: bool = True,

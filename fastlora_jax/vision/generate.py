@@ -86,9 +86,11 @@ def generate(model: "VisionLM", inputs: Mapping[str, Any], *, max_new_tokens: in
                                      batch)
     key = jax.random.key(secrets.randbits(31) if seed is None else seed)
     language = model.frozen["language"]
+    positions = (None if model.arch.positions is None
+                 else model.arch.positions(model.config, ids, batch))
     state = engine.prefill_jit(espec, language, lang_lora, ids, jnp.asarray(start), key,
                                jnp.asarray(max_new_tokens, jnp.int32), inputs_embeds=embeds,
-                               bidirectional_ids=blocks, positions=batch.get("positions"),
+                               bidirectional_ids=blocks, positions=positions,
                                position_offset=batch.get("rope_deltas"))
     state = engine.decode_jit(espec, language, lang_lora, state)
     tokens, mask, _ = engine.completions(state, p)

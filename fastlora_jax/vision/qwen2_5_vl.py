@@ -27,6 +27,7 @@ import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fastlora_jax.config import ModelConfig, _Reader
@@ -267,6 +268,8 @@ def rope_positions(config: Qwen25VLConfig, input_ids: np.ndarray,
 
 # Batch keys of the vision tower's layout arrays: "vision_" + the VisionLayout field.
 LAYOUT_PREFIX = "vision_"
+# Batch key of the per-row M-RoPE positions [B, 3, T] (rows slice along the first axis).
+MROPE_POSITIONS = "mrope_positions"
 
 
 def image_features(config: Qwen25VLConfig, params: Params, lora: Params | None,
@@ -277,23 +280,56 @@ def image_features(config: Qwen25VLConfig, params: Params, lora: Params | None,
     images: `pixel_values` [N, K] (the processor's rows) and the `VisionLayout` arrays that
     `host_inputs` derived from `image_grid_thw` (as `vision_<field>`)."""
     layout = VisionLayout(*(images[LAYOUT_PREFIX + key] for key in VisionLayout._fields))
+    if layout.patch_order.ndim == 2:  # training rows: one layout per row, [B, P, ...]
+        layout = _joined_layouts(layout)
     return encode(config.vision, params, images["pixel_values"], layout,
                   lora=None if lora is None else lora.get("tower"), project=project,
                   attention_impl=attention_impl, remat=remat)
 
 
+def _joined_layouts(rows: VisionLayout) -> VisionLayout:
+    """One layout for B rows' images in row order from per-row layouts [B, P, ...] (each row's
+    images give P patches): indexes shifted past the rows before, segment ids made distinct."""
+    B, P = rows.patch_order.shape
+    shift = (jnp.arange(B, dtype=jnp.int32) * P)[:, None]                  # [B, 1]
+    tokens = rows.token_order.shape[1]
+    return VisionLayout(
+        patch_order=(rows.patch_order + shift).reshape(-1),
+        positions=rows.positions.reshape(B * P, 2),
+        frame_ids=(rows.frame_ids + shift).reshape(-1),
+        window_ids=(rows.window_ids + shift).reshape(-1),
+        token_order=(rows.token_order + shift // P * tokens).reshape(-1))
+
+
+def text_positions(config: Qwen25VLConfig, input_ids: jax.Array,
+                   batch: Mapping[str, jax.Array]) -> jax.Array | None:
+    """The text decoder's positions: M-RoPE [3, B, T] from the batch's per-row
+    `mrope_positions` [B, 3, T] (`host_inputs`), else None (0..T-1: text only)."""
+    del config, input_ids
+    rows = batch.get(MROPE_POSITIONS)
+    return None if rows is None else jnp.moveaxis(rows, 1, 0)
+
+
 def host_inputs(config: Qwen25VLConfig, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What `image_grid_thw` fixes, computed on the host before a jitted forward: the vision
-    tower's layout arrays, the M-RoPE `positions` [3, B, T] of `input_ids` (with
-    `attention_mask` when the batch has one) and the `rope_deltas` [B] generation continues
-    from."""
+    tower's layout arrays (one per row [rows, ...] when image_grid_thw is [rows, images, 3],
+    as training rows hold it; else one for the batch's images), the M-RoPE positions of `input_ids` per row (`mrope_positions`
+    [B, 3, T], with `attention_mask` when the batch has one) and the `rope_deltas` [B]
+    generation continues from."""
     grid = batch.get("image_grid_thw")
     out: dict[str, np.ndarray] = {}
-    if grid is not None and len(grid):
+    if grid is not None and np.ndim(grid) == 3:
+        # training rows: image_grid_thw [rows, images per row, 3], one layout per row
+        layouts = [vision_layout(config.vision, g.tolist()) for g in np.asarray(grid)]
+        out.update({LAYOUT_PREFIX + k: np.stack([getattr(layout, k) for layout in layouts])
+                    for k in VisionLayout._fields})
+        grid = np.asarray(grid).reshape(-1, 3)
+    elif grid is not None and len(grid):
         layout = vision_layout(config.vision, np.asarray(grid).tolist())
         out.update({LAYOUT_PREFIX + k: v for k, v in layout._asdict().items()})
-    out["positions"], out["rope_deltas"] = rope_positions(
+    positions, out["rope_deltas"] = rope_positions(
         config, np.asarray(batch["input_ids"]), grid, batch.get("attention_mask"))
+    out[MROPE_POSITIONS] = np.moveaxis(positions, 0, 1)
     return out
 
 
@@ -311,6 +347,7 @@ QWEN2_5_VL = VisionArch(
     image_features=image_features,
     host_inputs=host_inputs,
     load_processor=load_processor,
+    positions=text_positions,
 )
 
 __all__ = ["QWEN2_5_VL", "Qwen25VLConfig", "parse_config", "rope_positions"]

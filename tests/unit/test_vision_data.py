@@ -33,9 +33,9 @@ def test_example_masks_only_the_response(collator: VisionCollator,
                                          tmp_path: pathlib.Path) -> None:
     shapes_dataset(tmp_path, n=1)
     collator.image_root = tmp_path
-    ids, mask, pixels = collator.example(row(["shape0.png"]), "row 0")
+    ids, mask, images = collator.example(row(["shape0.png"]), "row 0")
     tok = collator.processor.tokenizer
-    assert pixels.shape == (1, 3, 28, 28)
+    assert images["pixel_values"].shape == (1, 3, 28, 28)
     assert ids.count(collator.image_token_id) == 16  # (28 / 7) ** 2 patches, CLS dropped
     trained = tok.decode([t for t, m in zip(ids, mask) if m])
     assert trained == "red<|im_end|>\n"
