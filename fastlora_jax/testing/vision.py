@@ -262,7 +262,10 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
             model_type="gemma3", text=text, vision=vision, image_token_id=ids["image_token"],
             mm_tokens_per_image=4, boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"])
     key = jax.random.key(seed)
-    params = {"language": decoder.init_params(text, key), "vision": {}}
+    # weights of about 1 / sqrt(width) (not init_params' 0.02): logits that LoRA can move
+    language = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a,
+                            decoder.init_params(text, key))
+    params = {"language": language, "vision": {}}
     for i, spec in enumerate(arch.vision_specs(config)):
         if spec.path[-1] == "bias" or "mm_soft_emb_norm" in spec.path:
             value = jnp.zeros(spec.shape)
