@@ -3,7 +3,7 @@ decoder we support (Llama, Mistral, Qwen2, ...).
 
 Each image is encoded by the tower; the hidden states after `vision_feature_layer` blocks
 (transformers' `hidden_states[vision_feature_layer]`, default -2: the second-to-last block) lose
-their CLS token under the `default` select strategy (`full` keeps it), and
+their first token (CLIP's CLS) under the `default` select strategy (`full` keeps it), and
 `linear_2(act(linear_1(x)))` maps them to the text width. The results replace the image
 placeholder tokens' embeddings, image after image, token after token.
 
@@ -53,8 +53,7 @@ class LlavaConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        drop = 1 if self.select_strategy == "default" and self.vision.class_token else 0
-        return self.vision.num_positions - drop
+        return self.vision.num_positions - (1 if self.select_strategy == "default" else 0)
 
 
 def parse_config(hf: Mapping[str, Any], source: str) -> LlavaConfig:
@@ -122,7 +121,7 @@ def image_features(c: LlavaConfig, params: Params, lora: Params | None, project:
     h = encode(c.vision, params["tower"], pixels, num_layers=c.feature_layers,
                lora=None if lora is None else lora.get("tower"), project=project,
                attention_impl=attention_impl, remat=remat)                      # [N,S,Dv]
-    if c.select_strategy == "default" and c.vision.class_token:
+    if c.select_strategy == "default":  # transformers drops the first token, CLS or not
         h = h[:, 1:]
     p = params["projector"]
 
