@@ -51,9 +51,6 @@ class LlavaConfig:
         """How many tower blocks run: hidden_states[k] is the output of block k - 1."""
         return self.vision_feature_layer % (self.vision.num_layers + 1)
 
-    @property
-    def tokens_per_image(self) -> int:
-        return self.vision.num_positions - (1 if self.select_strategy == "default" else 0)
 
 
 def parse_config(hf: Mapping[str, Any], source: str) -> LlavaConfig:
@@ -116,7 +113,8 @@ def projector_act(kind: str) -> Any:
 def image_features(c: LlavaConfig, params: Params, lora: Params | None, project: Project,
                    images: Mapping[str, jax.Array], attention_impl: Any = None,
                    remat: Any = None) -> jax.Array:
-    """pixel_values [N, C, H, W] -> [N * tokens_per_image, text hidden]."""
+    """pixel_values [N, C, H, W] -> [N * image tokens, text hidden] (tokens: the tower's
+    positions, less the first under the default strategy)."""
     pixels = images["pixel_values"]
     h = encode(c.vision, params["tower"], pixels, num_layers=c.feature_layers,
                lora=None if lora is None else lora.get("tower"), project=project,

@@ -33,6 +33,16 @@ def chat_inputs(processor, pictures: list) -> dict[str, np.ndarray]:
     return {k: np.asarray(out[k]) for k in ("input_ids", "attention_mask", "pixel_values")}
 
 
+def test_llava_siglip_logits_match_transformers(tmp_path: pathlib.Path) -> None:
+    """A SigLIP tower (no CLS token: the default strategy still drops the first patch)."""
+    folder = build_llava(tmp_path / "ckpt", siglip=True)
+    model, processor = FastVisionModel.from_pretrained(folder, dtype="float32")
+    inputs = chat_inputs(processor, images(((50, 20),), seed=4))
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 15  # 4 x 4 - 1
+    np.testing.assert_allclose(np.asarray(model(**inputs)), hf_logits(folder, inputs),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_llava_logits_match_transformers(llava_dir: pathlib.Path) -> None:
     model, processor = FastVisionModel.from_pretrained(llava_dir, dtype="float32")
     inputs = chat_inputs(processor, images())
