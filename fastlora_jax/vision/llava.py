@@ -71,6 +71,10 @@ def parse_config(hf: Mapping[str, Any], source: str) -> LlavaConfig:
                         "the CLS token is dropped ('default') or kept ('full')")
     act = r.expect("projector_hidden_act", _ACTIVATIONS, "the projector's activation")
     bias = r.take("multimodal_projector_bias", bool, True)
+    vocab = r.take("vocab_size", int, text.vocab_size)  # older checkpoints repeat it here
+    if vocab != text.vocab_size:
+        raise ConfigError(f"{source}: vocab_size={vocab} disagrees with text_config's "
+                          f"{text.vocab_size}")
     tie = r.take("tie_word_embeddings", bool, text.tie_embeddings)
     if tie != text.tie_embeddings:
         raise ConfigError(f"{source}: tie_word_embeddings={tie} disagrees with text_config's "
