@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from fastlora_jax import FastVisionModel
-from fastlora_jax.errors import ConfigError, DataError
+from fastlora_jax.errors import CheckpointError, ConfigError, DataError
 from fastlora_jax.quant import QTensor, dequantize
-from fastlora_jax.testing.vision import images, tiny_vlm_numpy
+from fastlora_jax.testing.vision import images, randomize_b, tiny_vlm_numpy
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,21 @@ def test_unsupported_checkpoint_lists_architectures(tmp_path: pathlib.Path) -> N
     with pytest.raises(ConfigError, match=r"'mllama' is not a supported vision-language "
                                           r"architecture; supported: \[.*'gemma3'.*'llava'"):
         FastVisionModel.from_pretrained(tmp_path)
+
+
+def test_adapter_round_trip(llava_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """save_pretrained, then from_pretrained on the adapter folder (base, then adapter)."""
+    model, processor = FastVisionModel.from_pretrained(llava_dir, dtype="float32")
+    FastVisionModel.get_peft_model(model, r=4, finetune_mlp_modules=False)
+    randomize_b(model)
+    batch = inputs(processor)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded, _ = FastVisionModel.from_pretrained(tmp_path / "adapter", dtype="float32")
+    assert loaded.lora_spec.language.targets == model.lora_spec.language.targets
+    np.testing.assert_allclose(np.asarray(loaded(**batch)), np.asarray(model(**batch)),
+                               atol=1e-6)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        (tmp_path / "adapter" / "adapter_config.json").read_text().replace(
+            "self_attn", "cross_attn"))
+    with pytest.raises(CheckpointError, match="matches no module"):
+        loaded.load_adapter(tmp_path / "adapter")
