@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+import pytest
 
 from fastlora_jax.testing.vision import tiny_vlm_numpy
 from fastlora_jax import FastVisionModel
@@ -13,6 +14,7 @@ from fastlora_jax import FastVisionModel
 import vision_step  # a sibling: pytest puts benchmarks/ on the path for these tests
 
 
+@pytest.mark.slow  # compiles a training step: ~80 s on 2 cores
 def test_our_side_runs_and_counts_adapters(tmp_path: pathlib.Path) -> None:
     folder = tiny_vlm_numpy(tmp_path / "llava")
     _, processor = FastVisionModel.from_pretrained(folder, dtype="float32")

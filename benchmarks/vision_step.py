@@ -13,9 +13,7 @@ Usage: .venv/bin/python benchmarks/vision_step.py [--batch 4] [--steps 5]
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import platform
 import statistics
 import tempfile
 import time
@@ -125,19 +123,8 @@ def main() -> None:
     tokens = int(inputs["attention_mask"].sum())
     case = (f"tiny LLaVA fp32 (CLIP 4x128, Llama 4x256), LoRA r16 vision+language, "
             f"batch {args.batch} x {inputs['input_ids'].shape[1]} tokens, 1 image/row")
-    result = common.envelope(
-        "vision_step",
-        device=f"CPU {platform.processor() or platform.machine()}, {jax.device_count()} JAX "
-               f"device(s), torch threads {int(ref['threads'])}",
-        versions={"jax": jax.__version__}, load_average=os.getloadavg())
-    base = "HF transformers + PEFT (torch CPU)"
-    result["rows"] = [
-        common.row(case, "median step time (s)", ours_t, base, theirs_t, higher_is_better=False,
-                   target=1.0),
-        common.row(case, "tokens/s", tokens / ours_t, base, tokens / theirs_t, target=1.0)]
-    out = common.write(result)
-    print(common.markdown_table(result["rows"]))
-    print(f"wrote {out}")
+    common.write_cpu_step_vs_torch("vision_step", case, ours_t, theirs_t, tokens,
+                                   int(ref["threads"]))
 
 
 if __name__ == "__main__":

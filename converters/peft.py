@@ -174,6 +174,16 @@ def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
         spec = resolve(lora_cfg, model_config, default_targets)
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from None
+    path, tensors = read_adapter_tensors(folder)
+    used: set[str] = set()
+    tree = adapter_tree(spec, tensors, used, path, param_specs(model_config),
+                        model_config.num_layers, hf_module_name, dtype)
+    check_all_used(tensors, used, path)
+    return spec, tree
+
+
+def read_adapter_tensors(folder: pathlib.Path) -> tuple[pathlib.Path, dict[str, np.ndarray]]:
+    """(adapter_model.safetensors, {key with PEFT's `base_model.model.` prefix: array})."""
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} is missing (only safetensors adapters are read; "
@@ -183,43 +193,53 @@ def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
-    tensors = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in tensors.items()}
+    return path, {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in tensors.items()}
+
+
+def adapter_tree(spec: LoraSpec, tensors: dict[str, np.ndarray], used: set[str],
+                 path: pathlib.Path, specs: list[Any], num_layers: int,
+                 module_name: Callable[[int, str, str], str], dtype: Any) -> Params:
+    """The stacked LoRA tree of `spec` from PEFT's per-layer tensors (each found and its shape
+    checked against `specs`, the frozen params' ParamSpecs, before allocating); the keys read are
+    added to `used`."""
     tree: Params = {"layers": {}}
-    shapes = {s.path: s.layer_shape for s in param_specs(model_config)}
-    used = set()
+    shapes = {s.path: s.layer_shape for s in specs}
     for (group, name), ranks, _ in spec.modules:
         out_dim, in_dim = shapes[("layers", group, name, "weight")]
         parts: dict[str, list[tuple[int, np.ndarray]]] = {"a": [], "b": [], "m": []}
         for layer, r in enumerate(ranks):  # every tensor is found and checked before allocating
             if r == 0:
                 continue
-            key = PREFIX + hf_module_name(layer, group, name)
+            key = PREFIX + module_name(layer, group, name)
             parts["a"].append((layer, _take(tensors, key + ".lora_A.weight", (r, in_dim), path)))
             parts["b"].append((layer, _take(tensors, key + ".lora_B.weight", (out_dim, r), path)))
             used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
-            if lora_cfg.use_dora:
+            if spec.config.use_dora:
                 parts["m"].append((layer, _take(tensors, key + ".lora_magnitude_vector",
                                                 (out_dim,), path)))
                 used.add(key + ".lora_magnitude_vector")
-        L, rmax = model_config.num_layers, max(ranks)
-        a = np.zeros((L, rmax, in_dim), np.float32)
-        b = np.zeros((L, out_dim, rmax), np.float32)
+        rmax = max(ranks)
+        a = np.zeros((num_layers, rmax, in_dim), np.float32)
+        b = np.zeros((num_layers, out_dim, rmax), np.float32)
         for layer, t in parts["a"]:
             a[layer, :t.shape[0]] = t
         for layer, t in parts["b"]:
             b[layer, :, :t.shape[1]] = t
         entry = {"lora_A": jnp.asarray(a, dtype), "lora_B": jnp.asarray(b, dtype)}
-        if lora_cfg.use_dora:
-            m = np.zeros((L, out_dim), np.float32)
+        if spec.config.use_dora:
+            m = np.zeros((num_layers, out_dim), np.float32)
             for layer, t in parts["m"]:
                 m[layer] = t
             entry["lora_magnitude"] = jnp.asarray(m, dtype)
         tree["layers"].setdefault(group, {})[name] = entry
+    return tree
+
+
+def check_all_used(tensors: dict[str, np.ndarray], used: set[str], path: pathlib.Path) -> None:
     extra = sorted(set(tensors) - used)
     if extra:
         raise CheckpointError(f"{str(path)!r} holds tensors this model has no place for: "
                               f"{extra[:5]}; the adapter was made for another architecture")
-    return spec, tree
 
 
 def _take(tensors: dict[str, np.ndarray], key: str, shape: tuple[int, ...],

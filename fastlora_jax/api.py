@@ -66,6 +66,20 @@ def load_tokenizer(folder: pathlib.Path) -> Any:
                               f"working tokenizer into the folder") from None
 
 
+def adapter_base(folder: pathlib.Path) -> pathlib.Path:
+    """The base model an adapter folder names (`base_model_name_or_path`, relative paths from
+    the adapter's folder when they exist there)."""
+    base = read_adapter_config(folder).get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{str(folder / ADAPTER_CONFIG)!r} names no "
+                              f"base_model_name_or_path; load the base model, then "
+                              f"model.load_adapter({str(folder)!r})")
+    base_path = pathlib.Path(base)
+    if not base_path.is_absolute() and (folder / base_path).exists():
+        base_path = folder / base_path
+    return base_path
+
+
 class FastLanguageModel:
     """`model, tokenizer = FastLanguageModel.from_pretrained(path)`, as in Unsloth."""
 
@@ -89,17 +103,8 @@ class FastLanguageModel:
         gguf = find_gguf(folder, gguf_file)
         if gguf is None and (folder / ADAPTER_CONFIG).is_file() and not (
                 folder / "config.json").is_file():
-            adapter_cfg = read_adapter_config(folder)
-            base = adapter_cfg.get("base_model_name_or_path")
-            if not base:
-                raise CheckpointError(f"{str(folder / ADAPTER_CONFIG)!r} names no "
-                                      f"base_model_name_or_path; load the base model, then "
-                                      f"model.load_adapter({str(folder)!r})")
-            base_path = pathlib.Path(base)
-            if not base_path.is_absolute() and (folder / base_path).exists():
-                base_path = folder / base_path
             model, tokenizer = FastLanguageModel.from_pretrained(
-                base_path, max_seq_length=max_seq_length, dtype=dtype,
+                adapter_base(folder), max_seq_length=max_seq_length, dtype=dtype,
                 load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
             model.load_adapter(folder)
             return model, tokenizer
@@ -192,7 +197,8 @@ class FastVisionModel:
     def from_pretrained(model_name: str | pathlib.Path, max_seq_length: int = 2048,
                         dtype: Any = None, load_in_4bit: bool = False,
                         load_in_8bit: bool = False) -> tuple[VisionLM, Any]:
-        """Load a vision-language HF checkpoint folder and its processor (AutoProcessor).
+        """Load a vision-language HF checkpoint folder and its processor (AutoProcessor), or a
+        PEFT adapter folder (its base, then the adapter).
 
         load_in_4bit / load_in_8bit quantize the text decoder's projections (NF4 / int8); the
         vision tower and projector stay in the compute `dtype` (None: bfloat16 on GPU/TPU,
@@ -202,6 +208,13 @@ class FastVisionModel:
         if not isinstance(max_seq_length, int) or max_seq_length <= 0:
             raise ConfigError(f"max_seq_length={max_seq_length!r} must be a positive int")
         folder = resolve_model_path(model_name)
+        if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+            base = adapter_base(folder)
+            model, processor = FastVisionModel.from_pretrained(
+                base, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit)
+            model.load_adapter(folder)
+            return model, processor
         quantize = QuantKind.NF4 if load_in_4bit else QuantKind.INT8 if load_in_8bit else None
         arch, config, params = load_vlm(folder, dtype=resolve_dtype(dtype), quantize=quantize)
         processor = load_processor(folder, arch)

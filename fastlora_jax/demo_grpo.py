@@ -20,6 +20,7 @@ import re
 import shutil
 from typing import Any
 
+from fastlora_jax.converters.atomic import write_text_atomic
 from fastlora_jax.errors import ConfigError
 
 QUESTION = "{a} + {b} = ?"

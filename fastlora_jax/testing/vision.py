@@ -33,12 +33,11 @@ CLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_atten
 # The model is built and saved by transformers (the reference environment has no image library);
 # the processor is built and saved here, into the same folder.
 BUILD_LLAVA = """
-import torch
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration)
+import torch, transformers
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 torch.manual_seed(ARGS["seed"])
 text = LlamaConfig(**ARGS["tokens"], **ARGS["text"])
-vision = CLIPVisionConfig(**ARGS["vision"])
+vision = getattr(transformers, ARGS["vision_cls"])(**ARGS["vision"])
 config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ARGS["image_id"],
                      vision_feature_layer=-2, vision_feature_select_strategy="default",
                      image_seq_length=(vision.image_size // vision.patch_size) ** 2)
@@ -57,15 +56,17 @@ def _token_args(tok) -> dict[str, int | None]:
 
 
 def build_llava(folder: pathlib.Path, seed: int = 0, *, text: dict | None = None,
-                vision: dict | None = None) -> pathlib.Path:
-    """A tiny LlavaForConditionalGeneration (CLIP tower, Llama text model) with its processor;
-    `text` / `vision` override the sizes (LlamaConfig / CLIPVisionConfig keyword arguments)."""
-    vision = dict(CLIP, **(vision or {}))
+                vision: dict | None = None, siglip: bool = False) -> pathlib.Path:
+    """A tiny LlavaForConditionalGeneration (CLIP tower, or SigLIP with `siglip`; Llama text
+    model) with its processor; `text` / `vision` override the sizes (LlamaConfig /
+    CLIPVisionConfig / SiglipVisionConfig keyword arguments)."""
+    vision = dict(SIGLIP if siglip else CLIP, **(vision or {}))
     processor, image_id = tiny_processor(image_size=vision["image_size"],
-                                         patch_size=vision["patch_size"])
+                                         patch_size=vision["patch_size"], class_token=not siglip)
     run_reference(BUILD_LLAVA, folder=str(folder), seed=seed, image_id=image_id,
                   tokens=_token_args(processor.tokenizer), text=dict(TEXT, **(text or {})),
-                  vision=vision)
+                  vision=vision,
+                  vision_cls="SiglipVisionConfig" if siglip else "CLIPVisionConfig")
     processor.save_pretrained(str(folder))
     return folder
 
@@ -199,8 +200,9 @@ def randomize_b(model, seed: int = 5) -> None:
 
 
 def tiny_processor(tokenizer_dir: pathlib.Path = TOKENIZER, *, image_size: int = 28,
-                   patch_size: int = 7) -> tuple[object, int]:
-    """(a LlavaProcessor built in this environment, the `<image>` token id)."""
+                   patch_size: int = 7, class_token: bool = True) -> tuple[object, int]:
+    """(a LlavaProcessor built in this environment, the `<image>` token id); `class_token`:
+    the tower has CLIP's CLS token (which the default strategy then drops)."""
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -209,7 +211,8 @@ def tiny_processor(tokenizer_dir: pathlib.Path = TOKENIZER, *, image_size: int =
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok,
                                patch_size=patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+                               num_additional_image_tokens=1 if class_token else 0,
+                               chat_template=CHAT_TEMPLATE)
     return processor, tok.convert_tokens_to_ids("<image>")
 
 
@@ -262,7 +265,10 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
             model_type="gemma3", text=text, vision=vision, image_token_id=ids["image_token"],
             mm_tokens_per_image=4, boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"])
     key = jax.random.key(seed)
-    params = {"language": decoder.init_params(text, key), "vision": {}}
+    # weights of about 1 / sqrt(width) (not init_params' 0.02): logits that LoRA can move
+    language = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a,
+                            decoder.init_params(text, key))
+    params = {"language": language, "vision": {}}
     for i, spec in enumerate(arch.vision_specs(config)):
         if spec.path[-1] == "bias" or "mm_soft_emb_norm" in spec.path:
             value = jnp.zeros(spec.shape)

@@ -12,6 +12,7 @@ and transformers' `from_pretrained` load them unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 from typing import Any
@@ -23,13 +24,17 @@ from fastlora_jax.converters.chunks import read_rows
 from fastlora_jax.converters.hf import (checkpoint_dir, iter_tensors, load_params,
                                         read_config_json)
 from fastlora_jax.converters.merged import hf_state_dict, write_checkpoint
-from fastlora_jax.converters.peft import adapter_config_dict, adapter_tensors, write_adapter
-from fastlora_jax.errors import CheckpointError, ExportError
+from fastlora_jax.converters.peft import (CONFIG_NAME, adapter_config_dict, adapter_tensors,
+                                          adapter_tree, check_all_used, lora_config_from_peft,
+                                          read_adapter_config, read_adapter_tensors,
+                                          write_adapter)
+from fastlora_jax.errors import CheckpointError, ConfigError, ExportError
 from fastlora_jax.lora.layer import merge
-from fastlora_jax.models.decoder import Params, get_path, set_path
+from fastlora_jax.models.decoder import Params, get_path, param_specs, set_path
 from fastlora_jax.quant import QuantKind
 from fastlora_jax.vision.arch import VisionArch
-from fastlora_jax.vision.lora import VisionLoraSpec, language_name, vision_name
+from fastlora_jax.vision.lora import (VisionLoraSpec, language_name, resolve_vision_lora,
+                                     vision_name)
 from fastlora_jax.vision.registry import config_from_hf
 
 _LAYER = re.compile(r"^(.*?)\.layers\.(\d+)\.(.+)$")
@@ -153,6 +158,37 @@ def save_vlm_adapter(folder: str | pathlib.Path, arch: VisionArch, spec: VisionL
                          tokenizer=processor, overwrite=overwrite)
 
 
+def load_vlm_adapter(folder: str | pathlib.Path, arch: VisionArch, config: Any,
+                     dtype: Any = jnp.float32) -> tuple[VisionLoraSpec, Params]:
+    """Read a PEFT adapter (ours or peft's) for the architecture's transformers class: its
+    target_modules resolve over both parts' module names, every tensor's shape is checked."""
+    folder = pathlib.Path(folder)
+    source = str(folder / CONFIG_NAME)
+    lora_config = lora_config_from_peft(read_adapter_config(folder), source)
+    if lora_config.target_modules is None:
+        raise CheckpointError(f"{source}: target_modules is null; a vision-language adapter must "
+                              f"name its modules (a list or a regex)")
+    try:
+        spec = resolve_vision_lora(arch, config, lora_config)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    path, tensors = read_adapter_tensors(folder)
+    used: set[str] = set()
+    lora: Params = {}
+    if spec.language is not None:
+        lora["language"] = adapter_tree(
+            spec.language, tensors, used, path, param_specs(config.text), config.text.num_layers,
+            lambda i, g, n: language_name(arch, i, g, n), dtype)
+    if spec.vision is not None:
+        tower = [dataclasses.replace(s, path=s.path[1:]) for s in arch.vision_specs(config)
+                 if s.path[0] == "tower"]
+        lora["vision"] = {"tower": adapter_tree(
+            spec.vision, tensors, used, path, tower, config.vision.num_layers,
+            lambda i, g, n: vision_name(arch, i, g, n), dtype)}
+    check_all_used(tensors, used, path)
+    return spec, lora
+
+
 def merged_params(arch: VisionArch, config: Any, frozen: Params, lora: Params | None,
                   spec: VisionLoraSpec | None) -> Params:
     """Both parts dense in float32 with the adapters folded in."""
@@ -201,4 +237,5 @@ def save_vlm_merged(folder: str | pathlib.Path, arch: VisionArch, config: Any, f
                             max_shard_size=max_shard_size, overwrite=overwrite)
 
 
-__all__ = ["load_vlm", "read_vlm_config", "save_vlm_adapter", "save_vlm_merged"]
+__all__ = ["load_vlm", "load_vlm_adapter", "read_vlm_config", "save_vlm_adapter",
+           "save_vlm_merged"]

@@ -26,8 +26,9 @@ def scatter_images(embeds: jax.Array, input_ids: jax.Array, image_token_id: int,
                    features: jax.Array) -> jax.Array:
     """embeds [B, T, H] with the k-th image token (row-major) replaced by features[k] [N, H].
 
-    The caller checks on the host that the batch has exactly N image tokens (the collator and
-    `VisionLM` do); here extra tokens would repeat the last feature row."""
+    The batch must hold exactly N image tokens: the processor expands each image into its
+    placeholders, the collator refuses a truncation that would cut them and `VisionLM.batch`
+    checks them; here extra tokens would repeat the last feature row."""
     mask = input_ids == image_token_id                                          # [B,T]
     index = jnp.cumsum(mask.reshape(-1)) - 1
     index = jnp.clip(index, 0, max(features.shape[0] - 1, 0)).reshape(mask.shape)

@@ -3,7 +3,7 @@ decoder we support (Llama, Mistral, Qwen2, ...).
 
 Each image is encoded by the tower; the hidden states after `vision_feature_layer` blocks
 (transformers' `hidden_states[vision_feature_layer]`, default -2: the second-to-last block) lose
-their CLS token under the `default` select strategy (`full` keeps it), and
+their first token (CLIP's CLS) under the `default` select strategy (`full` keeps it), and
 `linear_2(act(linear_1(x)))` maps them to the text width. The results replace the image
 placeholder tokens' embeddings, image after image, token after token.
 
@@ -51,10 +51,6 @@ class LlavaConfig:
         """How many tower blocks run: hidden_states[k] is the output of block k - 1."""
         return self.vision_feature_layer % (self.vision.num_layers + 1)
 
-    @property
-    def tokens_per_image(self) -> int:
-        drop = 1 if self.select_strategy == "default" and self.vision.class_token else 0
-        return self.vision.num_positions - drop
 
 
 def parse_config(hf: Mapping[str, Any], source: str) -> LlavaConfig:
@@ -75,6 +71,10 @@ def parse_config(hf: Mapping[str, Any], source: str) -> LlavaConfig:
                         "the CLS token is dropped ('default') or kept ('full')")
     act = r.expect("projector_hidden_act", _ACTIVATIONS, "the projector's activation")
     bias = r.take("multimodal_projector_bias", bool, True)
+    vocab = r.take("vocab_size", int, text.vocab_size)  # older checkpoints repeat it here
+    if vocab != text.vocab_size:
+        raise ConfigError(f"{source}: vocab_size={vocab} disagrees with text_config's "
+                          f"{text.vocab_size}")
     tie = r.take("tie_word_embeddings", bool, text.tie_embeddings)
     if tie != text.tie_embeddings:
         raise ConfigError(f"{source}: tie_word_embeddings={tie} disagrees with text_config's "
@@ -117,12 +117,13 @@ def projector_act(kind: str) -> Any:
 def image_features(c: LlavaConfig, params: Params, lora: Params | None, project: Project,
                    images: Mapping[str, jax.Array], attention_impl: Any = None,
                    remat: Any = None) -> jax.Array:
-    """pixel_values [N, C, H, W] -> [N * tokens_per_image, text hidden]."""
+    """pixel_values [N, C, H, W] -> [N * image tokens, text hidden] (tokens: the tower's
+    positions, less the first under the default strategy)."""
     pixels = images["pixel_values"]
     h = encode(c.vision, params["tower"], pixels, num_layers=c.feature_layers,
                lora=None if lora is None else lora.get("tower"), project=project,
                attention_impl=attention_impl, remat=remat)                      # [N,S,Dv]
-    if c.select_strategy == "default" and c.vision.class_token:
+    if c.select_strategy == "default":  # transformers drops the first token, CLS or not
         h = h[:, 1:]
     p = params["projector"]
 

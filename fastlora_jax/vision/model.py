@@ -15,7 +15,7 @@ import numpy as np
 from fastlora_jax.errors import ConfigError, DataError
 from fastlora_jax.models.decoder import Params, frozen_project
 from fastlora_jax.vision.arch import VisionArch
-from fastlora_jax.vision.checkpoint import save_vlm_adapter, save_vlm_merged
+from fastlora_jax.vision.checkpoint import load_vlm_adapter, save_vlm_adapter, save_vlm_merged
 from fastlora_jax.vision.forward import forward_jit
 from fastlora_jax.vision.lora import VisionLoraSpec
 
@@ -52,6 +52,10 @@ class VisionLM:
 
     def set_adapter(self, spec: VisionLoraSpec, lora: Params) -> None:
         self.lora_spec, self.lora = spec, lora
+
+    def load_adapter(self, folder: str | pathlib.Path) -> None:
+        """Load a PEFT adapter folder (written by us or by `peft` for the transformers class)."""
+        self.set_adapter(*load_vlm_adapter(folder, self.arch, self.config))
 
     def batch(self, inputs: Mapping[str, Any]) -> dict[str, jax.Array]:
         """The arrays the forward reads, from a processor output (numpy arrays or lists),

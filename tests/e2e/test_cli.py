@@ -44,6 +44,22 @@ def test_demo_as_the_readme_runs_it_learns_the_held_out_tags(smollm2_dir, tmp_pa
     assert (out / "loss.png").exists()
 
 
+@pytest.mark.slow
+def test_grpo_demo_runs_end_to_end_through_the_cli(smollm2_dir, tmp_path):
+    """`fastlora-jax demo --task grpo`, cut to two steps: it evaluates before and after, trains,
+    and writes its result and a PEFT adapter (the learning itself is measured in the README)."""
+    out = tmp_path / "demo_grpo"
+    proc = subprocess.run([CLI, "demo", "--task", "grpo", "--model", str(smollm2_dir),
+                           "--output_dir", str(out), "--max_steps", "2"],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    assert "held-out before GRPO" in proc.stdout and "held-out after GRPO" in proc.stdout
+    result = json.loads((out / "demo_result.json").read_text())
+    assert result["train"]["global_step"] == 2
+    assert set(result["before"]) >= {"accuracy", "correct_reward", "mean_reward"}
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_cli_reports_bad_model_path_cleanly(tmp_path):
     proc = subprocess.run([CLI, "chat", "--model", str(tmp_path / "missing"), "--prompt", "hi"],
                           capture_output=True, text=True, timeout=300)

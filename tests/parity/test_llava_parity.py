@@ -33,6 +33,16 @@ def chat_inputs(processor, pictures: list) -> dict[str, np.ndarray]:
     return {k: np.asarray(out[k]) for k in ("input_ids", "attention_mask", "pixel_values")}
 
 
+def test_llava_siglip_logits_match_transformers(tmp_path: pathlib.Path) -> None:
+    """A SigLIP tower (no CLS token: the default strategy still drops the first patch)."""
+    folder = build_llava(tmp_path / "ckpt", siglip=True)
+    model, processor = FastVisionModel.from_pretrained(folder, dtype="float32")
+    inputs = chat_inputs(processor, images(((50, 20),), seed=4))
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 15  # 4 x 4 - 1
+    np.testing.assert_allclose(np.asarray(model(**inputs)), hf_logits(folder, inputs),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_llava_logits_match_transformers(llava_dir: pathlib.Path) -> None:
     model, processor = FastVisionModel.from_pretrained(llava_dir, dtype="float32")
     inputs = chat_inputs(processor, images())
@@ -72,3 +82,32 @@ def test_llava_greedy_generation_matches_transformers(llava_dir: pathlib.Path) -
     if eos in want:
         want = want[:want.index(eos) + 1]
     assert ours.tokens[0] == want
+
+
+PEFT_WRITES = """
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlavaForConditionalGeneration
+torch.manual_seed(1)
+base = LlavaForConditionalGeneration.from_pretrained(ARGS["base"], dtype=torch.float32).eval()
+model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=ARGS["targets"],
+                                        init_lora_weights=False)).eval()
+model.save_pretrained(ARGS["adapter"])
+with torch.no_grad():
+    OUTPUTS["logits"] = model(**{k: torch.from_numpy(v) for k, v in INPUTS.items()}).logits.numpy()
+"""
+
+
+def test_llava_loads_an_adapter_peft_wrote(llava_dir: pathlib.Path,
+                                           tmp_path: pathlib.Path) -> None:
+    """PEFT's own adapter (random A and B on both parts, a regex target) on our model."""
+    model, processor = FastVisionModel.from_pretrained(llava_dir, dtype="float32")
+    inputs = chat_inputs(processor, images(((44, 30),), seed=6))
+    targets = (r".*(vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.fc1)"
+               r"|language_model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj))")
+    ref = run_reference(PEFT_WRITES, inputs, base=str(llava_dir), adapter=str(tmp_path / "a"),
+                        targets=targets)
+    model.load_adapter(tmp_path / "a")
+    assert {n for _, n in model.lora_spec.vision.targets} == {"q_proj", "v_proj", "fc1"}
+    assert {n for _, n in model.lora_spec.language.targets} == {"o_proj", "down_proj"}
+    np.testing.assert_allclose(np.asarray(model(**inputs)), ref["logits"], atol=1e-4, rtol=1e-4)

@@ -87,3 +87,20 @@ def test_inputs_embeds_and_cached_prefill() -> None:
     cached, _ = cached_hidden_states(CFG, params, ids, cache, fresh=True, inputs_embeds=embeds,
                                      bidirectional_ids=blocks)
     np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=1e-5, rtol=1e-5)
+
+
+def test_image_blocks_under_a_mesh() -> None:
+    """Under a (data, tensor) mesh the ids travel batch-split with the segment ids."""
+    from fastlora_jax.sharding import MeshConfig
+
+    kq, kk, kv = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(kq, (2, 10, 4, 8))
+    k = jax.random.normal(kk, (2, 10, 2, 8))
+    v = jax.random.normal(kv, (2, 10, 2, 8))
+    kwargs = dict(segment_ids=jnp.asarray(SEG), sliding_window=3, impl="reference",
+                  bidirectional_ids=jnp.asarray(IDS))
+    want = ops.attention(q, k, v, **kwargs)
+    mesh = MeshConfig(data=2, fsdp=1, tensor=2).make_mesh(jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda q, k, v: ops.attention(q, k, v, **kwargs))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
