@@ -19,6 +19,7 @@ import pytest
 
 from fastlora_jax.models.rope import cos_sin
 from fastlora_jax.testing.refenv import run_reference
+from fastlora_jax.testing.vision import randomize_b
 from fastlora_jax import FastVisionModel
 from fastlora_jax.vision.qwen2_5_vl import parse_config, rope_positions
 from tests.parity.test_qwen2_5_vl_vision import PROCESSOR, picture
@@ -212,8 +213,6 @@ with torch.no_grad():
 
 
 def test_peft_adapter_and_merged_export_load_in_transformers(reference, tmp_path):
-    from tests.parity.test_llava_parity import randomize_b
-
     folder, arrays, _ = reference
     model, processor = FastVisionModel.from_pretrained(folder, dtype="float32")
     inputs = {k: arrays[f"1/{k}"] for k in INPUT_KEYS}
