@@ -10,6 +10,7 @@ the processor then expands to one placeholder per image feature.
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import numpy as np
 
@@ -231,10 +232,52 @@ def tiny_gemma3_processor(tokenizer_dir: pathlib.Path = TOKENIZER, *, image_size
     return processor, ids
 
 
+QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEMPLATE = CHAT_TEMPLATE.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")
+# patch 4 x merge 2: a 32 x 24 picture is 8 x 6 patches, 12 language tokens
+QWEN_IMAGE_PROCESSOR = dict(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=64,
+                            max_pixels=64 * 64)
+QWEN_TEXT = dict(TEXT, rope_theta=10000.0, rms_norm_eps=1e-6,
+                 rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
+                   out_hidden_size=TEXT["hidden_size"], patch_size=4, temporal_patch_size=2,
+                   spatial_merge_size=2, window_size=16, fullatt_block_indexes=[1])
+
+
+def tiny_qwen2_5_vl_processor(tokenizer_dir: pathlib.Path = TOKENIZER
+                              ) -> tuple[object, dict[str, int]]:
+    """(a Qwen2.5-VL processor built in this environment, its vision token ids): SmolLM2's
+    tokenizer with Qwen's vision tokens, transformers' Qwen2VLImageProcessor."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessor
+
+    from fastlora_jax.vision.qwen2_5_vl import _images_only_processor
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens(QWEN_VISION_TOKENS, special_tokens=True)
+    processor = _images_only_processor()(
+        image_processor=Qwen2VLImageProcessor(**QWEN_IMAGE_PROCESSOR), tokenizer=tok,
+        chat_template=QWEN_TEMPLATE)
+    return processor, {t: tok.convert_tokens_to_ids(t) for t in QWEN_VISION_TOKENS}
+
+
+def _tiny_qwen2_5_vl() -> tuple[Any, Any, Any]:
+    """(record, config, processor) of the tiny Qwen2.5-VL."""
+    from fastlora_jax.vision.qwen2_5_vl import QWEN2_5_VL, parse_config
+
+    processor, ids = tiny_qwen2_5_vl_processor()
+    tok = processor.tokenizer
+    config = parse_config(dict(
+        QWEN_TEXT, model_type="qwen2_5_vl", num_hidden_layers=2, vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id, vision_config=QWEN_VISION,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+    return QWEN2_5_VL, config, processor
+
+
 def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
                    seed: int = 0) -> pathlib.Path:
-    """A tiny random LLaVA or Gemma 3 checkpoint written by our own exporter (no torch): for
-    data, training and CLI tests that need a model, not transformers' numbers."""
+    """A tiny random LLaVA, Gemma 3 or Qwen2.5-VL checkpoint written by our own exporter (no
+    torch): for data, training and CLI tests that need a model, not transformers' numbers."""
     import jax
     import jax.numpy as jnp
 
@@ -246,24 +289,27 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
     from fastlora_jax.vision.llava import LLAVA, LlavaConfig
     from fastlora_jax.vision.vit import VisionConfig
 
-    if model_type == "llava":
+    if model_type == "qwen2_5_vl":
+        arch, config, processor = _tiny_qwen2_5_vl()
+    elif model_type == "llava":
         processor, image_id = tiny_processor()
-        text_raw = dict(TEXT, model_type="llama", num_hidden_layers=2)
+        tok = processor.tokenizer
+        text = config_from_hf(dict(TEXT, model_type="llama", num_hidden_layers=2,
+                                   vocab_size=len(tok), eos_token_id=tok.eos_token_id))
         vision = VisionConfig.from_hf(dict(CLIP, model_type="clip_vision_model",
                                            num_hidden_layers=2), "tiny")
-    else:
-        processor, ids = tiny_gemma3_processor()
-        text_raw = dict(GEMMA3_TEXT, model_type="gemma3_text")
-        vision = VisionConfig.from_hf(dict(SIGLIP, model_type="siglip_vision_model"), "tiny")
-    tok = processor.tokenizer
-    text = config_from_hf(dict(text_raw, vocab_size=len(tok), eos_token_id=tok.eos_token_id))
-    if model_type == "llava":
         arch, config = LLAVA, LlavaConfig(model_type="llava", text=text, vision=vision,
                                           image_token_id=image_id)
     else:
+        processor, ids = tiny_gemma3_processor()
+        tok = processor.tokenizer
+        text = config_from_hf(dict(GEMMA3_TEXT, model_type="gemma3_text", vocab_size=len(tok),
+                                   eos_token_id=tok.eos_token_id))
+        vision = VisionConfig.from_hf(dict(SIGLIP, model_type="siglip_vision_model"), "tiny")
         arch, config = GEMMA3_VLM, Gemma3VisionConfig(
             model_type="gemma3", text=text, vision=vision, image_token_id=ids["image_token"],
             mm_tokens_per_image=4, boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"])
+    text = config.text
     key = jax.random.key(seed)
     # weights of about 1 / sqrt(width) (not init_params' 0.02): logits that LoRA can move
     language = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a,
@@ -272,7 +318,7 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
     for i, spec in enumerate(arch.vision_specs(config)):
         if spec.path[-1] == "bias" or "mm_soft_emb_norm" in spec.path:
             value = jnp.zeros(spec.shape)
-        elif "norm" in "".join(spec.path):
+        elif "norm" in "".join(spec.path) or spec.path[-2] == "ln_q":
             value = jnp.ones(spec.shape)
         else:
             value = 0.05 * jax.random.normal(jax.random.fold_in(key, 1000 + i), spec.shape)

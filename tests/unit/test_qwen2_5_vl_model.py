@@ -15,13 +15,12 @@ import pytest
 from fastlora_jax import FastVisionModel
 from fastlora_jax.errors import DataError
 from fastlora_jax.quant import QTensor, dequantize
-from fastlora_jax.testing.qwen_vision import tiny_qwen2_5_vl_numpy
-from fastlora_jax.testing.vision import images, randomize_b
+from fastlora_jax.testing.vision import images, randomize_b, tiny_vlm_numpy
 
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return tiny_qwen2_5_vl_numpy(tmp_path_factory.mktemp("qwen_vl") / "ckpt")
+    return tiny_vlm_numpy(tmp_path_factory.mktemp("qwen_vl") / "ckpt", "qwen2_5_vl")
 
 
 def inputs(processor) -> dict[str, np.ndarray]:
