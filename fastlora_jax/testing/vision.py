@@ -154,7 +154,7 @@ inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
 base = cls.from_pretrained(ARGS["base"], dtype=torch.float32).eval()
 peft_model = PeftModel.from_pretrained(base, ARGS["adapter"]).eval()
 names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
-OUTPUTS["vision_modules"] = np.array(sum("vision_tower" in n for n in names))
+OUTPUTS["vision_modules"] = np.array(sum(ARGS["vision_part"] in n for n in names))
 OUTPUTS["language_modules"] = np.array(sum("language_model" in n for n in names))
 with torch.no_grad():
     OUTPUTS["peft"] = peft_model(**inputs).logits.numpy()
@@ -179,11 +179,13 @@ OUTPUTS["tokens"] = out[:, inputs["input_ids"].shape[1]:].numpy()
 
 def hf_peft_and_merged(base: pathlib.Path, adapter: pathlib.Path, merged: pathlib.Path,
                        arrays: dict[str, np.ndarray],
-                       cls: str = "LlavaForConditionalGeneration") -> dict[str, np.ndarray]:
+                       cls: str = "LlavaForConditionalGeneration",
+                       vision_part: str = "vision_tower") -> dict[str, np.ndarray]:
     """transformers' logits with our PEFT adapter on the base (`PeftModel.from_pretrained`) and
-    of our merged export, plus how many vision / language modules PEFT adapted."""
+    of our merged export, plus how many vision (names holding `vision_part`) / language modules
+    PEFT adapted."""
     return run_reference(HF_PEFT_AND_MERGED, arrays, base=str(base), adapter=str(adapter),
-                         merged=str(merged), cls=cls)
+                         merged=str(merged), cls=cls, vision_part=vision_part)
 
 
 def randomize_b(model, seed: int = 5) -> None:

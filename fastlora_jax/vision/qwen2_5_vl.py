@@ -313,9 +313,9 @@ def text_positions(config: Qwen25VLConfig, input_ids: jax.Array,
 def host_inputs(config: Qwen25VLConfig, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What `image_grid_thw` fixes, computed on the host before a jitted forward: the vision
     tower's layout arrays (one per row [rows, ...] when image_grid_thw is [rows, images, 3],
-    as training rows hold it; else one for the batch's images), the M-RoPE positions of `input_ids` per row (`mrope_positions`
-    [B, 3, T], with `attention_mask` when the batch has one) and the `rope_deltas` [B]
-    generation continues from."""
+    as training rows hold it; else one for the batch's images), the M-RoPE positions of
+    `input_ids` per row (`mrope_positions` [B, 3, T], with `attention_mask` when the batch has
+    one) and the `rope_deltas` [B] generation continues from."""
     grid = batch.get("image_grid_thw")
     out: dict[str, np.ndarray] = {}
     if grid is not None and np.ndim(grid) == 3:

@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fastlora_jax import FastVisionModel
 from fastlora_jax.models.rope import cos_sin
 from fastlora_jax.testing.refenv import run_reference
-from fastlora_jax.testing.vision import randomize_b
-from fastlora_jax import FastVisionModel
-from fastlora_jax.vision.qwen2_5_vl import parse_config, rope_positions
+from fastlora_jax.testing.vision import HF_GENERATE, hf_peft_and_merged, randomize_b
+from fastlora_jax.vision.qwen2_5_vl import ARCHITECTURE, parse_config, rope_positions
 from tests.parity.test_qwen2_5_vl_vision import PROCESSOR, picture
 
 pytestmark = pytest.mark.reference
@@ -194,24 +193,6 @@ def test_logits_match_transformers(reference):
         assert np.abs(want).max() > 0.5
 
 
-PEFT_AND_MERGED = """
-import torch
-from peft import PeftModel
-from transformers import Qwen2_5_VLForConditionalGeneration as Model
-inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
-base = Model.from_pretrained(ARGS["base"], dtype=torch.float32).eval()
-peft_model = PeftModel.from_pretrained(base, ARGS["adapter"]).eval()
-names = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
-OUTPUTS["vision_modules"] = np.array(sum(".visual." in n for n in names))
-OUTPUTS["language_modules"] = np.array(sum("language_model" in n for n in names))
-with torch.no_grad():
-    OUTPUTS["peft"] = peft_model(**inputs).logits.numpy()
-merged = Model.from_pretrained(ARGS["merged"], dtype=torch.float32).eval()
-with torch.no_grad():
-    OUTPUTS["merged"] = merged(**inputs).logits.numpy()
-"""
-
-
 def test_peft_adapter_and_merged_export_load_in_transformers(reference, tmp_path):
     folder, arrays, _ = reference
     model, processor = FastVisionModel.from_pretrained(folder, dtype="float32")
@@ -224,24 +205,12 @@ def test_peft_adapter_and_merged_export_load_in_transformers(reference, tmp_path
     assert np.abs(ours - base).max() > 1e-2  # the adapters matter
     model.save_pretrained(tmp_path / "adapter")
     model.save_pretrained_merged(tmp_path / "merged", processor, dtype=jnp.float32)
-    ref = run_reference(PEFT_AND_MERGED, inputs, base=str(folder),
-                        adapter=str(tmp_path / "adapter"), merged=str(tmp_path / "merged"))
+    ref = hf_peft_and_merged(folder, tmp_path / "adapter", tmp_path / "merged", inputs,
+                             cls=ARCHITECTURE, vision_part=".visual.")
     # 2 language layers x 7 projections, 2 vision blocks x 5 projections
     assert int(ref["language_modules"]) == 14 and int(ref["vision_modules"]) == 10
     np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=0)
-
-
-HF_GENERATE = """
-import torch
-from transformers import Qwen2_5_VLForConditionalGeneration as Model
-model = Model.from_pretrained(ARGS["folder"], dtype=torch.float32).eval()
-inputs = {k: torch.from_numpy(v) for k, v in INPUTS.items()}
-with torch.no_grad():
-    out = model.generate(**inputs, max_new_tokens=ARGS["new"], do_sample=False,
-                         eos_token_id=ARGS["eos"], pad_token_id=ARGS["eos"])
-OUTPUTS["tokens"] = out[:, inputs["input_ids"].shape[1]:].numpy()
-"""
 
 
 def test_greedy_generation_with_images_matches_transformers(reference):
@@ -252,7 +221,8 @@ def test_greedy_generation_with_images_matches_transformers(reference):
     inputs = {k: arrays[f"batch/{k}"] for k in INPUT_KEYS}
     eos = processor.tokenizer.eos_token_id
     ours = model.generate(inputs, max_new_tokens=8, eos_token_id=eos)
-    ref = run_reference(HF_GENERATE, inputs, folder=str(folder), new=8, eos=eos)["tokens"]
+    ref = run_reference(HF_GENERATE, inputs, folder=str(folder), cls=ARCHITECTURE, new=8,
+                        eos=eos)["tokens"]
     for row, want in zip(ours.tokens, ref.tolist()):
         if eos in want:
             want = want[:want.index(eos) + 1]
