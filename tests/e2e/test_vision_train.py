@@ -49,13 +49,18 @@ def test_loss_falls_on_coloured_shapes(model_type: str, tmp_path: pathlib.Path) 
         assert float(np.abs(b).max()) > 0
 
 
-def test_cli_trains_a_vision_model(llava_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    data = shapes_dataset(tmp_path / "shapes", n=4)
+@pytest.mark.parametrize("model_type, vision_modules", [("llava", "vision_tower"),
+                                                         ("qwen2_5_vl", "visual")])
+def test_cli_trains_a_vision_model(model_type: str, vision_modules: str, llava_dir: pathlib.Path,
+                                   tmp_path: pathlib.Path) -> None:
+    size = (32, 24) if model_type == "qwen2_5_vl" else None
+    data = shapes_dataset(tmp_path / "shapes", n=4, size=size)
+    folder = llava_dir if model_type == "llava" else tiny_vlm_numpy(tmp_path / "ckpt", model_type)
     out = tmp_path / "run"
-    assert main(["train", "--model", str(llava_dir), "--data", str(data), "--max_steps", "2",
+    assert main(["train", "--model", str(folder), "--data", str(data), "--max_steps", "2",
                  "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                  "--max_seq_length", "64",
                  "--output_dir", str(out), "--r", "4", "--disable_tqdm", "true"]) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert "vision_tower" in config["target_modules"]
+    assert vision_modules in config["target_modules"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
