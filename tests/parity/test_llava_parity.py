@@ -111,3 +111,31 @@ def test_llava_loads_an_adapter_peft_wrote(llava_dir: pathlib.Path,
     assert {n for _, n in model.lora_spec.vision.targets} == {"q_proj", "v_proj", "fc1"}
     assert {n for _, n in model.lora_spec.language.targets} == {"o_proj", "down_proj"}
     np.testing.assert_allclose(np.asarray(model(**inputs)), ref["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_llava_batched_generation_matches_transformers(llava_dir: pathlib.Path) -> None:
+    """Two left-padded rows of different lengths (one and two images): each row's greedy
+    continuation, and the forward's logits on the real tokens, equal transformers' for the
+    same batch."""
+    model, processor = FastVisionModel.from_pretrained(llava_dir, dtype="float32")
+    processor.tokenizer.padding_side = "left"
+    texts = []
+    for n, words in ((1, "Colour?"), (2, "Which of these two pictures is darker, and why?")):
+        content = [{"type": "image"}] * n + [{"type": "text", "text": words}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True))
+    out = processor(text=texts, images=images(((30, 40), (25, 25), (40, 22)), seed=7),
+                    return_tensors="np", padding=True)
+    inputs = {k: np.asarray(out[k]) for k in ("input_ids", "attention_mask", "pixel_values")}
+    assert not inputs["attention_mask"][0].all()  # the short row is padded on the left
+    eos = processor.tokenizer.eos_token_id
+    ours = model.generate(inputs, max_new_tokens=8, eos_token_id=eos)
+    ref = run_reference(HF_GENERATE, inputs, folder=str(llava_dir), new=8, eos=eos,
+                        cls="LlavaForConditionalGeneration")["tokens"]
+    for row, tokens in enumerate(ours.tokens):
+        want = ref[row].tolist()
+        assert tokens == (want[:want.index(eos) + 1] if eos in want else want)
+    # the padded batch's forward: the real tokens' logits equal transformers'
+    real = inputs["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(model(**inputs))[real],
+                               hf_logits(llava_dir, inputs)[real], atol=1e-4, rtol=1e-4)
