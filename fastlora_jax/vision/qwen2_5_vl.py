@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastlora_jax.config import ModelConfig, _Reader
+from fastlora_jax.config import ModelConfig, RopeKind, _Reader
 from fastlora_jax.errors import CheckpointError, ConfigError, DataError
 from fastlora_jax.models.decoder import Params, Project
 from fastlora_jax.models.registry import config_from_hf, config_to_hf
@@ -118,10 +118,13 @@ def parse_config(hf: Mapping[str, Any], source: str = "config.json") -> Qwen25VL
     rope = text_cfg.rope
     if rope.mrope_section is None:
         rope = dataclasses.replace(rope, mrope_section=DEFAULT_MROPE_SECTION)
-        if sum(DEFAULT_MROPE_SECTION) * 2 != text_cfg.head_dim:
+        if sum(DEFAULT_MROPE_SECTION) * 2 != text_cfg.head_dim or rope.kind is not (
+                RopeKind.DEFAULT):
             raise ConfigError(f"{source}: no mrope_section in the rope parameters, and "
                               f"transformers' default {list(DEFAULT_MROPE_SECTION)} does not fit "
-                              f"head_dim {text_cfg.head_dim}; add rope_scaling.mrope_section")
+                              f"head_dim {text_cfg.head_dim} with rope type "
+                              f"{rope.kind.value!r}; add rope_scaling.mrope_section (with "
+                              f"default frequencies)")
         text_cfg = dataclasses.replace(text_cfg, rope=rope)
     r = _Reader(top, source)
     r.finish(MODEL_TYPE, _HARMLESS)

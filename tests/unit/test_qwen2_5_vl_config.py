@@ -52,6 +52,7 @@ def test_flat_and_nested_configs_read_alike_and_round_trip():
     (dict(rope_scaling={"type": "linear", "factor": 2.0, "mrope_section": [2, 3, 3]}),
      "mrope_section"),
     (dict(rope_scaling=None), "mrope_section"),  # transformers' default [16, 24, 24] misfits
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "mrope_section"),
     (dict(head_dim=8), "head_dim"),
     (dict(model_type="qwen2_vl"), "model_type"),
     (dict(mystery=1), "mystery"),
