@@ -150,8 +150,6 @@ def to_hf_config(config: Qwen25VLConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Tensor names
 
-
-
 def tensor_part(name: str) -> tuple[str, str]:
     """A stored tensor name -> ("language", the text model's HF name, e.g.
     `model.layers.0.mlp.up_proj.weight`) or ("vision", the dotted path in our vision tree with
