@@ -19,7 +19,8 @@ import pytest
 from fastlora_jax import FastVisionModel
 from fastlora_jax.models.rope import cos_sin
 from fastlora_jax.testing.refenv import run_reference
-from fastlora_jax.testing.vision import HF_GENERATE, hf_peft_and_merged, randomize_b
+from fastlora_jax.testing.vision import (HF_GENERATE, QWEN_TEMPLATE, hf_peft_and_merged,
+                                         randomize_b)
 from fastlora_jax.vision.qwen2_5_vl import ARCHITECTURE, parse_config, rope_positions
 from tests.parity.test_qwen2_5_vl_vision import PROCESSOR, picture
 
@@ -29,12 +30,6 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "
             "<|image_pad|>", "<|video_pad|>"]
 WORDS = ["user", "assistant", "what", "colour", "is", "this", "and", "that", "red", "green",
          "blue", "a", "shape", "?", "."]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %} {{ c['text'] }} {% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 TEXT = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6,
             max_position_embeddings=512, rope_theta=10000.0,
@@ -103,7 +98,7 @@ def build_processor(folder: pathlib.Path) -> dict[str, int]:
                                   pad_token="<|endoftext|>", eos_token="<|im_end|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
     processor = _images_only_processor()(image_processor=Qwen2VLImageProcessor(**PROCESSOR),
-                                         tokenizer=tok, chat_template=CHAT_TEMPLATE)
+                                         tokenizer=tok, chat_template=QWEN_TEMPLATE)
     processor.save_pretrained(folder)
     return {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
 
