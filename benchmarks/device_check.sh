@@ -29,10 +29,17 @@
 #   generate      benchmarks/generate.py --preset llama3-8b: Llama-3-8B shapes, NF4, batch 1 / 8
 #                 / 64, prefill and decode, vs HF generate + bitsandbytes NF4 (installed from
 #                 .whl/ when its wheel is there), and the HBM roofline fraction (under 7 minutes)
+#   rl-deps       install the TRL baseline's wheels carried in .whl/c, .whl/d (made by
+#                 benchmarks/fetch_rl_wheels.sh, one group per call if need be) and
+#                 .whl/a/bitsandbytes-*.whl into .devenv/rl, offline, each only where the image
+#                 lacks a fitting version (benchmarks/install_wheels.py); again in a later call on
+#                 the same warm machine it adds what that call carried. Prints what is still
+#                 missing, then imports trl, datasets and bitsandbytes from there (under a minute)
 #   grpo          benchmarks/grpo.py --preset llama3-8b: one GRPO step (8 prompts x 8 completions,
 #                 256 tokens, rollout + update) on Llama-3-8B shapes, NF4, ours against TRL's
 #                 GRPOTrainer + PEFT + bitsandbytes when trl, datasets and bitsandbytes import
-#                 (wheels carried in .whl/ are installed first, offline); else ours alone
+#                 with .devenv/rl on PYTHONPATH (stage rl-deps, this call or an earlier one on the
+#                 same warm machine); else ours alone (about 5 minutes)
 # Logs: OUT_DIR/<stage>.log; JSON results and traces under OUT_DIR. COMMIT is recorded in the
 # JSON (the device's own checkout reports a stale HEAD).
 set -u
@@ -118,14 +125,18 @@ jax.block_until_ready(jax.jit(lambda x: nf4_matmul_mosaic(x, w))(x))
       fi
       run "$stage" 420 python3 benchmarks/generate.py "${bench[@]}" --preset llama3-8b \
         --batches 1,8,64 --prompt_len 128 --new_tokens 64 --repeats 2 ;;
+    rl-deps)
+      groups=()
+      for g in .whl/c .whl/d .whl/a/bitsandbytes-*.whl; do [ -e "$g" ] && groups+=("$g"); done
+      if [ ${#groups[@]} -eq 0 ]; then
+        echo "== $stage: nothing carried (.whl/c, .whl/d, .whl/a/bitsandbytes-*.whl)"
+      else
+        run "$stage" 180 python3 benchmarks/install_wheels.py --target .devenv/rl \
+          --imports trl datasets pyarrow bitsandbytes -- "${groups[@]}"
+      fi ;;
     grpo)
-      if [ -d .whl ]; then  # the TRL baseline's packages, if carried (see benchmarks/grpo.py)
-        for pkg in bitsandbytes datasets trl; do
-          python3 -m pip install -q --no-index --find-links .whl "$pkg" >> "$out/grpo-pip.log" 2>&1 \
-            || echo "   (could not install $pkg from .whl: see grpo-pip.log)"
-        done
-      fi
-      run "$stage" 300 python3 benchmarks/grpo.py "${bench[@]}" --preset llama3-8b --budget_s 285 ;;
+      run "$stage" 300 env PYTHONPATH="$PWD/.devenv/rl${PYTHONPATH:+:$PYTHONPATH}" \
+        python3 benchmarks/grpo.py "${bench[@]}" --preset llama3-8b --budget_s 285 ;;
     *)
       echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -1,6 +1,7 @@
-"""GRPO step (rollout + policy update): fastlora_jax's GRPOTrainer vs TRL's GRPOTrainer + PEFT.
+"""GRPO step (rollout + policy update): fastlora_jax's GRPOTrainer vs TRL's GRPOTrainer + PEFT,
+and on the CPU also vs Tunix's GRPOLearner (the JAX peer).
 
-Both trainers run in this run, each in its own process (a clean peak-memory count), on the same
+All trainers run in this run, each in its own process (a clean peak-memory count), on the same
 shapes: each optimizer step samples --generations completions of each of --prompts prompts
 (temperature 1, no top-k, up to --completion tokens), scores them with the same reward
 (`grpo_trl.reward_even`, read from the completion ids) and takes one optimizer step over them
@@ -11,7 +12,9 @@ length of each side (sampling makes it differ a little: the step's work follows 
 
 Presets:
   smollm2    (CPU) SmolLM2-135M-Instruct float32 from the checkpoint, its chat template; TRL runs
-             in the reference environment (torch CPU).
+             in the reference environment (torch CPU), Tunix's GRPOLearner (qwix LoRA, its
+             vanilla sampler) in .benchenv/tunix (benchmarks/tunix_env.sh; grpo_tunix.py says
+             how its run matches the others).
   llama3-8b  (GPU) Llama-3-8B's shapes, random bf16 weights created on the device, NF4 frozen
              projections (--quant nf4: ours `quantize_nf4_on_device`, TRL's side bitsandbytes
              Linear4bit as benchmarks/e2e_hf.py builds it), gradient checkpointing on both
@@ -19,10 +22,11 @@ Presets:
              TRL runs in this machine's Python when `trl`, `datasets` (and for NF4
              `bitsandbytes`) import there; otherwise only our side is measured and the result
              says what was missing.
-  tiny       the llama3-8b path on a tiny random Llama (the CPU smoke test of the GPU path).
+  tiny       the llama3-8b path on a tiny random Llama (the CPU smoke test of the GPU path;
+             Tunix's side runs it too, as its driver's smoke test).
 
 Usage: .venv/bin/python benchmarks/grpo.py [--preset smollm2] [--prompts 4 --generations 4
-       --completion 32] [--no-trl] [--out DIR --commit SHA --tag NAME]
+       --completion 32] [--no-trl] [--no-tunix] [--out DIR --commit SHA --tag NAME]
 Writes benchmarks/results/grpo-<date>[-tag].json (rows as benchmarks/common.py lays them out)
 with the load average before and after; prints the table.
 """
@@ -44,6 +48,8 @@ import common  # a sibling: benchmarks/ is on the path when a benchmark runs
 import grpo_trl
 
 REFENV_PYTHON = common.REPO / ".refenv" / "bin" / "python"
+TUNIX_PYTHON = common.REPO / ".benchenv" / "tunix" / "bin" / "python"
+SCRIPTS = {"ours": "grpo.py", "trl": "grpo_trl.py", "tunix": "grpo_tunix.py"}
 PRESETS = {"smollm2": None, "llama3-8b": common.LLAMA3_8B, "tiny": common.TINY_LLAMA}
 DEFAULTS = {  # prompts, generations, completion, prompt_len, micro_batch, warmup, steps
     "smollm2": dict(prompts=4, generations=4, completion=32, prompt_len=0, micro_batch=16,
@@ -109,7 +115,7 @@ def run_ours(a: dict) -> dict:
 # ---- the driver ----------------------------------------------------------------------------------
 def side(python: str, which: str, a: dict, timeout: float) -> tuple[dict | None, str]:
     """Run one side in its own process: (its JSON, '') or (None, why not)."""
-    script = pathlib.Path(__file__).with_name("grpo.py" if which == "ours" else "grpo_trl.py")
+    script = pathlib.Path(__file__).with_name(SCRIPTS[which])
     cmd = [python, str(script)] + (["--side", "ours"] if which == "ours" else []) + [json.dumps(a)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     try:
@@ -137,17 +143,29 @@ def trl_python(args: argparse.Namespace) -> tuple[str, str]:
     return (python, "") if not missing else ("", f"TRL side needs {missing} in {python}")
 
 
+def tunix_python(args: argparse.Namespace) -> tuple[str, str]:
+    """The Python that runs Tunix's learner, or ('', why not)."""
+    if args.device != "cpu":
+        return "", "Tunix's learner runs on the CPU presets only (its environment is not there)"
+    if not TUNIX_PYTHON.exists():
+        return "", f"no {TUNIX_PYTHON} (make it with benchmarks/tunix_env.sh)"
+    return str(TUNIX_PYTHON), ""
+
+
 def gib(x: float | None) -> float | None:
     return None if x is None else x / 2**30
 
 
-def rows(ours: dict, theirs: dict | None, n: int, case: str, base: str, gpu: bool) -> list[dict]:
+def rows(ours: dict, theirs: dict | None, n: int, case: str, base: str, gpu: bool,
+         target: float | None = 3.0) -> list[dict]:
+    """Our numbers over one baseline's (`theirs` None: the baseline cells stay empty); `target`
+    is the samples/s ratio the issue asks for against this baseline."""
     t = theirs or {}
     mem_key = "peak_bytes" if gpu else "peak_rss_bytes"
     mem = "peak HBM (GiB)" if gpu else "peak RSS (GiB)"
     return [
         common.row(case, "samples/s", n / ours["step_s"], base,
-                   n / t["step_s"] if t else None, target=3.0),
+                   n / t["step_s"] if t else None, target=target),
         common.row(case, "median step s", ours["step_s"], base, t.get("step_s"),
                    higher_is_better=False),
         common.row(case, "rollout s", ours["rollout_s"], base, t.get("rollout_s"),
@@ -174,9 +192,11 @@ def main() -> None:
                         help="random presets' frozen weights (default nf4)")
     parser.add_argument("--remat", choices=("on", "off"), default=None,
                         help="gradient checkpointing on both sides (default: on for the GPU)")
-    parser.add_argument("--no-trl", action="store_true", help="measure our side only")
+    parser.add_argument("--no-trl", action="store_true", help="leave TRL's side out")
+    parser.add_argument("--no-tunix", action="store_true",
+                        help="leave Tunix's side out (it runs on the CPU presets only)")
     parser.add_argument("--budget_s", type=float, default=3600.0,
-                        help="wall-clock budget of the whole run; the TRL side gets what is left")
+                        help="wall-clock budget of the whole run; each baseline gets what is left")
     parser.add_argument("--out", type=pathlib.Path, default=common.RESULTS)
     parser.add_argument("--commit", default="")
     parser.add_argument("--tag", default="")
@@ -204,12 +224,14 @@ def main() -> None:
                          args.budget_s)
         if ours is None:
             raise SystemExit(why)
-        theirs, note = None, "not run (--no-trl)"
-        if not args.no_trl:
-            python, note = trl_python(args)
-            if python:
-                theirs, note = side(python, "trl", dict(shared, out=f"{tmp}/trl"),
-                                    args.budget_s - (time.perf_counter() - start))
+        done = {}  # baseline -> (its JSON or None, why not)
+        for which, skip, find in (("trl", args.no_trl, trl_python),
+                                  ("tunix", args.no_tunix, tunix_python)):
+            python, why = ("", f"not run (--no-{which})") if skip else find(args)
+            done[which] = (side(python, which, dict(shared, out=f"{tmp}/{which}"),
+                                args.budget_s - (time.perf_counter() - start))
+                           if python else (None, why))
+    (theirs, note), (tunix, tunix_note) = done["trl"], done["tunix"]
     load_after = pathlib.Path("/proc/loadavg").read_text().split()[:3]
     model = "SmolLM2-135M fp32" if args.preset == "smollm2" else \
         f"{args.preset} {args.quant} random weights"
@@ -218,17 +240,21 @@ def main() -> None:
     base = "TRL GRPOTrainer + PEFT" + (" + bitsandbytes" if args.quant == "nf4" else "") + \
         (" (torch CPU)" if args.device == "cpu" else "")
     versions = {"jax": ours["jax"]}
-    if theirs:
-        versions.update(theirs["versions"])
+    for other in (theirs, tunix):
+        versions.update(other["versions"] if other else {})
     doc = common.envelope("grpo", device=ours["device"], versions=versions, commit=args.commit,
                           load_before=" ".join(load_before), load_after=" ".join(load_after),
-                          ours=ours, trl=theirs, trl_note=note,
+                          ours=ours, trl=theirs, trl_note=note, tunix=tunix,
+                          tunix_note=tunix_note,
                           torch_threads=theirs["threads"] if theirs else None)
     doc["rows"] = rows(ours, theirs, n, case, base, args.device == "cuda")
+    if args.device == "cpu":
+        doc["rows"] += rows(ours, tunix, n, case, "Tunix GRPOLearner + qwix LoRA (jax CPU, fp32)",
+                            gpu=False, target=None)
     path = common.write(doc, args.out, args.tag)
     print(common.markdown_table(doc["rows"]))
     print(f"load before {' '.join(load_before)}, after {' '.join(load_after)}"
-          + (f"; TRL: {note}" if note else ""))
+          + (f"; TRL: {note}" if note else "") + (f"; Tunix: {tunix_note}" if tunix_note else ""))
     print(f"wrote {path}")
 
 

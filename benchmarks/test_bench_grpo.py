@@ -1,9 +1,12 @@
-"""The GRPO benchmark's pieces: the synthetic tokenizer both trainers share, the reward, the
-rows' orientation, and our side end to end on the tiny random Llama (the GPU path's smoke)."""
+"""The GRPO benchmark's pieces: the synthetic tokenizer the trainers share, the reward, the
+rows' orientation, our side end to end on the tiny random Llama (the GPU path's smoke), and
+Tunix's side on the same tiny model in its own environment (the smoke of its driver)."""
 
 from __future__ import annotations
 
 import math
+
+import pytest
 
 import common  # siblings: pytest puts benchmarks/ on the path for these tests
 import grpo
@@ -40,3 +43,19 @@ def test_our_side_runs_the_tiny_random_preset(tmp_path):
     assert out["step_s"] > 0 and 0 < out["rollout_s"] < out["step_s"]
     assert math.isclose(out["rollout_s"] + out["update_s"], out["step_s"])
     assert 1 <= out["mean_length"] <= a["completion"] and out["peak_rss_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not grpo.TUNIX_PYTHON.exists(),
+                    reason="no .benchenv/tunix (benchmarks/tunix_env.sh makes it)")
+def test_tunix_side_runs_the_tiny_random_preset(tmp_path):
+    """Tunix's GRPOLearner, driven as the smollm2 run drives it, in its own environment."""
+    a = dict(preset="tiny", model="", config=common.TINY_LLAMA, quant="float32", device="cpu",
+             remat=False, targets=list(common.LORA_TARGETS), out=str(tmp_path),
+             **grpo.DEFAULTS["tiny"])
+    out, why = grpo.side(str(grpo.TUNIX_PYTHON), "tunix", a, timeout=600)
+    assert out is not None, why
+    assert out["step_s"] > 0 and 0 < out["rollout_s"] < out["step_s"]
+    assert math.isclose(out["rollout_s"] + out["update_s"], out["step_s"])
+    assert 1 <= out["mean_length"] <= a["completion"] and out["peak_rss_bytes"] > 0
+    assert out["versions"]["google-tunix"] and out["versions"]["qwix"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .benchenv/tunix: Python 3.12 with Tunix's sampler (google-tunix 0.1.7 + qwix 0.1.8 +
-# jax 0.11.2), for benchmarks/generate.py --tunix. Tunix pins its own flax, so it lives apart
-# from .venv. Idempotent; about 300 MB.
+# jax 0.11.2), for benchmarks/generate.py --tunix and benchmarks/grpo.py (its GRPO learner).
+# Tunix pins its own flax, so it lives apart from .venv. Idempotent; about 300 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=.benchenv/tunix
