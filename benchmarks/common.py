@@ -82,6 +82,33 @@ def jax_envelope(benchmark: str, *, commit: str = "", **fields) -> dict:
                     versions={"jax": jax.__version__}, commit=commit, **fields)
 
 
+def write_cpu_step_vs_torch(benchmark: str, case: str, ours_s: float, torch_s: float,
+                            tokens: int, torch_threads: int, out: pathlib.Path = RESULTS,
+                            tag: str = "", extra_rows: list[dict] = (), **fields) -> pathlib.Path:
+    """A CPU training-step benchmark's result (ours vs transformers + PEFT on torch in the same
+    run: median step time and tokens/s, with the load average, then `extra_rows`), written as
+    <benchmark>-<date>[-<tag>].json and printed."""
+    import os
+    import platform
+
+    import jax
+
+    doc = envelope(benchmark,
+                   device=f"CPU {platform.processor() or platform.machine()}, "
+                          f"{jax.device_count()} JAX device(s), torch threads {torch_threads}",
+                   versions={"jax": jax.__version__}, load_average=os.getloadavg(), **fields)
+    base = "HF transformers + PEFT (torch CPU)"
+    doc["rows"] = [
+        row(case, "median step time (s)", ours_s, base, torch_s, higher_is_better=False,
+            target=1.0),
+        row(case, "tokens/s", tokens / ours_s, base, tokens / torch_s, target=1.0),
+        *extra_rows]
+    path = write(doc, out, tag)
+    print(markdown_table(doc["rows"]))
+    print(f"wrote {path}")
+    return path
+
+
 def result_path(doc: dict, out: pathlib.Path = RESULTS, tag: str = "") -> pathlib.Path:
     return pathlib.Path(out) / f"{doc['benchmark']}-{doc['date']}{'-' + tag if tag else ''}.json"
 

@@ -16,9 +16,7 @@ alike: that row measures what those defaults bought.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -131,25 +129,15 @@ def main() -> None:
     theirs_t = float(np.median(ref["times"]))
     tokens = args.batch * args.seq
     case = f"SmolLM2-135M fp32 LoRA r16 all-proj, batch {args.batch}x{args.seq}"
-    result = common.envelope(
-        "cpu_train_step",
-        device=f"CPU {platform.processor() or platform.machine()}, {jax.device_count()} JAX "
-               f"device(s), torch threads {int(ref['threads'])}",
-        versions={"jax": jax.__version__}, load_average=os.getloadavg(),
-        step_trace=summary)
-    base = "HF transformers + PEFT (torch CPU)"
-    result["rows"] = [
-        common.row(case, "median step time (s)", ours_t, base, theirs_t, higher_is_better=False,
-                   target=1.0),
-        common.row(case, "tokens/s", tokens / ours_t, base, tokens / theirs_t, target=1.0)]
+    extra = []
     if before_times:
-        result["rows"].append(common.row(
+        extra.append(common.row(
             case, "median step time (s), same process, alternating", ours_t,
             f"fastlora_jax with {PREVIOUS_CPU_DEFAULTS}", statistics.median(before_times),
             higher_is_better=False))
-    out = common.write(result, tag=args.label)
-    print(common.markdown_table(result["rows"]))
-    print(f"wrote {out}")
+    common.write_cpu_step_vs_torch("cpu_train_step", case, ours_t, theirs_t, tokens,
+                                   int(ref["threads"]), tag=args.label, extra_rows=extra,
+                                   step_trace=summary)
 
 
 if __name__ == "__main__":

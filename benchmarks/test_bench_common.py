@@ -42,3 +42,12 @@ def test_projection_shapes_of_llama3_8b():
     shapes = common.projection_shapes(common.LLAMA3_8B)
     assert shapes["gate_proj"] == (4096, 14336) and shapes["k_proj"] == (4096, 1024)
     assert shapes["down_proj"] == (14336, 4096)
+
+
+def test_cpu_step_result_rows(tmp_path):
+    path = common.write_cpu_step_vs_torch("bench", "case", 0.5, 2.0, 100, 2, out=tmp_path,
+                                          note="n")
+    doc = json.loads(path.read_text())
+    assert "torch threads 2" in doc["device"] and len(doc["load_average"]) == 3
+    assert [r["ratio"] for r in doc["rows"]] == [4.0, 4.0]
+    assert doc["rows"][1]["ours"] == 200.0 and doc["note"] == "n"

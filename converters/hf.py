@@ -24,7 +24,7 @@ import json
 import logging
 import pathlib
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -65,15 +65,19 @@ def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def read_config(path: str | pathlib.Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """Parse `path/config.json` into (ModelConfig, the raw dict)."""
-    folder = checkpoint_dir(path)
-    source = folder / "config.json"
+def read_config_json(path: str | pathlib.Path) -> tuple[Any, pathlib.Path]:
+    """(the decoded `path/config.json`, its path) of a checkpoint folder."""
+    source = checkpoint_dir(path) / "config.json"
     try:
-        raw = json.loads(source.read_text())
+        return json.loads(source.read_text()), source
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{str(source)!r} is not valid JSON ({err}); re-download or "
                               f"re-save the checkpoint") from None
+
+
+def read_config(path: str | pathlib.Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Parse `path/config.json` into (ModelConfig, the raw dict)."""
+    raw, source = read_config_json(path)
     return config_from_hf(raw, source=str(source)), raw
 
 
@@ -127,14 +131,18 @@ def _open(file: pathlib.Path) -> Any:
                               f"is truncated or corrupt — re-download it") from None
 
 
-def check_layer_count(folder: pathlib.Path, config: ModelConfig) -> None:
+def check_layer_count(folder: pathlib.Path, config: ModelConfig,
+                      rename: Callable[[str], str | None] | None = None) -> None:
     """The files hold tensors of exactly the layers 0..num_layers-1 that config.json names
-    (checked on the headers, before any [num_layers, ...] buffer is allocated)."""
+    (checked on the headers, before any [num_layers, ...] buffer is allocated); `rename` as in
+    `load_params`."""
     layers: set[int] = set()
     for file, names in weight_files(folder).items():
         if names is None:
             with _open(file) as f:
                 names = list(f.keys())
+        if rename is not None:
+            names = [n for n in map(rename, names) if n is not None]
         layers.update(layer for layer in (hf_to_path(n)[1] for n in names) if layer is not None)
     want = config.num_layers
     if layers and max(layers) >= want:
@@ -187,8 +195,13 @@ def _quantized_leaf(group: dict[str, np.ndarray], weight_name: str, dtype: Any) 
 
 
 def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
-                quantize: QuantKind | None = None, chunk_bytes: int = CHUNK_BYTES) -> Params:
+                quantize: QuantKind | None = None, chunk_bytes: int = CHUNK_BYTES,
+                rename: Callable[[str], str | None] | None = None) -> Params:
     """Stream every tensor of the checkpoint into our parameter tree (see module doc).
+
+    `rename` maps each stored tensor name to the text model's HF name, or to None for a tensor
+    that is not the text model's (a vision-language checkpoint's tower and projector, which the
+    caller loads itself); None keeps every name as stored.
 
     Float tensors are cast to `dtype`; with `quantize`, the decoder projections
     (`models.decoder.is_projection`) are quantized to that kind instead, dequantizing to `dtype`.
@@ -201,7 +214,7 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
     if quantize is not None and not isinstance(quantize, QuantKind):
         raise ConfigError(f"quantize={quantize!r} must be a QuantKind or None")
     folder = checkpoint_dir(folder)
-    check_layer_count(folder, config)
+    check_layer_count(folder, config, rename)
     specs = {spec.path: spec for spec in param_specs(config)}
     np_dtype = jnp.dtype(dtype)
     pending: dict[tuple[str, ...], tuple[Any, list[bool]]] = {}
@@ -256,9 +269,12 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
                                   f"config.json has num_hidden_layers={config.num_layers}")
         return spec, layer
 
-    for name, file, f in iter_tensors(folder):
+    for stored, file, f in iter_tensors(folder):
+        name = stored if rename is None else rename(stored)
+        if name is None:
+            continue
         part = _BNB_PART.match(name)
-        sl = f.get_slice(name)
+        sl = f.get_slice(stored)
         file_dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
         if part or (file_dtype in ("U8", "I8") and name.endswith(".weight")):
             weight_name = (part.group(1) or part.group(3) + ".weight") if part else name
@@ -267,7 +283,7 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
             if spec is None or suffix == "weight_format":
                 continue
             group = quant_groups.setdefault(weight_name, {})
-            group[suffix] = read_rows(file, name)
+            group[suffix] = read_rows(file, stored)
             leaf = _quantized_leaf(group, weight_name, dtype)
             if leaf is not None:
                 if tuple(leaf.shape) != spec.layer_shape:
@@ -288,14 +304,14 @@ def load_params(folder: str | pathlib.Path, config: ModelConfig, *, dtype: Any,
                                   f"expected {list(spec.layer_shape)} from config.json")
         itemsize = jnp.dtype(FLOAT_DTYPES[file_dtype]).itemsize
         if spec.stacked:
-            array = read_whole(file, name, shape, itemsize, chunk_bytes)
+            array = read_whole(file, stored, shape, itemsize, chunk_bytes)
             if quantize is not None and is_projection(spec):
                 leaf = quantize_weight(array, quantize, dtype=np_dtype.name)
             else:
                 leaf = array.astype(np_dtype, copy=False)
             del array
         else:
-            leaf = _unstacked(file, name, shape, itemsize, np_dtype, chunk_bytes)
+            leaf = _unstacked(file, stored, shape, itemsize, np_dtype, chunk_bytes)
         place(name, file, spec, layer, leaf)
         del leaf
     if quant_groups:

@@ -49,16 +49,24 @@ def save_merged(folder: str | pathlib.Path, config: ModelConfig, params: Params,
                 dtype: Any, tokenizer: Any = None, max_shard_size: int | str = "5GB",
                 overwrite: bool = False) -> pathlib.Path:
     """Write `params` (dense, adapters already merged) as an HF checkpoint, atomically."""
-    folder = pathlib.Path(folder)
     state = hf_state_dict(config, params, dtype)
+    hf_config = config_to_hf(config)
+    hf_config.pop("torch_dtype", None)
+    hf_config.pop("quantization_config", None)  # the merged weights are dense
+    hf_config["dtype"] = jnp.dtype(dtype).name
+    return write_checkpoint(folder, state, hf_config, tokenizer=tokenizer,
+                            max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+def write_checkpoint(folder: str | pathlib.Path, state: dict[str, np.ndarray],
+                     hf_config: dict[str, Any], *, tokenizer: Any = None,
+                     max_shard_size: int | str = "5GB", overwrite: bool = False) -> pathlib.Path:
+    """Write {HF name: array} as safetensors shards (with an index when sharded), config.json
+    and the tokenizer's (or processor's) files into `folder`, atomically."""
+    folder = pathlib.Path(folder)
     split = split_state_dict_into_shards_factory(
         state, get_storage_size=lambda a: a.nbytes, filename_pattern=SHARD_PATTERN,
         max_shard_size=max_shard_size)
-    hf_config = config_to_hf(config)
-    dtype_name = jnp.dtype(dtype).name
-    hf_config.pop("torch_dtype", None)
-    hf_config.pop("quantization_config", None)  # the merged weights are dense
-    hf_config["dtype"] = dtype_name
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         for filename, names in split.filename_to_tensors.items():
             save_file({n: state[n] for n in names}, str(tmp / filename), metadata={"format": "pt"})

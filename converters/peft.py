@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,15 +66,19 @@ def adapter_config_dict(spec: LoraSpec, base_model_name_or_path: str | None) -> 
     }.items()))
 
 
-def adapter_tensors(spec: LoraSpec, lora: Params) -> dict[str, np.ndarray]:
-    """Flat {PEFT key: float32 array} for every targeted (layer, projection)."""
+def adapter_tensors(spec: LoraSpec, lora: Params,
+                    module_name: Callable[[int, str, str], str] = hf_module_name
+                    ) -> dict[str, np.ndarray]:
+    """Flat {PEFT key: float32 array} for every targeted (layer, projection); `module_name`
+    gives the HF module name of (layer, group, name) (a vision-language model's text decoder
+    and tower live under other prefixes)."""
     out: dict[str, np.ndarray] = {}
     for (group, name), ranks, _ in spec.modules:
         entry = {k: np.asarray(v, np.float32) for k, v in lora["layers"][group][name].items()}
         for layer, r in enumerate(ranks):
             if r == 0:
                 continue
-            key = PREFIX + hf_module_name(layer, group, name)
+            key = PREFIX + module_name(layer, group, name)
             out[key + ".lora_A.weight"] = np.ascontiguousarray(entry["lora_A"][layer, :r])
             out[key + ".lora_B.weight"] = np.ascontiguousarray(entry["lora_B"][layer, :, :r])
             if "lora_magnitude" in entry:
@@ -93,9 +97,16 @@ def save_adapter(folder: str | pathlib.Path, spec: LoraSpec | None, lora: Params
         raise ExportError("the model has no adapter to save; call "
                           "FastLanguageModel.get_peft_model(model, ...) first, or "
                           "save_pretrained_merged for the full model")
+    return write_adapter(folder, adapter_config_dict(spec, base_model_name_or_path),
+                         adapter_tensors(spec, lora), tokenizer=tokenizer, overwrite=overwrite)
+
+
+def write_adapter(folder: str | pathlib.Path, config: dict[str, Any],
+                  tensors: dict[str, np.ndarray], *, tokenizer: Any = None,
+                  overwrite: bool = False) -> pathlib.Path:
+    """adapter_config.json + adapter_model.safetensors (+ the tokenizer's or processor's files)
+    in one atomic folder write."""
     folder = pathlib.Path(folder)
-    config = adapter_config_dict(spec, base_model_name_or_path)
-    tensors = adapter_tensors(spec, lora)
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -163,6 +174,16 @@ def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
         spec = resolve(lora_cfg, model_config, default_targets)
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from None
+    path, tensors = read_adapter_tensors(folder)
+    used: set[str] = set()
+    tree = adapter_tree(spec, tensors, used, path, param_specs(model_config),
+                        model_config.num_layers, hf_module_name, dtype)
+    check_all_used(tensors, used, path)
+    return spec, tree
+
+
+def read_adapter_tensors(folder: pathlib.Path) -> tuple[pathlib.Path, dict[str, np.ndarray]]:
+    """(adapter_model.safetensors, {key with PEFT's `base_model.model.` prefix: array})."""
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} is missing (only safetensors adapters are read; "
@@ -172,43 +193,53 @@ def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
-    tensors = {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in tensors.items()}
+    return path, {(k if k.startswith(PREFIX) else PREFIX + k): v for k, v in tensors.items()}
+
+
+def adapter_tree(spec: LoraSpec, tensors: dict[str, np.ndarray], used: set[str],
+                 path: pathlib.Path, specs: list[Any], num_layers: int,
+                 module_name: Callable[[int, str, str], str], dtype: Any) -> Params:
+    """The stacked LoRA tree of `spec` from PEFT's per-layer tensors (each found and its shape
+    checked against `specs`, the frozen params' ParamSpecs, before allocating); the keys read are
+    added to `used`."""
     tree: Params = {"layers": {}}
-    shapes = {s.path: s.layer_shape for s in param_specs(model_config)}
-    used = set()
+    shapes = {s.path: s.layer_shape for s in specs}
     for (group, name), ranks, _ in spec.modules:
         out_dim, in_dim = shapes[("layers", group, name, "weight")]
         parts: dict[str, list[tuple[int, np.ndarray]]] = {"a": [], "b": [], "m": []}
         for layer, r in enumerate(ranks):  # every tensor is found and checked before allocating
             if r == 0:
                 continue
-            key = PREFIX + hf_module_name(layer, group, name)
+            key = PREFIX + module_name(layer, group, name)
             parts["a"].append((layer, _take(tensors, key + ".lora_A.weight", (r, in_dim), path)))
             parts["b"].append((layer, _take(tensors, key + ".lora_B.weight", (out_dim, r), path)))
             used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
-            if lora_cfg.use_dora:
+            if spec.config.use_dora:
                 parts["m"].append((layer, _take(tensors, key + ".lora_magnitude_vector",
                                                 (out_dim,), path)))
                 used.add(key + ".lora_magnitude_vector")
-        L, rmax = model_config.num_layers, max(ranks)
-        a = np.zeros((L, rmax, in_dim), np.float32)
-        b = np.zeros((L, out_dim, rmax), np.float32)
+        rmax = max(ranks)
+        a = np.zeros((num_layers, rmax, in_dim), np.float32)
+        b = np.zeros((num_layers, out_dim, rmax), np.float32)
         for layer, t in parts["a"]:
             a[layer, :t.shape[0]] = t
         for layer, t in parts["b"]:
             b[layer, :, :t.shape[1]] = t
         entry = {"lora_A": jnp.asarray(a, dtype), "lora_B": jnp.asarray(b, dtype)}
-        if lora_cfg.use_dora:
-            m = np.zeros((L, out_dim), np.float32)
+        if spec.config.use_dora:
+            m = np.zeros((num_layers, out_dim), np.float32)
             for layer, t in parts["m"]:
                 m[layer] = t
             entry["lora_magnitude"] = jnp.asarray(m, dtype)
         tree["layers"].setdefault(group, {})[name] = entry
+    return tree
+
+
+def check_all_used(tensors: dict[str, np.ndarray], used: set[str], path: pathlib.Path) -> None:
     extra = sorted(set(tensors) - used)
     if extra:
         raise CheckpointError(f"{str(path)!r} holds tensors this model has no place for: "
                               f"{extra[:5]}; the adapter was made for another architecture")
-    return spec, tree
 
 
 def _take(tensors: dict[str, np.ndarray], key: str, shape: tuple[int, ...],

@@ -25,6 +25,9 @@ from fastlora_jax.lora.spec import LoraConfig, resolve
 from fastlora_jax.models.causal_lm import CausalLM
 from fastlora_jax.models.registry import family_for
 from fastlora_jax.quant import QuantKind
+from fastlora_jax.vision.checkpoint import load_vlm
+from fastlora_jax.vision.lora import flags_regex, resolve_vision_lora
+from fastlora_jax.vision.model import VisionLM, load_processor
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,20 @@ def load_tokenizer(folder: pathlib.Path) -> Any:
                               f"working tokenizer into the folder") from None
 
 
+def adapter_base(folder: pathlib.Path) -> pathlib.Path:
+    """The base model an adapter folder names (`base_model_name_or_path`, relative paths from
+    the adapter's folder when they exist there)."""
+    base = read_adapter_config(folder).get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{str(folder / ADAPTER_CONFIG)!r} names no "
+                              f"base_model_name_or_path; load the base model, then "
+                              f"model.load_adapter({str(folder)!r})")
+    base_path = pathlib.Path(base)
+    if not base_path.is_absolute() and (folder / base_path).exists():
+        base_path = folder / base_path
+    return base_path
+
+
 class FastLanguageModel:
     """`model, tokenizer = FastLanguageModel.from_pretrained(path)`, as in Unsloth."""
 
@@ -86,17 +103,8 @@ class FastLanguageModel:
         gguf = find_gguf(folder, gguf_file)
         if gguf is None and (folder / ADAPTER_CONFIG).is_file() and not (
                 folder / "config.json").is_file():
-            adapter_cfg = read_adapter_config(folder)
-            base = adapter_cfg.get("base_model_name_or_path")
-            if not base:
-                raise CheckpointError(f"{str(folder / ADAPTER_CONFIG)!r} names no "
-                                      f"base_model_name_or_path; load the base model, then "
-                                      f"model.load_adapter({str(folder)!r})")
-            base_path = pathlib.Path(base)
-            if not base_path.is_absolute() and (folder / base_path).exists():
-                base_path = folder / base_path
             model, tokenizer = FastLanguageModel.from_pretrained(
-                base_path, max_seq_length=max_seq_length, dtype=dtype,
+                adapter_base(folder), max_seq_length=max_seq_length, dtype=dtype,
                 load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
             model.load_adapter(folder)
             return model, tokenizer
@@ -179,4 +187,88 @@ class FastLanguageModel:
         family = family_for(model.config.model_type)
         spec = resolve(config, model.config, family.default_target_modules)
         model.set_adapter(spec, init_lora(spec, model.config, model.params()))
+        return model
+
+
+class FastVisionModel:
+    """`model, processor = FastVisionModel.from_pretrained(path)`, as in Unsloth."""
+
+    @staticmethod
+    def from_pretrained(model_name: str | pathlib.Path, max_seq_length: int = 2048,
+                        dtype: Any = None, load_in_4bit: bool = False,
+                        load_in_8bit: bool = False) -> tuple[VisionLM, Any]:
+        """Load a vision-language HF checkpoint folder and its processor (AutoProcessor), or a
+        PEFT adapter folder (its base, then the adapter).
+
+        load_in_4bit / load_in_8bit quantize the text decoder's projections (NF4 / int8); the
+        vision tower and projector stay in the compute `dtype` (None: bfloat16 on GPU/TPU,
+        float32 on CPU)."""
+        if load_in_4bit and load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit are exclusive; pick one")
+        if not isinstance(max_seq_length, int) or max_seq_length <= 0:
+            raise ConfigError(f"max_seq_length={max_seq_length!r} must be a positive int")
+        folder = resolve_model_path(model_name)
+        if (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file():
+            base = adapter_base(folder)
+            model, processor = FastVisionModel.from_pretrained(
+                base, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit)
+            model.load_adapter(folder)
+            return model, processor
+        quantize = QuantKind.NF4 if load_in_4bit else QuantKind.INT8 if load_in_8bit else None
+        arch, config, params = load_vlm(folder, dtype=resolve_dtype(dtype), quantize=quantize)
+        processor = load_processor(folder, arch)
+        model = VisionLM(arch, config, params, max_seq_length=max_seq_length,
+                         name_or_path=str(model_name), processor=processor)
+        return model, processor
+
+    @staticmethod
+    def get_peft_model(model: VisionLM, finetune_vision_layers: bool = True,
+                       finetune_language_layers: bool = True,
+                       finetune_attention_modules: bool = True,
+                       finetune_mlp_modules: bool = True, r: int = 16,
+                       lora_alpha: float = 16, lora_dropout: float = 0.0, bias: str = "none",
+                       random_state: int = 3407, use_rslora: bool = False,
+                       target_modules: Any = None, init_lora_weights: bool | str = True,
+                       rank_pattern: dict[str, int] | None = None,
+                       alpha_pattern: dict[str, float] | None = None,
+                       use_gradient_checkpointing: Any = None) -> VisionLM:
+        """Attach fresh adapters. target_modules None: the four switches pick the attention
+        and / or MLP projections of the vision and / or language layers (Unsloth's regex);
+        a list or regex is matched on the HF module names as PEFT does. Returns `model`."""
+        if use_gradient_checkpointing is not None:
+            raise ConfigError(f"get_peft_model(use_gradient_checkpointing="
+                              f"{use_gradient_checkpointing!r}): gradient checkpointing is a "
+                              f"training setting; pass TrainingArguments(use_gradient_"
+                              f"checkpointing=...) instead")
+        if target_modules is None or target_modules == "all-linear":
+            target_modules = flags_regex(model.arch, model.config,
+                                         vision=finetune_vision_layers,
+                                         language=finetune_language_layers,
+                                         attention=finetune_attention_modules,
+                                         mlp=finetune_mlp_modules)
+        lora_config = LoraConfig.create(
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+            bias=bias, use_rslora=use_rslora, rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern, init_lora_weights=init_lora_weights,
+            random_state=random_state)
+        spec = resolve_vision_lora(model.arch, model.config, lora_config)
+        lora: Params = {}
+        if spec.language is not None:
+            lora["language"] = init_lora(spec.language, model.config.text,
+                                         model.frozen["language"])
+        if spec.vision is not None:
+            lora["vision"] = {"tower": init_lora(spec.vision, model.config.vision,
+                                                 model.frozen["vision"]["tower"])}
+        model.set_adapter(spec, lora)
+        return model
+
+    @staticmethod
+    def for_training(model: VisionLM) -> VisionLM:
+        """Unsloth's call; adapters always apply unmerged here, so nothing changes."""
+        return model
+
+    @staticmethod
+    def for_inference(model: VisionLM) -> VisionLM:
+        """Unsloth's call; generation reads the same trees, so nothing changes."""
         return model

@@ -48,6 +48,9 @@ class RopeConfig:
     kind: scaling kind; `factor` (and the llama3 / longrope fields) parameterise it. For longrope,
       `factor` None means `max_position_embeddings / original_max_position_embeddings` (as HF).
     partial_rotary_factor: fraction of each head's dims that is rotated (Phi-3 / NeoX style).
+    mrope_section: multimodal rope (Qwen2-VL / Qwen2.5-VL): the rotary frequencies split into
+      consecutive sections of these sizes (summing to rotary_dim / 2), section i turning with
+      position axis i % 3 (temporal, height, width) of positions [3, batch, seq]; None = 1D rope.
     """
 
     theta: float = 10000.0
@@ -60,6 +63,7 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     attention_factor: float | None = None
     partial_rotary_factor: float = 1.0
+    mrope_section: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +334,8 @@ class _Reader:
         merged.pop("type", None)
         if kind_name == "su":
             kind_name = "longrope"
+        if kind_name == "mrope":  # Qwen2-VL's spelling of default frequencies + mrope_section
+            kind_name = "default"
         try:
             kind = RopeKind(kind_name)
         except ValueError:
@@ -350,6 +356,8 @@ class _Reader:
             long_factor=_float_tuple(sub.take("long_factor", list, None), source, "long_factor"),
             attention_factor=sub.take("attention_factor", float, None),
             partial_rotary_factor=sub.take("partial_rotary_factor", float, 1.0),
+            mrope_section=_int_tuple(sub.take("mrope_section", list, None), source,
+                                     "mrope_section"),
         )
         sub.finish("rope")
         if original_max is not None:
@@ -366,6 +374,11 @@ class _Reader:
                     raise ConfigError(f"{source}: longrope {name} must have rotary_dim/2 = "
                                       f"{rotary // 2} entries, found "
                                       f"{None if factors is None else len(factors)}")
+        if cfg.mrope_section is not None and (kind is not RopeKind.DEFAULT
+                                              or sum(cfg.mrope_section) != rotary // 2):
+            raise ConfigError(f"{source}: mrope_section {list(cfg.mrope_section)} must sum to "
+                              f"rotary_dim/2 = {rotary // 2} and go with default frequencies "
+                              f"(found rope type {kind.value!r})")
         return cfg
 
     def finish(self, what: str, harmless: frozenset[str] = frozenset()) -> None:
@@ -394,11 +407,23 @@ def _float_tuple(values: list | None, source: str, key: str) -> tuple[float, ...
     return tuple(float(v) for v in values)
 
 
+def _int_tuple(values: list | None, source: str, key: str) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                             for v in values):
+        raise ConfigError(f"{source}: {key} must be a list of positive integers, found {values!r}")
+    return tuple(values)
+
+
 def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
     """`rope_theta` + `rope_scaling` (v4 dialect) for `config_to_hf`."""
     out: dict[str, Any] = {"rope_theta": rope.theta}
     if rope.partial_rotary_factor != 1.0:
         out["partial_rotary_factor"] = rope.partial_rotary_factor
+    if rope.mrope_section is not None:  # the spelling of Qwen2.5-VL's own configs
+        out["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope.mrope_section)}
+        return out
     if rope.kind is RopeKind.DEFAULT:
         out["rope_scaling"] = None
         return out

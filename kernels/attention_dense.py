@@ -44,26 +44,31 @@ def _capped(s: jax.Array, softcap: float | None) -> jax.Array:
     return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                    kv_segment_ids: jax.Array | None, causal: bool, sliding_window: int | None,
-                    softcap: float | None, scale: float) -> jax.Array:
-    """q [B, T, H, D], k / v [B, S, Hkv, D], segment ids [B, T] / [B, S] or None -> [B, T, H, D]
-    in q's dtype. `scale` multiplies q.k (the caller resolves its default)."""
-    return _forward(q, k, v, segment_ids, kv_segment_ids, causal, sliding_window, softcap,
-                    scale)[0]
+                    kv_segment_ids: jax.Array | None, bidirectional_ids: jax.Array | None,
+                    causal: bool, sliding_window: int | None, softcap: float | None,
+                    scale: float) -> jax.Array:
+    """q [B, T, H, D], k / v [B, S, Hkv, D], segment ids [B, T] / [B, S] or None, bidirectional
+    ids [B, T] or None (`attention_mask.dense_mask`) -> [B, T, H, D] in q's dtype. `scale`
+    multiplies q.k (the caller resolves its default)."""
+    return _forward(q, k, v, segment_ids, kv_segment_ids, bidirectional_ids, causal,
+                    sliding_window, softcap, scale)[0]
 
 
-def _mask(q: jax.Array, k: jax.Array, segment_ids, kv_segment_ids, causal, sliding_window):
+def _mask(q: jax.Array, k: jax.Array, segment_ids, kv_segment_ids, bidirectional_ids, causal,
+          sliding_window):
     """[B or 1, 1, 1, T, S] boolean (True = visible)."""
     return dense_mask(q.shape[1], k.shape[1], causal=causal, sliding_window=sliding_window,
-                      q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)[:, :, None]
+                      q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                      bidirectional_ids=bidirectional_ids)[:, :, None]
 
 
-def _forward(q, k, v, segment_ids, kv_segment_ids, causal, sliding_window, softcap, scale):
+def _forward(q, k, v, segment_ids, kv_segment_ids, bidirectional_ids, causal, sliding_window,
+             softcap, scale):
     qh, kh, vh = _heads(q, k.shape[2]), _kv(k), _kv(v)
     s = _capped(jnp.einsum("bkgtd,bksd->bkgts", qh, kh) * scale, softcap)   # [B,Hkv,G,T,S]
-    mask = _mask(q, k, segment_ids, kv_segment_ids, causal, sliding_window)
+    mask = _mask(q, k, segment_ids, kv_segment_ids, bidirectional_ids, causal, sliding_window)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -73,22 +78,24 @@ def _forward(q, k, v, segment_ids, kv_segment_ids, causal, sliding_window, softc
     o = jnp.einsum("bkgts,bksd->bkgtd", p, vh) / denom
     lse = (m + jnp.log(denom))[..., 0]                   # [B,Hkv,G,T]
     out = _unheads(o, q.dtype)
-    return out, (q, k, v, segment_ids, kv_segment_ids, out, lse)
+    return out, (q, k, v, segment_ids, kv_segment_ids, bidirectional_ids, out, lse)
 
 
-def _fwd(q, k, v, segment_ids, kv_segment_ids, causal, sliding_window, softcap, scale):
-    return _forward(q, k, v, segment_ids, kv_segment_ids, causal, sliding_window, softcap, scale)
+def _fwd(q, k, v, segment_ids, kv_segment_ids, bidirectional_ids, causal, sliding_window,
+         softcap, scale):
+    return _forward(q, k, v, segment_ids, kv_segment_ids, bidirectional_ids, causal,
+                    sliding_window, softcap, scale)
 
 
 def _bwd(causal, sliding_window, softcap, scale, res, dout):
-    q, k, v, segment_ids, kv_segment_ids, out, lse = res
+    q, k, v, segment_ids, kv_segment_ids, bidirectional_ids, out, lse = res
     kv_heads = k.shape[2]
     qh, kh, vh = _heads(q, kv_heads), _kv(k), _kv(v)
     do = _heads(dout, kv_heads)
     delta = jnp.sum(do * _heads(out, kv_heads), axis=-1)                   # [B,Hkv,G,T]
     # Transposed: keys on the rows. lse / delta broadcast along the last (query) axis.
     st = _capped(jnp.einsum("bksd,bkgtd->bksgt", kh, qh) * scale, softcap)  # [B,Hkv,S,G,T]
-    mask = _mask(q, k, segment_ids, kv_segment_ids, causal, sliding_window)
+    mask = _mask(q, k, segment_ids, kv_segment_ids, bidirectional_ids, causal, sliding_window)
     mask_t = jnp.swapaxes(mask[:, :, 0], -1, -2)[:, :, :, None, :]          # [B|1,1,S,1,T]
     pt = jnp.where(mask_t, jnp.exp(st - lse[:, :, None]), 0.0)
     dv = jnp.einsum("bksgt,bkgtd->bksd", pt, do)
@@ -101,7 +108,8 @@ def _bwd(causal, sliding_window, softcap, scale, res, dout):
     dq = jnp.einsum("bksgt,bksd->bkgtd", dst, kh)
     zeros = lambda ids: None if ids is None else jnp.zeros(ids.shape, jax.dtypes.float0)  # noqa: E731
     return (_unheads(dq, q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype),
-            dv.transpose(0, 2, 1, 3).astype(v.dtype), zeros(segment_ids), zeros(kv_segment_ids))
+            dv.transpose(0, 2, 1, 3).astype(v.dtype), zeros(segment_ids), zeros(kv_segment_ids),
+            zeros(bidirectional_ids))
 
 
 dense_attention.defvjp(_fwd, _bwd)

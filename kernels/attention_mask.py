@@ -4,7 +4,11 @@ kernels use to skip whole blocks.
 A query at index i sees key j iff
   (not causal or j <= i + offset)  and  (window is None or j > i + offset - window)
   and (no segment ids or q_segment_ids[i] == kv_segment_ids[j]),
-with offset = seq_kv - seq_q (the causal mask is aligned bottom-right). `dense_mask` spells this
+with offset = seq_kv - seq_q (the causal mask is aligned bottom-right). Bidirectional ids (a
+vision-language model's image tokens, e.g. Gemma 3's) widen the causal term: two tokens of one
+sequence with the same nonzero id see each other in both directions, still within the window's
+lower bound and their segment (transformers' (causal or same block) and window). Only the dense
+mask knows them, so the kernels never receive them. `dense_mask` spells this
 out as a [seq_q, seq_kv] boolean array (the reference and the XLA / cuDNN paths use it);
 `block_visibility` and `visit_ranges` reduce it to tiles, so a kernel never loads a block the
 mask hides whole (above the causal diagonal, outside the window, across packed documents) and
@@ -20,17 +24,27 @@ import jax.numpy as jnp
 
 
 def dense_mask(seq_q: int, seq_kv: int, *, causal: bool, sliding_window: int | None,
-               q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None) -> jax.Array:
-    """Boolean mask [batch or 1, 1, seq_q, seq_kv] (True = visible)."""
+               q_segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+               bidirectional_ids: jax.Array | None = None) -> jax.Array:
+    """Boolean mask [batch or 1, 1, seq_q, seq_kv] (True = visible).
+
+    bidirectional_ids [batch, seq] int32 (seq_q == seq_kv): tokens sharing a nonzero id see each
+    other both ways (0 = an ordinary token)."""
     offset = seq_kv - seq_q
     qi = jnp.arange(seq_q)[:, None] + offset
     kj = jnp.arange(seq_kv)[None, :]
     mask = jnp.ones((seq_q, seq_kv), dtype=bool)
     if causal:
         mask &= kj <= qi
-    if sliding_window is not None:
-        mask &= kj > qi - sliding_window
     mask = mask[None, None]
+    if bidirectional_ids is not None:
+        if seq_q != seq_kv:
+            raise ValueError(f"bidirectional ids need seq_q == seq_kv, got {seq_q=} {seq_kv=}")
+        ids = bidirectional_ids
+        mask = mask | ((ids[:, None, :, None] == ids[:, None, None, :])
+                       & (ids[:, None, :, None] > 0))
+    if sliding_window is not None:
+        mask &= (kj > qi - sliding_window)[None, None]
     if q_segment_ids is not None:
         seg = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
         mask = mask & seg

@@ -21,8 +21,10 @@ def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
                               kv_segment_ids: jax.Array | None = None,
                               sliding_window: int | None = None,
                               softcap: float | None = None,
-                              scale: float | None = None) -> jax.Array:
-    """Reference attention. segment_ids [batch, seq_q] int32 (kv_segment_ids defaults to it)."""
+                              scale: float | None = None,
+                              bidirectional_ids: jax.Array | None = None) -> jax.Array:
+    """Reference attention. segment_ids [batch, seq_q] int32 (kv_segment_ids defaults to it);
+    bidirectional_ids [batch, seq] int32 as in `attention_mask.dense_mask`."""
     batch, seq_q, heads, head_dim = q.shape
     seq_kv, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
@@ -35,7 +37,8 @@ def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
     mask = dense_mask(seq_q, seq_kv, causal=causal, sliding_window=sliding_window,
-                      q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+                      q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                      bidirectional_ids=bidirectional_ids)
     mask = mask[:, :, None]  # [b|1, 1, 1, q, s]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)

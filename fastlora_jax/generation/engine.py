@@ -122,17 +122,26 @@ def _choose(spec: EngineSpec, state: GenState, logits: jax.Array) -> GenState:
 
 def prefill(spec: EngineSpec, frozen: Params, lora: Params | None, prompt: jax.Array,
             start: jax.Array, key: jax.Array, max_new: jax.Array,
-            row_ids: jax.Array | None = None, done: jax.Array | None = None) -> GenState:
+            row_ids: jax.Array | None = None, done: jax.Array | None = None,
+            inputs_embeds: jax.Array | None = None,
+            bidirectional_ids: jax.Array | None = None, positions: jax.Array | None = None,
+            position_offset: jax.Array | None = None) -> GenState:
     """Run the left-padded prompt [B, P] (real tokens from start [B]) into a fresh cache and
     choose the first new token. row_ids [B] (default 0..B-1) seed each row's key; done [B]
-    marks padding rows that never generate."""
+    marks padding rows that never generate. inputs_embeds [B, P, H] / bidirectional_ids [B, P]:
+    a vision-language prompt's embeddings (image features in place) and image blocks.
+    positions: the prompt's rope positions (Qwen2.5-VL's M-RoPE [3, B, P]) instead of its
+    token count; position_offset [B]: added to each generated token's (slot - start) position
+    (M-RoPE's rope delta)."""
     c = spec.config
     b, p = prompt.shape
     dtype = frozen["embed_tokens"]["weight"].dtype
     lora_c, project = _adapters(spec, frozen, lora)
-    cache = init_cache(c, start, spec.cache_len, dtype)
+    cache = init_cache(c, start, spec.cache_len, dtype, position_offset)
     h, cache = cached_hidden_states(c, frozen, prompt, cache, fresh=True, lora=lora_c,
-                                    project=project, attention_impl=spec.attention_impl)
+                                    project=project, attention_impl=spec.attention_impl,
+                                    inputs_embeds=inputs_embeds,
+                                    bidirectional_ids=bidirectional_ids, positions=positions)
     logits = logits_from_hidden(c, frozen, h[:, -1])
     tokens = jnp.zeros((b, spec.cache_len), jnp.int32).at[:, :p].set(prompt)
     seen = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from fastlora_jax.config import ModelConfig
 from fastlora_jax.errors import ConfigError
@@ -146,6 +146,31 @@ def _pattern_value(patterns: tuple[tuple[str, Any], ...], module_name: str, defa
     return default
 
 
+def resolve_modules(config: LoraConfig, target: tuple[str, ...] | str,
+                    modules: Sequence[tuple[str, str]], num_layers: int,
+                    full_name: Callable[[int, str, str], str]
+                    ) -> tuple[tuple[tuple[str, str], tuple[int, ...], tuple[float, ...]], ...]:
+    """`LoraSpec.modules` entries of the (group, name) `modules` of `num_layers` stacked layers
+    that `target` matches on their full names `full_name(layer, group, name)`, with ranks and
+    scales from `config` (and its rank / alpha patterns); unmatched modules are left out."""
+    out = []
+    for group, name in modules:
+        ranks, scales = [], []
+        for layer in range(num_layers):
+            full = full_name(layer, group, name)
+            if _matches(target, full):
+                r = _pattern_value(config.rank_pattern, full, config.r)
+                alpha = _pattern_value(config.alpha_pattern, full, config.lora_alpha)
+                ranks.append(r)
+                scales.append(config.scale(r, alpha))
+            else:
+                ranks.append(0)
+                scales.append(0.0)
+        if any(ranks):
+            out.append(((group, name), tuple(ranks), tuple(scales)))
+    return tuple(out)
+
+
 def resolve(config: LoraConfig, model_config: ModelConfig,
             default_targets: Sequence[str]) -> LoraSpec:
     """Which projections of which layers get adapters, with their ranks and scales."""
@@ -157,21 +182,8 @@ def resolve(config: LoraConfig, model_config: ModelConfig,
             what = "DoRA" if config.use_dora else "LoRA"
             raise ConfigError(f"target_modules names {bad!r}: {what} on {bad} is not supported; "
                               f"target the projections {[n for _, n in available]}")
-    modules = []
-    for group, name in available:
-        ranks, scales = [], []
-        for layer in range(model_config.num_layers):
-            full = hf_module_name(layer, group, name)
-            if _matches(target, full):
-                r = _pattern_value(config.rank_pattern, full, config.r)
-                alpha = _pattern_value(config.alpha_pattern, full, config.lora_alpha)
-                ranks.append(r)
-                scales.append(config.scale(r, alpha))
-            else:
-                ranks.append(0)
-                scales.append(0.0)
-        if any(ranks):
-            modules.append(((group, name), tuple(ranks), tuple(scales)))
+    modules = resolve_modules(config, target, available, model_config.num_layers,
+                              hf_module_name)
     if not modules:
         raise ConfigError(f"target_modules={target!r} matches no module of this "
                           f"{model_config.model_type!r} model; available names: "

@@ -155,15 +155,17 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array, int | None, Any, jax.Array],
 
 
 def self_attention(config: ModelConfig, segment_ids: jax.Array | None,
-                   attention_impl: Any) -> Attend:
-    """Causal attention within the given tokens (packed rows: within each segment)."""
+                   attention_impl: Any, bidirectional_ids: jax.Array | None = None) -> Attend:
+    """Causal attention within the given tokens (packed rows: within each segment); tokens
+    sharing a nonzero `bidirectional_ids` entry [B, T] also see each other both ways."""
 
     def attend(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, state: Any,
                layer: jax.Array) -> tuple[jax.Array, Any]:
         del layer
         return ops.attention(q, k, v, segment_ids=segment_ids, causal=True,
                              sliding_window=window, softcap=config.attn_logit_softcap,
-                             scale=config.attention_scale, impl=attention_impl), state
+                             scale=config.attention_scale, impl=attention_impl,
+                             bidirectional_ids=bidirectional_ids), state
 
     return attend
 
@@ -267,17 +269,26 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                   lora: Params | None = None, project: Project = frozen_project,
                   attention_impl: Any = None, remat: Callable[[Callable], Callable] | None = None,
-                  dtype: Any = None) -> jax.Array:
-    """Final-normed hidden states [B, T, H] for int32 input_ids [B, T]."""
+                  dtype: Any = None, inputs_embeds: jax.Array | None = None,
+                  bidirectional_ids: jax.Array | None = None) -> jax.Array:
+    """Final-normed hidden states [B, T, H] for int32 input_ids [B, T].
+
+    inputs_embeds [B, T, H]: the first block's input instead of `embed(input_ids)` (a
+    vision-language model's token embeddings with image features scattered in; input_ids then
+    only gives the shape). bidirectional_ids [B, T] int32: see `self_attention`.
+    """
     c = config
     B, T = input_ids.shape
     dtype = dtype or params["embed_tokens"]["weight"].dtype
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    h = constrain(embed(c, params, input_ids, dtype))               # [B,T,H] batch-split on a mesh
+    if inputs_embeds is None:
+        h = constrain(embed(c, params, input_ids, dtype))           # [B,T,H] batch-split on a mesh
+    else:
+        h = constrain(inputs_embeds.astype(dtype))                  # [B,T,H]
     ropes = [c.layer_rope(i) for i in range(c.num_layers)]
     tables = {rope: cos_sin(c, positions, rope) for rope in set(ropes)}  # [B,T,rot] each
-    attend = self_attention(c, segment_ids, attention_impl)
+    attend = self_attention(c, segment_ids, attention_impl, bidirectional_ids)
     h, _ = run_layers(c, params, lora, h, tables, project, attend, None, remat)
     return rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
 

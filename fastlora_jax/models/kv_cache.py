@@ -41,26 +41,32 @@ class KVCache:
     v: jax.Array       # [L, B, S, Hkv, D]
     start: jax.Array   # [B] int32: first real slot of each row (left padding before it)
     length: jax.Array  # [] int32: slots written so far (the same for every row)
+    offset: jax.Array  # [B] int32: added to a row's positions (M-RoPE's rope delta; else 0)
 
     @property
     def cache_len(self) -> int:
         return self.k.shape[2]
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "start", "length"],
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "start", "length", "offset"],
                                  meta_fields=[])
 
 
-def init_cache(config: ModelConfig, start: jax.Array, cache_len: int, dtype: Any) -> KVCache:
-    """An empty cache of `cache_len` slots for rows whose real tokens begin at `start` [B]."""
+def init_cache(config: ModelConfig, start: jax.Array, cache_len: int, dtype: Any,
+               offset: jax.Array | None = None) -> KVCache:
+    """An empty cache of `cache_len` slots for rows whose real tokens begin at `start` [B]
+    (positions shifted by `offset` [B], default 0)."""
     shape = (config.num_layers, start.shape[0], cache_len, config.num_kv_heads, config.head_dim)
+    offset = jnp.zeros_like(start, jnp.int32) if offset is None else offset
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   start=jnp.asarray(start, jnp.int32), length=jnp.zeros((), jnp.int32))
+                   start=jnp.asarray(start, jnp.int32), length=jnp.zeros((), jnp.int32),
+                   offset=jnp.asarray(offset, jnp.int32))
 
 
 def _cache_attend(config: ModelConfig, cache: KVCache, t: int, fresh: bool,
-                  attention_impl: Any) -> Attend:
-    """Write each layer's new k / v at slots [length, length + t), then attend."""
+                  attention_impl: Any, bidirectional_ids: jax.Array | None = None) -> Attend:
+    """Write each layer's new k / v at slots [length, length + t), then attend
+    (`bidirectional_ids`: a prefill's image blocks, see `decoder.self_attention`)."""
     slots = cache.length + jnp.arange(t, dtype=jnp.int32)                       # [T]
     segment_ids = (slots[None, :] >= cache.start[:, None]).astype(jnp.int32)    # [B, T] 0 = pad
 
@@ -74,7 +80,8 @@ def _cache_attend(config: ModelConfig, cache: KVCache, t: int, fresh: bool,
         if fresh:
             out = ops.attention(q, k, v, segment_ids=segment_ids, causal=True,
                                 sliding_window=window, softcap=config.attn_logit_softcap,
-                                scale=config.attention_scale, impl=attention_impl)
+                                scale=config.attention_scale, impl=attention_impl,
+                                bidirectional_ids=bidirectional_ids)
         else:
             out = cached_attention(q, k_all[layer], v_all[layer], q_slot=cache.length,
                                    kv_start=cache.start, sliding_window=window,
@@ -88,21 +95,33 @@ def _cache_attend(config: ModelConfig, cache: KVCache, t: int, fresh: bool,
 def cached_hidden_states(config: ModelConfig, params: Params, input_ids: jax.Array,
                          cache: KVCache, *, fresh: bool, lora: Params | None = None,
                          project: Project = frozen_project, attention_impl: Any = None,
-                         seq_len: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                         seq_len: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+                         bidirectional_ids: jax.Array | None = None,
+                         positions: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, H] of input_ids [B, T] at the cache's next T slots, and
     the cache with them written. `fresh` promises cache.length == 0 (a prefill). `seq_len` [B]
     is the row length that length-dependent rope scaling keys on (default: through the new
-    tokens)."""
+    tokens). inputs_embeds [B, T, H] replaces the token embeddings (a prefill with image
+    features); bidirectional_ids [B, T] (fresh only) marks image blocks seen both ways.
+    positions: the new tokens' rope positions if not (slot - start + offset), e.g. a
+    multimodal prompt's M-RoPE positions [3, B, T]."""
     c = config
     t = input_ids.shape[1]
     slots = cache.length + jnp.arange(t, dtype=jnp.int32)
-    positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0)           # [B, T]
+    if positions is None:
+        positions = (jnp.maximum(slots[None, :] - cache.start[:, None], 0)
+                     + cache.offset[:, None])                                   # [B, T]
     if seq_len is None:
         seq_len = cache.length + t - cache.start                                # [B]
-    h = embed(c, params, input_ids, cache.k.dtype)
+    if inputs_embeds is None:
+        h = embed(c, params, input_ids, cache.k.dtype)
+    else:
+        h = inputs_embeds.astype(cache.k.dtype)
+    if bidirectional_ids is not None and not fresh:
+        raise ValueError("bidirectional_ids apply to a prefill (fresh=True) only")
     ropes = {c.layer_rope(i) for i in range(c.num_layers)}
     tables = {rope: cos_sin(c, positions, rope, seq_len=seq_len) for rope in ropes}
-    attend = _cache_attend(c, cache, t, fresh, attention_impl)
+    attend = _cache_attend(c, cache, t, fresh, attention_impl, bidirectional_ids)
     h, (k, v) = run_layers(c, params, lora, h, tables, project, attend, (cache.k, cache.v))
     h = rms_norm(h, params["norm"]["weight"], eps=c.rms_norm_eps, offset=c.norm_offset)
-    return h, KVCache(k=k, v=v, start=cache.start, length=cache.length + t)
+    return h, KVCache(k=k, v=v, start=cache.start, length=cache.length + t, offset=cache.offset)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastlora_jax.config import ModelConfig, RopeConfig, RopeKind, rotary_dim
+from fastlora_jax.errors import ConfigError
 
 
 def base_inv_freq(config: ModelConfig, rope: RopeConfig | None = None) -> np.ndarray:
@@ -36,13 +37,16 @@ def base_inv_freq(config: ModelConfig, rope: RopeConfig | None = None) -> np.nda
 def cos_sin(config: ModelConfig, positions: jax.Array, rope: RopeConfig | None = None, *,
             seq_len: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [batch, seq, rot] (float32) for integer positions [batch, seq], under
-    `rope` (default config.rope; a layer's is `config.layer_rope(i)`).
+    `rope` (default config.rope; a layer's is `config.layer_rope(i)`). Positions
+    [3, batch, seq] (temporal, height, width) give M-RoPE (`mrope_cos_sin`).
 
     `seq_len` is the sequence length that dynamic and LongRoPE scaling key on: by default
     max(positions) + 1 over the whole batch (transformers' rule); the KV-cache decoder passes
     each row's own length, int32 [batch], so a row's result does not depend on its batch.
     """
     rope = rope or config.rope
+    if positions.ndim == 3:
+        return mrope_cos_sin(config, positions, rope)
     dim = rotary_dim(config, rope)
     inv = jnp.asarray(base_inv_freq(config, rope))
     scale = 1.0
@@ -67,6 +71,23 @@ def cos_sin(config: ModelConfig, positions: jax.Array, rope: RopeConfig | None =
     angles = positions.astype(jnp.float32)[..., None] * inv  # [B, T, rot/2]
     angles = jnp.concatenate([angles, angles], axis=-1)     # [B, T, rot]
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def mrope_cos_sin(config: ModelConfig, positions: jax.Array,
+                  rope: RopeConfig | None = None) -> tuple[jax.Array, jax.Array]:
+    """Multimodal rope (Qwen2-VL / Qwen2.5-VL): cos, sin [batch, seq, rot] (float32) for
+    positions [3, batch, seq]. Frequency j of section i (`rope.mrope_section`) turns with
+    position axis i % 3; with the three axes equal this is the 1D rope of `cos_sin`."""
+    rope = rope or config.rope
+    if rope.mrope_section is None:
+        raise ConfigError(f"positions of shape {tuple(positions.shape)} (3D, multimodal) need a "
+                          f"rope with mrope_section; this {config.model_type!r} config has none")
+    inv = jnp.asarray(base_inv_freq(config, rope))                       # [rot/2]
+    axis = np.repeat(np.arange(len(rope.mrope_section)) % 3, rope.mrope_section)  # [rot/2]
+    chosen = jnp.moveaxis(positions[axis], 0, -1)                        # [B, T, rot/2]
+    angles = chosen.astype(jnp.float32) * inv                            # [B, T, rot/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)                  # [B, T, rot]
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def longrope_attention_factor(config: ModelConfig, rope: RopeConfig | None = None) -> float:

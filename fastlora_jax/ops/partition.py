@@ -91,8 +91,9 @@ def constrain(x: jax.Array, heads_axis: int | None = None) -> jax.Array:
 
 
 def attention(local: Callable[..., jax.Array], q: jax.Array, k: jax.Array, v: jax.Array,
-              segment_ids: jax.Array | None) -> jax.Array:
-    """`local(q, k, v, segment_ids)` per shard: q [B, T, Hq, D], k/v [B, S, Hkv, D]."""
+              segment_ids: Any) -> jax.Array:
+    """`local(q, k, v, segment_ids)` per shard: q [B, T, Hq, D], k/v [B, S, Hkv, D];
+    segment_ids: None, a [B, T] array or a tuple of such (each batch-split like q)."""
     mesh = active_mesh()
     if mesh is None:
         return local(q, k, v, segment_ids)

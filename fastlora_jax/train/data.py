@@ -263,6 +263,6 @@ def batch_at(rows: dict[str, np.ndarray], step: int, *, rows_per_step: int, accu
     per_epoch = n // rows_per_step
     epoch, within = divmod(step, per_epoch)
     order = epoch_order(n, epoch, seed)[within * rows_per_step:(within + 1) * rows_per_step]
-    batch = {k: v[order].reshape(accumulation, rows_per_step // accumulation, -1)
+    batch = {k: v[order].reshape((accumulation, rows_per_step // accumulation) + v.shape[1:])
              for k, v in rows.items()}
     return batch, epoch

@@ -33,6 +33,7 @@ from fastlora_jax.lora.spec import LoraSpec
 from fastlora_jax.models import decoder
 from fastlora_jax.models.decoder import Params
 from fastlora_jax.train.loss import IGNORE, cross_entropy_sum
+from fastlora_jax.vision import forward as vision_forward
 
 LAYER_INPUT = decoder.LAYER_INPUT
 ScheduleName = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -114,11 +115,17 @@ class StepConfig:
     attention_impl: Any = None
     linear_impl: Any = None        # the frozen matmuls' `ops.Impl` (None = the measured default)
     loss_grad_in_forward: bool | None = None  # train/loss.py (None = the platform's default)
+    # A vision-language model: (its VisionArch, its config). `model` is then its text decoder's
+    # config, `lora` a VisionLoraSpec, the frozen / LoRA trees {"language", "vision"}, and each
+    # micro-batch holds "pixel_values" [B, images per row, C, H, W] beside the token arrays.
+    vision: tuple[Any, Any] | None = None
 
 
 def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.Array],
               dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, counted tokens) of one micro-batch [B, T]."""
+    if cfg.vision is not None:
+        return _vision_loss_sums(cfg, lora, frozen, mb, dropout_key)
     h = decoder.hidden_states(
         cfg.model, frozen, mb["input_ids"], positions=mb["positions"],
         segment_ids=mb.get("segment_ids"), lora=with_constants(lora, cfg.lora, dropout_key),
@@ -127,6 +134,24 @@ def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.A
         attention_impl=cfg.attention_impl, remat=remat_wrapper(cfg.remat))
     return cross_entropy_sum(h, decoder.lm_head_weight(cfg.model, frozen), mb["targets"],
                              chunk=cfg.loss_chunk, softcap=cfg.model.final_logit_softcap,
+                             grad_in_forward=cfg.loss_grad_in_forward)
+
+
+def _vision_loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.Array],
+                      dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """`loss_sums` of a vision-language model: the rows' images (row after row) enter the
+    text decoder's embeddings at their placeholders."""
+    arch, config = cfg.vision
+    batch = dict(mb)
+    if "pixel_values" in batch:
+        pv = batch["pixel_values"]
+        batch["pixel_values"] = pv.reshape((-1,) + pv.shape[2:])
+    h = vision_forward.hidden_states(arch, config, cfg.lora, frozen, lora, batch,
+                                   dropout_key=dropout_key, attention_impl=cfg.attention_impl,
+                                   linear_impl=cfg.linear_impl, remat=remat_wrapper(cfg.remat))
+    return cross_entropy_sum(h, decoder.lm_head_weight(cfg.model, frozen["language"]),
+                             mb["targets"], chunk=cfg.loss_chunk,
+                             softcap=cfg.model.final_logit_softcap,
                              grad_in_forward=cfg.loss_grad_in_forward)
 
 

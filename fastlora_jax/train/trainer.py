@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -25,6 +26,9 @@ from fastlora_jax.train.data import DataStats, build_rows, load_dataset_source, 
 from fastlora_jax.train.eval import BestTracker, EvalSet, evaluate
 from fastlora_jax.train.logs import RunLogger
 from fastlora_jax.train.step import StepConfig, make_optimizer, train_step
+from fastlora_jax.train.vision_data import build_vision_rows
+from fastlora_jax.vision.collator import VisionCollator, vision_collator
+from fastlora_jax.vision.model import VisionLM
 
 
 def _writable_dir(path: pathlib.Path) -> pathlib.Path:
@@ -50,10 +54,11 @@ class SFTTrainer:
     (small) evaluation set; its batches are split over the mesh like the training batches.
     """
 
-    def __init__(self, model: CausalLM, tokenizer: Any, train_dataset: Any,
+    def __init__(self, model: CausalLM | VisionLM, tokenizer: Any, train_dataset: Any,
                  args: TrainingArguments | None = None,
                  formatting_func: Callable[[dict[str, Any]], str] | None = None,
-                 processing_class: Any = None, eval_dataset: Any = None) -> None:
+                 processing_class: Any = None, eval_dataset: Any = None,
+                 data_collator: VisionCollator | None = None) -> None:
         if model.lora is None:
             raise ConfigError("the model has no LoRA adapter; call "
                               "FastLanguageModel.get_peft_model(model, ...) before training")
@@ -64,9 +69,28 @@ class SFTTrainer:
         self.args = args or TrainingArguments()
         self.max_seq_length = self.args.max_seq_length or model.max_seq_length
         dataset = load_dataset_source(train_dataset)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        vision = isinstance(model, VisionLM)
+        # a vision model's processing class is its processor, which holds the tokenizer
+        text_tokenizer = self.tokenizer.tokenizer if vision else self.tokenizer
+        pad = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
+        if vision:
+            if self.args.packing or eval_dataset is not None:
+                raise ConfigError("a vision-language model trains on padded rows without an "
+                                  "eval_dataset for now; set packing=False and drop "
+                                  "eval_dataset")
+            if data_collator is None:
+                root = (pathlib.Path(train_dataset).parent
+                        if isinstance(train_dataset, (str, pathlib.Path)) else None)
+                data_collator = vision_collator(
+                    model, self.tokenizer, image_root=root,
+                    train_on_responses_only=self.args.train_on_responses_only)
 
         def build(part: Any, name: str = "train_dataset") -> tuple[dict[str, np.ndarray], DataStats]:
+            if vision:
+                host = (None if model.arch.host_inputs is None
+                        else functools.partial(model.arch.host_inputs, model.config))
+                return build_vision_rows(data_collator, part, max_seq_length=self.max_seq_length,
+                                         pad_token_id=pad, name=name, host_inputs=host)
             examples = tokenize_examples(part, self.tokenizer,
                                          dataset_text_field=self.args.dataset_text_field,
                                          formatting_func=formatting_func,
@@ -83,6 +107,9 @@ class SFTTrainer:
 
         self.mesh_config = self.args.mesh or distributed.default_mesh_config()
         self.mesh = self.mesh_config.make_mesh() if self.mesh_config is not None else None
+        if self.mesh is not None and vision:
+            raise ConfigError("vision-language models train on one device for now; run "
+                              "without a mesh")
         if self.mesh is not None:
             self.mesh_config.check_model(model.config, self.mesh)
         # each data x fsdp batch group reads its own shard of the data (train/distributed.py)
@@ -108,9 +135,15 @@ class SFTTrainer:
             weight_decay=self.args.weight_decay, max_grad_norm=self.args.max_grad_norm,
             adam_beta1=self.args.adam_beta1, adam_beta2=self.args.adam_beta2,
             adam_epsilon=self.args.adam_epsilon)
-        self.step_config = StepConfig(model=model.config, lora=model.lora_spec,
-                                      remat=self.args.use_gradient_checkpointing,
-                                      loss_chunk=self.args.loss_chunk_size)
+        self.step_config = StepConfig(
+            model=model.config.text if vision else model.config, lora=model.lora_spec,
+            remat=self.args.use_gradient_checkpointing, loss_chunk=self.args.loss_chunk_size,
+            vision=(model.arch, model.config) if vision else None)
+        # a vision model's rows carry the image arrays (and what the architecture derives from
+        # them) beside the token arrays
+        text_keys = ("input_ids", "targets", "positions", "segment_ids")
+        self.image_keys = tuple(k for k in self.data.rows[self.data.local[0]]
+                                if k not in text_keys) if vision else ()
 
     # -----------------------------------------------------------------------------------------
     def _place(self, frozen: Any, lora: Any, opt_state: Any) -> tuple[Any, Any, Any]:
@@ -159,7 +192,7 @@ class SFTTrainer:
         Unpacked rows go without segment ids (see train/step.py: right padding needs none).
         """
         keys = ("input_ids", "targets", "positions") + (("segment_ids",) if self.args.packing
-                                                         else ())
+                                                         else ()) + self.image_keys
         return self.data.batch(step, rows_per_group=self.rows_per_group,
                                accumulation=self.args.gradient_accumulation_steps,
                                seed=self.args.seed, keys=keys)

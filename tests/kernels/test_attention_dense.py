@@ -25,14 +25,15 @@ def _inputs(batch, seq_q, seq_kv, heads, kv_heads, dim, dtype=jnp.float32):
     return q, k, v, do, seed
 
 
-def _check(q, k, v, do, seed, *, seg=None, kv_seg=None, causal=True, window=None, softcap=None,
-           scale=0.3, tol=2e-5):
+def _check(q, k, v, do, seed, *, seg=None, kv_seg=None, bid=None, causal=True, window=None,
+           softcap=None, scale=0.3, tol=2e-5):
     def ours(q, k, v):
-        return dense_attention(q, k, v, seg, kv_seg, causal, window, softcap, scale)
+        return dense_attention(q, k, v, seg, kv_seg, bid, causal, window, softcap, scale)
 
     def ref(q, k, v):
         return flash_attention_reference(q, k, v, causal=causal, segment_ids=seg,
-                                         kv_segment_ids=kv_seg, sliding_window=window,
+                                         kv_segment_ids=kv_seg, bidirectional_ids=bid,
+                                         sliding_window=window,
                                          softcap=softcap, scale=scale)
 
     got, pull = jax.vjp(jax.jit(ours), q, k, v)
@@ -60,8 +61,15 @@ def test_packed_segments_and_rows_with_no_visible_key():
     seg = jnp.asarray([[1] * 7 + [2] * 13, [3] * 4 + [1] * 16], jnp.int32)
     kv_seg = jnp.asarray([[1] * 7 + [2] * 13, [1] * 20], jnp.int32)
     _check(q, k, v, do, seed, seg=seg, kv_seg=kv_seg)
-    out = dense_attention(q, k, v, seg, kv_seg, True, None, None, 0.3)
+    out = dense_attention(q, k, v, seg, kv_seg, None, True, None, None, 0.3)
     assert float(jnp.max(jnp.abs(out[1, :4]))) == 0.0
+
+
+def test_bidirectional_ids():
+    """Gemma 3's image tokens (a nonzero id) see each other both ways, with a window."""
+    q, k, v, do, seed = _inputs(2, 16, 16, 4, 2, 8)
+    bid = jnp.asarray([[0] * 3 + [1] * 5 + [0] * 8, [0] * 6 + [2] * 4 + [0] * 6], jnp.int32)
+    _check(q, k, v, do, seed, bid=bid, window=6)
 
 
 def test_fewer_queries_than_keys():
@@ -83,5 +91,5 @@ def test_cpu_default_is_the_dense_path():
     q, k, v, do, seed = _inputs(2, 12, 12, 4, 2, 8)
     seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
     got = attention(q, k, v, segment_ids=seg, softcap=3.0)
-    want = dense_attention(q, k, v, seg, seg, True, None, 3.0, 8 ** -0.5)
+    want = dense_attention(q, k, v, seg, seg, None, True, None, 3.0, 8 ** -0.5)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -27,6 +27,7 @@ LAYERS = {
     "converters": ("fastlora_jax.converters",),
     "generation": ("fastlora_jax.generation",),
     "model_object": ("fastlora_jax.models.causal_lm",),
+    "vision": ("fastlora_jax.vision",),
     "train": ("fastlora_jax.train",),
     "entry": ("fastlora_jax.api", "fastlora_jax.cli", "fastlora_jax.rl_cli", "fastlora_jax.chat",
               "fastlora_jax.model_flags",
@@ -48,8 +49,10 @@ ALLOWED = {
     "generation": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora"},
     "model_object": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "converters",
                      "generation"},
+    "vision": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora",
+               "sharding", "converters", "generation", "model_object"},
     "train": {"errors", "config", "quant", "dispatch_tables", "ops", "models", "lora", "sharding",
-              "converters", "generation", "model_object"},
+              "converters", "generation", "model_object", "vision"},
     "entry": set(LAYERS),
 }
 
