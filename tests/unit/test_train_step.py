@@ -21,6 +21,11 @@ CFG = ModelConfig(model_type="llama", vocab_size=80, hidden_size=32, intermediat
 ALL = tuple(n for _, n in PROJECTIONS)
 
 
+# The loss and gradients compiled as the training step runs them (one compile per shape and
+# config, instead of op-by-op dispatch of the whole model).
+grads_of = jax.jit(accumulated_grads, static_argnums=0)
+
+
 def setup(**lora_kw):
     frozen = decoder.init_params(CFG, jax.random.key(0))
     spec = resolve(LoraConfig.create(init_lora_weights=False, **lora_kw), CFG, ALL)
@@ -107,15 +112,15 @@ def test_accumulation_equals_one_large_batch():
     cfg = StepConfig(model=CFG, lora=spec, remat=False, loss_chunk=7)
     big = batch(1, 4, 10)
     split = jax.tree.map(lambda a: a.reshape(2, 2, 10), big)
-    l1, n1, g1 = accumulated_grads(cfg, lora, frozen, big, None)
-    l2, n2, g2 = accumulated_grads(cfg, lora, frozen, split, None)
+    l1, n1, g1 = grads_of(cfg, lora, frozen, big, None)
+    l2, n2, g2 = grads_of(cfg, lora, frozen, split, None)
     assert float(n1) == float(n2)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # the naive per-micro-batch mean would differ when micro-batches count different tokens
-    naive = sum(float(accumulated_grads(cfg, lora, frozen, jax.tree.map(lambda a: a[i:i + 1], split),
-                                        None)[0]) for i in range(2)) / 2
+    naive = sum(float(grads_of(cfg, lora, frozen, jax.tree.map(lambda a: a[i:i + 1], split),
+                               None)[0]) for i in range(2)) / 2
     assert abs(naive - float(l1)) > 1e-4
 
 
@@ -152,9 +157,9 @@ def test_dropout_changes_the_step_and_is_deterministic():
     frozen, spec, lora = setup(r=4, lora_dropout=0.5)
     cfg = StepConfig(model=CFG, lora=spec)
     b = batch(1, 2, 12)
-    a1 = accumulated_grads(cfg, lora, frozen, b, jax.random.key(5))[0]
-    a2 = accumulated_grads(cfg, lora, frozen, b, jax.random.key(5))[0]
-    a3 = accumulated_grads(cfg, lora, frozen, b, None)[0]
+    a1 = grads_of(cfg, lora, frozen, b, jax.random.key(5))[0]
+    a2 = grads_of(cfg, lora, frozen, b, jax.random.key(5))[0]
+    a3 = grads_of(cfg, lora, frozen, b, None)[0]
     assert float(a1) == float(a2) and float(a1) != float(a3)
 
 
@@ -177,8 +182,8 @@ def test_right_padded_rows_need_no_segment_ids():
     padded = dict(b, segment_ids=jnp.asarray(seg), targets=jnp.asarray(targets))
     without = {k: v for k, v in padded.items() if k != "segment_ids"}
     cfg = StepConfig(model=CFG, lora=spec, remat=False)
-    loss_a, tok_a, g_a = accumulated_grads(cfg, lora, frozen, padded, None)
-    loss_b, tok_b, g_b = accumulated_grads(cfg, lora, frozen, without, None)
+    loss_a, tok_a, g_a = grads_of(cfg, lora, frozen, padded, None)
+    loss_b, tok_b, g_b = grads_of(cfg, lora, frozen, without, None)
     assert tok_a == tok_b
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_a)):
