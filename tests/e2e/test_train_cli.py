@@ -135,23 +135,31 @@ def test_missing_data_file(setup, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
-def test_fresh_run_into_a_used_output_dir_is_refused(setup, tmp_path):
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
+    """One finished 2-step run (default targets), shared by the tests that only need a trained
+    output folder: each CLI run costs a process start and a compile."""
     root, model, data = setup
-    first = run(args(model, data, tmp_path / "o", "--max_steps", "1"))
-    assert first.returncode == 0, first.stderr
-    again = run(args(model, data, tmp_path / "o", "--max_steps", "1"))
+    out = tmp_path_factory.mktemp("trained") / "o"
+    proc = run(args(model, data, out, "--max_steps", "2"))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_fresh_run_into_a_used_output_dir_is_refused(setup, trained):
+    root, model, data = setup
+    assert (trained / "checkpoints").is_dir()
+    again = run(args(model, data, trained, "--max_steps", "1"))
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr
 
 
-def test_export_command_writes_peft_and_merged(setup, tmp_path):
+def test_export_command_writes_peft_and_merged(setup, trained, tmp_path):
     import jax.numpy as jnp
 
     from fastlora_jax import FastLanguageModel
 
     root, model, data = setup
-    trained = run(args(model, data, tmp_path / "o", "--max_steps", "2"))
-    assert trained.returncode == 0, trained.stderr
-    adapter = tmp_path / "o" / "adapter"
+    adapter = trained / "adapter"
     for method in ("peft", "merged"):
         proc = run([CLI, "export", "--model", str(model), "--adapter", str(adapter),
                     "--output_dir", str(tmp_path / method), "--method", method,
