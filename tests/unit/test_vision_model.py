@@ -87,7 +87,7 @@ def test_placeholders_and_images_must_agree(llava_dir: pathlib.Path) -> None:
 def test_unsupported_checkpoint_lists_architectures(tmp_path: pathlib.Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "mllama"}')
     with pytest.raises(ConfigError, match=r"'mllama' is not a supported vision-language "
-                                          r"architecture; supported: \[.*'gemma3'.*'llava'"):
+                                          r"architecture; supported model_types: \[.*'gemma3'.*'llava'"):
         FastVisionModel.from_pretrained(tmp_path)
 
 
