@@ -5,6 +5,7 @@ and images disagree are one clear error."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 
@@ -106,4 +107,9 @@ def test_adapter_round_trip(llava_dir: pathlib.Path, tmp_path: pathlib.Path) -> 
         (tmp_path / "adapter" / "adapter_config.json").read_text().replace(
             "self_attn", "cross_attn"))
     with pytest.raises(CheckpointError, match="matches no module"):
+        loaded.load_adapter(tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), target_modules=None)))
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: target_modules is null; "
+                                              r"a vision-language adapter must name"):
         loaded.load_adapter(tmp_path / "adapter")
