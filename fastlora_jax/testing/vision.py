@@ -177,15 +177,36 @@ OUTPUTS["tokens"] = out[:, inputs["input_ids"].shape[1]:].numpy()
 """
 
 
-def hf_peft_and_merged(base: pathlib.Path, adapter: pathlib.Path, merged: pathlib.Path,
-                       arrays: dict[str, np.ndarray],
-                       cls: str = "LlavaForConditionalGeneration",
-                       vision_part: str = "vision_tower") -> dict[str, np.ndarray]:
-    """transformers' logits with our PEFT adapter on the base (`PeftModel.from_pretrained`) and
-    of our merged export, plus how many vision (names holding `vision_part`) / language modules
-    PEFT adapted."""
-    return run_reference(HF_PEFT_AND_MERGED, arrays, base=str(base), adapter=str(adapter),
-                         merged=str(merged), cls=cls, vision_part=vision_part)
+def check_peft_and_merged_exports(model, processor, base: pathlib.Path, out: pathlib.Path,
+                                  inputs: dict[str, np.ndarray], *, cls: str,
+                                  modules: tuple[int, int], hf_inputs: dict | None = None,
+                                  vision_part: str = "vision_tower",
+                                  rtol: float = 1e-4) -> None:
+    """Our PEFT adapter and merged export of a `VisionLM` loaded from `base`, against their real
+    consumers: LoRA (r=4, alpha 8) on the default vision and language targets with random
+    non-zero B, which must move the logits on `inputs`; the adapter saved under `out / "adapter"`
+    and loaded by `PeftModel.from_pretrained` on transformers' `cls`, and the float32 merged
+    export (`out / "merged"`, with `processor`) loaded by `cls.from_pretrained`, must give our
+    logits (atol 1e-4, `rtol`) on `hf_inputs` (default `inputs`). `modules`: how many
+    (language, vision) modules PEFT adapts (vision: module names holding `vision_part`)."""
+    import jax.numpy as jnp
+
+    from fastlora_jax import FastVisionModel
+
+    base_logits = np.asarray(model(**inputs))
+    FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert model.lora_spec.language is not None and model.lora_spec.vision is not None
+    randomize_b(model)
+    ours = np.asarray(model(**inputs))
+    assert np.abs(ours - base_logits).max() > 1e-2  # the adapters matter
+    model.save_pretrained(out / "adapter")
+    model.save_pretrained_merged(out / "merged", processor, dtype=jnp.float32)
+    ref = run_reference(HF_PEFT_AND_MERGED, inputs if hf_inputs is None else hf_inputs,
+                        base=str(base), adapter=str(out / "adapter"), merged=str(out / "merged"),
+                        cls=cls, vision_part=vision_part)
+    assert (int(ref["language_modules"]), int(ref["vision_modules"])) == modules
+    np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=rtol)
+    np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=rtol)
 
 
 def randomize_b(model, seed: int = 5) -> None:

@@ -342,7 +342,6 @@ QWEN2_5_VL = VisionArch(
     vision_specs=lambda config: vision_param_specs(config.vision),
     tensor_part=tensor_part,
     tensor_name=tensor_name,
-    language_prefix="model.language_model",
     vision_layers="model.visual.blocks",
     vision_projections=VISION_PROJECTIONS,
     image_features=image_features,

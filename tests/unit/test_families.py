@@ -216,8 +216,8 @@ def test_unsupported_model_type_lists_the_supported_ones():
 
 def test_unsupported_checkpoint_fails_naming_the_file_and_the_supported_types(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(MISTRAL_7B, model_type="mamba")))
-    with pytest.raises(ConfigError, match=r"config\.json: model_type 'mamba' is not supported; "
-                                          r"supported model_types: \[.*'phi3'"):
+    with pytest.raises(ConfigError, match=r"config\.json: model_type 'mamba' is not a supported "
+                                          r"model family; supported model_types: \[.*'phi3'"):
         FastLanguageModel.from_pretrained(tmp_path)
 
 

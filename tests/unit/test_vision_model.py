@@ -5,6 +5,7 @@ and images disagree are one clear error."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 
@@ -87,7 +88,7 @@ def test_placeholders_and_images_must_agree(llava_dir: pathlib.Path) -> None:
 def test_unsupported_checkpoint_lists_architectures(tmp_path: pathlib.Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "mllama"}')
     with pytest.raises(ConfigError, match=r"'mllama' is not a supported vision-language "
-                                          r"architecture; supported: \[.*'gemma3'.*'llava'"):
+                                          r"architecture; supported model_types: \[.*'gemma3'.*'llava'"):
         FastVisionModel.from_pretrained(tmp_path)
 
 
@@ -106,4 +107,9 @@ def test_adapter_round_trip(llava_dir: pathlib.Path, tmp_path: pathlib.Path) -> 
         (tmp_path / "adapter" / "adapter_config.json").read_text().replace(
             "self_attn", "cross_attn"))
     with pytest.raises(CheckpointError, match="matches no module"):
+        loaded.load_adapter(tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), target_modules=None)))
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: target_modules is null; "
+                                              r"a vision-language adapter must name"):
         loaded.load_adapter(tmp_path / "adapter")
