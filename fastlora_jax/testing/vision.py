@@ -386,3 +386,42 @@ def shapes_dataset(folder: pathlib.Path, n: int = 24, seed: int = 0,
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
+
+
+def mixed_shapes_dataset(folder: pathlib.Path, n: int = 12, seed: int = 0,
+                         sizes: tuple[tuple[int, int], ...] = ((32, 24), (24, 40))
+                         ) -> pathlib.Path:
+    """`shapes_dataset`'s task with 0, 1 or 2 images per row (row i holds i % 3): no image ->
+    "none", one -> its colour, two -> both ("red and blue"). The images cycle through `sizes`
+    (width, height), so a dynamic-resolution model sees different patch counts per row."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(COLOURS)
+    rows, made = [], 0
+    for i in range(n):
+        files, colours = [], []
+        for _ in range(i % 3):
+            colour = names[int(rng.integers(len(names)))]
+            w, h = sizes[made % len(sizes)]
+            image = Image.new("RGB", (w, h), (255, 255, 255))
+            box = (w // 5, h // 5, 4 * w // 5, 4 * h // 5)
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if made % 2 else draw.rectangle)(box, fill=COLOURS[colour])
+            image.save(folder / f"mixed{made}.png")
+            files.append(f"mixed{made}.png")
+            colours.append(colour)
+            made += 1
+        answer = " and ".join(colours) or "none"
+        content = [{"type": "image"} for _ in files] + [
+            {"type": "text", "text": "What colours are the shapes?"}]
+        rows.append({"messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            "images": files})
+    path = folder / "images.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

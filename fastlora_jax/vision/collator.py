@@ -8,11 +8,12 @@ default the data file's folder) or PIL images. The processor's chat template ren
 conversation, the processor expands each image part into its placeholder tokens and turns the
 images into pixel arrays (transformers' image processor: no preprocessing of our own).
 
-Rows for the trainer: `fastlora_jax/train/vision_data.py`. Labels: with `train_on_responses_only` only assistant turns are trained; each turn's tokens are
-found by rendering (and processing) the conversation up to it, as for text chat data. Rows are
-padded, never packed (an image's tokens must stay in one row); every example of a dataset must
-hold the same number of images, so a batch's pixel arrays have a fixed shape
-[rows, images per row, C, H, W] (the model reads them row after row, image after image).
+Rows for the trainer: `fastlora_jax/train/vision_data.py`. Labels: with
+`train_on_responses_only` only assistant turns are trained; each turn's tokens are found by
+rendering (and processing) the conversation up to it, as for text chat data. Rows are padded,
+never packed (an image's tokens must stay in one row); examples may hold any number of images
+(none included): each row's image arrays are padded to the dataset's most images (or, for
+Qwen2.5-VL, patch rows), and the model reads each row's images into that row only.
 """
 
 from __future__ import annotations
