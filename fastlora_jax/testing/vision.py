@@ -72,6 +72,39 @@ def build_llava(folder: pathlib.Path, seed: int = 0, *, text: dict | None = None
     return folder
 
 
+# LLaVA-NeXT: CLIP's 28-pixel tiles, grids of 1 x 2, 2 x 1 and 2 x 2 tiles (height, width)
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+BUILD_LLAVA_NEXT = """
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration)
+torch.manual_seed(ARGS["seed"])
+config = LlavaNextConfig(vision_config=CLIPVisionConfig(**ARGS["vision"]),
+                         text_config=LlamaConfig(**ARGS["tokens"], **ARGS["text"]),
+                         image_token_id=ARGS["image_id"], vision_feature_layer=-2,
+                         vision_feature_select_strategy="default",
+                         image_grid_pinpoints=ARGS["pinpoints"])
+model = LlavaNextForConditionalGeneration(config).eval()
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "norm" in n or n.endswith("bias"):
+            p.add_(0.1 * torch.randn_like(p))
+model.save_pretrained(ARGS["folder"])
+"""
+
+
+def build_llava_next(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A tiny LlavaNextForConditionalGeneration (CLIP tower, Llama text model, the
+    NEXT_PINPOINTS grids) with its processor."""
+    processor, image_id = tiny_next_processor()
+    run_reference(BUILD_LLAVA_NEXT, folder=str(folder), seed=seed, image_id=image_id,
+                  tokens=_token_args(processor.tokenizer), text=TEXT, vision=CLIP,
+                  pinpoints=NEXT_PINPOINTS)
+    processor.save_pretrained(str(folder))
+    return folder
+
+
 GEMMA3_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    max_position_embeddings=512, rms_norm_eps=1e-6, sliding_window=3,
@@ -237,6 +270,23 @@ def tiny_processor(tokenizer_dir: pathlib.Path = TOKENIZER, *, image_size: int =
                                patch_size=patch_size, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1 if class_token else 0,
                                chat_template=CHAT_TEMPLATE)
+    return processor, tok.convert_tokens_to_ids("<image>")
+
+
+def tiny_next_processor(tokenizer_dir: pathlib.Path = TOKENIZER) -> tuple[object, int]:
+    """(a LlavaNextProcessor for CLIP's 28-pixel tiles and NEXT_PINPOINTS, the `<image>` id)."""
+    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens(["<image>"], special_tokens=True)
+    size = CLIP["image_size"]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=NEXT_PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok,
+                                   patch_size=CLIP["patch_size"],
+                                   vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     return processor, tok.convert_tokens_to_ids("<image>")
 
 

@@ -42,7 +42,8 @@ class VisionArch:
     parse_config: (config.json dict, source for messages) -> the architecture's config (strict:
       an unknown key is a ConfigError naming it).
     config_to_hf: the inverse, the config.json dict of a merged export.
-    vision_specs: the vision tree's parameters (paths start with "tower" or "projector").
+    vision_specs: the vision tree's parameters (paths start with "tower" or "projector";
+      LLaVA-NeXT adds ("image_newline",)).
     tensor_part: a stored tensor name -> ("language", the text model's HF name) or ("vision",
       ".".join(path) of the vision tree with a stacked layer's index after "layers") or None
       for a tensor the architecture knowingly ignores; an unknown name raises CheckpointError.
@@ -61,6 +62,9 @@ class VisionArch:
       needs help (None: AutoProcessor.from_pretrained).
     positions: (config, input_ids [B, T], the batch) -> the text decoder's positions, for an
       architecture whose positions depend on the images (None: the batch's, or 0..T-1).
+    example_arrays: (config, one training example's image arrays) -> the arrays its training
+      row holds, where examples would otherwise differ beyond their first axis (LLaVA-NeXT
+      pads the tile axis to the most tiles); None: as the processor gave them.
     """
 
     model_type: str
@@ -79,3 +83,4 @@ class VisionArch:
     host_inputs: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
     load_processor: Callable[[Any], Any] | None = None
     positions: Callable[[Any, jax.Array, Mapping[str, jax.Array]], jax.Array] | None = None
+    example_arrays: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None

@@ -9,9 +9,11 @@ from fastlora_jax.models.registry import lookup_model_type
 from fastlora_jax.vision.arch import VisionArch
 from fastlora_jax.vision.gemma3_mm import GEMMA3_VLM
 from fastlora_jax.vision.llava import LLAVA
+from fastlora_jax.vision.llava_next import LLAVA_NEXT
 from fastlora_jax.vision.qwen2_5_vl import QWEN2_5_VL
 
-ARCHITECTURES: dict[str, VisionArch] = {a.model_type: a for a in (LLAVA, GEMMA3_VLM, QWEN2_5_VL)}
+ARCHITECTURES: dict[str, VisionArch] = {a.model_type: a for a in (LLAVA, LLAVA_NEXT, GEMMA3_VLM,
+                                                                 QWEN2_5_VL)}
 
 
 def arch_for(model_type: object, *, source: str = "config.json") -> VisionArch:
