@@ -349,7 +349,7 @@ def _tiny_qwen2_5_vl() -> tuple[Any, Any, Any]:
 
 def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
                    seed: int = 0) -> pathlib.Path:
-    """A tiny random LLaVA, Gemma 3 or Qwen2.5-VL checkpoint written by our own exporter (no
+    """A tiny random LLaVA, LLaVA-NeXT, Gemma 3 or Qwen2.5-VL checkpoint written by our own exporter (no
     torch): for data, training and CLI tests that need a model, not transformers' numbers."""
     import jax
     import jax.numpy as jnp
@@ -360,19 +360,26 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
     from fastlora_jax.vision.checkpoint import save_vlm_merged
     from fastlora_jax.vision.gemma3_mm import GEMMA3_VLM, Gemma3VisionConfig
     from fastlora_jax.vision.llava import LLAVA, LlavaConfig
+    from fastlora_jax.vision.llava_next import LLAVA_NEXT, LlavaNextConfig
     from fastlora_jax.vision.vit import VisionConfig
 
     if model_type == "qwen2_5_vl":
         arch, config, processor = _tiny_qwen2_5_vl()
-    elif model_type == "llava":
-        processor, image_id = tiny_processor()
+    elif model_type in ("llava", "llava_next"):
+        processor, image_id = (tiny_processor() if model_type == "llava"
+                               else tiny_next_processor())
         tok = processor.tokenizer
         text = config_from_hf(dict(TEXT, model_type="llama", num_hidden_layers=2,
                                    vocab_size=len(tok), eos_token_id=tok.eos_token_id))
         vision = VisionConfig.from_hf(dict(CLIP, model_type="clip_vision_model",
                                            num_hidden_layers=2), "tiny")
-        arch, config = LLAVA, LlavaConfig(model_type="llava", text=text, vision=vision,
-                                          image_token_id=image_id)
+        if model_type == "llava":
+            arch, config = LLAVA, LlavaConfig(model_type="llava", text=text, vision=vision,
+                                              image_token_id=image_id)
+        else:
+            arch, config = LLAVA_NEXT, LlavaNextConfig(
+                model_type="llava_next", text=text, vision=vision, image_token_id=image_id,
+                grid_pinpoints=tuple(tuple(p) for p in NEXT_PINPOINTS))
     else:
         processor, ids = tiny_gemma3_processor()
         tok = processor.tokenizer
@@ -391,6 +398,8 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
     for i, spec in enumerate(arch.vision_specs(config)):
         if spec.path[-1] == "bias" or "mm_soft_emb_norm" in spec.path:
             value = jnp.zeros(spec.shape)
+        elif spec.path == ("image_newline",):
+            value = 0.5 * jax.random.normal(jax.random.fold_in(key, 1000 + i), spec.shape)
         elif "norm" in "".join(spec.path) or spec.path[-2] == "ln_q":
             value = jnp.ones(spec.shape)
         else:

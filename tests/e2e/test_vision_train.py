@@ -1,4 +1,4 @@
-"""Training tiny vision-language models (LLaVA, Gemma 3, Qwen2.5-VL) on a synthetic image task
+"""Training tiny vision-language models (LLaVA, LLaVA-NeXT, Gemma 3, Qwen2.5-VL) on a synthetic image task
 (coloured shapes -> the colours' names, 0 to 2 images a row) with the existing SFTTrainer and the
 `fastlora-jax train` command: the training and held-out losses fall, the adapters train, the
 adapter folder is written."""
@@ -22,7 +22,7 @@ def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 @pytest.mark.slow  # ~60-90 s each on 2 cores
-@pytest.mark.parametrize("model_type", ["llava", "gemma3", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "gemma3", "qwen2_5_vl"])
 def test_loss_falls_on_coloured_shapes(model_type: str, tmp_path: pathlib.Path) -> None:
     # rows hold 0, 1 or 2 images (padded per row); Qwen2.5-VL keeps each image's resolution,
     # and its images come in two sizes (one non-square): different patch counts per row
@@ -35,7 +35,9 @@ def test_loss_falls_on_coloured_shapes(model_type: str, tmp_path: pathlib.Path) 
                              per_device_train_batch_size=4, gradient_accumulation_steps=1,
                              learning_rate=1e-2, eval_strategy="steps", eval_steps=6,
                              per_device_eval_batch_size=2,  # 5 rows: the last batch is padded
-                             warmup_steps=0, logging_steps=1, max_seq_length=80,
+                             warmup_steps=0, logging_steps=1,
+                             # LLaVA-NeXT: about 45 tokens an image here (base tile, unpadded grid)
+                             max_seq_length=160 if model_type == "llava_next" else 80,
                              disable_tqdm=True, save_steps=0)
     trainer = SFTTrainer(model=model, tokenizer=processor, train_dataset=str(data), args=args,
                          eval_dataset=str(held_out))

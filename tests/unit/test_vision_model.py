@@ -102,7 +102,7 @@ def test_packing_is_refused(llava_dir: pathlib.Path, tmp_path: pathlib.Path) -> 
 def test_unsupported_checkpoint_lists_architectures(tmp_path: pathlib.Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "mllama"}')
     with pytest.raises(ConfigError, match=r"'mllama' is not a supported vision-language "
-                                          r"architecture; supported model_types: \[.*'gemma3'.*'llava'"):
+                                          r"architecture; supported model_types: \[.*'gemma3'.*'llava', 'llava_next'"):
         FastVisionModel.from_pretrained(tmp_path)
 
 

@@ -1,5 +1,6 @@
 """Training rows whose examples hold different numbers of images (0, 1, 2) and, for Qwen2.5-VL,
-images of different sizes: each row's image arrays are padded along their first axis, and the
+images of different sizes: each row's image arrays are padded along their first axis (LLaVA-NeXT's
+tile axis too), and the
 training forward (rows=True, the step's loss) gives every row exactly what the inference forward
 gives its example alone, unpadded. Qwen2.5-VL's per-row vision layouts are the unpadded ones
 followed by the padding; arrays that differ beyond their first axis are one clear error."""
@@ -40,7 +41,8 @@ def _training_forward(cfg: StepConfig, lora, frozen, mb):
     return logits, loss_sums(cfg, lora, frozen, mb, None)
 
 
-@pytest.mark.parametrize("model_type", ["llava", pytest.param("gemma3", marks=pytest.mark.slow),
+@pytest.mark.parametrize("model_type", ["llava", "llava_next",
+                                        pytest.param("gemma3", marks=pytest.mark.slow),
                                         "qwen2_5_vl"])
 def test_padded_rows_equal_each_example_alone(model_type: str, tmp_path: pathlib.Path) -> None:
     model, processor = FastVisionModel.from_pretrained(
@@ -56,11 +58,14 @@ def test_padded_rows_equal_each_example_alone(model_type: str, tmp_path: pathlib
     collator = vision_collator(model, processor, image_root=tmp_path / "data")
     host = functools.partial(model.arch.host_inputs, model.config) if (
         model.arch.host_inputs) else None
-    rows, _ = build_vision_rows(collator, data, max_seq_length=96, pad_token_id=0,
-                                host_inputs=host)
+    # LLaVA-NeXT's tiles give an image up to 88 tokens here, and its examples' tile grids differ
+    rows, _ = build_vision_rows(collator, data, pad_token_id=0, host_inputs=host,
+                                max_seq_length=192 if model_type == "llava_next" else 96)
     pixels = rows["pixel_values"]
     assert pixels.shape[:2] == ((4, pixels.shape[1]) if model_type == "qwen2_5_vl" else (4, 2))
     assert not pixels[1].any()  # the row without images is all padding
+    if model_type == "llava_next":  # every image's tiles padded to the largest grid's 4 + base
+        assert pixels.shape[2] == model.config.max_tiles == 5
     cfg = StepConfig(model=model.config.text, lora=model.lora_spec, remat=False,
                      vision=(model.arch, model.config))
     mb = {k: jnp.asarray(v) for k, v in rows.items() if k != "segment_ids"}
