@@ -208,7 +208,7 @@ def test_unsupported_model_type_lists_the_supported_ones():
     with pytest.raises(ConfigError) as err:
         config_from_hf(dict(MISTRAL_7B, model_type="falcon"))
     message = str(err.value)
-    assert "'falcon' is not supported" in message
+    assert "'falcon' is not a supported model family" in message
     for model_type in ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "qwen2",
                        "qwen3"):
         assert repr(model_type) in message
