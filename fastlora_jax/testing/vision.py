@@ -31,6 +31,16 @@ TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
 CLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
             image_size=28, patch_size=7, projection_dim=16)
 
+# The end of a reference-environment build script: norms and biases moved off their init values
+# (so a wrong one shows in the logits), the model saved.
+PERTURB_AND_SAVE = """
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "norm" in n or n.endswith("bias"):
+            p.add_(0.1 * torch.randn_like(p))
+model.save_pretrained(ARGS["folder"])
+"""
+
 # The model is built and saved by transformers (the reference environment has no image library);
 # the processor is built and saved here, into the same folder.
 BUILD_LLAVA = """
@@ -43,12 +53,7 @@ config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ARGS
                      vision_feature_layer=-2, vision_feature_select_strategy="default",
                      image_seq_length=(vision.image_size // vision.patch_size) ** 2)
 model = LlavaForConditionalGeneration(config).eval()
-with torch.no_grad():
-    for n, p in model.named_parameters():
-        if "norm" in n or n.endswith("bias"):
-            p.add_(0.1 * torch.randn_like(p))
-model.save_pretrained(ARGS["folder"])
-"""
+""" + PERTURB_AND_SAVE
 
 
 def _token_args(tok) -> dict[str, int | None]:
@@ -86,12 +91,7 @@ config = LlavaNextConfig(vision_config=CLIPVisionConfig(**ARGS["vision"]),
                          vision_feature_select_strategy="default",
                          image_grid_pinpoints=ARGS["pinpoints"])
 model = LlavaNextForConditionalGeneration(config).eval()
-with torch.no_grad():
-    for n, p in model.named_parameters():
-        if "norm" in n or n.endswith("bias"):
-            p.add_(0.1 * torch.randn_like(p))
-model.save_pretrained(ARGS["folder"])
-"""
+""" + PERTURB_AND_SAVE
 
 
 def build_llava_next(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
