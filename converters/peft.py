@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -164,22 +164,33 @@ def load_adapter(folder: str | pathlib.Path, model_config: ModelConfig,
     `target_modules: null` means what PEFT itself targets for the family (or, where PEFT has no
     default, our own default targets).
     """
-    folder = pathlib.Path(folder)
-    cfg = read_adapter_config(folder)
-    source = str(folder / CONFIG_NAME)
-    lora_cfg = lora_config_from_peft(cfg, source)
     family = family_for(model_config.model_type)
     default_targets = family.peft_default_target_modules or family.default_target_modules
-    try:
-        spec = resolve(lora_cfg, model_config, default_targets)
-    except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from None
-    path, tensors = read_adapter_tensors(folder)
+    spec, path, tensors = read_adapter(
+        folder, lambda lora_cfg: resolve(lora_cfg, model_config, default_targets))
     used: set[str] = set()
     tree = adapter_tree(spec, tensors, used, path, param_specs(model_config),
                         model_config.num_layers, hf_module_name, dtype)
     check_all_used(tensors, used, path)
     return spec, tree
+
+
+Spec = TypeVar("Spec")
+
+
+def read_adapter(folder: str | pathlib.Path, resolve_spec: Callable[[LoraConfig], Spec]
+                 ) -> tuple[Spec, pathlib.Path, dict[str, np.ndarray]]:
+    """(`resolve_spec` of the folder's adapter_config.json, adapter_model.safetensors, its
+    tensors as `read_adapter_tensors` gives them); a ConfigError of `resolve_spec` becomes a
+    CheckpointError naming adapter_config.json."""
+    folder = pathlib.Path(folder)
+    source = str(folder / CONFIG_NAME)
+    lora_cfg = lora_config_from_peft(read_adapter_config(folder), source)
+    try:
+        spec = resolve_spec(lora_cfg)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    return (spec, *read_adapter_tensors(folder))
 
 
 def read_adapter_tensors(folder: pathlib.Path) -> tuple[pathlib.Path, dict[str, np.ndarray]]:

@@ -8,7 +8,7 @@ keys travel verbatim in `ModelConfig.extras`.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from fastlora_jax.config import MAX_LAYERS, ModelConfig, _Reader
 from fastlora_jax.errors import ConfigError
@@ -26,14 +26,23 @@ FAMILIES: dict[str, Family] = {
     f.model_type: f for f in (LLAMA, MISTRAL, GEMMA, GEMMA2, GEMMA3, PHI3, QWEN2, QWEN3)}
 
 
+Entry = TypeVar("Entry")
+
+
+def lookup_model_type(table: Mapping[str, Entry], model_type: object, *, source: str,
+                      kind: str) -> Entry:
+    """`table[model_type]`, or a ConfigError naming `source`, the value and the supported
+    model_types (`kind`: what an entry is, for the message)."""
+    entry = table.get(model_type) if isinstance(model_type, str) else None
+    if entry is None:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not a supported {kind}; "
+                          f"supported model_types: {sorted(table)}")
+    return entry
+
+
 def family_for(model_type: object, *, source: str = "config.json") -> Family:
     """The Family of `model_type`, or a ConfigError listing the supported ones."""
-    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
-    if family is None:
-        raise ConfigError(
-            f"{source}: model_type {model_type!r} is not supported; supported model_types: "
-            f"{sorted(FAMILIES)}")
-    return family
+    return lookup_model_type(FAMILIES, model_type, source=source, kind="model family")
 
 
 def config_from_hf(hf: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:

@@ -28,7 +28,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     so with them a Pallas choice runs the XLA path on the dense mask instead.
     See `kernels/attention_reference.py` for the exact semantics every implementation follows.
     impl None: `defaults.attention_impl` (GPU: cuDNN, or our kernels for segment ids and
-    softcap; CPU: XLA). XLA on the CPU runs `kernels/attention_dense.py` (the reference's math
+    softcap, or XLA where cuDNN refuses the call: float32, odd lengths; CPU: XLA). XLA on the CPU runs `kernels/attention_dense.py` (the reference's math
     with a hand-written backward; softcap included); XLA on the GPU and CUDNN run
     jax.nn.dot_product_attention, which has no softcap: with one they run the reference.
     Under a context mesh it runs per shard (`ops/partition.py`: batch over data x fsdp, heads
@@ -52,9 +52,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         return partition.attention(local, q, k, v, segment_ids)
     which = as_impl(impl, "attention")
     if which is None:
-        which = defaults.attention_impl(gpu=on_gpu(), hopper=is_hopper(),
-                                        segments=segment_ids is not None,
-                                        softcap=softcap is not None)
+        gpu, hopper = on_gpu(), is_hopper()
+        which = defaults.attention_impl(
+            gpu=gpu, hopper=hopper, segments=segment_ids is not None,
+            softcap=softcap is not None,
+            cudnn_fits=gpu and defaults.cudnn_takes(dtype=q.dtype, head_dim=q.shape[-1],
+                                                    q_len=q.shape[1], kv_len=k.shape[1],
+                                                    hopper=hopper))
     if bidirectional_ids is not None and which.pallas:
         which = Impl.XLA
     if which is Impl.XLA and not on_gpu():

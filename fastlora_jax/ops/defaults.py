@@ -15,7 +15,8 @@ from fastlora_jax.ops.impl import Impl
 from fastlora_jax.quant import QuantKind
 
 # ---- attention ----------------------------------------------------------------------------------
-# GPU, neither segment ids nor softcap: cuDNN. Ours reached 0.84-0.98x of it fwd+bwd causal at
+# GPU, neither segment ids nor softcap: cuDNN where it takes the call (`cudnn_takes`), else
+# XLA's attention. Ours reached 0.84-0.98x of it fwd+bwd causal at
 # 2K-16K (attention-2026-11-29-all.json, "causal_gqa32/8_d128_s2048" .. "_s16384") and 0.89x
 # with a sliding window alone, which cuDNN takes as local_window_size ("window4096_s16384").
 # Segment ids: ours, 10.7x cuDNN's dense [T, T] mask fwd+bwd ("packed_8docs_s4096", same file).
@@ -34,13 +35,25 @@ def loss_grad_in_forward(*, gpu: bool) -> bool:
     return not gpu
 
 
-def attention_impl(*, gpu: bool, hopper: bool, segments: bool, softcap: bool) -> Impl:
-    """The default implementation of `ops.attention` for one call."""
+def cudnn_takes(*, dtype: object, head_dim: int, q_len: int, kv_len: int, hopper: bool) -> bool:
+    """Whether cuDNN's fused attention (through jax.nn.dot_product_attention) accepts a call:
+    16-bit inputs, head_dim a multiple of 8 up to 256 (Hopper) or 128, and even lengths (its
+    masked training kernels refuse odd ones: a CLIP tower's 577 tokens, the class token and
+    24 x 24 patches, would raise there)."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim % 8 == 0 and head_dim <= (256 if hopper else 128)
+            and q_len % 2 == 0 and kv_len % 2 == 0)
+
+
+def attention_impl(*, gpu: bool, hopper: bool, segments: bool, softcap: bool,
+                   cudnn_fits: bool = True) -> Impl:
+    """The default implementation of `ops.attention` for one call. `cudnn_fits`: `cudnn_takes`
+    of the call; where cuDNN refuses it, XLA's attention (any dtype and length) runs instead."""
     if not gpu:
         return Impl.XLA
     if segments or softcap:
         return Impl.PALLAS_MOSAIC if hopper else Impl.PALLAS_TRITON
-    return Impl.CUDNN
+    return Impl.CUDNN if cudnn_fits else Impl.XLA
 
 
 def cached_attention_impl() -> Impl:

@@ -31,6 +31,16 @@ TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
 CLIP = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
             image_size=28, patch_size=7, projection_dim=16)
 
+# The end of a reference-environment build script: norms and biases moved off their init values
+# (so a wrong one shows in the logits), the model saved.
+PERTURB_AND_SAVE = """
+with torch.no_grad():
+    for n, p in model.named_parameters():
+        if "norm" in n or n.endswith("bias"):
+            p.add_(0.1 * torch.randn_like(p))
+model.save_pretrained(ARGS["folder"])
+"""
+
 # The model is built and saved by transformers (the reference environment has no image library);
 # the processor is built and saved here, into the same folder.
 BUILD_LLAVA = """
@@ -43,12 +53,7 @@ config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ARGS
                      vision_feature_layer=-2, vision_feature_select_strategy="default",
                      image_seq_length=(vision.image_size // vision.patch_size) ** 2)
 model = LlavaForConditionalGeneration(config).eval()
-with torch.no_grad():
-    for n, p in model.named_parameters():
-        if "norm" in n or n.endswith("bias"):
-            p.add_(0.1 * torch.randn_like(p))
-model.save_pretrained(ARGS["folder"])
-"""
+""" + PERTURB_AND_SAVE
 
 
 def _token_args(tok) -> dict[str, int | None]:
@@ -68,6 +73,34 @@ def build_llava(folder: pathlib.Path, seed: int = 0, *, text: dict | None = None
                   tokens=_token_args(processor.tokenizer), text=dict(TEXT, **(text or {})),
                   vision=vision,
                   vision_cls="SiglipVisionConfig" if siglip else "CLIPVisionConfig")
+    processor.save_pretrained(str(folder))
+    return folder
+
+
+# LLaVA-NeXT: CLIP's 28-pixel tiles, grids of 1 x 2, 2 x 1 and 2 x 2 tiles (height, width)
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+BUILD_LLAVA_NEXT = """
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+                          LlavaNextForConditionalGeneration)
+torch.manual_seed(ARGS["seed"])
+config = LlavaNextConfig(vision_config=CLIPVisionConfig(**ARGS["vision"]),
+                         text_config=LlamaConfig(**ARGS["tokens"], **ARGS["text"]),
+                         image_token_id=ARGS["image_id"], vision_feature_layer=-2,
+                         vision_feature_select_strategy="default",
+                         image_grid_pinpoints=ARGS["pinpoints"])
+model = LlavaNextForConditionalGeneration(config).eval()
+""" + PERTURB_AND_SAVE
+
+
+def build_llava_next(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """A tiny LlavaNextForConditionalGeneration (CLIP tower, Llama text model, the
+    NEXT_PINPOINTS grids) with its processor."""
+    processor, image_id = tiny_next_processor()
+    run_reference(BUILD_LLAVA_NEXT, folder=str(folder), seed=seed, image_id=image_id,
+                  tokens=_token_args(processor.tokenizer), text=TEXT, vision=CLIP,
+                  pinpoints=NEXT_PINPOINTS)
     processor.save_pretrained(str(folder))
     return folder
 
@@ -177,15 +210,36 @@ OUTPUTS["tokens"] = out[:, inputs["input_ids"].shape[1]:].numpy()
 """
 
 
-def hf_peft_and_merged(base: pathlib.Path, adapter: pathlib.Path, merged: pathlib.Path,
-                       arrays: dict[str, np.ndarray],
-                       cls: str = "LlavaForConditionalGeneration",
-                       vision_part: str = "vision_tower") -> dict[str, np.ndarray]:
-    """transformers' logits with our PEFT adapter on the base (`PeftModel.from_pretrained`) and
-    of our merged export, plus how many vision (names holding `vision_part`) / language modules
-    PEFT adapted."""
-    return run_reference(HF_PEFT_AND_MERGED, arrays, base=str(base), adapter=str(adapter),
-                         merged=str(merged), cls=cls, vision_part=vision_part)
+def check_peft_and_merged_exports(model, processor, base: pathlib.Path, out: pathlib.Path,
+                                  inputs: dict[str, np.ndarray], *, cls: str,
+                                  modules: tuple[int, int], hf_inputs: dict | None = None,
+                                  vision_part: str = "vision_tower",
+                                  rtol: float = 1e-4) -> None:
+    """Our PEFT adapter and merged export of a `VisionLM` loaded from `base`, against their real
+    consumers: LoRA (r=4, alpha 8) on the default vision and language targets with random
+    non-zero B, which must move the logits on `inputs`; the adapter saved under `out / "adapter"`
+    and loaded by `PeftModel.from_pretrained` on transformers' `cls`, and the float32 merged
+    export (`out / "merged"`, with `processor`) loaded by `cls.from_pretrained`, must give our
+    logits (atol 1e-4, `rtol`) on `hf_inputs` (default `inputs`). `modules`: how many
+    (language, vision) modules PEFT adapts (vision: module names holding `vision_part`)."""
+    import jax.numpy as jnp
+
+    from fastlora_jax import FastVisionModel
+
+    base_logits = np.asarray(model(**inputs))
+    FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert model.lora_spec.language is not None and model.lora_spec.vision is not None
+    randomize_b(model)
+    ours = np.asarray(model(**inputs))
+    assert np.abs(ours - base_logits).max() > 1e-2  # the adapters matter
+    model.save_pretrained(out / "adapter")
+    model.save_pretrained_merged(out / "merged", processor, dtype=jnp.float32)
+    ref = run_reference(HF_PEFT_AND_MERGED, inputs if hf_inputs is None else hf_inputs,
+                        base=str(base), adapter=str(out / "adapter"), merged=str(out / "merged"),
+                        cls=cls, vision_part=vision_part)
+    assert (int(ref["language_modules"]), int(ref["vision_modules"])) == modules
+    np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=rtol)
+    np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=rtol)
 
 
 def randomize_b(model, seed: int = 5) -> None:
@@ -216,6 +270,23 @@ def tiny_processor(tokenizer_dir: pathlib.Path = TOKENIZER, *, image_size: int =
                                patch_size=patch_size, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1 if class_token else 0,
                                chat_template=CHAT_TEMPLATE)
+    return processor, tok.convert_tokens_to_ids("<image>")
+
+
+def tiny_next_processor(tokenizer_dir: pathlib.Path = TOKENIZER) -> tuple[object, int]:
+    """(a LlavaNextProcessor for CLIP's 28-pixel tiles and NEXT_PINPOINTS, the `<image>` id)."""
+    from transformers import AutoTokenizer, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.add_tokens(["<image>"], special_tokens=True)
+    size = CLIP["image_size"]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=NEXT_PINPOINTS)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok,
+                                   patch_size=CLIP["patch_size"],
+                                   vision_feature_select_strategy="default",
+                                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     return processor, tok.convert_tokens_to_ids("<image>")
 
 
@@ -278,7 +349,7 @@ def _tiny_qwen2_5_vl() -> tuple[Any, Any, Any]:
 
 def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
                    seed: int = 0) -> pathlib.Path:
-    """A tiny random LLaVA, Gemma 3 or Qwen2.5-VL checkpoint written by our own exporter (no
+    """A tiny random LLaVA, LLaVA-NeXT, Gemma 3 or Qwen2.5-VL checkpoint written by our own exporter (no
     torch): for data, training and CLI tests that need a model, not transformers' numbers."""
     import jax
     import jax.numpy as jnp
@@ -289,19 +360,26 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
     from fastlora_jax.vision.checkpoint import save_vlm_merged
     from fastlora_jax.vision.gemma3_mm import GEMMA3_VLM, Gemma3VisionConfig
     from fastlora_jax.vision.llava import LLAVA, LlavaConfig
+    from fastlora_jax.vision.llava_next import LLAVA_NEXT, LlavaNextConfig
     from fastlora_jax.vision.vit import VisionConfig
 
     if model_type == "qwen2_5_vl":
         arch, config, processor = _tiny_qwen2_5_vl()
-    elif model_type == "llava":
-        processor, image_id = tiny_processor()
+    elif model_type in ("llava", "llava_next"):
+        processor, image_id = (tiny_processor() if model_type == "llava"
+                               else tiny_next_processor())
         tok = processor.tokenizer
         text = config_from_hf(dict(TEXT, model_type="llama", num_hidden_layers=2,
                                    vocab_size=len(tok), eos_token_id=tok.eos_token_id))
         vision = VisionConfig.from_hf(dict(CLIP, model_type="clip_vision_model",
                                            num_hidden_layers=2), "tiny")
-        arch, config = LLAVA, LlavaConfig(model_type="llava", text=text, vision=vision,
-                                          image_token_id=image_id)
+        if model_type == "llava":
+            arch, config = LLAVA, LlavaConfig(model_type="llava", text=text, vision=vision,
+                                              image_token_id=image_id)
+        else:
+            arch, config = LLAVA_NEXT, LlavaNextConfig(
+                model_type="llava_next", text=text, vision=vision, image_token_id=image_id,
+                grid_pinpoints=tuple(tuple(p) for p in NEXT_PINPOINTS))
     else:
         processor, ids = tiny_gemma3_processor()
         tok = processor.tokenizer
@@ -320,6 +398,8 @@ def tiny_vlm_numpy(folder: pathlib.Path, model_type: str = "llava",
     for i, spec in enumerate(arch.vision_specs(config)):
         if spec.path[-1] == "bias" or "mm_soft_emb_norm" in spec.path:
             value = jnp.zeros(spec.shape)
+        elif spec.path == ("image_newline",):
+            value = 0.5 * jax.random.normal(jax.random.fold_in(key, 1000 + i), spec.shape)
         elif "norm" in "".join(spec.path) or spec.path[-2] == "ln_q":
             value = jnp.ones(spec.shape)
         else:
@@ -365,3 +445,42 @@ def shapes_dataset(folder: pathlib.Path, n: int = 24, seed: int = 0,
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
+
+
+def mixed_shapes_dataset(folder: pathlib.Path, n: int = 12, seed: int = 0,
+                         sizes: tuple[tuple[int, int], ...] = ((32, 24), (24, 40))
+                         ) -> pathlib.Path:
+    """`shapes_dataset`'s task with 0, 1 or 2 images per row (row i holds i % 3): no image ->
+    "none", one -> its colour, two -> both ("red and blue"). The images cycle through `sizes`
+    (width, height), so a dynamic-resolution model sees different patch counts per row."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(COLOURS)
+    rows, made = [], 0
+    for i in range(n):
+        files, colours = [], []
+        for _ in range(i % 3):
+            colour = names[int(rng.integers(len(names)))]
+            w, h = sizes[made % len(sizes)]
+            image = Image.new("RGB", (w, h), (255, 255, 255))
+            box = (w // 5, h // 5, 4 * w // 5, 4 * h // 5)
+            draw = ImageDraw.Draw(image)
+            (draw.ellipse if made % 2 else draw.rectangle)(box, fill=COLOURS[colour])
+            image.save(folder / f"mixed{made}.png")
+            files.append(f"mixed{made}.png")
+            colours.append(colour)
+            made += 1
+        answer = " and ".join(colours) or "none"
+        content = [{"type": "image"} for _ in files] + [
+            {"type": "text", "text": "What colours are the shapes?"}]
+        rows.append({"messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            "images": files})
+    path = folder / "images.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -22,7 +22,8 @@ from fastlora_jax.train.step import StepConfig, eval_sums
 
 
 class EvalSet:
-    """Rows [N, T] (from `build_rows`) served as batches [1, batch_rows, T]."""
+    """Rows [N, T] (from `build_rows`, or `build_vision_rows` with the image arrays [N, ...]
+    beside them) served as batches [1, batch_rows, ...]."""
 
     def __init__(self, rows: dict[str, np.ndarray], *, batch_rows: int, packing: bool,
                  pad_token_id: int) -> None:
@@ -41,9 +42,11 @@ class EvalSet:
             batch = {k: v[start:start + b] for k, v in self.rows.items()}
             short = b - len(batch["input_ids"])
             if short:
-                fill = {"input_ids": self.pad_token_id, "targets": IGNORE, "positions": 0,
-                        "segment_ids": 0}
-                batch = {k: np.concatenate([v, np.full((short,) + v.shape[1:], fill[k], v.dtype)])
+                # a filler row's image arrays (and what the record derived from them) are
+                # zeros: it holds no image token, so no feature of them reaches the loss
+                fill = {"input_ids": self.pad_token_id, "targets": IGNORE}
+                batch = {k: np.concatenate([v, np.full((short,) + v.shape[1:], fill.get(k, 0),
+                                                       v.dtype)])
                          for k, v in batch.items()}
             if not self.packing:  # right padding needs no segment ids (see train/step.py)
                 batch.pop("segment_ids")

@@ -33,7 +33,6 @@ from fastlora_jax.lora.spec import LoraSpec
 from fastlora_jax.models import decoder
 from fastlora_jax.models.decoder import Params
 from fastlora_jax.train.loss import IGNORE, cross_entropy_sum
-from fastlora_jax.vision import forward as vision_forward
 
 LAYER_INPUT = decoder.LAYER_INPUT
 ScheduleName = Literal["linear", "cosine", "constant", "constant_with_warmup"]
@@ -117,7 +116,8 @@ class StepConfig:
     loss_grad_in_forward: bool | None = None  # train/loss.py (None = the platform's default)
     # A vision-language model: (its VisionArch, its config). `model` is then its text decoder's
     # config, `lora` a VisionLoraSpec, the frozen / LoRA trees {"language", "vision"}, and each
-    # micro-batch holds "pixel_values" [B, images per row, C, H, W] beside the token arrays.
+    # micro-batch may hold the rows' image arrays beside the token arrays (train/vision_data.py;
+    # vision/forward.py reads them with rows=True).
     vision: tuple[Any, Any] | None = None
 
 
@@ -139,16 +139,15 @@ def loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.A
 
 def _vision_loss_sums(cfg: StepConfig, lora: Params, frozen: Params, mb: dict[str, jax.Array],
                       dropout_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """`loss_sums` of a vision-language model: the rows' images (row after row) enter the
-    text decoder's embeddings at their placeholders."""
+    """`loss_sums` of a vision-language model: each row's images enter the text decoder's
+    embeddings at that row's placeholders."""
+    from fastlora_jax.vision import forward as vision_forward  # only vision models need it
+
     arch, config = cfg.vision
-    batch = dict(mb)
-    if "pixel_values" in batch:
-        pv = batch["pixel_values"]
-        batch["pixel_values"] = pv.reshape((-1,) + pv.shape[2:])
-    h = vision_forward.hidden_states(arch, config, cfg.lora, frozen, lora, batch,
-                                   dropout_key=dropout_key, attention_impl=cfg.attention_impl,
-                                   linear_impl=cfg.linear_impl, remat=remat_wrapper(cfg.remat))
+    h = vision_forward.hidden_states(arch, config, cfg.lora, frozen, lora, mb,
+                                     dropout_key=dropout_key, attention_impl=cfg.attention_impl,
+                                     linear_impl=cfg.linear_impl, remat=remat_wrapper(cfg.remat),
+                                     rows=True)
     return cross_entropy_sum(h, decoder.lm_head_weight(cfg.model, frozen["language"]),
                              mb["targets"], chunk=cfg.loss_chunk,
                              softcap=cfg.model.final_logit_softcap,

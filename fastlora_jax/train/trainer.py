@@ -74,22 +74,26 @@ class SFTTrainer:
         text_tokenizer = self.tokenizer.tokenizer if vision else self.tokenizer
         pad = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else 0
         if vision:
-            if self.args.packing or eval_dataset is not None:
-                raise ConfigError("a vision-language model trains on padded rows without an "
-                                  "eval_dataset for now; set packing=False and drop "
-                                  "eval_dataset")
-            if data_collator is None:
-                root = (pathlib.Path(train_dataset).parent
-                        if isinstance(train_dataset, (str, pathlib.Path)) else None)
-                data_collator = vision_collator(
-                    model, self.tokenizer, image_root=root,
-                    train_on_responses_only=self.args.train_on_responses_only)
+            if self.args.packing:
+                raise ConfigError("a vision-language model trains on padded rows (an image's "
+                                  "tokens must stay in one row); set packing=False")
+            # relative image paths are read beside each data file (of our own collators)
+            collators = {"train_dataset": data_collator, "eval_dataset": data_collator}
+            for name, source in (("train_dataset", train_dataset),
+                                 ("eval_dataset", eval_dataset)):
+                if data_collator is None:
+                    root = (pathlib.Path(source).parent
+                            if isinstance(source, (str, pathlib.Path)) else None)
+                    collators[name] = vision_collator(
+                        model, self.tokenizer, image_root=root,
+                        train_on_responses_only=self.args.train_on_responses_only)
 
         def build(part: Any, name: str = "train_dataset") -> tuple[dict[str, np.ndarray], DataStats]:
             if vision:
                 host = (None if model.arch.host_inputs is None
                         else functools.partial(model.arch.host_inputs, model.config))
-                return build_vision_rows(data_collator, part, max_seq_length=self.max_seq_length,
+                return build_vision_rows(collators[name], part,
+                                         max_seq_length=self.max_seq_length,
                                          pad_token_id=pad, name=name, host_inputs=host)
             examples = tokenize_examples(part, self.tokenizer,
                                          dataset_text_field=self.args.dataset_text_field,

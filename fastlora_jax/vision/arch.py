@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 import jax
 
 from fastlora_jax.models.decoder import ParamSpec, Params, Project
+from fastlora_jax.vision import names, vit
 
 # Image features [total image tokens, text hidden] of a batch's images:
 # (config, vision params, vision LoRA tree or None, projection, images, attention impl, remat)
@@ -33,22 +34,25 @@ ImageFeatures = Callable[[Any, Params, Params | None, Project, Mapping[str, jax.
 
 @dataclasses.dataclass(frozen=True)
 class VisionArch:
-    """A supported vision-language `model_type`.
+    """A supported vision-language `model_type`. The fields with defaults describe the llava-style
+    layout (transformers 5's module names, a CLIP / SigLIP tower of vision/vit.py, the tensor
+    names of vision/names.py); an architecture sets only those that differ.
 
     architecture: the HF class name written to `architectures` (and loaded by the parity tests).
     parse_config: (config.json dict, source for messages) -> the architecture's config (strict:
       an unknown key is a ConfigError naming it).
     config_to_hf: the inverse, the config.json dict of a merged export.
-    vision_specs: the vision tree's parameters (paths start with "tower" or "projector").
+    vision_specs: the vision tree's parameters (paths start with "tower" or "projector";
+      LLaVA-NeXT adds ("image_newline",)).
     tensor_part: a stored tensor name -> ("language", the text model's HF name) or ("vision",
       ".".join(path) of the vision tree with a stacked layer's index after "layers") or None
       for a tensor the architecture knowingly ignores; an unknown name raises CheckpointError.
+    image_features: pixels to embeddings (see `ImageFeatures`), in image order.
     tensor_name: (vision path, layer or None) -> the HF name a merged export writes.
     language_prefix: the text model's HF module prefix, as PEFT names the modules
       (`{language_prefix}.layers.{i}.self_attn.q_proj`); lm_head keeps its own name.
     vision_layers: the HF module prefix of the tower's layers (`{vision_layers}.{i}.{group}.{name}`).
     vision_projections: the tower's LoRA-targetable projections, (group, name) per layer.
-    image_features: pixels to embeddings (see `ImageFeatures`), in image order.
     input_keys: the processor outputs, beside input_ids, that the forward reads.
     image_blocks: each image's tokens attend to each other both ways (Gemma 3).
     host_inputs: (config, the processor's output as numpy arrays) -> more arrays for the
@@ -58,6 +62,9 @@ class VisionArch:
       needs help (None: AutoProcessor.from_pretrained).
     positions: (config, input_ids [B, T], the batch) -> the text decoder's positions, for an
       architecture whose positions depend on the images (None: the batch's, or 0..T-1).
+    example_arrays: (config, one training example's image arrays) -> the arrays its training
+      row holds, where examples would otherwise differ beyond their first axis (LLaVA-NeXT
+      pads the tile axis to the most tiles); None: as the processor gave them.
     """
 
     model_type: str
@@ -66,13 +73,14 @@ class VisionArch:
     config_to_hf: Callable[[Any], dict[str, Any]]
     vision_specs: Callable[[Any], list[ParamSpec]]
     tensor_part: Callable[[str], tuple[str, str] | None]
-    tensor_name: Callable[[tuple[str, ...], int | None], str]
-    language_prefix: str
-    vision_layers: str
-    vision_projections: tuple[tuple[str, str], ...]
     image_features: ImageFeatures
+    tensor_name: Callable[[tuple[str, ...], int | None], str] = names.tensor_name
+    language_prefix: str = "model.language_model"
+    vision_layers: str = "model.vision_tower.encoder.layers"
+    vision_projections: tuple[tuple[str, str], ...] = vit.VISION_PROJECTIONS
     input_keys: tuple[str, ...] = ("pixel_values",)
     image_blocks: bool = False
     host_inputs: Callable[[Any, Mapping[str, Any]], dict[str, Any]] | None = None
     load_processor: Callable[[Any], Any] | None = None
     positions: Callable[[Any, jax.Array, Mapping[str, jax.Array]], jax.Array] | None = None
+    example_arrays: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None

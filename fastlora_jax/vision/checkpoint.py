@@ -24,12 +24,11 @@ from fastlora_jax.converters.chunks import read_rows
 from fastlora_jax.converters.hf import (checkpoint_dir, iter_tensors, load_params,
                                         read_config_json)
 from fastlora_jax.converters.merged import hf_state_dict, write_checkpoint
-from fastlora_jax.converters.peft import (CONFIG_NAME, adapter_config_dict, adapter_tensors,
-                                          adapter_tree, check_all_used, lora_config_from_peft,
-                                          read_adapter_config, read_adapter_tensors,
-                                          write_adapter)
+from fastlora_jax.converters.peft import (adapter_config_dict, adapter_tensors, adapter_tree,
+                                          check_all_used, read_adapter, write_adapter)
 from fastlora_jax.errors import CheckpointError, ConfigError, ExportError
 from fastlora_jax.lora.layer import merge
+from fastlora_jax.lora.spec import LoraConfig
 from fastlora_jax.models.decoder import Params, get_path, param_specs, set_path
 from fastlora_jax.quant import QuantKind
 from fastlora_jax.vision.arch import VisionArch
@@ -162,17 +161,13 @@ def load_vlm_adapter(folder: str | pathlib.Path, arch: VisionArch, config: Any,
                      dtype: Any = jnp.float32) -> tuple[VisionLoraSpec, Params]:
     """Read a PEFT adapter (ours or peft's) for the architecture's transformers class: its
     target_modules resolve over both parts' module names, every tensor's shape is checked."""
-    folder = pathlib.Path(folder)
-    source = str(folder / CONFIG_NAME)
-    lora_config = lora_config_from_peft(read_adapter_config(folder), source)
-    if lora_config.target_modules is None:
-        raise CheckpointError(f"{source}: target_modules is null; a vision-language adapter must "
-                              f"name its modules (a list or a regex)")
-    try:
-        spec = resolve_vision_lora(arch, config, lora_config)
-    except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from None
-    path, tensors = read_adapter_tensors(folder)
+    def resolve_spec(lora_config: LoraConfig) -> VisionLoraSpec:
+        if lora_config.target_modules is None:
+            raise ConfigError("target_modules is null; a vision-language adapter must name its "
+                              "modules (a list or a regex)")
+        return resolve_vision_lora(arch, config, lora_config)
+
+    spec, path, tensors = read_adapter(folder, resolve_spec)
     used: set[str] = set()
     lora: Params = {}
     if spec.language is not None:

@@ -8,18 +8,20 @@ default the data file's folder) or PIL images. The processor's chat template ren
 conversation, the processor expands each image part into its placeholder tokens and turns the
 images into pixel arrays (transformers' image processor: no preprocessing of our own).
 
-Rows for the trainer: `fastlora_jax/train/vision_data.py`. Labels: with `train_on_responses_only` only assistant turns are trained; each turn's tokens are
-found by rendering (and processing) the conversation up to it, as for text chat data. Rows are
-padded, never packed (an image's tokens must stay in one row); every example of a dataset must
-hold the same number of images, so a batch's pixel arrays have a fixed shape
-[rows, images per row, C, H, W] (the model reads them row after row, image after image).
+Rows for the trainer: `fastlora_jax/train/vision_data.py`. Labels: with
+`train_on_responses_only` only assistant turns are trained; each turn's tokens are found by
+rendering (and processing) the conversation up to it, as for text chat data. Rows are padded,
+never packed (an image's tokens must stay in one row); examples may hold any number of images
+(none included): each row's image arrays are padded to the dataset's most images (or, for
+Qwen2.5-VL, patch rows), and the model reads each row's images into that row only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -92,13 +94,22 @@ class VisionCollator:
 
     processor: the checkpoint's processor (from `FastVisionModel.from_pretrained`);
     image_token_id: the model's placeholder id (to check each row's images survive truncation);
-    image_root: the folder relative image paths are read from.
+    image_root: the folder relative image paths are read from;
+    image_arrays: what an example's image arrays become in its training row (the
+      architecture's `example_arrays`), or None.
     """
 
     processor: Any
     image_token_id: int
     train_on_responses_only: bool = True
     image_root: pathlib.Path | None = None
+    image_arrays: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+
+    def _arrays(self, processed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        arrays = _image_arrays(processed)
+        if arrays is None or self.image_arrays is None:
+            return arrays
+        return self.image_arrays(arrays)
 
     def _process(self, messages: list[dict[str, Any]], images: list[Any], where: str, *,
                  add_generation_prompt: bool) -> dict[str, np.ndarray]:
@@ -135,7 +146,7 @@ class VisionCollator:
         full = self._process(messages, images, where, add_generation_prompt=False)
         ids = full["input_ids"][0].tolist()
         if not self.train_on_responses_only:
-            return ids, [True] * len(ids), _image_arrays(full)
+            return ids, [True] * len(ids), self._arrays(full)
         mask = [False] * len(ids)
         for i, turn in enumerate(messages):
             if turn["role"] != "assistant":
@@ -153,7 +164,7 @@ class VisionCollator:
                                 f"cannot locate assistant turns with this template")
             for j in range(start, len(end)):
                 mask[j] = True
-        return ids, mask, _image_arrays(full)
+        return ids, mask, self._arrays(full)
 
 
 def vision_collator(model: Any, processor: Any, *, train_on_responses_only: bool = True,
@@ -162,9 +173,12 @@ def vision_collator(model: Any, processor: Any, *, train_on_responses_only: bool
     if processor is None or not hasattr(processor, "image_processor"):
         raise ConfigError("a vision collator needs the checkpoint's processor (the second value "
                           "FastVisionModel.from_pretrained returns)")
+    hook = model.arch.example_arrays
     return VisionCollator(processor=processor, image_token_id=model.config.image_token_id,
                           train_on_responses_only=train_on_responses_only,
-                          image_root=None if image_root is None else pathlib.Path(image_root))
+                          image_root=None if image_root is None else pathlib.Path(image_root),
+                          image_arrays=None if hook is None else functools.partial(
+                              hook, model.config))
 
 
 __all__ = ["VisionCollator", "vision_collator", "load_image"]

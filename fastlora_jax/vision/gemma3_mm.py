@@ -29,9 +29,8 @@ from fastlora_jax.errors import ConfigError
 from fastlora_jax.models.decoder import ParamSpec, Params, Project, rms_norm
 from fastlora_jax.models.registry import config_from_hf, config_to_hf as text_config_to_hf
 from fastlora_jax.vision.arch import VisionArch
-from fastlora_jax.vision.names import tensor_name, tensor_part
-from fastlora_jax.vision.vit import (VISION_PROJECTIONS, TowerKind, VisionConfig, encode,
-                                     vision_param_specs)
+from fastlora_jax.vision.names import tensor_part
+from fastlora_jax.vision.vit import TowerKind, VisionConfig, encode, vision_param_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +122,6 @@ GEMMA3_VLM = VisionArch(
     config_to_hf=config_to_hf,
     vision_specs=vision_specs,
     tensor_part=functools.partial(tensor_part, what='Gemma 3'),
-    tensor_name=tensor_name,
-    language_prefix="model.language_model",
-    vision_layers="model.vision_tower.encoder.layers",
-    vision_projections=VISION_PROJECTIONS,
     image_features=image_features,
     image_blocks=True,
 )

@@ -25,10 +25,10 @@ from fastlora_jax.errors import ConfigError
 from fastlora_jax.models.decoder import ParamSpec, Params, Project
 from fastlora_jax.models.registry import config_from_hf, config_to_hf as text_config_to_hf
 from fastlora_jax.vision.arch import VisionArch
-from fastlora_jax.vision.names import tensor_name, tensor_part
-from fastlora_jax.vision.vit import VISION_PROJECTIONS, VisionConfig, encode, vision_param_specs
+from fastlora_jax.vision.names import tensor_part
+from fastlora_jax.vision.vit import VisionConfig, encode, vision_param_specs
 
-_HARMLESS = frozenset({"image_seq_length", "ignore_index", "pad_token_id"})
+HARMLESS = frozenset({"image_seq_length", "ignore_index", "pad_token_id"})
 _ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "silu", "relu")
 
 
@@ -53,8 +53,9 @@ class LlavaConfig:
 
 
 
-def parse_config(hf: Mapping[str, Any], source: str) -> LlavaConfig:
-    r = _Reader(dict(hf), source)
+def read_fields(r: _Reader, source: str) -> dict[str, Any]:
+    """The LlavaConfig fields (less model_type and extras) that LLaVA and LLaVA-NeXT configs
+    share, popped from `r`."""
     text_raw = r.take("text_config", dict)
     vision_raw = r.take("vision_config", dict)
     text = config_from_hf(text_raw, source=f"{source} (text_config)")
@@ -79,21 +80,32 @@ def parse_config(hf: Mapping[str, Any], source: str) -> LlavaConfig:
     if tie != text.tie_embeddings:
         raise ConfigError(f"{source}: tie_word_embeddings={tie} disagrees with text_config's "
                           f"{text.tie_embeddings}")
-    r.finish("llava", _HARMLESS)
-    return LlavaConfig(model_type="llava", text=text, vision=vision,
-                       image_token_id=token if token is not None else legacy,
-                       vision_feature_layer=layer, select_strategy=strategy, projector_act=act,
-                       projector_bias=bias, extras=r.extras())
+    return dict(text=text, vision=vision, image_token_id=token if token is not None else legacy,
+                vision_feature_layer=layer, select_strategy=strategy, projector_act=act,
+                projector_bias=bias)
 
 
-def config_to_hf(c: LlavaConfig) -> dict[str, Any]:
+def parse_config(hf: Mapping[str, Any], source: str) -> LlavaConfig:
+    r = _Reader(dict(hf), source)
+    fields = read_fields(r, source)
+    r.finish("llava", HARMLESS)
+    return LlavaConfig(model_type="llava", extras=r.extras(), **fields)
+
+
+def fields_to_hf(c: LlavaConfig) -> dict[str, Any]:
+    """The config.json keys of `read_fields` (and the extras) of a LLaVA-style config."""
     out: dict[str, Any] = {k: json.loads(v) for k, v in c.extras}
-    out.update(model_type="llava", architectures=["LlavaForConditionalGeneration"],
-               text_config=text_config_to_hf(c.text), vision_config=c.vision.to_hf(),
+    out.update(text_config=text_config_to_hf(c.text), vision_config=c.vision.to_hf(),
                image_token_index=c.image_token_id, vision_feature_layer=c.vision_feature_layer,
                vision_feature_select_strategy=c.select_strategy,
                projector_hidden_act=c.projector_act, multimodal_projector_bias=c.projector_bias,
                tie_word_embeddings=c.text.tie_embeddings)
+    return out
+
+
+def config_to_hf(c: LlavaConfig) -> dict[str, Any]:
+    out = fields_to_hf(c)
+    out.update(model_type="llava", architectures=["LlavaForConditionalGeneration"])
     return dict(sorted(out.items()))
 
 
@@ -114,12 +126,10 @@ def projector_act(kind: str) -> Any:
             "silu": jax.nn.silu, "relu": jax.nn.relu}[kind]
 
 
-def image_features(c: LlavaConfig, params: Params, lora: Params | None, project: Project,
-                   images: Mapping[str, jax.Array], attention_impl: Any = None,
-                   remat: Any = None) -> jax.Array:
-    """pixel_values [N, C, H, W] -> [N * image tokens, text hidden] (tokens: the tower's
+def tile_features(c: LlavaConfig, params: Params, lora: Params | None, project: Project,
+                  pixels: jax.Array, attention_impl: Any = None, remat: Any = None) -> jax.Array:
+    """pixels [N, C, H, W] -> projected features [N, tokens, text hidden] (tokens: the tower's
     positions, less the first under the default strategy)."""
-    pixels = images["pixel_values"]
     h = encode(c.vision, params["tower"], pixels, num_layers=c.feature_layers,
                lora=None if lora is None else lora.get("tower"), project=project,
                attention_impl=attention_impl, remat=remat)                      # [N,S,Dv]
@@ -131,7 +141,14 @@ def image_features(c: LlavaConfig, params: Params, lora: Params | None, project:
         y = jnp.einsum("nsi,oi->nso", x, p[name]["weight"].astype(x.dtype))
         return y + p[name]["bias"].astype(x.dtype) if "bias" in p[name] else y
 
-    x = linear(projector_act(c.projector_act)(linear(h, "linear_1")), "linear_2")  # [N,S,H]
+    return linear(projector_act(c.projector_act)(linear(h, "linear_1")), "linear_2")
+
+
+def image_features(c: LlavaConfig, params: Params, lora: Params | None, project: Project,
+                   images: Mapping[str, jax.Array], attention_impl: Any = None,
+                   remat: Any = None) -> jax.Array:
+    """pixel_values [N, C, H, W] -> [N * image tokens, text hidden], image after image."""
+    x = tile_features(c, params, lora, project, images["pixel_values"], attention_impl, remat)
     return x.reshape(-1, x.shape[-1])
 
 
@@ -142,10 +159,6 @@ LLAVA = VisionArch(
     config_to_hf=config_to_hf,
     vision_specs=vision_specs,
     tensor_part=functools.partial(tensor_part, what='LLaVA'),
-    tensor_name=tensor_name,
-    language_prefix="model.language_model",
-    vision_layers="model.vision_tower.encoder.layers",
-    vision_projections=VISION_PROJECTIONS,
     image_features=image_features,
 )
 

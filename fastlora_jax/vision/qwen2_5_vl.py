@@ -279,7 +279,9 @@ def image_features(config: Qwen25VLConfig, params: Params, lora: Params | None,
     """Image embeddings [image tokens, text hidden] of a batch's images, in image order.
 
     images: `pixel_values` [N, K] (the processor's rows) and the `VisionLayout` arrays that
-    `host_inputs` derived from `image_grid_thw` (as `vision_<field>`)."""
+    `host_inputs` derived from `image_grid_thw` (as `vision_<field>`): one layout [N, ...], or
+    for training rows one per row [B, N / B, ...], when the features come row after row, each
+    row's padding after its images."""
     layout = VisionLayout(*(images[LAYOUT_PREFIX + key] for key in VisionLayout._fields))
     if layout.patch_order.ndim == 2:  # training rows: one layout per row, [B, P, ...]
         layout = _joined_layouts(layout)
@@ -290,7 +292,8 @@ def image_features(config: Qwen25VLConfig, params: Params, lora: Params | None,
 
 def _joined_layouts(rows: VisionLayout) -> VisionLayout:
     """One layout for B rows' images in row order from per-row layouts [B, P, ...] (each row's
-    images give P patches): indexes shifted past the rows before, segment ids made distinct."""
+    images padded to P patches, `row_layout`): indexes shifted past the rows before, segment
+    ids made distinct (a row's ids lie in [0, P))."""
     B, P = rows.patch_order.shape
     shift = (jnp.arange(B, dtype=jnp.int32) * P)[:, None]                  # [B, 1]
     tokens = rows.token_order.shape[1]
@@ -311,20 +314,48 @@ def text_positions(config: Qwen25VLConfig, input_ids: jax.Array,
     return None if rows is None else jnp.moveaxis(rows, 1, 0)
 
 
+def row_layout(config: Qwen25VisionConfig, grids: np.ndarray, patches: int) -> VisionLayout:
+    """The layout of one training row's images, padded to `patches` patch rows: `grids`
+    [images, 3] with all-zero rows for padded images (dropped). The real patches come first, as
+    `vision_layout` lays them out; the padded ones keep their processor order at the end, in an
+    attention segment of their own (id patches - 1, which no real window or frame of the row
+    reaches: a row has fewer windows and frames than real patches), and the padded merged tokens
+    end `token_order`, so the row's real features come first and the padding is never read."""
+    real = [g for g in np.asarray(grids).tolist() if any(g)]
+    n = sum(t * h * w for t, h, w in real)
+    if n > patches or (patches - n) % config.merge_unit:
+        raise DataError(f"a row's images have {n} patches, but its pixel rows hold {patches}; "
+                        f"build training rows with train/vision_data.py")
+    pad = np.arange(n, patches, dtype=np.int32)
+    seg = np.full(patches - n, patches - 1, np.int32)
+    padding = VisionLayout(patch_order=pad, positions=np.zeros((patches - n, 2), np.int32),
+                           frame_ids=seg, window_ids=seg,
+                           token_order=pad[::config.merge_unit] // config.merge_unit)
+    parts = [vision_layout(config, real), padding] if real else [padding]
+    return VisionLayout(*(np.concatenate(field) for field in zip(*parts)))
+
+
 def host_inputs(config: Qwen25VLConfig, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """What `image_grid_thw` fixes, computed on the host before a jitted forward: the vision
-    tower's layout arrays (one per row [rows, ...] when image_grid_thw is [rows, images, 3],
-    as training rows hold it; else one for the batch's images), the M-RoPE positions of
-    `input_ids` per row (`mrope_positions` [B, 3, T], with `attention_mask` when the batch has
-    one) and the `rope_deltas` [B] generation continues from."""
+    tower's layout arrays, the M-RoPE positions of `input_ids` per row (`mrope_positions`
+    [B, 3, T], with `attention_mask` when the batch has one) and the `rope_deltas` [B]
+    generation continues from.
+
+    Training rows (image_grid_thw [rows, images, 3], pixel_values [rows, patches, K], each row
+    padded: `train/vision_data.py`) get one `row_layout` per row [rows, patches, ...] (patches:
+    the pixel rows' second axis, or without them the most a row's grids need) and positions
+    from their real grids; a processor output (image_grid_thw [images, 3]) gets one
+    layout for the batch's images."""
     grid = batch.get("image_grid_thw")
     out: dict[str, np.ndarray] = {}
     if grid is not None and np.ndim(grid) == 3:
-        # training rows: image_grid_thw [rows, images per row, 3], one layout per row
-        layouts = [vision_layout(config.vision, g.tolist()) for g in np.asarray(grid)]
+        grid = np.asarray(grid)
+        patches = (np.shape(batch["pixel_values"])[1] if "pixel_values" in batch
+                   else int(np.prod(grid, axis=-1).sum(axis=-1).max()))
+        layouts = [row_layout(config.vision, g, patches) for g in grid]
         out.update({LAYOUT_PREFIX + k: np.stack([getattr(layout, k) for layout in layouts])
                     for k in VisionLayout._fields})
-        grid = np.asarray(grid).reshape(-1, 3)
+        grid = [g for g in grid.reshape(-1, 3).tolist() if any(g)]
     elif grid is not None and len(grid):
         layout = vision_layout(config.vision, np.asarray(grid).tolist())
         out.update({LAYOUT_PREFIX + k: v for k, v in layout._asdict().items()})
@@ -342,7 +373,6 @@ QWEN2_5_VL = VisionArch(
     vision_specs=lambda config: vision_param_specs(config.vision),
     tensor_part=tensor_part,
     tensor_name=tensor_name,
-    language_prefix="model.language_model",
     vision_layers="model.visual.blocks",
     vision_projections=VISION_PROJECTIONS,
     image_features=image_features,
@@ -351,4 +381,4 @@ QWEN2_5_VL = VisionArch(
     positions=text_positions,
 )
 
-__all__ = ["QWEN2_5_VL", "Qwen25VLConfig", "parse_config", "rope_positions"]
+__all__ = ["QWEN2_5_VL", "Qwen25VLConfig", "parse_config", "rope_positions", "row_layout"]

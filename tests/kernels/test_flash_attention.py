@@ -222,6 +222,15 @@ def test_default_rules():
     assert rule(gpu=True, hopper=False, segments=True, softcap=False) is Impl.PALLAS_TRITON
     assert rule(gpu=True, hopper=True, segments=False, softcap=True) is Impl.PALLAS_MOSAIC
     assert rule(gpu=False, hopper=False, segments=True, softcap=True) is Impl.XLA
+    # what cuDNN refuses (float32, odd lengths) runs XLA's attention on the GPU
+    assert rule(gpu=True, hopper=True, segments=False, softcap=False,
+                cudnn_fits=False) is Impl.XLA
+    takes = defaults.cudnn_takes
+    assert takes(dtype=jnp.bfloat16, head_dim=64, q_len=576, kv_len=576, hopper=True)
+    assert not takes(dtype=jnp.float32, head_dim=64, q_len=576, kv_len=576, hopper=True)
+    assert not takes(dtype=jnp.bfloat16, head_dim=64, q_len=577, kv_len=577, hopper=True)
+    assert not takes(dtype=jnp.bfloat16, head_dim=20, q_len=576, kv_len=576, hopper=True)
+    assert not takes(dtype=jnp.float16, head_dim=256, q_len=576, kv_len=576, hopper=False)
     assert defaults.flash_attention_impl(hopper=False) is Impl.PALLAS_TRITON
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fastlora_jax.testing.refenv import run_reference
-from fastlora_jax.testing.vision import (HF_GENERATE, build_gemma3, hf_logits,
-                                        hf_peft_and_merged, images, randomize_b)
+from fastlora_jax.testing.vision import (HF_GENERATE, build_gemma3,
+                                        check_peft_and_merged_exports, hf_logits, images)
 from fastlora_jax import FastVisionModel
 from fastlora_jax.vision.forward import forward
 
@@ -60,17 +59,9 @@ def test_gemma3_peft_adapter_and_merged_export(gemma3_dir: pathlib.Path,
     model, processor = FastVisionModel.from_pretrained(gemma3_dir, dtype="float32")
     ours_in, hf_in = chat_inputs(processor, images(((32, 32),), seed=3),
                                  model.config.image_token_id)
-    FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
-    randomize_b(model)
-    ours = np.asarray(model(**ours_in))
-    model.save_pretrained(tmp_path / "adapter")
-    model.save_pretrained_merged(tmp_path / "merged", processor, dtype=jnp.float32)
-    ref = hf_peft_and_merged(gemma3_dir, tmp_path / "adapter", tmp_path / "merged", hf_in,
-                             cls=CLS)
     # 3 language layers x 7 projections, 2 tower layers x 6 projections
-    assert int(ref["language_modules"]) == 21 and int(ref["vision_modules"]) == 12
-    np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=1e-4)
+    check_peft_and_merged_exports(model, processor, gemma3_dir, tmp_path, ours_in, cls=CLS,
+                                  modules=(21, 12), hf_inputs=hf_in)
 
 
 def test_gemma3_greedy_generation_matches_transformers(gemma3_dir: pathlib.Path) -> None:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pathlib
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fastlora_jax import FastVisionModel
 from fastlora_jax.testing.refenv import run_reference
-from fastlora_jax.testing.vision import (HF_GENERATE, build_llava, hf_logits,
-                                        hf_peft_and_merged, images, randomize_b)
+from fastlora_jax.testing.vision import (HF_GENERATE, build_llava,
+                                        check_peft_and_merged_exports, hf_logits, images)
 
 pytestmark = pytest.mark.reference
 
@@ -56,19 +55,9 @@ def test_llava_peft_adapter_and_merged_export(llava_dir: pathlib.Path,
                                               tmp_path: pathlib.Path) -> None:
     model, processor = FastVisionModel.from_pretrained(llava_dir, dtype="float32")
     inputs = chat_inputs(processor, images(((32, 32), (50, 20)), seed=1))
-    base = np.asarray(model(**inputs))
-    FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
-    assert model.lora_spec.language is not None and model.lora_spec.vision is not None
-    randomize_b(model)
-    ours = np.asarray(model(**inputs))
-    assert np.abs(ours - base).max() > 1e-2  # the adapters matter
-    model.save_pretrained(tmp_path / "adapter")
-    model.save_pretrained_merged(tmp_path / "merged", processor, dtype=jnp.float32)
-    ref = hf_peft_and_merged(llava_dir, tmp_path / "adapter", tmp_path / "merged", inputs)
     # 2 language layers x 7 projections, 3 tower layers x 6 projections
-    assert int(ref["language_modules"]) == 14 and int(ref["vision_modules"]) == 18
-    np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=1e-4)
+    check_peft_and_merged_exports(model, processor, llava_dir, tmp_path, inputs,
+                                  cls="LlavaForConditionalGeneration", modules=(14, 18))
 
 
 def test_llava_greedy_generation_matches_transformers(llava_dir: pathlib.Path) -> None:

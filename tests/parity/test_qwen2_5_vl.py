@@ -19,8 +19,8 @@ import pytest
 from fastlora_jax import FastVisionModel
 from fastlora_jax.models.rope import cos_sin
 from fastlora_jax.testing.refenv import run_reference
-from fastlora_jax.testing.vision import (HF_GENERATE, QWEN_TEMPLATE, hf_peft_and_merged,
-                                         randomize_b)
+from fastlora_jax.testing.vision import (HF_GENERATE, QWEN_TEMPLATE,
+                                         check_peft_and_merged_exports)
 from fastlora_jax.vision.qwen2_5_vl import ARCHITECTURE, parse_config, rope_positions
 from tests.parity.test_qwen2_5_vl_vision import PROCESSOR, picture
 
@@ -192,20 +192,9 @@ def test_peft_adapter_and_merged_export_load_in_transformers(reference, tmp_path
     folder, arrays, _ = reference
     model, processor = FastVisionModel.from_pretrained(folder, dtype="float32")
     inputs = {k: arrays[f"1/{k}"] for k in INPUT_KEYS}
-    base = np.asarray(model(**inputs))
-    FastVisionModel.get_peft_model(model, r=4, lora_alpha=8)
-    assert model.lora_spec.language is not None and model.lora_spec.vision is not None
-    randomize_b(model)
-    ours = np.asarray(model(**inputs))
-    assert np.abs(ours - base).max() > 1e-2  # the adapters matter
-    model.save_pretrained(tmp_path / "adapter")
-    model.save_pretrained_merged(tmp_path / "merged", processor, dtype=jnp.float32)
-    ref = hf_peft_and_merged(folder, tmp_path / "adapter", tmp_path / "merged", inputs,
-                             cls=ARCHITECTURE, vision_part=".visual.")
     # 2 language layers x 7 projections, 2 vision blocks x 5 projections
-    assert int(ref["language_modules"]) == 14 and int(ref["vision_modules"]) == 10
-    np.testing.assert_allclose(ours, ref["peft"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(ours, ref["merged"], atol=1e-4, rtol=0)
+    check_peft_and_merged_exports(model, processor, folder, tmp_path, inputs, cls=ARCHITECTURE,
+                                  modules=(14, 10), vision_part=".visual.", rtol=0)
 
 
 def test_greedy_generation_with_images_matches_transformers(reference):

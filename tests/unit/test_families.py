@@ -208,7 +208,7 @@ def test_unsupported_model_type_lists_the_supported_ones():
     with pytest.raises(ConfigError) as err:
         config_from_hf(dict(MISTRAL_7B, model_type="falcon"))
     message = str(err.value)
-    assert "'falcon' is not supported" in message
+    assert "'falcon' is not a supported model family" in message
     for model_type in ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "qwen2",
                        "qwen3"):
         assert repr(model_type) in message
@@ -216,8 +216,8 @@ def test_unsupported_model_type_lists_the_supported_ones():
 
 def test_unsupported_checkpoint_fails_naming_the_file_and_the_supported_types(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(MISTRAL_7B, model_type="mamba")))
-    with pytest.raises(ConfigError, match=r"config\.json: model_type 'mamba' is not supported; "
-                                          r"supported model_types: \[.*'phi3'"):
+    with pytest.raises(ConfigError, match=r"config\.json: model_type 'mamba' is not a supported "
+                                          r"model family; supported model_types: \[.*'phi3'"):
         FastLanguageModel.from_pretrained(tmp_path)
 
 

@@ -5,7 +5,6 @@ placeholders and images disagree are one clear error."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -74,19 +73,3 @@ def test_placeholders_and_images_must_agree(qwen_dir: pathlib.Path) -> None:
         model(**extra)
     with pytest.raises(DataError, match="2 images"):
         model(**dict(batch, image_grid_thw=np.concatenate([batch["image_grid_thw"]] * 2)))
-
-
-def test_training_images_of_different_sizes_are_one_error(tmp_path: pathlib.Path) -> None:
-    """Training rows stack each example's patch rows: a dataset whose images the processor
-    resizes to different grids is refused, naming the shapes."""
-    from fastlora_jax.testing.vision import shapes_dataset, tiny_qwen2_5_vl_processor
-    from fastlora_jax.train.vision_data import build_vision_rows
-    from fastlora_jax.vision.collator import VisionCollator
-
-    processor, ids = tiny_qwen2_5_vl_processor()
-    collator = VisionCollator(processor=processor, image_token_id=ids["<|image_pad|>"],
-                              image_root=tmp_path)
-    rows = [json.loads(line) for line in
-            shapes_dataset(tmp_path, n=3, seed=1).read_text().splitlines()]
-    with pytest.raises(DataError, match="one size"):
-        build_vision_rows(collator, rows, max_seq_length=128, pad_token_id=0)

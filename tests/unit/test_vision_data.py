@@ -62,9 +62,9 @@ def test_image_count_must_match_parts(collator: VisionCollator, tmp_path: pathli
 
 
 def test_unsupported_architecture_lists_supported() -> None:
-    assert {"gemma3", "llava"} <= set(ARCHITECTURES)
+    assert {"gemma3", "llava", "llava_next", "qwen2_5_vl"} <= set(ARCHITECTURES)
     with pytest.raises(ConfigError, match=r"'mllama' is not a supported vision-language "
-                                          r"architecture; supported: "
+                                          r"architecture; supported model_types: "
                                           + re.escape(str(sorted(ARCHITECTURES)))):
         arch_for("mllama")
 

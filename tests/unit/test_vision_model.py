@@ -5,6 +5,7 @@ and images disagree are one clear error."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 
@@ -84,10 +85,24 @@ def test_placeholders_and_images_must_agree(llava_dir: pathlib.Path) -> None:
         model(input_ids=two["input_ids"])
 
 
+def test_packing_is_refused(llava_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """An image's tokens must stay in one row: a vision model trains on padded rows only."""
+    from fastlora_jax import SFTTrainer, TrainingArguments
+    from fastlora_jax.testing.vision import shapes_dataset
+
+    model, processor = FastVisionModel.from_pretrained(llava_dir, dtype="float32")
+    FastVisionModel.get_peft_model(model, r=4)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), packing=True)
+    with pytest.raises(ConfigError, match=r"padded rows \(an image's tokens must stay in one "
+                                          r"row\); set packing=False"):
+        SFTTrainer(model=model, tokenizer=processor, args=args,
+                   train_dataset=str(shapes_dataset(tmp_path / "data", n=2)))
+
+
 def test_unsupported_checkpoint_lists_architectures(tmp_path: pathlib.Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "mllama"}')
     with pytest.raises(ConfigError, match=r"'mllama' is not a supported vision-language "
-                                          r"architecture; supported: \[.*'gemma3'.*'llava'"):
+                                          r"architecture; supported model_types: \[.*'gemma3'.*'llava', 'llava_next'"):
         FastVisionModel.from_pretrained(tmp_path)
 
 
@@ -106,4 +121,9 @@ def test_adapter_round_trip(llava_dir: pathlib.Path, tmp_path: pathlib.Path) -> 
         (tmp_path / "adapter" / "adapter_config.json").read_text().replace(
             "self_attn", "cross_attn"))
     with pytest.raises(CheckpointError, match="matches no module"):
+        loaded.load_adapter(tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), target_modules=None)))
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: target_modules is null; "
+                                              r"a vision-language adapter must name"):
         loaded.load_adapter(tmp_path / "adapter")
