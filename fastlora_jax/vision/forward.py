@@ -38,10 +38,9 @@ def scatter_images(embeds: jax.Array, input_ids: jax.Array, image_token_id: int,
     The batch must hold exactly N image tokens: the processor expands each image into its
     placeholders, the collator refuses a truncation that would cut them and `VisionLM.batch`
     checks them; here extra tokens would repeat the last feature row."""
-    mask = input_ids == image_token_id                                          # [B,T]
-    index = jnp.cumsum(mask.reshape(-1)) - 1
-    index = jnp.clip(index, 0, max(features.shape[0] - 1, 0)).reshape(mask.shape)
-    return jnp.where(mask[..., None], features[index].astype(embeds.dtype), embeds)
+    flat = scatter_rows(embeds.reshape(1, -1, embeds.shape[-1]), input_ids.reshape(1, -1),
+                        image_token_id, features[None])     # the batch as one row
+    return flat.reshape(embeds.shape)
 
 
 def scatter_rows(embeds: jax.Array, input_ids: jax.Array, image_token_id: int,
